@@ -1,0 +1,57 @@
+# taskmux: the one entry point for humans, CI and hooks. `make help` lists targets.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+MODEL_REPO ?= model-repo
+SHARED_DATA ?= ../shared/data
+PROTO_SRC := protos/taskmux/v1/taskmux.proto
+PROTO_OUT := taskmux/v1/taskmux_pb2.py taskmux/v1/taskmux_pb2.pyi taskmux/v1/taskmux_pb2_grpc.py
+
+.DEFAULT_GOAL := help
+.PHONY: help venv proto proto-check model run test test-fast lint train-heads clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(BIN)/.installed: pyproject.toml
+	@test -n "$(PYTHON)" || { echo "Python 3.11 is needed (python3.11 on PATH)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch is pinned to the CPU build; any other pin pulls a multi-GB CUDA build.
+	$(BIN)/pip install -q -e '.[export,dev]'
+	touch $@
+
+venv: $(BIN)/.installed ## Create .venv with every dependency
+
+proto: $(BIN)/.installed ## Regenerate the Python code for protos/
+	$(BIN)/python -m grpc_tools.protoc -Iprotos \
+		--python_out=. --grpc_python_out=. \
+		--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --mypy_out=. \
+		$(PROTO_SRC)
+
+proto-check: proto ## Fail if the committed generated code differs from `make proto`
+	@git diff --exit-code -- $(PROTO_OUT) || { echo "generated code is stale: run make proto and commit"; exit 1; }
+
+$(MODEL_REPO)/manifest.json: $(BIN)/.installed
+	$(BIN)/taskmux model build --out $(MODEL_REPO)
+
+model: $(MODEL_REPO)/manifest.json ## Build the model repository (ONNX encoder + heads)
+
+train-heads: $(MODEL_REPO)/manifest.json ## Retrain the committed heads from ../shared/data
+	$(BIN)/taskmux model train-sentiment --repo $(MODEL_REPO) --data $(SHARED_DATA)
+	$(BIN)/taskmux model build --out $(MODEL_REPO) --force
+
+run: $(MODEL_REPO)/manifest.json ## Start Valkey, a gateway and a worker (Ctrl-C stops all)
+	$(BIN)/taskmux up --model-repo $(MODEL_REPO)
+
+test: proto-check $(MODEL_REPO)/manifest.json ## Unit and integration tests
+	TASKMUX_TEST_MODEL_REPO=$(MODEL_REPO) $(BIN)/pytest
+
+lint: $(BIN)/.installed ## ruff and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+clean: ## Remove the venv and the model repository
+	rm -rf $(VENV) $(MODEL_REPO) .mypy_cache .ruff_cache .pytest_cache

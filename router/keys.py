@@ -1,0 +1,54 @@
+"""Every Redis key taskmux uses, in one place.
+
+All keys start with `taskmux:v1:`; the `v1` changes only if the layout below does.
+
+Job streams: `taskmux:v1:tasks:<head>` (one Redis Stream per task head)
+    Gateways `XADD` one entry per client request (fields: see `router.messages.Job`).
+    Workers read them through the consumer group `taskmux-workers` with one
+    `XREADGROUP` over every stream they serve. After a worker has written the reply it
+    `XACK`s and `XDEL`s the entry, so a stream holds only queued or in-flight work.
+    Job streams are never trimmed with MAXLEN: trimming would delete undelivered work.
+    No TTL.
+
+Reply streams: `taskmux:v1:replies:<gateway id>` (one per gateway process)
+    Workers `XADD` replies (fields: see `router.messages.Reply`) with `NOMKSTREAM`, so a
+    reply for a gateway that is gone creates nothing, and with an approximate
+    `MAXLEN` of `REPLY_STREAM_MAXLEN` as a bound if a gateway stops reading. The
+    gateway's single reader task `XREAD`s and `XDEL`s them. The gateway creates the
+    stream at start and refreshes its TTL (`reply_ttl_s`, default 60 s) every second
+    or so; the stream of a dead gateway expires on its own.
+
+Catalog: `taskmux:v1:catalog` (a string)
+    The JSON model manifest (encoder and heads, without checksums) of the workers'
+    model repository. Each worker `SET`s it at start and every `catalog_refresh_s`.
+    Gateways read it to validate head names and to answer ListTasks. No TTL, so
+    requests still queue while workers are scaled to zero.
+
+Dead letters: `taskmux:v1:dead` (a stream)
+    Entries no worker could decode, with the raw fields and the reason, capped at
+    about `DEAD_LETTER_MAXLEN` entries. Read it with `XRANGE taskmux:v1:dead - +`.
+"""
+
+from __future__ import annotations
+
+PREFIX = "taskmux:v1:"
+WORKER_GROUP = "taskmux-workers"
+CATALOG_KEY = PREFIX + "catalog"
+DEAD_LETTER_STREAM = PREFIX + "dead"
+DEAD_LETTER_MAXLEN = 10_000
+REPLY_STREAM_MAXLEN = 100_000
+
+
+def task_stream(head: str) -> str:
+    """The job stream of one task head."""
+    return f"{PREFIX}tasks:{head}"
+
+
+def head_of_stream(stream: str) -> str:
+    """The head name a job stream belongs to (inverse of `task_stream`)."""
+    return stream.removeprefix(f"{PREFIX}tasks:")
+
+
+def reply_stream(gateway_id: str) -> str:
+    """The reply stream of one gateway process."""
+    return f"{PREFIX}replies:{gateway_id}"

@@ -1,0 +1,159 @@
+"""The internal messages that travel through Redis Streams, version 1.
+
+These are not the public API (that is `protos/taskmux/v1`): they can change with a new
+`SCHEMA_VERSION`, and every reader checks the version first. Stream entries are flat
+maps of byte strings; `encode` and `decode` are the only code that knows the fields.
+
+Job (a request for one head, in a job stream):
+    v            schema version, "1"
+    id           request id, unique per client call (hex)
+    reply_to     the reply stream of the gateway waiting for it
+    deadline_ms  absolute deadline, Unix epoch milliseconds; workers drop late jobs
+    kind         what to compute: "embed" or "classify"
+    head         the head name (also the job stream's name)
+    texts        JSON array of strings
+    top_k        labels to return per text (classify), >= 1
+    enqueued_ms  when the gateway queued it (for queue-wait figures)
+
+Reply (a worker's answer, in a reply stream):
+    v            schema version, "1"
+    id           the job's request id
+    code         gRPC status code number; 0 is OK
+    message      what went wrong, for the caller (empty when OK)
+    body         on OK: the serialized public response message (EmbedResponse, ...)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Final
+
+SCHEMA_VERSION: Final = "1"
+KIND_EMBED: Final = "embed"
+KIND_CLASSIFY: Final = "classify"
+JOB_KINDS: Final = (KIND_EMBED, KIND_CLASSIFY)
+
+Fields = dict[bytes, bytes]
+
+
+class MalformedMessage(ValueError):
+    """A stream entry that does not follow the schema above."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One client request for one head."""
+
+    id: str
+    reply_to: str
+    deadline_ms: int
+    kind: str
+    head: str
+    texts: tuple[str, ...]
+    top_k: int = 1
+    enqueued_ms: int = 0
+
+    def encode(self) -> dict[str, str | int]:
+        """Fields for XADD."""
+        return {
+            "v": SCHEMA_VERSION,
+            "id": self.id,
+            "reply_to": self.reply_to,
+            "deadline_ms": self.deadline_ms,
+            "kind": self.kind,
+            "head": self.head,
+            "texts": json.dumps(self.texts, ensure_ascii=False),
+            "top_k": self.top_k,
+            "enqueued_ms": self.enqueued_ms,
+        }
+
+    @classmethod
+    def decode(cls, fields: Fields) -> Job:
+        """Parse an entry read from a job stream, or raise MalformedMessage."""
+        _check_version(fields)
+        try:
+            texts = json.loads(_text(fields, "texts"))
+        except ValueError as err:
+            raise MalformedMessage(f"field 'texts' is not JSON: {err}") from None
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise MalformedMessage("field 'texts' must be a JSON array of strings")
+        job = cls(
+            id=_text(fields, "id"),
+            reply_to=_text(fields, "reply_to"),
+            deadline_ms=_int(fields, "deadline_ms"),
+            kind=_text(fields, "kind"),
+            head=_text(fields, "head"),
+            texts=tuple(texts),
+            top_k=_int(fields, "top_k"),
+            enqueued_ms=_int(fields, "enqueued_ms"),
+        )
+        if job.kind not in JOB_KINDS:
+            raise MalformedMessage(f"unknown job kind {job.kind!r}")
+        if not job.texts or job.top_k < 1 or not job.id or not job.reply_to:
+            raise MalformedMessage("job needs an id, a reply_to, texts and top_k >= 1")
+        return job
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A worker's answer to one job."""
+
+    id: str
+    code: int
+    message: str = ""
+    body: bytes = b""
+
+    def encode(self) -> dict[str, str | int | bytes]:
+        """Fields for XADD."""
+        return {
+            "v": SCHEMA_VERSION,
+            "id": self.id,
+            "code": self.code,
+            "message": self.message,
+            "body": self.body,
+        }
+
+    @classmethod
+    def decode(cls, fields: Fields) -> Reply:
+        """Parse an entry read from a reply stream, or raise MalformedMessage."""
+        _check_version(fields)
+        return cls(
+            id=_text(fields, "id"),
+            code=_int(fields, "code"),
+            message=_text(fields, "message"),
+            body=fields.get(b"body", b""),
+        )
+
+
+def reply_address(fields: Fields) -> tuple[str, str] | None:
+    """(request id, reply stream) of an entry too broken to decode, if those survive."""
+    try:
+        return _text(fields, "id"), _text(fields, "reply_to")
+    except MalformedMessage:
+        return None
+
+
+def _check_version(fields: Fields) -> None:
+    version = fields.get(b"v")
+    if version != SCHEMA_VERSION.encode():
+        raise MalformedMessage(
+            f"unsupported schema version {version!r}; this build reads {SCHEMA_VERSION!r}"
+        )
+
+
+def _text(fields: Fields, name: str) -> str:
+    raw = fields.get(name.encode())
+    if raw is None:
+        raise MalformedMessage(f"missing field {name!r}")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedMessage(f"field {name!r} is not UTF-8") from None
+
+
+def _int(fields: Fields, name: str) -> int:
+    try:
+        return int(_text(fields, name))
+    except ValueError:
+        raise MalformedMessage(f"field {name!r} is not an integer") from None

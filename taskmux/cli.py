@@ -1,0 +1,137 @@
+"""The `taskmux` command: run each part, build the model, and call the service."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `taskmux` console script."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("TASKMUX_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    result: int = args.func(args)
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="taskmux", description=__doc__)
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    def add(name: str, func: object, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    add("gateway", _gateway, "Run a gateway (settings from TASKMUX_* env vars)")
+    add("worker", _worker, "Run a worker (settings from TASKMUX_* env vars)")
+    up = add("up", _up, "Start Valkey, a gateway and a worker; Ctrl-C stops all")
+    up.add_argument("--model-repo", default="model-repo")
+    up.add_argument("--port", type=int, default=50051, help="gateway port")
+
+    model = add("model", lambda _a: model.print_help() or 2, "Build or train the model repository")
+    msub = model.add_subparsers(required=True, metavar="ACTION")
+    build = msub.add_parser("build", help="Export the encoder and assemble the repository")
+    build.add_argument("--out", type=Path, default=Path("model-repo"))
+    build.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    build.set_defaults(func=_model_build)
+    train = msub.add_parser("train-sentiment", help="Train the sentiment head on SST-2")
+    train.add_argument("--repo", type=Path, default=Path("model-repo"))
+    train.add_argument("--data", type=Path, default=Path("../shared/data"))
+    train.set_defaults(func=_model_train_sentiment)
+
+    embed = add("embed", _embed, "Embed texts; prints JSON")
+    embed.add_argument("texts", nargs="+")
+    classify = add("classify", _classify, "Classify texts with a head; prints JSON")
+    classify.add_argument("--head", required=True)
+    classify.add_argument("--top-k", type=int, default=1)
+    classify.add_argument("texts", nargs="+")
+    add("tasks", _tasks, "List heads, encoder and limits; prints JSON")
+    for p in (embed, classify, sub.choices["tasks"]):
+        p.add_argument("--target", default=os.environ.get("TASKMUX_TARGET", DEFAULT_TARGET))
+        p.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds")
+    return parser
+
+
+def _gateway(_args: argparse.Namespace) -> int:
+    from gateway.__main__ import main as gateway_main
+
+    return gateway_main()
+
+
+def _worker(_args: argparse.Namespace) -> int:
+    from workers.__main__ import main as worker_main
+
+    return worker_main()
+
+
+def _up(args: argparse.Namespace) -> int:
+    from taskmux.local import run_local
+
+    return run_local(Path(args.model_repo), gateway_port=args.port)
+
+
+def _model_build(args: argparse.Namespace) -> int:
+    from taskmux.modelrepo.build import build_repository
+
+    manifest = build_repository(args.out, force=args.force)
+    print(manifest.to_json(with_checksums=False))
+    return 0
+
+
+def _model_train_sentiment(args: argparse.Namespace) -> int:
+    from taskmux.modelrepo.train import train_sentiment
+
+    report = train_sentiment(args.repo, args.data)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _call(args: argparse.Namespace, method: str, request: object) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from taskmux.v1 import taskmux_pb2_grpc
+
+    with grpc.insecure_channel(args.target) as channel:
+        stub = taskmux_pb2_grpc.TaskMuxStub(channel)
+        try:
+            response = getattr(stub, method)(request, timeout=args.timeout)
+        except grpc.RpcError as err:
+            print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+            return 1
+    print(json.dumps(MessageToDict(response), indent=2, ensure_ascii=False))
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from taskmux.v1 import taskmux_pb2
+
+    return _call(args, "Embed", taskmux_pb2.EmbedRequest(texts=args.texts))
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from taskmux.v1 import taskmux_pb2
+
+    request = taskmux_pb2.ClassifyRequest(head=args.head, texts=args.texts, top_k=args.top_k)
+    return _call(args, "Classify", request)
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    from taskmux.v1 import taskmux_pb2
+
+    return _call(args, "ListTasks", taskmux_pb2.ListTasksRequest())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

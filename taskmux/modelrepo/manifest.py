@@ -1,0 +1,178 @@
+"""The model repository manifest: what a repository holds, and proof that it is intact.
+
+Layout of a repository folder (built by `taskmux model build`):
+
+    manifest.json                 this manifest
+    encoder/model.onnx            the shared encoder (outputs token_embeddings, pooled)
+    encoder/tokenizer.json        its tokenizer
+    heads/<name>/<version>/...    each trained head's files
+
+Every file is listed under `checksums` with its SHA-256; a worker refuses a repository
+whose files do not match. The same JSON, minus checksums, is the catalog that workers
+publish to Redis for gateways.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+KIND_EMBEDDING = "embedding"
+KIND_CLASSIFICATION = "classification"
+HEAD_KINDS = (KIND_EMBEDDING, KIND_CLASSIFICATION)
+
+
+class ModelRepoError(Exception):
+    """The model repository is missing, malformed or corrupt."""
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """The shared encoder."""
+
+    name: str
+    version: str
+    dimension: int
+    max_sequence_length: int
+    model_file: str
+    tokenizer_file: str
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One task head on top of the encoder."""
+
+    name: str
+    kind: str
+    version: str
+    labels: tuple[str, ...] = ()
+    weights_file: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A whole model repository's description."""
+
+    encoder: EncoderSpec
+    heads: tuple[HeadSpec, ...]
+    checksums: dict[str, str] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def head(self, name: str) -> HeadSpec | None:
+        """The head called `name`, or None."""
+        return next((h for h in self.heads if h.name == name), None)
+
+    def to_dict(self, *, with_checksums: bool = True) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        data = asdict(self)
+        if not with_checksums:
+            data.pop("checksums")
+        return data
+
+    def to_json(self, *, with_checksums: bool = True) -> str:
+        """The manifest as indented, key-sorted JSON."""
+        return json.dumps(self.to_dict(with_checksums=with_checksums), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Manifest:
+        """Parse a manifest dict, raising ModelRepoError on anything malformed."""
+        try:
+            if data["schema_version"] != SCHEMA_VERSION:
+                raise ModelRepoError(
+                    f"manifest schema_version {data['schema_version']} is not supported "
+                    f"(this taskmux reads {SCHEMA_VERSION}); rebuild with `taskmux model build`"
+                )
+            encoder = EncoderSpec(**data["encoder"])
+            heads = tuple(_parse_head(h) for h in data["heads"])
+            checksums = {str(k): str(v) for k, v in data.get("checksums", {}).items()}
+        except ModelRepoError:
+            raise
+        except (KeyError, TypeError, ValueError) as err:
+            raise ModelRepoError(f"malformed manifest: {err!r}") from err
+        names = [h.name for h in heads]
+        if len(set(names)) != len(names):
+            raise ModelRepoError(f"manifest lists a head twice: {sorted(names)}")
+        return cls(encoder=encoder, heads=heads, checksums=checksums)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Manifest:
+        """Parse manifest JSON."""
+        try:
+            data = json.loads(text)
+        except ValueError as err:
+            raise ModelRepoError(f"manifest is not valid JSON: {err}") from err
+        return cls.from_dict(data)
+
+
+def _parse_head(data: dict[str, Any]) -> HeadSpec:
+    head = HeadSpec(
+        name=str(data["name"]),
+        kind=str(data["kind"]),
+        version=str(data["version"]),
+        labels=tuple(str(label) for label in data.get("labels", ())),
+        weights_file=str(data.get("weights_file", "")),
+        metrics={str(k): float(v) for k, v in data.get("metrics", {}).items()},
+        description=str(data.get("description", "")),
+    )
+    if head.kind not in HEAD_KINDS:
+        raise ModelRepoError(f"head {head.name!r} has unknown kind {head.kind!r}")
+    if head.kind == KIND_CLASSIFICATION and (len(head.labels) < 2 or not head.weights_file):
+        raise ModelRepoError(f"classification head {head.name!r} needs 2+ labels and weights")
+    return head
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_manifest(repo: Path, *, verify: bool = True) -> Manifest:
+    """Read `repo/manifest.json`; with `verify`, check every file against its checksum."""
+    path = repo / MANIFEST_FILE
+    if not path.is_file():
+        raise ModelRepoError(
+            f"no model repository at {repo} ({MANIFEST_FILE} missing); build one with `make model`"
+        )
+    manifest = Manifest.from_json(path.read_bytes())
+    if verify:
+        verify_files(repo, manifest)
+    return manifest
+
+
+def verify_files(repo: Path, manifest: Manifest) -> None:
+    """Raise ModelRepoError unless every referenced file exists and matches its checksum."""
+    needed = {manifest.encoder.model_file, manifest.encoder.tokenizer_file}
+    needed |= {h.weights_file for h in manifest.heads if h.weights_file}
+    unlisted = needed - manifest.checksums.keys()
+    if unlisted:
+        raise ModelRepoError(f"manifest has no checksum for {sorted(unlisted)}")
+    for rel, expected in sorted(manifest.checksums.items()):
+        file = repo / rel
+        if not file.is_file():
+            raise ModelRepoError(f"model repository file {rel} is missing from {repo}")
+        actual = sha256_file(file)
+        if actual != expected:
+            raise ModelRepoError(
+                f"checksum mismatch for {rel}: manifest says {expected[:12]}…, file is "
+                f"{actual[:12]}…; the repository is corrupt or was edited: rebuild it with "
+                "`make model`"
+            )
+
+
+def write_manifest(repo: Path, manifest: Manifest) -> None:
+    """Write the manifest atomically (a reader never sees half a file)."""
+    tmp = repo / (MANIFEST_FILE + ".tmp")
+    tmp.write_text(manifest.to_json() + "\n", encoding="utf-8")
+    tmp.replace(repo / MANIFEST_FILE)

@@ -1,0 +1,1 @@
+"""Worker processes: pull jobs from task streams, run the shared encoder and heads, reply."""

@@ -1,0 +1,130 @@
+"""The shared encoder: tokenizer plus ONNX Runtime session, batched by token budget."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+from tokenizers import Encoding, Tokenizer
+
+from taskmux.modelrepo.manifest import EncoderSpec
+
+log = logging.getLogger(__name__)
+
+Floats = npt.NDArray[np.float32]
+
+
+def choose_providers(requested: Sequence[str]) -> list[str]:
+    """Execution providers to ask ONNX Runtime for; "auto" means CUDA if present, else CPU."""
+    available = ort.get_available_providers()
+    if list(requested) in ([], ["auto"]):
+        wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [p for p in wanted if p in available]
+    missing = [p for p in requested if p not in available]
+    if missing:
+        raise ValueError(f"ONNX Runtime providers {missing} are not available here: {available}")
+    return list(requested)
+
+
+@dataclass(frozen=True)
+class EncodeStats:
+    """What one `encode` call computed, for padding-efficiency figures."""
+
+    rows: int
+    real_tokens: int
+    padded_tokens: int
+    batches: int
+
+
+class Encoder:
+    """Turns texts into mean-pooled sentence vectors with one ONNX Runtime session."""
+
+    def __init__(
+        self,
+        repo: Path,
+        spec: EncoderSpec,
+        *,
+        providers: Sequence[str] = ("auto",),
+        intra_op_threads: int = 0,
+    ) -> None:
+        self.spec = spec
+        self.tokenizer = Tokenizer.from_file(str(repo / spec.tokenizer_file))
+        # The packaged tokenizer pads every text to a fixed length; we pad per batch.
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(max_length=spec.max_sequence_length)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(
+            str(repo / spec.model_file), options, providers=choose_providers(providers)
+        )
+        self._input_names = {i.name for i in self.session.get_inputs()}
+        self.provider = self.session.get_providers()[0]
+        log.info("encoder %s loaded on %s", spec.name, self.provider)
+
+    def encode(
+        self, texts: Sequence[str], *, max_batch_tokens: int = 16384, max_batch_rows: int = 128
+    ) -> tuple[Floats, EncodeStats]:
+        """Mean-pooled vectors (not normalised), one row per text, in input order.
+
+        Texts are sorted by token length and cut into batches whose padded size
+        (rows x longest) stays within `max_batch_tokens`, so little work goes to padding.
+        """
+        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=True)
+        order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
+        out = np.empty((len(texts), self.spec.dimension), dtype=np.float32)
+        real = padded = batches = 0
+        for chunk in _chunks(order, encodings, max_batch_tokens, max_batch_rows):
+            batch = [encodings[i] for i in chunk]
+            pooled = self._run(batch)
+            if pooled.shape[0] != len(chunk):
+                raise RuntimeError(f"encoder returned {pooled.shape[0]} rows for {len(chunk)}")
+            out[chunk] = pooled
+            real += sum(len(e.ids) for e in batch)
+            padded += len(batch) * max(len(e.ids) for e in batch)
+            batches += 1
+        return out, EncodeStats(len(texts), real, padded, batches)
+
+    def _run(self, batch: list[Encoding]) -> Floats:
+        width = max(len(e.ids) for e in batch)
+        ids = np.zeros((len(batch), width), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        types = np.zeros_like(ids)
+        for row, enc in enumerate(batch):
+            n = len(enc.ids)
+            ids[row, :n] = enc.ids
+            mask[row, :n] = enc.attention_mask
+            types[row, :n] = enc.type_ids
+        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        feeds = {k: v for k, v in feeds.items() if k in self._input_names}
+        (pooled,) = self.session.run(["pooled"], feeds)
+        return np.asarray(pooled, dtype=np.float32)
+
+
+def l2_normalize(vectors: Floats) -> Floats:
+    """Rows scaled to unit length (zero rows stay zero)."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def _chunks(
+    order: list[int], encodings: list[Encoding], max_tokens: int, max_rows: int
+) -> list[list[int]]:
+    """Split indices (sorted by length, ascending) into batches within the token budget."""
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        width = len(encodings[i].ids)  # the longest so far, since lengths ascend
+        if current and ((len(current) + 1) * width > max_tokens or len(current) >= max_rows):
+            chunks.append(current)
+            current = []
+        current.append(i)
+    if current:
+        chunks.append(current)
+    return chunks
