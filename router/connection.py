@@ -20,6 +20,7 @@ def connect(url: str, *, block_ms: int = 0, command_timeout_s: float = 2.0) -> a
     return aioredis.Redis.from_url(
         url,
         decode_responses=False,
+        protocol=2,  # router.messages parses RESP2 stream replies
         socket_timeout=block_ms / 1000 + command_timeout_s,
         socket_connect_timeout=CONNECT_TIMEOUT_S,
         socket_keepalive=True,

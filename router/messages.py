@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 SCHEMA_VERSION: Final = "1"
 KIND_EMBED: Final = "embed"
@@ -124,6 +124,17 @@ class Reply:
             message=_text(fields, "message"),
             body=fields.get(b"body", b""),
         )
+
+
+def stream_entries(response: Any) -> list[tuple[bytes, list[tuple[bytes, Fields]]]]:
+    """(stream, [(entry id, fields)]) from a RESP2 XREAD/XREADGROUP reply.
+
+    Entries deleted while pending come back with no fields; they are skipped.
+    """
+    return [
+        (stream, [(entry_id, fields) for entry_id, fields in entries if fields])
+        for stream, entries in response or []
+    ]
 
 
 def reply_address(fields: Fields) -> tuple[str, str] | None:

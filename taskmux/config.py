@@ -53,10 +53,7 @@ def redact_url(url: str) -> str:
     if parts.password is None:
         return url
     netloc = parts.hostname or ""
-    if parts.username:
-        netloc = f"{parts.username}:***@{netloc}"
-    else:
-        netloc = f":***@{netloc}"
+    netloc = f"{parts.username or ''}:***@{netloc}"
     if parts.port:
         netloc += f":{parts.port}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

@@ -110,7 +110,8 @@ class Encoder:
 def l2_normalize(vectors: Floats) -> Floats:
     """Rows scaled to unit length (zero rows stay zero)."""
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+    unit: Floats = (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+    return unit
 
 
 def _chunks(

@@ -52,7 +52,9 @@ class LinearClassifierHead:
                 self.weight = np.asarray(data["weight"], dtype=np.float32)
                 self.bias = np.asarray(data["bias"], dtype=np.float32)
         except (OSError, KeyError, ValueError) as err:
-            raise ModelRepoError(f"head {spec.name}: cannot read {spec.weights_file}: {err}") from err
+            raise ModelRepoError(
+                f"head {spec.name}: cannot read {spec.weights_file}: {err}"
+            ) from err
         expected = (len(spec.labels), dimension)
         if self.weight.shape != expected or self.bias.shape != (len(spec.labels),):
             raise ModelRepoError(
@@ -64,7 +66,8 @@ class LinearClassifierHead:
         logits = vectors @ self.weight.T + self.bias
         logits -= logits.max(axis=1, keepdims=True)
         exp = np.exp(logits)
-        return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+        probs: Floats = (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+        return probs
 
 
 HEAD_TYPES: dict[str, type[EmbeddingHead] | type[LinearClassifierHead]] = {

@@ -153,4 +153,6 @@ def _check_head_weights(path: Path, spec: HeadSpec, dimension: int) -> None:
     with np.load(path) as weights:
         shape = weights["weight"].shape
     if shape != (len(spec.labels), dimension):
-        raise ValueError(f"head {spec.name}: weight shape {shape} != ({len(spec.labels)}, {dimension})")
+        raise ValueError(
+            f"head {spec.name}: weight shape {shape} != ({len(spec.labels)}, {dimension})"
+        )

@@ -1,0 +1,1 @@
+"""The asyncio gRPC gateway: validates requests, queues them, and returns the results."""

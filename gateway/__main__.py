@@ -1,0 +1,44 @@
+"""Run a gateway: `python -m gateway` (or `taskmux gateway`), configured by TASKMUX_* env vars."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from gateway.server import serve
+from gateway.settings import settings_from_environ
+
+log = logging.getLogger("gateway")
+
+
+def main() -> int:
+    """Process entry point: serve until SIGTERM/SIGINT; a second signal exits at once."""
+    logging.basicConfig(
+        level=os.environ.get("TASKMUX_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    settings = settings_from_environ()
+    log.info("starting %s", settings.describe())
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if stop.is_set():
+                os._exit(1)
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        await serve(settings, stop)
+
+    asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

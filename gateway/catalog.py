@@ -1,0 +1,107 @@
+"""What the deployment serves, and whether Redis is reachable: one watcher loop.
+
+Every `monitor_interval_ms` the watcher reads the head catalog that workers publish,
+keeps the reply stream alive, and sets the gRPC health status: SERVING while Redis
+answers, NOT_SERVING otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from types import TracebackType
+
+import redis.asyncio as aioredis
+from grpc_health.v1 import health_pb2
+from grpc_health.v1._async import HealthServicer
+from redis.exceptions import RedisError
+
+from gateway.replies import ReplyRouter
+from router import keys
+from taskmux.modelrepo.manifest import Manifest, ModelRepoError
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "taskmux.v1.TaskMux"
+
+
+class CatalogWatcher:
+    """Owns the monitor task; exposes the latest catalog and Redis reachability."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        replies: ReplyRouter,
+        health_servicer: HealthServicer,
+        *,
+        interval_ms: int,
+    ) -> None:
+        self.catalog: Manifest | None = None
+        self.redis_ok = False
+        self._redis = redis
+        self._replies = replies
+        self._health = health_servicer
+        self._interval_s = interval_ms / 1000
+        self._task: asyncio.Task[None] | None = None
+        self._first_check = asyncio.Event()
+
+    async def __aenter__(self) -> CatalogWatcher:
+        await self._set_health(False)
+        self._task = asyncio.create_task(self._loop(), name="catalog-watcher")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def first_check(self) -> None:
+        """Wait until the first check has run (success or not)."""
+        await self._first_check.wait()
+
+    async def check(self) -> None:
+        """One round: catalog, reply stream, health."""
+        try:
+            raw = await self._redis.get(keys.CATALOG_KEY)
+            await self._replies.keep_alive()
+        except RedisError as err:
+            if self.redis_ok:
+                log.warning("Redis unreachable: %s", err)
+            await self._set_health(False)
+            return
+        if not self.redis_ok:
+            log.info("Redis reachable")
+        await self._set_health(True)
+        if raw is None:
+            return
+        try:
+            catalog = Manifest.from_json(raw)
+        except ModelRepoError as err:
+            log.error("ignoring an unreadable catalog in Redis: %s", err)
+            return
+        if self.catalog is None or catalog != self.catalog:
+            log.info("catalog: heads %s", [h.name for h in catalog.heads])
+        self.catalog = catalog
+
+    async def _loop(self) -> None:
+        while True:
+            await self.check()
+            self._first_check.set()
+            await asyncio.sleep(self._interval_s)
+
+    async def _set_health(self, ok: bool) -> None:
+        self.redis_ok = ok
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ok
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, status)

@@ -1,0 +1,108 @@
+"""The reply path: one reply stream per gateway, one reader task, one future per call.
+
+Waiting calls never touch Redis themselves: they register a future under their request
+id, and the single reader resolves it when the worker's reply arrives. The first reply
+for an id wins; later ones (duplicates after a redelivery) are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from types import TracebackType
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from router import keys
+from router.messages import MalformedMessage, Reply, stream_entries
+
+log = logging.getLogger(__name__)
+
+READ_BLOCK_MS = 1000
+READ_COUNT = 512
+
+
+class ReplyRouter:
+    """Owns this gateway's reply stream and the task that reads it."""
+
+    def __init__(self, redis: aioredis.Redis, gateway_id: str, *, ttl_s: int) -> None:
+        self.stream = keys.reply_stream(gateway_id)
+        self._redis = redis
+        self._ttl_s = ttl_s
+        self._waiting: dict[str, asyncio.Future[Reply]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> ReplyRouter:
+        self._reader = asyncio.create_task(self._read_loop(), name="reply-reader")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        for future in self._waiting.values():
+            future.cancel()
+        with contextlib.suppress(RedisError):  # if not, it expires on its own
+            await self._redis.delete(self.stream)
+
+    def expect(self, request_id: str) -> asyncio.Future[Reply]:
+        """A future resolved with the reply for `request_id`; call `forget` when done."""
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = future
+        return future
+
+    def forget(self, request_id: str) -> None:
+        """Stop waiting for `request_id` (answered, timed out, or cancelled)."""
+        self._waiting.pop(request_id, None)
+
+    async def keep_alive(self) -> None:
+        """Create the reply stream if missing and push its expiry forward."""
+        if not await self._redis.exists(self.stream):
+            # XADD then XDEL leaves an empty stream, which workers' NOMKSTREAM can write to.
+            entry = await self._redis.xadd(self.stream, {"v": "init"})
+            await self._redis.xdel(self.stream, entry)
+        await self._redis.expire(self.stream, self._ttl_s)
+
+    async def _read_loop(self) -> None:
+        last_id = b"$"
+        backoff = 0.1
+        while True:
+            try:
+                response = await self._redis.xread(
+                    {self.stream: last_id}, count=READ_COUNT, block=READ_BLOCK_MS
+                )
+                backoff = 0.1
+            except RedisError as err:
+                log.warning("reading replies failed (%s); retrying in %.1fs", err, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            for _, entries in stream_entries(response):
+                if not entries:
+                    continue
+                for entry_id, fields in entries:
+                    self._deliver(entry_id, fields)
+                last_id = entries[-1][0]
+                try:
+                    await self._redis.xdel(self.stream, *(e for e, _ in entries))
+                except RedisError as err:
+                    log.warning("could not delete %d read replies: %s", len(entries), err)
+
+    def _deliver(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        try:
+            reply = Reply.decode(fields)
+        except MalformedMessage as err:
+            if fields.get(b"v") != b"init":
+                log.warning("dropping malformed reply %s: %s", entry_id, err)
+            return
+        future = self._waiting.pop(reply.id, None)
+        if future is not None and not future.done():
+            future.set_result(reply)

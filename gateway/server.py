@@ -1,0 +1,64 @@
+"""Building and running the gRPC server, with staged start and stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import AsyncExitStack
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from gateway.catalog import CatalogWatcher
+from gateway.dispatch import Dispatcher
+from gateway.replies import READ_BLOCK_MS, ReplyRouter
+from gateway.service import TaskMuxService
+from gateway.settings import GatewaySettings
+from router.connection import connect
+from taskmux.v1 import taskmux_pb2, taskmux_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
+    """Serve until `stop` is set; then refuse new calls and let in-flight ones finish."""
+    async with AsyncExitStack() as stack:
+        redis = connect(settings.redis_url, block_ms=READ_BLOCK_MS)
+        stack.push_async_callback(redis.aclose)
+        health_servicer = HealthServicer()
+        replies = await stack.enter_async_context(
+            ReplyRouter(redis, settings.gateway_id, ttl_s=settings.reply_ttl_s)
+        )
+        watcher = await stack.enter_async_context(
+            CatalogWatcher(
+                redis, replies, health_servicer, interval_ms=settings.monitor_interval_ms
+            )
+        )
+        dispatcher = Dispatcher(redis, replies, default_timeout_ms=settings.default_timeout_ms)
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+            ]
+        )
+        taskmux_pb2_grpc.add_TaskMuxServicer_to_server(  # type: ignore[no-untyped-call]
+            TaskMuxService(settings, dispatcher, watcher), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            [
+                taskmux_pb2.DESCRIPTOR.services_by_name["TaskMux"].full_name,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            server,
+        )
+        port = server.add_insecure_port(settings.listen_addr)
+        await server.start()
+        log.info("gateway %s listening on port %d", settings.gateway_id, port)
+        await stop.wait()
+        log.info("stopping: NOT_SERVING, draining for up to %ds", settings.drain_timeout_s)
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(settings.drain_timeout_s)

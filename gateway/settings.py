@@ -1,0 +1,69 @@
+"""Gateway settings, read once from `TASKMUX_*` environment variables."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from taskmux.config import env_int, env_str, redact_url
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """Everything a gateway process needs to know."""
+
+    # Redis holding the task streams; the same one the workers use.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # host:port to serve gRPC on; "[::]:50051" listens on every interface.
+    listen_addr: str = "[::]:50051"
+    # Unique per gateway process; names its reply stream. Random unless set.
+    gateway_id: str = ""
+    # Most texts in one request; raise it if callers send bigger batches.
+    max_texts_per_request: int = 128
+    # Most characters in one text; longer inputs are rejected, not truncated.
+    max_text_chars: int = 8192
+    # Timeout for calls that carry no deadline.
+    default_timeout_ms: int = 30_000
+    # Largest gRPC message accepted, in bytes.
+    max_message_bytes: int = 8 * 1024 * 1024
+    # How long the reply stream of a dead gateway survives in Redis.
+    reply_ttl_s: int = 60
+    # How often Redis health and the head catalog are checked.
+    monitor_interval_ms: int = 1000
+    # How long in-flight calls may finish after SIGTERM.
+    drain_timeout_s: int = 10
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> GatewaySettings:
+        """Settings from the environment; unset variables take the defaults above."""
+        d = cls()
+        return cls(
+            redis_url=env_str(env, "REDIS_URL", d.redis_url),
+            listen_addr=env_str(env, "LISTEN_ADDR", d.listen_addr),
+            gateway_id=env_str(env, "GATEWAY_ID", uuid.uuid4().hex[:12]),
+            max_texts_per_request=env_int(
+                env, "MAX_TEXTS_PER_REQUEST", d.max_texts_per_request, minimum=1
+            ),
+            max_text_chars=env_int(env, "MAX_TEXT_CHARS", d.max_text_chars, minimum=1),
+            default_timeout_ms=env_int(env, "DEFAULT_TIMEOUT_MS", d.default_timeout_ms, minimum=1),
+            max_message_bytes=env_int(env, "MAX_MESSAGE_BYTES", d.max_message_bytes, minimum=1024),
+            reply_ttl_s=env_int(env, "REPLY_TTL_S", d.reply_ttl_s, minimum=5),
+            monitor_interval_ms=env_int(
+                env, "MONITOR_INTERVAL_MS", d.monitor_interval_ms, minimum=50
+            ),
+            drain_timeout_s=env_int(env, "DRAIN_TIMEOUT_S", d.drain_timeout_s),
+        )
+
+    def describe(self) -> str:
+        """One log line, with secrets redacted."""
+        return (
+            f"gateway {self.gateway_id} on {self.listen_addr} redis={redact_url(self.redis_url)} "
+            f"limits={self.max_texts_per_request} texts x {self.max_text_chars} chars"
+        )
+
+
+def settings_from_environ() -> GatewaySettings:
+    """Settings from this process's environment."""
+    return GatewaySettings.from_env(os.environ)

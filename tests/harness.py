@@ -1,0 +1,130 @@
+"""Real processes for integration tests: Valkey, gateways and workers on free ports."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from taskmux.local import (
+    component_command,
+    component_env,
+    free_port,
+    redis_command,
+    wait_for_redis,
+)
+
+STOP_TIMEOUT_S = 15
+
+
+@dataclass
+class Proc:
+    """A child process with its log file."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        """Everything the process logged so far."""
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self) -> int:
+        """SIGTERM, then SIGKILL if it does not exit in time; the exit code."""
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return self.popen.returncode
+
+
+@dataclass
+class Cluster:
+    """A Redis-compatible server plus any number of gateways and workers."""
+
+    model_repo: Path
+    workdir: Path
+    redis_port: int = field(default_factory=free_port)
+    procs: list[Proc] = field(default_factory=list)
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    def start_redis(self) -> Proc:
+        data = self.workdir / f"redis-{self.redis_port}"
+        data.mkdir(parents=True, exist_ok=True)
+        proc = self._spawn("redis", redis_command(self.redis_port, data), dict(os.environ))
+        wait_for_redis(self.redis_url)
+        return proc
+
+    def start_worker(self, **env: str) -> Proc:
+        return self._spawn(
+            "worker",
+            component_command("workers"),
+            component_env(self.redis_url, self.model_repo, _prefixed(env)),
+        )
+
+    def start_gateway(self, **env: str) -> tuple[Proc, str]:
+        port = free_port()
+        extra = {"TASKMUX_LISTEN_ADDR": f"127.0.0.1:{port}", **_prefixed(env)}
+        proc = self._spawn(
+            "gateway",
+            component_command("gateway"),
+            component_env(self.redis_url, self.model_repo, extra),
+        )
+        return proc, f"127.0.0.1:{port}"
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"----- {p.name} -----\n{p.output()}" for p in self.procs)
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> Proc:
+        log = self.workdir / f"{name}-{len(self.procs)}.log"
+        with log.open("wb") as out:
+            popen = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+
+def _prefixed(env: dict[str, str]) -> dict[str, str]:
+    return {f"TASKMUX_{k.upper()}": v for k, v in env.items()}
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll `check` until it holds; fail with `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def health_status(target: str, service: str = "") -> int | None:
+    """The gateway's health status, or None if it does not answer."""
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+        except grpc.RpcError:
+            return None
+        status: int = response.status
+        return status
+
+
+def serving(target: str) -> bool:
+    """True once the gateway reports SERVING."""
+    return health_status(target) == health_pb2.HealthCheckResponse.SERVING

@@ -1,0 +1,74 @@
+"""The Redis message schema: round trips and refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from router import keys
+from router.messages import Job, MalformedMessage, Reply, reply_address, stream_entries
+
+
+def _fields(d: dict[str, str | int | bytes]) -> dict[bytes, bytes]:
+    return {k.encode(): v if isinstance(v, bytes) else str(v).encode() for k, v in d.items()}
+
+
+JOB = Job(
+    id="abc",
+    reply_to=keys.reply_stream("gw1"),
+    deadline_ms=1_700_000_000_000,
+    kind="classify",
+    head="sentiment",
+    texts=("héllo", "東京 🙂", 'quote " and \\ backslash'),
+    top_k=2,
+    enqueued_ms=1_699_999_999_000,
+)
+
+
+def test_job_round_trip() -> None:
+    assert Job.decode(_fields(JOB.encode())) == JOB
+
+
+def test_reply_round_trip_keeps_binary_body() -> None:
+    reply = Reply(id="abc", code=0, body=bytes(range(256)))
+    assert Reply.decode(_fields(reply.encode())) == reply
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"v": "2"}, "schema version"),
+        ({"texts": "not json"}, "not JSON"),
+        ({"texts": json.dumps([1, 2])}, "array of strings"),
+        ({"texts": "[]"}, "texts"),
+        ({"deadline_ms": "soon"}, "not an integer"),
+        ({"kind": "dance"}, "unknown job kind"),
+        ({"top_k": "0"}, "top_k"),
+        ({"id": b"\xff\xfe"}, "not UTF-8"),
+    ],
+)
+def test_malformed_jobs_are_refused(change: dict[str, str | bytes], problem: str) -> None:
+    fields = _fields({**JOB.encode(), **change})
+    with pytest.raises(MalformedMessage, match=problem):
+        Job.decode(fields)
+
+
+def test_missing_field_is_named() -> None:
+    fields = _fields(JOB.encode())
+    del fields[b"reply_to"]
+    with pytest.raises(MalformedMessage, match="reply_to"):
+        Job.decode(fields)
+    assert reply_address(fields) is None
+    assert reply_address(_fields(JOB.encode())) == ("abc", JOB.reply_to)
+
+
+def test_stream_entries_skips_deleted_entries() -> None:
+    response = [[b"s", [(b"1-0", {b"a": b"1"}), (b"2-0", None)]]]
+    assert stream_entries(response) == [(b"s", [(b"1-0", {b"a": b"1"})])]
+    assert stream_entries(None) == []
+
+
+def test_keys_round_trip() -> None:
+    assert keys.head_of_stream(keys.task_stream("intent")) == "intent"
+    assert keys.reply_stream("g").startswith(keys.PREFIX)

@@ -1,0 +1,69 @@
+"""Run a worker: `python -m workers` (or `taskmux worker`), configured by TASKMUX_* env vars."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from router.connection import connect
+from taskmux.modelrepo.manifest import ModelRepoError
+from workers.model import LoadedModel
+from workers.settings import WorkerSettings, settings_from_environ
+from workers.worker import Worker
+
+log = logging.getLogger("workers")
+
+
+async def serve(settings: WorkerSettings, stop: asyncio.Event) -> None:
+    """Load the model, then serve until `stop` is set."""
+    model = await asyncio.to_thread(LoadedModel.load, settings)
+    redis = connect(settings.redis_url, block_ms=settings.block_ms)
+    try:
+        log.info("serving heads %s on %s", sorted(model.heads), model.encoder.provider)
+        await Worker(settings, model, redis).run(stop)
+    finally:
+        await redis.aclose()
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    """First SIGTERM/SIGINT drains; a second one exits at once."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            log.warning("second signal: exiting now")
+            os._exit(1)
+        log.info("signal received: finishing in-flight work")
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+
+
+def main() -> int:
+    """Process entry point."""
+    logging.basicConfig(
+        level=os.environ.get("TASKMUX_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    settings = settings_from_environ()
+    log.info("starting %s", settings.describe())
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
+        await serve(settings, stop)
+
+    try:
+        asyncio.run(run())
+    except ModelRepoError as err:
+        log.error("cannot load the model repository: %s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

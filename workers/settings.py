@@ -1,0 +1,75 @@
+"""Worker settings, read once from `TASKMUX_*` environment variables."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from taskmux.config import env_int, env_list, env_str, redact_url
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything a worker process needs to know."""
+
+    # Redis holding the task streams; point all gateways and workers at the same one.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Model repository folder built by `make model`.
+    model_repo: Path = Path("model-repo")
+    # Consumer name in the group; unique per worker process (defaults to host + random).
+    worker_id: str = ""
+    # ONNX Runtime providers in order, or "auto" (CUDA when present, else CPU).
+    providers: tuple[str, ...] = ("auto",)
+    # ONNX Runtime intra-op threads; 0 lets ONNX Runtime use every core.
+    intra_op_threads: int = 0
+    # Stream entries pulled per stream per XREADGROUP; raise for bigger batches.
+    read_count: int = 64
+    # How long one XREADGROUP waits for work before looping.
+    block_ms: int = 1000
+    # Most padded tokens (rows x longest) in one encoder call; bounds memory and latency.
+    max_batch_tokens: int = 16384
+    # Most texts in one encoder call.
+    max_batch_rows: int = 256
+    # Pulled batches waiting for the encoder; more hides Redis latency, holds more work.
+    prefetch_batches: int = 2
+    # How often the model catalog is re-published to Redis.
+    catalog_refresh_s: int = 10
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> WorkerSettings:
+        """Settings from the environment; unset variables take the defaults above."""
+        default = cls()
+        return cls(
+            redis_url=env_str(env, "REDIS_URL", default.redis_url),
+            model_repo=Path(env_str(env, "MODEL_REPO", str(default.model_repo))),
+            worker_id=env_str(env, "WORKER_ID", f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"),
+            providers=env_list(env, "PROVIDERS", default.providers),
+            intra_op_threads=env_int(env, "INTRA_OP_THREADS", default.intra_op_threads),
+            read_count=env_int(env, "READ_COUNT", default.read_count, minimum=1),
+            block_ms=env_int(env, "BLOCK_MS", default.block_ms, minimum=1, maximum=60_000),
+            max_batch_tokens=env_int(
+                env, "MAX_BATCH_TOKENS", default.max_batch_tokens, minimum=256
+            ),
+            max_batch_rows=env_int(env, "MAX_BATCH_ROWS", default.max_batch_rows, minimum=1),
+            prefetch_batches=env_int(env, "PREFETCH_BATCHES", default.prefetch_batches, minimum=1),
+            catalog_refresh_s=env_int(
+                env, "CATALOG_REFRESH_S", default.catalog_refresh_s, minimum=1
+            ),
+        )
+
+    def describe(self) -> str:
+        """One log line, with secrets redacted."""
+        return (
+            f"worker {self.worker_id} redis={redact_url(self.redis_url)} repo={self.model_repo} "
+            f"providers={','.join(self.providers)} threads={self.intra_op_threads or 'auto'} "
+            f"batch={self.max_batch_rows} rows/{self.max_batch_tokens} tokens"
+        )
+
+
+def settings_from_environ() -> WorkerSettings:
+    """Settings from this process's environment."""
+    return WorkerSettings.from_env(os.environ)

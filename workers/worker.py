@@ -1,0 +1,206 @@
+"""The worker's pipeline: pull, compute and publish overlap as three owned tasks.
+
+    pull loop ──(queue of pulled batches)──> compute loop ──(queue)──> publish loop
+    XREADGROUP over every task stream        encoder + heads on a      XADD replies,
+                                             thread, never the loop    XACK, XDEL
+
+While the encoder runs batch N, batch N+1 is being pulled and batch N-1 published.
+Stopping is staged: the pull loop stops taking work, the others finish what they hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+
+import grpc
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from router import keys
+from router.messages import Reply
+from workers.compute import BatchResult, compute
+from workers.consumer import JobStreams, Pulled
+from workers.model import LoadedModel
+from workers.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+BACKOFF_START_S = 0.1
+BACKOFF_MAX_S = 5.0
+
+
+@dataclass
+class WorkerStats:
+    """Counters owned by the worker's loops."""
+
+    batches: int = 0
+    jobs: int = 0
+    encoder_rows: int = 0
+    head_results: int = 0
+    expired: int = 0
+    malformed: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    redis_errors: int = 0
+
+
+class Worker:
+    """Serves every head of one model repository from the shared task streams."""
+
+    def __init__(self, settings: WorkerSettings, model: LoadedModel, redis: aioredis.Redis) -> None:
+        self.settings = settings
+        self.model = model
+        self.stats = WorkerStats()
+        self._redis = redis
+        self._streams = JobStreams(
+            redis,
+            list(model.heads),
+            settings.worker_id,
+            read_count=settings.read_count,
+            block_ms=settings.block_ms,
+        )
+        self._to_compute: asyncio.Queue[list[Pulled] | None] = asyncio.Queue(
+            maxsize=settings.prefetch_batches
+        )
+        self._to_publish: asyncio.Queue[tuple[list[Pulled], BatchResult] | None] = asyncio.Queue(
+            maxsize=2
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set, then finish and acknowledge what was pulled."""
+        await self._retry(self._streams.ensure_groups, stop)
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._catalog_loop(stop))
+            tasks.create_task(self._pull_loop(stop))
+            tasks.create_task(self._compute_loop())
+            tasks.create_task(self._publish_loop())
+        log.info("worker stopped: %s", self.stats)
+
+    async def _pull_loop(self, stop: asyncio.Event) -> None:
+        backoff = BACKOFF_START_S
+        try:
+            while not stop.is_set():
+                try:
+                    pulled = await self._streams.read()
+                    backoff = BACKOFF_START_S
+                except RedisError as err:
+                    self.stats.redis_errors += 1
+                    log.warning("reading jobs failed (%s); retrying in %.1fs", err, backoff)
+                    await _sleep_or_stop(stop, backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX_S)
+                    continue
+                good = [p for p in pulled if p.job is not None]
+                for bad in (p for p in pulled if p.job is None):
+                    await self._dead_letter(bad)
+                if good:
+                    await self._to_compute.put(good)
+        finally:
+            await self._to_compute.put(None)
+
+    async def _compute_loop(self) -> None:
+        try:
+            while (batch := await self._to_compute.get()) is not None:
+                more_coming = True
+                # Merge whatever else is already pulled, so the encoder sees one big batch.
+                while more_coming and not self._to_compute.empty():
+                    extra = self._to_compute.get_nowait()
+                    if extra is None:
+                        more_coming = False
+                    else:
+                        batch.extend(extra)
+                result = await asyncio.to_thread(
+                    compute,
+                    self.model,
+                    [p.job for p in batch if p.job is not None],
+                    max_batch_tokens=self.settings.max_batch_tokens,
+                    max_batch_rows=self.settings.max_batch_rows,
+                )
+                self._count(batch, result)
+                await self._to_publish.put((batch, result))
+                if not more_coming:
+                    break
+        finally:
+            await self._to_publish.put(None)
+
+    async def _publish_loop(self) -> None:
+        while (item := await self._to_publish.get()) is not None:
+            batch, result = item
+            done = list(zip(batch, result.replies, strict=True))
+            try:
+                await self._retry_finite(partial(self._streams.finish, done))
+            except RedisError as err:
+                # The entries stay pending in the group; recovery claims them later.
+                log.error("could not publish %d replies: %s", len(done), err)
+
+    async def _catalog_loop(self, stop: asyncio.Event) -> None:
+        catalog = self.model.manifest.to_json(with_checksums=False)
+        while not stop.is_set():
+            try:
+                await self._redis.set(keys.CATALOG_KEY, catalog)
+            except RedisError as err:
+                self.stats.redis_errors += 1
+                log.warning("publishing the catalog failed: %s", err)
+            await _sleep_or_stop(stop, self.settings.catalog_refresh_s)
+
+    async def _dead_letter(self, pulled: Pulled) -> None:
+        self.stats.malformed += 1
+        log.warning("malformed entry %s in %s: %s", pulled.entry_id, pulled.stream, pulled.problem)
+        reply = Reply(
+            id="",
+            code=grpc.StatusCode.INTERNAL.value[0],
+            message=f"the request could not be decoded by the worker: {pulled.problem}",
+        )
+        address = None if pulled.raw is None else pulled.raw.get(b"id")
+        if address is not None:
+            reply = Reply(
+                id=address.decode("utf-8", "replace"), code=reply.code, message=reply.message
+            )
+        try:
+            await self._streams.dead_letter(pulled, reply)
+        except RedisError as err:
+            log.error("could not dead-letter %s: %s", pulled.entry_id, err)
+
+    def _count(self, batch: list[Pulled], result: BatchResult) -> None:
+        s = self.stats
+        s.batches += 1
+        s.jobs += len(batch)
+        s.expired += result.expired
+        s.head_results += sum(len(p.job.texts) for p in batch if p.job is not None)
+        if result.encoded is not None:
+            s.encoder_rows += result.encoded.rows
+            s.real_tokens += result.encoded.real_tokens
+            s.padded_tokens += result.encoded.padded_tokens
+
+    async def _retry(self, op: Callable[[], Awaitable[None]], stop: asyncio.Event) -> None:
+        """Run `op` until it succeeds or `stop` is set (Redis may not be up yet)."""
+        backoff = BACKOFF_START_S
+        while not stop.is_set():
+            try:
+                await op()
+                return
+            except RedisError as err:
+                log.warning("Redis not ready (%s); retrying in %.1fs", err, backoff)
+                await _sleep_or_stop(stop, backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _retry_finite(self, op: Callable[[], Awaitable[None]], attempts: int = 5) -> None:
+        backoff = BACKOFF_START_S
+        for attempt in range(attempts):
+            try:
+                await op()
+                return
+            except RedisError:
+                if attempt == attempts - 1:
+                    raise
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
