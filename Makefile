@@ -6,10 +6,11 @@ BIN := $(VENV)/bin
 MODEL_REPO ?= model-repo
 SHARED_DATA ?= ../shared/data
 PROTO_SRC := protos/taskmux/v1/taskmux.proto
-PROTO_OUT := taskmux/v1/taskmux_pb2.py taskmux/v1/taskmux_pb2.pyi taskmux/v1/taskmux_pb2_grpc.py
+PROTO_OUT := taskmux/v1/taskmux_pb2.py taskmux/v1/taskmux_pb2.pyi taskmux/v1/taskmux_pb2_grpc.py \
+	taskmux/v1/taskmux_pb2_grpc.pyi
 
 .DEFAULT_GOAL := help
-.PHONY: help venv proto proto-check model run test test-fast lint train-heads clean
+.PHONY: help venv proto proto-check model run test lint train-heads interop-deps clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -28,6 +29,7 @@ proto: $(BIN)/.installed ## Regenerate the Python code for protos/
 	$(BIN)/python -m grpc_tools.protoc -Iprotos \
 		--python_out=. --grpc_python_out=. \
 		--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --mypy_out=. \
+		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=. \
 		$(PROTO_SRC)
 
 proto-check: proto ## Fail if the committed generated code differs from `make proto`
@@ -45,7 +47,14 @@ train-heads: $(MODEL_REPO)/manifest.json ## Retrain the committed heads from ../
 run: $(MODEL_REPO)/manifest.json ## Start Valkey, a gateway and a worker (Ctrl-C stops all)
 	$(BIN)/taskmux up --model-repo $(MODEL_REPO)
 
-test: proto-check $(MODEL_REPO)/manifest.json ## Unit and integration tests
+NODE_CLIENT := tests/interop/node
+$(NODE_CLIENT)/node_modules/.package-lock.json: $(NODE_CLIENT)/package-lock.json
+	@if command -v npm >/dev/null; then cd $(NODE_CLIENT) && npm ci --no-audit --no-fund --silent; \
+	else echo "npm not found: the grpc-js interop test will be skipped"; fi
+
+interop-deps: $(NODE_CLIENT)/node_modules/.package-lock.json ## Install the Node.js interop client (grpc-js)
+
+test: proto-check $(MODEL_REPO)/manifest.json interop-deps ## Unit and integration tests
 	TASKMUX_TEST_MODEL_REPO=$(MODEL_REPO) $(BIN)/pytest
 
 lint: $(BIN)/.installed ## ruff and mypy

@@ -43,7 +43,7 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
                 ("grpc.max_send_message_length", settings.max_message_bytes),
             ]
         )
-        taskmux_pb2_grpc.add_TaskMuxServicer_to_server(  # type: ignore[no-untyped-call]
+        taskmux_pb2_grpc.add_TaskMuxServicer_to_server(
             TaskMuxService(settings, dispatcher, watcher), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--model-repo", default="model-repo")
     up.add_argument("--port", type=int, default=50051, help="gateway port")
 
-    model = add("model", lambda _a: model.print_help() or 2, "Build or train the model repository")
+    model = sub.add_parser("model", help="Build or train the model repository")
     msub = model.add_subparsers(required=True, metavar="ACTION")
     build = msub.add_parser("build", help="Export the encoder and assemble the repository")
     build.add_argument("--out", type=Path, default=Path("model-repo"))

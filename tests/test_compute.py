@@ -66,7 +66,9 @@ def test_each_job_gets_its_own_refusal(model: LoadedModel) -> None:
 
 
 def test_expired_batch_never_runs_the_encoder(model: LoadedModel) -> None:
-    result = compute(model, [_job(["late"], deadline_ms=1)], max_batch_tokens=4096, max_batch_rows=8)
+    result = compute(
+        model, [_job(["late"], deadline_ms=1)], max_batch_tokens=4096, max_batch_rows=8
+    )
     assert result.encoded is None
     assert result.expired == 1
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import time
+import json
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,7 +65,9 @@ def stub(target: str) -> Iterator[taskmux_pb2_grpc.TaskMuxStub]:
         yield taskmux_pb2_grpc.TaskMuxStub(channel)
 
 
-def test_embed_matches_direct_onnx_runtime(stub: taskmux_pb2_grpc.TaskMuxStub, model_repo: Path) -> None:
+def test_embed_matches_direct_onnx_runtime(
+    stub: taskmux_pb2_grpc.TaskMuxStub, model_repo: Path
+) -> None:
     texts = ["hello world", "Ünïcödé, 東京 and emoji 🙂", "hello world", "A longer sentence " * 20]
     response = stub.Embed(pb.EmbedRequest(texts=texts), timeout=30)
     got = np.array([e.values for e in response.embeddings], dtype=np.float32)
@@ -168,7 +172,9 @@ def test_health_and_reflection(target: str) -> None:
     assert {"taskmux.v1.TaskMux", "grpc.health.v1.Health"} <= names
 
 
-def test_worker_survives_malformed_entries(stub: taskmux_pb2_grpc.TaskMuxStub, cluster: Cluster) -> None:
+def test_worker_survives_malformed_entries(
+    stub: taskmux_pb2_grpc.TaskMuxStub, cluster: Cluster
+) -> None:
     r = redis.Redis.from_url(cluster.redis_url)
     dead_before = r.xlen(keys.DEAD_LETTER_STREAM)
     stream = keys.task_stream("embed")
@@ -190,3 +196,28 @@ def test_reply_streams_do_not_grow(stub: taskmux_pb2_grpc.TaskMuxStub, cluster: 
     wait_until(lambda: all(r.xlen(k) == 0 for k in replies), 5, "reply streams drained")
     assert all(0 < r.ttl(k) <= 60 for k in replies)
     assert r.xlen(keys.task_stream("embed")) == 0
+
+
+NODE_CLIENT = Path(__file__).parent / "interop" / "node"
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_a_grpc_js_client_built_from_protos(target: str) -> None:
+    if not (NODE_CLIENT / "node_modules").is_dir():
+        pytest.fail("run `make interop-deps` (npm ci in tests/interop/node) first")
+    run = subprocess.run(
+        ["node", str(NODE_CLIENT / "client.mjs"), target],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert {h["name"] for h in out["tasks"]["heads"]} >= {"embed"}
+    assert out["tasks"]["encoder"]["dimension"] == 384
+    assert [len(e["values"]) for e in out["embed"]["embeddings"]] == [384, 384]
+    assert out["classify"]["results"][0]["label"] == "positive"
+    assert len(out["classify"]["results"][0]["top"]) == 2
+    assert out["empty"]["code"] == "INVALID_ARGUMENT"
+    assert out["unknown"]["code"] == "NOT_FOUND"
