@@ -72,7 +72,9 @@ class ReplyRouter:
         await self._redis.expire(self.stream, self._ttl_s)
 
     async def _read_loop(self) -> None:
-        last_id = b"$"
+        # From the start: the stream is this gateway's own, and read entries are deleted.
+        # ("$" would miss replies that land between two XREAD calls.)
+        last_id = b"0-0"
         backoff = 0.1
         while True:
             try:

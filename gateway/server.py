@@ -36,6 +36,7 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
                 redis, replies, health_servicer, interval_ms=settings.monitor_interval_ms
             )
         )
+        await watcher.first_check()  # so the first calls see the real Redis state
         dispatcher = Dispatcher(redis, replies, default_timeout_ms=settings.default_timeout_ms)
         server = grpc.aio.server(
             options=[

@@ -117,7 +117,9 @@ async def _supervise(commands: Sequence[tuple[str, list[str], dict[str, str]]]) 
     procs: list[tuple[str, asyncio.subprocess.Process]] = []
     try:
         for name, argv, env in commands:
-            procs.append((name, await asyncio.create_subprocess_exec(*argv, env=env)))
+            # Own sessions: Ctrl-C reaches only us, and we stop the children in order.
+            proc = await asyncio.create_subprocess_exec(*argv, env=env, start_new_session=True)
+            procs.append((name, proc))
         waits = {asyncio.create_task(p.wait()): name for name, p in procs}
         stopper = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([stopper, *waits], return_when=asyncio.FIRST_COMPLETED)
@@ -150,7 +152,7 @@ def run_local(model_repo: Path, *, gateway_port: int = 50051) -> int:
             data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="taskmux-")))
             port = free_port()
             redis_url = f"redis://127.0.0.1:{port}/0"
-            server = subprocess.Popen(redis_command(port, data_dir))
+            server = subprocess.Popen(redis_command(port, data_dir), start_new_session=True)
             stack.callback(_stop_popen, server)
             wait_for_redis(redis_url)
             print(f"taskmux up: embedded Valkey on {redis_url}")
