@@ -13,17 +13,14 @@ import logging
 from types import TracebackType
 
 import redis.asyncio as aioredis
-from grpc_health.v1 import health_pb2
-from grpc_health.v1._async import HealthServicer
 from redis.exceptions import RedisError
 
 from gateway.replies import ReplyRouter
 from router import keys
+from taskmux.health import Health
 from taskmux.modelrepo.manifest import Manifest, ModelRepoError
 
 log = logging.getLogger(__name__)
-
-SERVICE_NAME = "taskmux.v1.TaskMux"
 
 
 class CatalogWatcher:
@@ -33,7 +30,7 @@ class CatalogWatcher:
         self,
         redis: aioredis.Redis,
         replies: ReplyRouter,
-        health_servicer: HealthServicer,
+        health: Health,
         *,
         interval_ms: int,
     ) -> None:
@@ -41,13 +38,13 @@ class CatalogWatcher:
         self.redis_ok = False
         self._redis = redis
         self._replies = replies
-        self._health = health_servicer
+        self._health = health
         self._interval_s = interval_ms / 1000
         self._task: asyncio.Task[None] | None = None
         self._first_check = asyncio.Event()
 
     async def __aenter__(self) -> CatalogWatcher:
-        await self._set_health(False)
+        await self._health.start()
         self._task = asyncio.create_task(self._loop(), name="catalog-watcher")
         return self
 
@@ -98,10 +95,4 @@ class CatalogWatcher:
 
     async def _set_health(self, ok: bool) -> None:
         self.redis_ok = ok
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if ok
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for service in ("", SERVICE_NAME):
-            await self._health.set(service, status)
+        await self._health.set_ready(ok)

@@ -7,8 +7,7 @@ import logging
 from contextlib import AsyncExitStack
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from gateway.catalog import CatalogWatcher
@@ -17,9 +16,12 @@ from gateway.replies import READ_BLOCK_MS, ReplyRouter
 from gateway.service import TaskMuxService
 from gateway.settings import GatewaySettings
 from router.connection import connect
+from taskmux.health import Health
 from taskmux.v1 import taskmux_pb2, taskmux_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+SERVICE_NAME = "taskmux.v1.TaskMux"
 
 
 async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
@@ -27,14 +29,12 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
     async with AsyncExitStack() as stack:
         redis = connect(settings.redis_url, block_ms=READ_BLOCK_MS)
         stack.push_async_callback(redis.aclose)
-        health_servicer = HealthServicer()
+        health = Health(("", SERVICE_NAME))
         replies = await stack.enter_async_context(
             ReplyRouter(redis, settings.gateway_id, ttl_s=settings.reply_ttl_s)
         )
         watcher = await stack.enter_async_context(
-            CatalogWatcher(
-                redis, replies, health_servicer, interval_ms=settings.monitor_interval_ms
-            )
+            CatalogWatcher(redis, replies, health, interval_ms=settings.monitor_interval_ms)
         )
         await watcher.first_check()  # so the first calls see the real Redis state
         dispatcher = Dispatcher(redis, replies, default_timeout_ms=settings.default_timeout_ms)
@@ -47,7 +47,7 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
         taskmux_pb2_grpc.add_TaskMuxServicer_to_server(
             TaskMuxService(settings, dispatcher, watcher), server
         )
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        health.add_to(server)
         reflection.enable_server_reflection(
             [
                 taskmux_pb2.DESCRIPTOR.services_by_name["TaskMux"].full_name,
@@ -61,5 +61,5 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
         log.info("gateway %s listening on port %d", settings.gateway_id, port)
         await stop.wait()
         log.info("stopping: NOT_SERVING, draining for up to %ds", settings.drain_timeout_s)
-        await health_servicer.enter_graceful_shutdown()
+        await health.stop()
         await server.stop(settings.drain_timeout_s)

@@ -156,7 +156,9 @@ def run_local(model_repo: Path, *, gateway_port: int = 50051) -> int:
             stack.callback(_stop_popen, server)
             wait_for_redis(redis_url)
             print(f"taskmux up: embedded Valkey on {redis_url}")
-        worker_env = component_env(redis_url, model_repo.resolve())
+        worker_env = component_env(
+            redis_url, model_repo.resolve(), {"TASKMUX_HEALTH_ADDR": f"127.0.0.1:{free_port()}"}
+        )
         gateway_env = component_env(
             redis_url, model_repo.resolve(), {"TASKMUX_LISTEN_ADDR": f"127.0.0.1:{gateway_port}"}
         )

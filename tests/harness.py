@@ -30,6 +30,7 @@ class Proc:
     name: str
     popen: subprocess.Popen[bytes]
     log: Path
+    address: str = ""  # its gRPC (gateway) or health (worker) address
 
     def output(self) -> str:
         """Everything the process logged so far."""
@@ -68,11 +69,15 @@ class Cluster:
         return proc
 
     def start_worker(self, **env: str) -> Proc:
-        return self._spawn(
+        address = f"127.0.0.1:{free_port()}"
+        extra = {"TASKMUX_HEALTH_ADDR": address, **_prefixed(env)}
+        proc = self._spawn(
             "worker",
             component_command("workers"),
-            component_env(self.redis_url, self.model_repo, _prefixed(env)),
+            component_env(self.redis_url, self.model_repo, extra),
         )
+        proc.address = address
+        return proc
 
     def start_gateway(self, **env: str) -> tuple[Proc, str]:
         port = free_port()
@@ -82,7 +87,8 @@ class Cluster:
             component_command("gateway"),
             component_env(self.redis_url, self.model_repo, extra),
         )
-        return proc, f"127.0.0.1:{port}"
+        proc.address = f"127.0.0.1:{port}"
+        return proc, proc.address
 
     def stop_all(self) -> None:
         for proc in reversed(self.procs):

@@ -19,6 +19,7 @@ from tests.harness import Cluster, health_status, serving, wait_until
 
 pytestmark = pytest.mark.integration
 
+SERVING = 1
 NOT_SERVING = 2
 
 
@@ -92,3 +93,14 @@ def test_worker_refuses_a_corrupt_model_repository(cluster: Cluster, model_repo:
     worker = cluster.start_worker()
     assert worker.popen.wait(60) == 2
     assert "checksum mismatch for encoder/tokenizer.json" in worker.output()
+
+
+def test_liveness_ignores_redis_but_readiness_follows_it(cluster: Cluster) -> None:
+    worker = cluster.start_worker()  # Redis is not started yet
+    _, target = cluster.start_gateway()
+    for address in (worker.address, target):
+        wait_until(lambda a=address: health_status(a, "liveness") == SERVING, 60, "liveness")
+        assert health_status(address) == NOT_SERVING
+    cluster.start_redis()
+    for address in (worker.address, target):
+        wait_until(lambda a=address: health_status(a) == SERVING, 30, "readiness with Redis")

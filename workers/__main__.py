@@ -8,7 +8,10 @@ import os
 import signal
 import sys
 
+import grpc
+
 from router.connection import connect
+from taskmux.health import Health
 from taskmux.modelrepo.manifest import ModelRepoError
 from workers.model import LoadedModel
 from workers.settings import WorkerSettings, settings_from_environ
@@ -18,14 +21,25 @@ log = logging.getLogger("workers")
 
 
 async def serve(settings: WorkerSettings, stop: asyncio.Event) -> None:
-    """Load the model, then serve until `stop` is set."""
-    model = await asyncio.to_thread(LoadedModel.load, settings)
-    redis = connect(settings.redis_url, block_ms=settings.block_ms)
+    """Report health, load the model, then serve until `stop` is set."""
+    health = Health()
+    await health.start()
+    probe_server = grpc.aio.server()
+    health.add_to(probe_server)
+    port = probe_server.add_insecure_port(settings.health_addr)
+    await probe_server.start()
+    log.info("health service on port %d", port)
     try:
-        log.info("serving heads %s on %s", sorted(model.heads), model.encoder.provider)
-        await Worker(settings, model, redis).run(stop)
+        model = await asyncio.to_thread(LoadedModel.load, settings)
+        redis = connect(settings.redis_url, block_ms=settings.block_ms)
+        try:
+            log.info("serving heads %s on %s", sorted(model.heads), model.encoder.provider)
+            await Worker(settings, model, redis, health).run(stop)
+        finally:
+            await redis.aclose()
     finally:
-        await redis.aclose()
+        await health.stop()
+        await probe_server.stop(1)
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:

@@ -20,6 +20,8 @@ class WorkerSettings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Model repository folder built by `make model`.
     model_repo: Path = Path("model-repo")
+    # host:port of the worker's gRPC health service (probes); port 0 picks a free one.
+    health_addr: str = "[::]:50052"
     # Consumer name in the group; unique per worker process (defaults to host + random).
     worker_id: str = ""
     # ONNX Runtime providers in order, or "auto" (CUDA when present, else CPU).
@@ -46,6 +48,7 @@ class WorkerSettings:
         return cls(
             redis_url=env_str(env, "REDIS_URL", default.redis_url),
             model_repo=Path(env_str(env, "MODEL_REPO", str(default.model_repo))),
+            health_addr=env_str(env, "HEALTH_ADDR", default.health_addr),
             worker_id=env_str(env, "WORKER_ID", f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"),
             providers=env_list(env, "PROVIDERS", default.providers),
             intra_op_threads=env_int(env, "INTRA_OP_THREADS", default.intra_op_threads),

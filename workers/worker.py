@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 
 from router import keys
 from router.messages import Reply
+from taskmux.health import Health
 from workers.compute import BatchResult, compute
 from workers.consumer import JobStreams, Pulled
 from workers.model import LoadedModel
@@ -52,8 +53,15 @@ class WorkerStats:
 class Worker:
     """Serves every head of one model repository from the shared task streams."""
 
-    def __init__(self, settings: WorkerSettings, model: LoadedModel, redis: aioredis.Redis) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        model: LoadedModel,
+        redis: aioredis.Redis,
+        health: Health | None = None,
+    ) -> None:
         self.settings = settings
+        self._health = health
         self.model = model
         self.stats = WorkerStats()
         self._redis = redis
@@ -88,8 +96,10 @@ class Worker:
                 try:
                     pulled = await self._streams.read()
                     backoff = BACKOFF_START_S
+                    await self._set_ready(True)
                 except RedisError as err:
                     self.stats.redis_errors += 1
+                    await self._set_ready(False)
                     log.warning("reading jobs failed (%s); retrying in %.1fs", err, backoff)
                     await _sleep_or_stop(stop, backoff)
                     backoff = min(backoff * 2, BACKOFF_MAX_S)
@@ -101,6 +111,10 @@ class Worker:
                     await self._to_compute.put(good)
         finally:
             await self._to_compute.put(None)
+
+    async def _set_ready(self, ready: bool) -> None:
+        if self._health is not None and self._health.ready != ready:
+            await self._health.set_ready(ready)
 
     async def _compute_loop(self) -> None:
         try:
