@@ -64,3 +64,6 @@ lint: $(BIN)/.installed ## ruff and mypy
 
 clean: ## Remove the venv and the model repository
 	rm -rf $(VENV) $(MODEL_REPO) .mypy_cache .ruff_cache .pytest_cache
+
+# Kubernetes manifests: validation and the local cluster rehearsal.
+-include k8s/k8s.mk
