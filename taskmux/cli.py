@@ -10,6 +10,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from taskmux.modelcli import add_model_commands
+
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
@@ -39,16 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--model-repo", default="model-repo")
     up.add_argument("--port", type=int, default=50051, help="gateway port")
 
-    model = sub.add_parser("model", help="Build or train the model repository")
-    msub = model.add_subparsers(required=True, metavar="ACTION")
-    build = msub.add_parser("build", help="Export the encoder and assemble the repository")
-    build.add_argument("--out", type=Path, default=Path("model-repo"))
-    build.add_argument("--force", action="store_true", help="rebuild even if it exists")
-    build.set_defaults(func=_model_build)
-    train = msub.add_parser("train-sentiment", help="Train the sentiment head on SST-2")
-    train.add_argument("--repo", type=Path, default=Path("model-repo"))
-    train.add_argument("--data", type=Path, default=Path("../shared/data"))
-    train.set_defaults(func=_model_train_sentiment)
+    add_model_commands(sub)
 
     embed = add("embed", _embed, "Embed texts; prints JSON")
     embed.add_argument("texts", nargs="+")
@@ -79,22 +72,6 @@ def _up(args: argparse.Namespace) -> int:
     from taskmux.local import run_local
 
     return run_local(Path(args.model_repo), gateway_port=args.port)
-
-
-def _model_build(args: argparse.Namespace) -> int:
-    from taskmux.modelrepo.build import build_repository
-
-    manifest = build_repository(args.out, force=args.force)
-    print(manifest.to_json(with_checksums=False))
-    return 0
-
-
-def _model_train_sentiment(args: argparse.Namespace) -> int:
-    from taskmux.modelrepo.train import train_sentiment
-
-    report = train_sentiment(args.repo, args.data)
-    print(json.dumps(report, indent=2))
-    return 0
 
 
 def _call(args: argparse.Namespace, method: str, request: object) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +29,16 @@ def choose_providers(requested: Sequence[str]) -> list[str]:
     if missing:
         raise ValueError(f"ONNX Runtime providers {missing} are not available here: {available}")
     return list(requested)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Everything one encoder pass over a list of texts produced, in input order."""
+
+    pooled: Floats  # [texts, dim] mean-pooled, not normalised
+    encodings: list[Encoding]  # tokens, offsets and word ids of each text
+    token_states: dict[int, Floats]  # [tokens, dim] per text asked for, incl. [CLS]/[SEP]
+    stats: EncodeStats
 
 
 @dataclass(frozen=True)
@@ -71,27 +81,58 @@ class Encoder:
     def encode(
         self, texts: Sequence[str], *, max_batch_tokens: int = 16384, max_batch_rows: int = 128
     ) -> tuple[Floats, EncodeStats]:
-        """Mean-pooled vectors (not normalised), one row per text, in input order.
+        """Mean-pooled vectors (not normalised), one row per text, in input order."""
+        encoded = self.encode_full(
+            texts, max_batch_tokens=max_batch_tokens, max_batch_rows=max_batch_rows
+        )
+        return encoded.pooled, encoded.stats
+
+    def encode_full(
+        self,
+        texts: Sequence[str],
+        *,
+        token_rows: Collection[int] = (),
+        max_batch_tokens: int = 16384,
+        max_batch_rows: int = 128,
+    ) -> Encoded:
+        """One pass: pooled vectors for all texts, per-token states for `token_rows`.
 
         Texts are sorted by token length and cut into batches whose padded size
         (rows x longest) stays within `max_batch_tokens`, so little work goes to padding.
+        Token heads read the states of this same pass; nothing is encoded twice.
         """
         encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=True)
         order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
         out = np.empty((len(texts), self.spec.dimension), dtype=np.float32)
+        wanted = set(token_rows)
+        states: dict[int, Floats] = {}
         real = padded = batches = 0
         for chunk in _chunks(order, encodings, max_batch_tokens, max_batch_rows):
             batch = [encodings[i] for i in chunk]
-            pooled = self._run(batch)
+            need_tokens = any(i in wanted for i in chunk)
+            pooled, hidden = self._run(batch, need_tokens)
             if pooled.shape[0] != len(chunk):
                 raise RuntimeError(f"encoder returned {pooled.shape[0]} rows for {len(chunk)}")
             out[chunk] = pooled
+            if hidden is not None:
+                for row, i in enumerate(chunk):
+                    if i in wanted:
+                        states[i] = hidden[row, : len(encodings[i].ids)].copy()
             real += sum(len(e.ids) for e in batch)
             padded += len(batch) * max(len(e.ids) for e in batch)
             batches += 1
-        return out, EncodeStats(len(texts), real, padded, batches)
+        return Encoded(out, encodings, states, EncodeStats(len(texts), real, padded, batches))
 
-    def _run(self, batch: list[Encoding]) -> Floats:
+    def encode_tokens(
+        self, texts: Sequence[str], *, max_batch_tokens: int = 16384
+    ) -> list[tuple[Floats, Encoding]]:
+        """Per-token states and the encoding of each text (for token heads and training)."""
+        encoded = self.encode_full(
+            texts, token_rows=range(len(texts)), max_batch_tokens=max_batch_tokens
+        )
+        return [(encoded.token_states[i], encoded.encodings[i]) for i in range(len(texts))]
+
+    def _run(self, batch: list[Encoding], need_tokens: bool) -> tuple[Floats, Floats | None]:
         width = max(len(e.ids) for e in batch)
         ids = np.zeros((len(batch), width), dtype=np.int64)
         mask = np.zeros_like(ids)
@@ -103,8 +144,11 @@ class Encoder:
             types[row, :n] = enc.type_ids
         feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
         feeds = {k: v for k, v in feeds.items() if k in self._input_names}
-        (pooled,) = self.session.run(["pooled"], feeds)
-        return np.asarray(pooled, dtype=np.float32)
+        if not need_tokens:
+            (pooled,) = self.session.run(["pooled"], feeds)
+            return np.asarray(pooled, dtype=np.float32), None
+        pooled, hidden = self.session.run(["pooled", "token_embeddings"], feeds)
+        return np.asarray(pooled, dtype=np.float32), np.asarray(hidden, dtype=np.float32)
 
 
 def l2_normalize(vectors: Floats) -> Floats:

@@ -22,9 +22,13 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
-KIND_EMBEDDING = "embedding"
-KIND_CLASSIFICATION = "classification"
-HEAD_KINDS = (KIND_EMBEDDING, KIND_CLASSIFICATION)
+KIND_EMBEDDING = "embedding"  # the sentence vector itself
+KIND_CLASSIFICATION = "classification"  # one label per text (weights on the sentence vector)
+KIND_TOKEN = "token_classification"  # entity spans (weights on per-token states)
+KIND_SIMILARITY = "similarity"  # cosine of query and candidates; no weights
+KIND_ZERO_SHOT = "zero_shot"  # caller-named labels, compared by embedding; no weights
+HEAD_KINDS = (KIND_EMBEDDING, KIND_CLASSIFICATION, KIND_TOKEN, KIND_SIMILARITY, KIND_ZERO_SHOT)
+TRAINED_KINDS = (KIND_CLASSIFICATION, KIND_TOKEN)
 
 
 class ModelRepoError(Exception):
@@ -55,6 +59,10 @@ class HeadSpec:
     weights_file: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     description: str = ""
+    # Classification only: below this top probability the answer is `fallback_label`
+    # (e.g. intent's "oos", out of scope). 0 disables it.
+    threshold: float = 0.0
+    fallback_label: str = ""
 
 
 @dataclass(frozen=True)
@@ -121,11 +129,15 @@ def _parse_head(data: dict[str, Any]) -> HeadSpec:
         weights_file=str(data.get("weights_file", "")),
         metrics={str(k): float(v) for k, v in data.get("metrics", {}).items()},
         description=str(data.get("description", "")),
+        threshold=float(data.get("threshold", 0.0)),
+        fallback_label=str(data.get("fallback_label", "")),
     )
     if head.kind not in HEAD_KINDS:
         raise ModelRepoError(f"head {head.name!r} has unknown kind {head.kind!r}")
-    if head.kind == KIND_CLASSIFICATION and (len(head.labels) < 2 or not head.weights_file):
-        raise ModelRepoError(f"classification head {head.name!r} needs 2+ labels and weights")
+    if head.kind in TRAINED_KINDS and (len(head.labels) < 2 or not head.weights_file):
+        raise ModelRepoError(f"{head.kind} head {head.name!r} needs 2+ labels and weights")
+    if head.fallback_label and head.fallback_label not in head.labels:
+        raise ModelRepoError(f"head {head.name!r}: fallback label is not one of its labels")
     return head
 
 
