@@ -37,9 +37,11 @@ def _parser() -> argparse.ArgumentParser:
 
     add("gateway", _gateway, "Run a gateway (settings from TASKMUX_* env vars)")
     add("worker", _worker, "Run a worker (settings from TASKMUX_* env vars)")
-    up = add("up", _up, "Start Valkey, a gateway and a worker; Ctrl-C stops all")
+    up = add("up", _up, "Start Valkey, gateways and workers, each a process; Ctrl-C stops all")
     up.add_argument("--model-repo", default="model-repo")
-    up.add_argument("--port", type=int, default=50051, help="gateway port")
+    up.add_argument("--port", type=int, default=50051, help="gateway port (shared by all)")
+    up.add_argument("--gateways", type=int, default=1, metavar="N", help="gateway processes")
+    up.add_argument("--workers", type=int, default=1, metavar="M", help="worker processes")
 
     add_model_commands(sub)
 
@@ -71,7 +73,9 @@ def _worker(_args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     from taskmux.local import run_local
 
-    return run_local(Path(args.model_repo), gateway_port=args.port)
+    return run_local(
+        Path(args.model_repo), gateway_port=args.port, gateways=args.gateways, workers=args.workers
+    )
 
 
 def _call(args: argparse.Namespace, method: str, request: object) -> int:

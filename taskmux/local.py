@@ -1,7 +1,7 @@
-"""Everything on one machine: an embedded Valkey server, a gateway and a worker.
+"""Everything on one machine: an embedded Valkey server, gateways and workers.
 
-`taskmux up` (and `make run`) uses this to start each part as its own process; the tests
-use the same pieces to start real servers on free ports.
+`taskmux up` (`make run`: one of each; `make cluster`: several) starts each part as its own
+process; the tests use the same pieces to start real servers on free ports.
 """
 
 from __future__ import annotations
@@ -16,12 +16,15 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
 
 STOP_TIMEOUT_S = 15.0
+DEFAULT_TARGET = "127.0.0.1:50051"  # what the CLI's --target defaults to
 
 
 class LocalError(RuntimeError):
@@ -140,33 +143,127 @@ async def _supervise(commands: Sequence[tuple[str, list[str], dict[str, str]]]) 
                     await proc.wait()
 
 
-def run_local(model_repo: Path, *, gateway_port: int = 50051) -> int:
-    """`taskmux up`: Valkey (unless TASKMUX_REDIS_URL is set), one worker, one gateway."""
+@dataclass(frozen=True)
+class Layout:
+    """Where each part of a local cluster listens."""
+
+    gateway_ports: tuple[int, ...]
+    worker_health_ports: tuple[int, ...]
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
+
+    @property
+    def shared_port(self) -> bool:
+        """True when every gateway listens on the same port (SO_REUSEPORT)."""
+        return len(set(self.gateway_ports)) == 1
+
+    def target(self) -> str:
+        """The gRPC target a client uses to reach every gateway."""
+        if self.shared_port:
+            return f"127.0.0.1:{self.gateway_ports[0]}"
+        return "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in self.gateway_ports)
+
+    def gateway_id(self, i: int) -> str:
+        return f"gw{i + 1}-{self.run_id}"
+
+    def worker_id(self, i: int) -> str:
+        return f"w{i + 1}-{self.run_id}"
+
+
+def reuse_port_balances() -> bool:
+    """Whether N servers can share one port and the kernel spreads connections (Linux)."""
+    return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+
+
+def port_is_free(port: int) -> bool:
+    """True if nothing listens on 127.0.0.1:port.
+
+    gRPC binds with SO_REUSEPORT, so a second `taskmux up` on a busy port would silently
+    share it with the first; this probe binds without it and so sees any listener.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def plan_layout(gateway_port: int, gateways: int, workers: int) -> Layout:
+    """One shared gateway port where the kernel balances it, else one port per gateway."""
+    if reuse_port_balances():
+        ports = (gateway_port,) * gateways
+    else:
+        ports = (gateway_port, *(free_port() for _ in range(gateways - 1)))
+    return Layout(ports, tuple(free_port() for _ in range(workers)))
+
+
+def cluster_commands(
+    layout: Layout, redis_url: str, model_repo: Path
+) -> list[tuple[str, list[str], dict[str, str]]]:
+    """(name, argv, env) for every worker, then every gateway, each its own process."""
+    commands: list[tuple[str, list[str], dict[str, str]]] = []
+    for i, port in enumerate(layout.worker_health_ports):
+        extra = {
+            "TASKMUX_HEALTH_ADDR": f"127.0.0.1:{port}",
+            "TASKMUX_WORKER_ID": layout.worker_id(i),
+        }
+        env = component_env(redis_url, model_repo, extra)
+        commands.append((f"worker {layout.worker_id(i)}", component_command("workers"), env))
+    for i, port in enumerate(layout.gateway_ports):
+        extra = {
+            "TASKMUX_LISTEN_ADDR": f"127.0.0.1:{port}",
+            "TASKMUX_GATEWAY_ID": layout.gateway_id(i),
+        }
+        env = component_env(redis_url, model_repo, extra)
+        commands.append((f"gateway {layout.gateway_id(i)}", component_command("gateway"), env))
+    return commands
+
+
+def run_local(
+    model_repo: Path, *, gateway_port: int = 50051, gateways: int = 1, workers: int = 1
+) -> int:
+    """`taskmux up`: Valkey (unless TASKMUX_REDIS_URL is set), workers and gateways.
+
+    Each gateway and worker is its own process. Gateways share `gateway_port` where the
+    kernel balances a shared port (Linux: gRPC binds with SO_REUSEPORT, and each new
+    connection goes to one of them); elsewhere each gets a port of its own and the
+    printed target lists them all for a client-side round robin.
+    """
     if not (model_repo / "manifest.json").is_file():
         print(f"no model repository at {model_repo}: run `make model`", file=sys.stderr)
         return 2
-    commands: list[tuple[str, list[str], dict[str, str]]] = []
+    if gateways < 1 or workers < 1:
+        print("taskmux up needs at least one gateway and one worker", file=sys.stderr)
+        return 2
+    if not port_is_free(gateway_port):
+        print(f"taskmux up: 127.0.0.1:{gateway_port} is already in use", file=sys.stderr)
+        return 2
     redis_url = os.environ.get("TASKMUX_REDIS_URL", "")
     with contextlib.ExitStack() as stack:
         if not redis_url:
             data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="taskmux-")))
             port = free_port()
             redis_url = f"redis://127.0.0.1:{port}/0"
-            server = subprocess.Popen(redis_command(port, data_dir), start_new_session=True)
+            argv = redis_command(port, data_dir, appendonly=True)
+            server = subprocess.Popen(argv, start_new_session=True)
             stack.callback(_stop_popen, server)
             wait_for_redis(redis_url)
-            print(f"taskmux up: embedded Valkey on {redis_url}")
-        worker_env = component_env(
-            redis_url, model_repo.resolve(), {"TASKMUX_HEALTH_ADDR": f"127.0.0.1:{free_port()}"}
-        )
-        gateway_env = component_env(
-            redis_url, model_repo.resolve(), {"TASKMUX_LISTEN_ADDR": f"127.0.0.1:{gateway_port}"}
-        )
-        commands.append(("worker", component_command("workers"), worker_env))
-        commands.append(("gateway", component_command("gateway"), gateway_env))
+            print(f"taskmux up: embedded Valkey on {redis_url} (append-only file on)")
+        layout = plan_layout(gateway_port, gateways, workers)
+        commands = cluster_commands(layout, redis_url, model_repo.resolve())
+        for i, port in enumerate(layout.worker_health_ports):
+            print(f"taskmux up: worker {layout.worker_id(i)} health on 127.0.0.1:{port}")
+        for i, port in enumerate(layout.gateway_ports):
+            print(f"taskmux up: gateway {layout.gateway_id(i)} on 127.0.0.1:{port}")
+        if gateways > 1 and layout.shared_port:
+            print(f"taskmux up: {gateways} gateways share the port; a new connection goes to one")
+        target = layout.target()
+        option = "" if target == DEFAULT_TARGET else f"--target {target} "
         print(
-            f"taskmux up: gateway on 127.0.0.1:{gateway_port} (plaintext gRPC, no auth). "
-            f'Try: taskmux embed "hello". Ctrl-C stops everything.'
+            f"taskmux up: gateway on {target} (plaintext gRPC, no auth). "
+            f'Try: taskmux embed {option}"hello". Ctrl-C stops everything.',
+            flush=True,
         )
         return asyncio.run(_supervise(commands))
 
