@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -36,6 +37,7 @@ class Dispatcher:
         texts: tuple[str, ...],
         top_k: int,
         time_remaining_s: float | None,
+        params: dict[str, Any] | None = None,
     ) -> bytes:
         """The serialized response body from a worker, or a TaskmuxError."""
         timeout_s = self._default_timeout_s
@@ -51,6 +53,7 @@ class Dispatcher:
             texts=texts,
             top_k=top_k,
             enqueued_ms=int(now * 1000),
+            params=params or {},
         )
         future = self._replies.expect(job.id)
         try:

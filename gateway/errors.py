@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -99,3 +99,33 @@ def grpc_status(handler: Handler[Svc, Req, Resp]) -> Handler[Svc, Req, Resp]:
         raise AssertionError("unreachable: context.abort raises")
 
     return wrapper
+
+
+StreamHandler = Callable[[Svc, Req, Ctx], AsyncIterator[Resp]]
+
+
+def grpc_status_stream(handler: StreamHandler[Svc, Req, Resp]) -> StreamHandler[Svc, Req, Resp]:
+    """`grpc_status` for server-streaming handlers (async generators)."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Svc, request: Req, context: Ctx) -> AsyncIterator[Resp]:
+        try:
+            async for item in handler(self, request, context):
+                yield item
+        except TaskmuxError as err:
+            await context.abort(err.code, err.message)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            ref = uuid.uuid4().hex[:12]
+            log.exception("internal error in %s (ref %s)", handler.__name__, ref)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref})")
+
+    return wrapper
+
+
+def internal_ref(where: str) -> str:
+    """Log the current exception under a fresh reference; the message for the client."""
+    ref = uuid.uuid4().hex[:12]
+    log.exception("internal error in %s (ref %s)", where, ref)
+    return f"internal error (ref {ref})"

@@ -1,25 +1,62 @@
-"""The TaskMux gRPC servicer: validate, dispatch, decode. Nothing else lives here."""
+"""The TaskMux gRPC servicer: validate (plans), dispatch, decode. Nothing else lives here."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 
 from gateway.catalog import CatalogWatcher
 from gateway.dispatch import Dispatcher
-from gateway.errors import Unavailable, grpc_status
+from gateway.errors import (
+    InvalidArgument,
+    TaskmuxError,
+    Unavailable,
+    grpc_status,
+    grpc_status_stream,
+    internal_ref,
+)
+from gateway.plans import (
+    Plan,
+    plan_classify,
+    plan_embed,
+    plan_entities,
+    plan_similarity,
+    plan_zero_shot,
+)
 from gateway.settings import GatewaySettings
-from gateway.validation import check_head, check_texts, check_top_k
-from router.messages import KIND_CLASSIFY, KIND_EMBED
-from taskmux.modelrepo.manifest import KIND_CLASSIFICATION, KIND_EMBEDDING, HeadSpec
+from gateway.validation import check_heads, check_texts
+from router.messages import ANALYZE_STREAM_HEAD, KIND_ANALYZE, unpack_messages
+from taskmux.modelrepo.manifest import (
+    KIND_CLASSIFICATION,
+    KIND_EMBEDDING,
+    KIND_SIMILARITY,
+    KIND_TOKEN,
+    KIND_ZERO_SHOT,
+    HeadSpec,
+    Manifest,
+)
 from taskmux.v1 import taskmux_pb2 as pb
 from taskmux.v1 import taskmux_pb2_grpc
 
-EMBED_HEAD = "embed"
 HEAD_KINDS = {
     KIND_EMBEDDING: pb.HEAD_KIND_EMBEDDING,
     KIND_CLASSIFICATION: pb.HEAD_KIND_CLASSIFICATION,
+    KIND_TOKEN: pb.HEAD_KIND_TOKEN_CLASSIFICATION,
+    KIND_SIMILARITY: pb.HEAD_KIND_SIMILARITY,
+    KIND_ZERO_SHOT: pb.HEAD_KIND_ZERO_SHOT,
+}
+ANALYZABLE = (KIND_EMBEDDING, KIND_CLASSIFICATION, KIND_TOKEN)
+Planner = Callable[[Any, GatewaySettings, Manifest | None], Plan]
+PIPELINE_PLANNERS: dict[str, Planner] = {
+    "embed": plan_embed,
+    "classify": plan_classify,
+    "extract_entities": plan_entities,
+    "similarity": plan_similarity,
+    "zero_shot_classify": plan_zero_shot,
 }
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -37,30 +74,34 @@ class TaskMuxService(taskmux_pb2_grpc.TaskMuxServicer):
 
     @grpc_status
     async def Embed(self, request: pb.EmbedRequest, context: Ctx) -> pb.EmbedResponse:
-        texts = check_texts(request.texts, self._settings)
-        self._require_redis()
-        body = await self._dispatcher.run(
-            kind=KIND_EMBED,
-            head=EMBED_HEAD,
-            texts=texts,
-            top_k=1,
-            time_remaining_s=context.time_remaining(),
-        )
-        return pb.EmbedResponse.FromString(body)
+        response: pb.EmbedResponse = await self._unary(plan_embed, request, context)
+        return response
 
     @grpc_status
     async def Classify(self, request: pb.ClassifyRequest, context: Ctx) -> pb.ClassifyResponse:
-        texts = check_texts(request.texts, self._settings)
-        self._require_redis()
-        head = check_head(request.head, KIND_CLASSIFICATION, self._watcher.catalog, "Classify")
-        body = await self._dispatcher.run(
-            kind=KIND_CLASSIFY,
-            head=head.name,
-            texts=texts,
-            top_k=check_top_k(request.top_k, head),
-            time_remaining_s=context.time_remaining(),
-        )
-        return pb.ClassifyResponse.FromString(body)
+        response: pb.ClassifyResponse = await self._unary(plan_classify, request, context)
+        return response
+
+    @grpc_status
+    async def ExtractEntities(
+        self, request: pb.ExtractEntitiesRequest, context: Ctx
+    ) -> pb.ExtractEntitiesResponse:
+        response: pb.ExtractEntitiesResponse = await self._unary(plan_entities, request, context)
+        return response
+
+    @grpc_status
+    async def Similarity(
+        self, request: pb.SimilarityRequest, context: Ctx
+    ) -> pb.SimilarityResponse:
+        response: pb.SimilarityResponse = await self._unary(plan_similarity, request, context)
+        return response
+
+    @grpc_status
+    async def ZeroShotClassify(
+        self, request: pb.ZeroShotClassifyRequest, context: Ctx
+    ) -> pb.ZeroShotClassifyResponse:
+        response: pb.ZeroShotClassifyResponse = await self._unary(plan_zero_shot, request, context)
+        return response
 
     @grpc_status
     async def ListTasks(self, request: pb.ListTasksRequest, context: Ctx) -> pb.ListTasksResponse:
@@ -82,8 +123,132 @@ class TaskMuxService(taskmux_pb2_grpc.TaskMuxServicer):
                 max_texts_per_request=s.max_texts_per_request,
                 max_text_chars=s.max_text_chars,
                 default_timeout_ms=s.default_timeout_ms,
+                max_candidates=s.max_candidates,
+                max_labels=s.max_labels,
+                max_heads_per_request=s.max_heads_per_request,
+                max_pipeline_in_flight=s.max_pipeline_in_flight,
             ),
         )
+
+    @grpc_status_stream
+    async def Analyze(
+        self, request: pb.AnalyzeRequest, context: Ctx
+    ) -> AsyncIterator[pb.AnalyzeResult]:
+        texts = check_texts(request.texts, self._settings)
+        self._require_redis()
+        heads = check_heads(request.heads, ANALYZABLE, self._watcher.catalog, self._settings)
+        if request.top_k < 0:
+            raise InvalidArgument(f"top_k is {request.top_k}; it must be 0 (meaning 1) or more")
+        indices: dict[str, list[int]] = {}
+        for i, text in enumerate(texts):
+            indices.setdefault(text, []).append(i)
+        # One job per distinct text: its results stream back as soon as it is done.
+        remaining = context.time_remaining()
+        params = {"heads": [h.name for h in heads]}
+        pending = {
+            asyncio.create_task(
+                self._dispatcher.run(
+                    kind=KIND_ANALYZE,
+                    head=ANALYZE_STREAM_HEAD,
+                    texts=(text,),
+                    top_k=request.top_k,
+                    time_remaining_s=remaining,
+                    params=params,
+                )
+            ): text
+            for text in indices
+        }
+        try:
+            while pending:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    text = pending.pop(task)
+                    for raw in unpack_messages(task.result()):
+                        result = pb.AnalyzeResult.FromString(raw)
+                        for index in indices[text]:
+                            result.text_index = index
+                            yield result
+        finally:
+            for task in pending:
+                task.cancel()
+
+    async def Pipeline(
+        self, request_iterator: AsyncIterator[pb.PipelineRequest], context: Ctx
+    ) -> AsyncIterator[pb.PipelineResponse]:
+        # Flow control: a task slot is freed only once its response has been written,
+        # so a client that stops reading stops the reading of its requests too.
+        slots = asyncio.Semaphore(self._settings.max_pipeline_in_flight)
+        results: asyncio.Queue[pb.PipelineResponse | None] = asyncio.Queue()
+        reader = asyncio.create_task(
+            self._pipeline_reader(request_iterator, context, slots, results)
+        )
+        try:
+            while (response := await results.get()) is not None:
+                yield response
+                slots.release()
+            await reader  # surfaces a reader failure
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+    async def _pipeline_reader(
+        self,
+        requests: AsyncIterator[pb.PipelineRequest],
+        context: Ctx,
+        slots: asyncio.Semaphore,
+        results: asyncio.Queue[pb.PipelineResponse | None],
+    ) -> None:
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def run_one(request: pb.PipelineRequest) -> None:
+            await results.put(await self._pipeline_task(request, context))
+
+        try:
+            async for request in requests:
+                await slots.acquire()
+                task = asyncio.create_task(run_one(request))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await results.put(None)
+
+    async def _pipeline_task(
+        self, request: pb.PipelineRequest, context: Ctx
+    ) -> pb.PipelineResponse:
+        which = request.WhichOneof("task")
+        try:
+            if which is None:
+                raise InvalidArgument("task is empty: set one of embed, classify, ...")
+            message = await self._unary(PIPELINE_PLANNERS[which], getattr(request, which), context)
+            response = pb.PipelineResponse(id=request.id)
+            getattr(response, which).CopyFrom(message)
+            return response
+        except TaskmuxError as err:
+            error = pb.TaskError(code=err.code.value[0], status=err.code.name, message=err.message)
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            error = pb.TaskError(
+                code=code.value[0], status=code.name, message=internal_ref("Pipeline")
+            )
+        return pb.PipelineResponse(id=request.id, error=error)
+
+    async def _unary(self, planner: Planner, request: Any, context: Ctx) -> Any:
+        plan = planner(request, self._settings, self._watcher.catalog)
+        self._require_redis()
+        body = await self._dispatcher.run(
+            kind=plan.kind,
+            head=plan.head,
+            texts=plan.texts,
+            top_k=plan.top_k,
+            time_remaining_s=context.time_remaining(),
+            params=plan.params,
+        )
+        return plan.decode(body)
 
     def _require_redis(self) -> None:
         if not self._watcher.redis_ok:

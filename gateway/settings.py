@@ -24,6 +24,14 @@ class GatewaySettings:
     max_texts_per_request: int = 128
     # Most characters in one text; longer inputs are rejected, not truncated.
     max_text_chars: int = 8192
+    # Most candidates in one Similarity call.
+    max_candidates: int = 256
+    # Most labels in one ZeroShotClassify call.
+    max_labels: int = 64
+    # Most heads in one Analyze call.
+    max_heads_per_request: int = 16
+    # Tasks in flight per Pipeline stream before the gateway stops reading from it.
+    max_pipeline_in_flight: int = 64
     # Timeout for calls that carry no deadline.
     default_timeout_ms: int = 30_000
     # Largest gRPC message accepted, in bytes.
@@ -47,6 +55,14 @@ class GatewaySettings:
                 env, "MAX_TEXTS_PER_REQUEST", d.max_texts_per_request, minimum=1
             ),
             max_text_chars=env_int(env, "MAX_TEXT_CHARS", d.max_text_chars, minimum=1),
+            max_candidates=env_int(env, "MAX_CANDIDATES", d.max_candidates, minimum=1),
+            max_labels=env_int(env, "MAX_LABELS", d.max_labels, minimum=2),
+            max_heads_per_request=env_int(
+                env, "MAX_HEADS_PER_REQUEST", d.max_heads_per_request, minimum=1
+            ),
+            max_pipeline_in_flight=env_int(
+                env, "MAX_PIPELINE_IN_FLIGHT", d.max_pipeline_in_flight, minimum=1
+            ),
             default_timeout_ms=env_int(env, "DEFAULT_TIMEOUT_MS", d.default_timeout_ms, minimum=1),
             max_message_bytes=env_int(env, "MAX_MESSAGE_BYTES", d.max_message_bytes, minimum=1024),
             reply_ttl_s=env_int(env, "REPLY_TTL_S", d.reply_ttl_s, minimum=5),

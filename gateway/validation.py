@@ -18,14 +18,7 @@ def check_texts(texts: Sequence[str], settings: GatewaySettings) -> tuple[str, .
             f"texts has {len(texts)} items; at most {settings.max_texts_per_request} are "
             "allowed per request: split it into several requests"
         )
-    for i, text in enumerate(texts):
-        if not text.strip():
-            raise InvalidArgument(f"texts[{i}] is empty or only whitespace: send real text")
-        if len(text) > settings.max_text_chars:
-            raise InvalidArgument(
-                f"texts[{i}] has {len(text)} characters; at most {settings.max_text_chars} "
-                "are allowed: shorten or split it"
-            )
+    _check_each("texts", texts, settings)
     return tuple(texts)
 
 
@@ -49,3 +42,81 @@ def check_top_k(top_k: int, head: HeadSpec) -> int:
     if top_k < 0:
         raise InvalidArgument(f"top_k is {top_k}; it must be 0 (meaning 1) or more")
     return min(max(top_k, 1), len(head.labels))
+
+
+def check_candidates(
+    query: str, candidates: Sequence[str], settings: GatewaySettings
+) -> tuple[str, ...]:
+    """(query, *candidates) if the query and every candidate are valid texts."""
+    if not query.strip():
+        raise InvalidArgument("query is empty: send the text to compare candidates with")
+    if len(query) > settings.max_text_chars:
+        raise InvalidArgument(
+            f"query has {len(query)} characters; at most {settings.max_text_chars} are allowed"
+        )
+    if not candidates:
+        raise InvalidArgument("candidates is empty: send at least one candidate")
+    if len(candidates) > settings.max_candidates:
+        raise InvalidArgument(
+            f"candidates has {len(candidates)} items; at most {settings.max_candidates} are "
+            "allowed: split them into several requests"
+        )
+    _check_each("candidates", candidates, settings)
+    return (query, *candidates)
+
+
+def check_labels(labels: Sequence[str], template: str, settings: GatewaySettings) -> list[str]:
+    """The zero-shot labels, if 2+ distinct non-empty ones within limits, and the template."""
+    if len(labels) < 2:
+        raise InvalidArgument(f"labels has {len(labels)} items; send at least 2 to choose from")
+    if len(labels) > settings.max_labels:
+        raise InvalidArgument(
+            f"labels has {len(labels)} items; at most {settings.max_labels} are allowed"
+        )
+    _check_each("labels", labels, settings)
+    seen: set[str] = set()
+    for i, label in enumerate(labels):
+        if label in seen:
+            raise InvalidArgument(f"labels[{i}] {label!r} is a duplicate: labels must differ")
+        seen.add(label)
+    if template and "{}" not in template:
+        raise InvalidArgument('hypothesis_template must contain "{}" where the label goes')
+    if len(template) > settings.max_text_chars:
+        raise InvalidArgument("hypothesis_template is too long")
+    return list(labels)
+
+
+def check_heads(
+    names: Sequence[str], kinds: Sequence[str], catalog: Manifest | None, settings: GatewaySettings
+) -> list[HeadSpec]:
+    """The distinct named heads, each served and of one of `kinds`."""
+    if not names:
+        raise InvalidArgument("heads is empty: name at least one head (ListTasks lists them)")
+    if len(names) > settings.max_heads_per_request:
+        raise InvalidArgument(
+            f"heads has {len(names)} items; at most {settings.max_heads_per_request} are allowed"
+        )
+    if len(set(names)) != len(names):
+        raise InvalidArgument("heads has a duplicate: name each head once")
+    specs = []
+    for name in names:
+        if catalog is not None and (spec := catalog.head(name)) is not None:
+            if spec.kind not in kinds:
+                raise InvalidArgument(
+                    f"head {name!r} is a {spec.kind} head; Analyze takes {', '.join(kinds)} heads"
+                )
+            specs.append(spec)
+        else:
+            specs.append(check_head(name, kinds[0], catalog, "Analyze"))
+    return specs
+
+
+def _check_each(field: str, items: Sequence[str], settings: GatewaySettings) -> None:
+    for i, item in enumerate(items):
+        if not item.strip():
+            raise InvalidArgument(f"{field}[{i}] is empty or only whitespace")
+        if len(item) > settings.max_text_chars:
+            raise InvalidArgument(
+                f"{field}[{i}] has {len(item)} characters; at most {settings.max_text_chars} "
+                "are allowed"
+            )

@@ -9,6 +9,8 @@ Job streams: `taskmux:v1:tasks:<head>` (one Redis Stream per task head)
     `XACK`s and `XDEL`s the entry, so a stream holds only queued or in-flight work.
     Job streams are never trimmed with MAXLEN: trimming would delete undelivered work.
     No TTL.
+    Analyze jobs, which name several heads, share `taskmux:v1:tasks:_analyze`, which
+    every worker reads ("_" cannot start a head name).
 
 Reply streams: `taskmux:v1:replies:<gateway id>` (one per gateway process)
     Workers `XADD` replies (fields: see `router.messages.Reply`) with `NOMKSTREAM`, so a
@@ -24,6 +26,12 @@ Catalog: `taskmux:v1:catalog` (a string)
     Gateways read it to validate head names and to answer ListTasks. No TTL, so
     requests still queue while workers are scaled to zero.
 
+Worker counters: `taskmux:v1:stats:<worker id>` (a hash)
+    Running totals per worker process: batches, jobs, encoder_rows (distinct texts
+    encoded), head_results (results delivered, one per text and head), expired.
+    Updated with each batch's replies; expires `WORKER_STATS_TTL_S` after the last.
+    encoder_rows < head_results shows texts shared between heads were encoded once.
+
 Dead letters: `taskmux:v1:dead` (a stream)
     Entries no worker could decode, with the raw fields and the reason, capped at
     about `DEAD_LETTER_MAXLEN` entries. Read it with `XRANGE taskmux:v1:dead - +`.
@@ -37,6 +45,7 @@ CATALOG_KEY = PREFIX + "catalog"
 DEAD_LETTER_STREAM = PREFIX + "dead"
 DEAD_LETTER_MAXLEN = 10_000
 REPLY_STREAM_MAXLEN = 100_000
+WORKER_STATS_TTL_S = 86_400
 
 
 def task_stream(head: str) -> str:
@@ -47,6 +56,11 @@ def task_stream(head: str) -> str:
 def head_of_stream(stream: str) -> str:
     """The head name a job stream belongs to (inverse of `task_stream`)."""
     return stream.removeprefix(f"{PREFIX}tasks:")
+
+
+def worker_stats(worker_id: str) -> str:
+    """The counters hash of one worker process."""
+    return f"{PREFIX}stats:{worker_id}"
 
 
 def reply_stream(gateway_id: str) -> str:

@@ -9,30 +9,46 @@ Job (a request for one head, in a job stream):
     id           request id, unique per client call (hex)
     reply_to     the reply stream of the gateway waiting for it
     deadline_ms  absolute deadline, Unix epoch milliseconds; workers drop late jobs
-    kind         what to compute: "embed" or "classify"
-    head         the head name (also the job stream's name)
-    texts        JSON array of strings
-    top_k        labels to return per text (classify), >= 1
+    kind         what to compute: embed, classify, entities, similarity, zero_shot, analyze
+    head         the head name (also the job stream's name; ANALYZE_STREAM_HEAD for analyze)
+    texts        JSON array of strings (similarity: the query, then the candidates)
+    top_k        labels (classify, analyze) or candidates (similarity) to rank, >= 0
     enqueued_ms  when the gateway queued it (for queue-wait figures)
+    params       optional JSON object: zero_shot {"labels": [...], "template": "...{}..."},
+                 analyze {"heads": [...]}
 
 Reply (a worker's answer, in a reply stream):
     v            schema version, "1"
     id           the job's request id
     code         gRPC status code number; 0 is OK
     message      what went wrong, for the caller (empty when OK)
-    body         on OK: the serialized public response message (EmbedResponse, ...)
+    body         on OK: the serialized public response message (EmbedResponse, ...);
+                 for analyze, AnalyzeResult messages each prefixed by its varint length
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 SCHEMA_VERSION: Final = "1"
 KIND_EMBED: Final = "embed"
 KIND_CLASSIFY: Final = "classify"
-JOB_KINDS: Final = (KIND_EMBED, KIND_CLASSIFY)
+KIND_ENTITIES: Final = "entities"
+KIND_SIMILARITY: Final = "similarity"
+KIND_ZERO_SHOT: Final = "zero_shot"
+KIND_ANALYZE: Final = "analyze"
+JOB_KINDS: Final = (
+    KIND_EMBED,
+    KIND_CLASSIFY,
+    KIND_ENTITIES,
+    KIND_SIMILARITY,
+    KIND_ZERO_SHOT,
+    KIND_ANALYZE,
+)
+# Analyze jobs name several heads; they share one stream, which every worker reads.
+ANALYZE_STREAM_HEAD: Final = "_analyze"
 
 Fields = dict[bytes, bytes]
 
@@ -53,6 +69,7 @@ class Job:
     texts: tuple[str, ...]
     top_k: int = 1
     enqueued_ms: int = 0
+    params: dict[str, Any] = field(default_factory=dict)
 
     def encode(self) -> dict[str, str | int]:
         """Fields for XADD."""
@@ -66,6 +83,7 @@ class Job:
             "texts": json.dumps(self.texts, ensure_ascii=False),
             "top_k": self.top_k,
             "enqueued_ms": self.enqueued_ms,
+            "params": json.dumps(self.params, ensure_ascii=False),
         }
 
     @classmethod
@@ -87,11 +105,12 @@ class Job:
             texts=tuple(texts),
             top_k=_int(fields, "top_k"),
             enqueued_ms=_int(fields, "enqueued_ms"),
+            params=_params(fields),
         )
         if job.kind not in JOB_KINDS:
             raise MalformedMessage(f"unknown job kind {job.kind!r}")
-        if not job.texts or job.top_k < 1 or not job.id or not job.reply_to:
-            raise MalformedMessage("job needs an id, a reply_to, texts and top_k >= 1")
+        if not job.texts or job.top_k < 0 or not job.id or not job.reply_to:
+            raise MalformedMessage("job needs an id, a reply_to, texts and top_k >= 0")
         return job
 
 
@@ -143,6 +162,54 @@ def reply_address(fields: Fields) -> tuple[str, str] | None:
         return _text(fields, "id"), _text(fields, "reply_to")
     except MalformedMessage:
         return None
+
+
+def pack_messages(messages: list[bytes]) -> bytes:
+    """Concatenate serialized messages, each prefixed by its length as a varint."""
+    out = bytearray()
+    for message in messages:
+        n = len(message)
+        while True:
+            byte, n = n & 0x7F, n >> 7
+            out.append(byte | (0x80 if n else 0))
+            if not n:
+                break
+        out += message
+    return bytes(out)
+
+
+def unpack_messages(data: bytes) -> list[bytes]:
+    """The messages that `pack_messages` concatenated; MalformedMessage if cut short."""
+    messages, pos = [], 0
+    while pos < len(data):
+        n = shift = 0
+        while True:
+            if pos >= len(data) or shift > 35:
+                raise MalformedMessage("truncated length prefix")
+            byte = data[pos]
+            pos += 1
+            n |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        if pos + n > len(data):
+            raise MalformedMessage("truncated message")
+        messages.append(data[pos : pos + n])
+        pos += n
+    return messages
+
+
+def _params(fields: Fields) -> dict[str, Any]:
+    raw = fields.get(b"params")
+    if raw is None:
+        return {}
+    try:
+        params = json.loads(raw)
+    except ValueError:
+        raise MalformedMessage("field 'params' is not JSON") from None
+    if not isinstance(params, dict):
+        raise MalformedMessage("field 'params' must be a JSON object")
+    return params
 
 
 def _check_version(fields: Fields) -> None:

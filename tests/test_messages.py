@@ -7,7 +7,15 @@ import json
 import pytest
 
 from router import keys
-from router.messages import Job, MalformedMessage, Reply, reply_address, stream_entries
+from router.messages import (
+    Job,
+    MalformedMessage,
+    Reply,
+    pack_messages,
+    reply_address,
+    stream_entries,
+    unpack_messages,
+)
 
 
 def _fields(d: dict[str, str | int | bytes]) -> dict[bytes, bytes]:
@@ -44,7 +52,8 @@ def test_reply_round_trip_keeps_binary_body() -> None:
         ({"texts": "[]"}, "texts"),
         ({"deadline_ms": "soon"}, "not an integer"),
         ({"kind": "dance"}, "unknown job kind"),
-        ({"top_k": "0"}, "top_k"),
+        ({"top_k": "-1"}, "top_k"),
+        ({"params": "[1]"}, "JSON object"),
         ({"id": b"\xff\xfe"}, "not UTF-8"),
     ],
 )
@@ -72,3 +81,23 @@ def test_stream_entries_skips_deleted_entries() -> None:
 def test_keys_round_trip() -> None:
     assert keys.head_of_stream(keys.task_stream("intent")) == "intent"
     assert keys.reply_stream("g").startswith(keys.PREFIX)
+
+
+def test_packed_messages_round_trip() -> None:
+    messages = [b"", b"a", bytes(200), bytes(range(256)) * 100]
+    assert unpack_messages(pack_messages(messages)) == messages
+    with pytest.raises(MalformedMessage):
+        unpack_messages(pack_messages([b"abc"])[:-1])
+
+
+def test_job_params_round_trip() -> None:
+    job = Job(
+        id="z",
+        reply_to="r",
+        deadline_ms=1,
+        kind="zero_shot",
+        head="zero-shot",
+        texts=("t",),
+        params={"labels": ["a", "é"], "template": "about {}"},
+    )
+    assert Job.decode(_fields(job.encode())) == job

@@ -161,5 +161,5 @@ def test_train_sentiment_writes_a_head_the_worker_loads(
         weights_file="weights.npz",
     )
     head = LinearClassifierHead(spec, tmp_path / "a", 384)
-    assert head.weight.shape == (2, 384) and head.bias.shape == (2,)
+    assert head.params["weight"].shape == (2, 384) and head.params["bias"].shape == (2,)
     assert not list((tmp_path / "a").glob("*.tmp"))

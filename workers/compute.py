@@ -11,17 +11,13 @@ import time
 from dataclasses import dataclass
 
 import grpc
-import numpy as np
 
-from router.messages import KIND_CLASSIFY, KIND_EMBED, Job, Reply
-from taskmux.modelrepo.manifest import KIND_CLASSIFICATION, KIND_EMBEDDING
-from taskmux.v1 import taskmux_pb2 as pb
-from workers.encoder import EncodeStats, Floats, l2_normalize
+from router.messages import ANALYZE_STREAM_HEAD, KIND_ANALYZE, Job, Reply
+from workers.encoder import EncodeStats, l2_normalize
 from workers.model import LoadedModel
+from workers.tasks import ANALYZABLE, KIND_OF_JOB, BatchView, answer, texts_needed
 
 log = logging.getLogger(__name__)
-
-KIND_OF_JOB = {KIND_EMBED: KIND_EMBEDDING, KIND_CLASSIFY: KIND_CLASSIFICATION}
 
 
 @dataclass(frozen=True)
@@ -31,6 +27,7 @@ class BatchResult:
     replies: list[Reply]
     encoded: EncodeStats | None
     expired: int
+    results: int  # head results delivered (one per text and head)
 
 
 def compute(
@@ -41,87 +38,58 @@ def compute(
     max_batch_rows: int,
     now_ms: int | None = None,
 ) -> BatchResult:
-    """One reply per job. Expired jobs are answered without running the encoder."""
+    """One reply per job. Expired and invalid jobs are answered without the encoder."""
     now = int(time.time() * 1000) if now_ms is None else now_ms
-    replies: list[Reply | None] = [None] * len(jobs)
-    live: list[int] = []
-    for i, job in enumerate(jobs):
-        problem = _refusal(model, job, now)
-        if problem is not None:
-            replies[i] = problem
-        else:
-            live.append(i)
-    expired = sum(1 for r in replies if r and r.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0])
+    replies: list[Reply | None] = [_refusal(model, job, now) for job in jobs]
+    deadline_code = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    expired = sum(1 for r in replies if r is not None and r.code == deadline_code)
+    live = [i for i, r in enumerate(replies) if r is None]
     stats = None
+    results = 0
     if live:
+        needs = [texts_needed(model, jobs[i]) for i in live]
         # Identical texts are encoded once, whichever jobs and heads they came from.
-        unique = list(dict.fromkeys(t for i in live for t in jobs[i].texts))
+        unique = list(dict.fromkeys(t for need in needs for t in need.texts))
         row_of = {text: row for row, text in enumerate(unique)}
+        token_rows = {row_of[t] for need in needs for t in need.token_texts}
         try:
-            pooled, stats = model.encoder.encode(
-                unique, max_batch_tokens=max_batch_tokens, max_batch_rows=max_batch_rows
+            encoded = model.encoder.encode_full(
+                unique,
+                token_rows=token_rows,
+                max_batch_tokens=max_batch_tokens,
+                max_batch_rows=max_batch_rows,
             )
-            vectors = l2_normalize(pooled)
+            view = BatchView(l2_normalize(encoded.pooled), encoded, row_of)
+            stats = encoded.stats
         except Exception:
             log.exception("encoder failed on a batch of %d texts", len(unique))
             for i in live:
                 replies[i] = _error(jobs[i], grpc.StatusCode.INTERNAL, "encoder failed")
-            vectors = None
-        if vectors is not None:
+        else:
             for i in live:
-                rows = vectors[[row_of[t] for t in jobs[i].texts]]
-                replies[i] = _answer(model, jobs[i], rows)
-    return BatchResult([r for r in replies if r is not None], stats, expired)
+                replies[i], delivered = answer(model, jobs[i], view)
+                results += delivered
+    return BatchResult([r for r in replies if r is not None], stats, expired, results)
 
 
 def _refusal(model: LoadedModel, job: Job, now_ms: int) -> Reply | None:
     if job.deadline_ms <= now_ms:
         return _error(job, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while queued")
-    head = model.heads.get(job.head)
-    if head is None:
-        return _error(job, grpc.StatusCode.NOT_FOUND, f"head {job.head!r} is not served")
-    if head.spec.kind != KIND_OF_JOB[job.kind]:
-        return _error(
-            job,
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"head {job.head!r} is a {head.spec.kind} head; it cannot serve {job.kind}",
-        )
+    names = job.params.get("heads", []) if job.kind == KIND_ANALYZE else [job.head]
+    if not isinstance(names, list) or not names:
+        return _error(job, grpc.StatusCode.INVALID_ARGUMENT, "analyze needs a list of heads")
+    for name in names:
+        head = model.heads.get(name) if isinstance(name, str) else None
+        if head is None or name == ANALYZE_STREAM_HEAD:
+            return _error(job, grpc.StatusCode.NOT_FOUND, f"head {name!r} is not served")
+        allowed = ANALYZABLE if job.kind == KIND_ANALYZE else (KIND_OF_JOB[job.kind],)
+        if head.spec.kind not in allowed:
+            return _error(
+                job,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"head {name!r} is a {head.spec.kind} head; it cannot serve {job.kind}",
+            )
     return None
-
-
-def _answer(model: LoadedModel, job: Job, vectors: Floats) -> Reply:
-    """The job's response message; a head failure fails this job only."""
-    head = model.heads[job.head]
-    encoder = model.manifest.encoder
-    try:
-        outputs = head.apply(vectors)
-        if outputs.shape[0] != len(job.texts):
-            raise RuntimeError(f"head returned {outputs.shape[0]} rows for {len(job.texts)}")
-        body: pb.EmbedResponse | pb.ClassifyResponse
-        if job.kind == KIND_EMBED:
-            body = pb.EmbedResponse(
-                embeddings=[pb.Embedding(values=row.tolist()) for row in outputs],
-                model=encoder.name,
-                model_version=encoder.version,
-            )
-        else:
-            body = pb.ClassifyResponse(
-                results=[_classification(head.spec.labels, row, job.top_k) for row in outputs],
-                model=encoder.name,
-                model_version=encoder.version,
-                head=head.spec.name,
-                head_version=head.spec.version,
-            )
-    except Exception:
-        log.exception("head %s failed on job %s", job.head, job.id)
-        return _error(job, grpc.StatusCode.INTERNAL, f"head {job.head!r} failed")
-    return Reply(id=job.id, code=0, body=body.SerializeToString())
-
-
-def _classification(labels: tuple[str, ...], probs: Floats, top_k: int) -> pb.ClassificationResult:
-    best = np.argsort(-probs, kind="stable")[: max(1, min(top_k, len(labels)))]
-    top = [pb.LabelScore(label=labels[j], score=float(probs[j])) for j in best]
-    return pb.ClassificationResult(label=top[0].label, score=top[0].score, top=top)
 
 
 def _error(job: Job, code: grpc.StatusCode, message: str) -> Reply:

@@ -80,8 +80,13 @@ class JobStreams:
             for entry_id, fields in entries
         ]
 
-    async def finish(self, done: Sequence[tuple[Pulled, Reply | None]]) -> None:
-        """Write each reply, then acknowledge and delete its entry, in one round trip."""
+    async def finish(
+        self, done: Sequence[tuple[Pulled, Reply | None]], counters: dict[str, int]
+    ) -> None:
+        """Write each reply, then acknowledge and delete its entry, in one round trip.
+
+        The worker's counters (`keys.worker_stats`) are updated in the same trip.
+        """
         pipe = self._redis.pipeline(transaction=False)
         for pulled, reply in done:
             if reply is not None and pulled.job is not None:
@@ -95,6 +100,10 @@ class JobStreams:
         for pulled, _ in done:
             pipe.xack(pulled.stream, keys.WORKER_GROUP, pulled.entry_id)
             pipe.xdel(pulled.stream, pulled.entry_id)
+        stats = keys.worker_stats(self._consumer)
+        for name, value in counters.items():
+            pipe.hincrby(stats, name, value)
+        pipe.expire(stats, keys.WORKER_STATS_TTL_S)
         await pipe.execute()
 
     async def dead_letter(self, pulled: Pulled, reply: Reply | None) -> None:

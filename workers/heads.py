@@ -1,8 +1,8 @@
 """Task heads: small computations on top of the shared encoder's output.
 
-Every head takes the batch's L2-normalised sentence vectors (one row per text) and
-returns one output row per text. New kinds plug in by adding a class and an entry in
-`HEAD_TYPES`; the worker never special-cases a head by name.
+Sentence-level heads read the batch's L2-normalised sentence vectors; token heads read the
+per-token states of the same encoder pass. New kinds plug in by adding a class and an
+entry in `HEAD_TYPES`; the worker never special-cases a head by name.
 """
 
 from __future__ import annotations
@@ -11,35 +11,67 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+from tokenizers import Encoding
 
 from taskmux.modelrepo.manifest import (
     KIND_CLASSIFICATION,
     KIND_EMBEDDING,
+    KIND_SIMILARITY,
+    KIND_TOKEN,
+    KIND_ZERO_SHOT,
     HeadSpec,
     Manifest,
     ModelRepoError,
 )
 from workers.encoder import Floats
+from workers.entities import EntitySpan, decode_entities, token_probs
+from workers.heads_math import mlp_logits as mlp_logits  # re-exported for trainers
+from workers.heads_math import softmax as softmax
 
 
 class Head(Protocol):
-    """What every head offers the worker."""
+    """What every head offers the worker: its spec. Each kind adds its own method."""
 
     spec: HeadSpec
 
-    def apply(self, vectors: Floats) -> Floats:
-        """One output row per input row."""
-        ...
-
 
 class EmbeddingHead:
-    """Returns the normalised sentence vectors themselves."""
+    """The normalised sentence vectors themselves."""
 
     def __init__(self, spec: HeadSpec, repo: Path, dimension: int) -> None:
         self.spec = spec
 
     def apply(self, vectors: Floats) -> Floats:
+        """One output row per input row."""
         return vectors
+
+
+class SimilarityHead:
+    """Cosine of each candidate's vector with the query's."""
+
+    def __init__(self, spec: HeadSpec, repo: Path, dimension: int) -> None:
+        self.spec = spec
+
+    def scores(self, query: Floats, candidates: Floats) -> Floats:
+        """One score per candidate row (the vectors are unit length)."""
+        scores: Floats = candidates @ query
+        return scores
+
+
+class ZeroShotHead:
+    """Labels as sentences: softmax over the cosine of text and label-sentence vectors."""
+
+    # Cosines of one encoder lie close together; dividing by this spreads them into
+    # usable probabilities (the scale a contrastively trained encoder uses).
+    TEMPERATURE = 0.05
+    DEFAULT_TEMPLATE = "This text is about {}."
+
+    def __init__(self, spec: HeadSpec, repo: Path, dimension: int) -> None:
+        self.spec = spec
+
+    def apply(self, texts: Floats, labels: Floats) -> Floats:
+        """[texts, labels] probabilities."""
+        return softmax((texts @ labels.T) / self.TEMPERATURE)
 
 
 def load_mlp(repo: Path, spec: HeadSpec, dimension: int) -> dict[str, Floats]:
@@ -70,22 +102,6 @@ def load_mlp(repo: Path, spec: HeadSpec, dimension: int) -> dict[str, Floats]:
     return params
 
 
-def mlp_logits(x: Floats, params: dict[str, Floats]) -> Floats:
-    """Logits of a linear or one-hidden-layer head; training uses the same function."""
-    if "hidden_weight" in params:
-        x = np.maximum(x @ params["hidden_weight"].T + params["hidden_bias"], 0.0)
-    logits: Floats = x @ params["weight"].T + params["bias"]
-    return logits
-
-
-def softmax(logits: Floats) -> Floats:
-    """Row-wise softmax, stable for large logits."""
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    probs: Floats = (exp / exp.sum(axis=-1, keepdims=True)).astype(np.float32)
-    return probs
-
-
 class LinearClassifierHead:
     """Probabilities = softmax(mlp_logits(sentence vector)); linear or one hidden layer."""
 
@@ -94,12 +110,32 @@ class LinearClassifierHead:
         self.params = load_mlp(repo, spec, dimension)
 
     def apply(self, vectors: Floats) -> Floats:
+        """[texts, labels] probabilities."""
         return softmax(mlp_logits(vectors, self.params))
 
 
-HEAD_TYPES: dict[str, type[EmbeddingHead] | type[LinearClassifierHead]] = {
+class TokenClassifierHead:
+    """Entity spans from per-token states of the same encoder pass."""
+
+    def __init__(self, spec: HeadSpec, repo: Path, dimension: int) -> None:
+        self.spec = spec
+        self.params = load_mlp(repo, spec, dimension)
+
+    def entities(self, states: Floats, encoding: Encoding, text: str) -> list[EntitySpan]:
+        """The spans found in `text`, whose encoding and token states are given."""
+        probs = token_probs(states, self.params)
+        return decode_entities(probs, encoding, text, self.spec.labels)
+
+
+HeadType = type[
+    EmbeddingHead | SimilarityHead | ZeroShotHead | LinearClassifierHead | TokenClassifierHead
+]
+HEAD_TYPES: dict[str, HeadType] = {
     KIND_EMBEDDING: EmbeddingHead,
+    KIND_SIMILARITY: SimilarityHead,
+    KIND_ZERO_SHOT: ZeroShotHead,
     KIND_CLASSIFICATION: LinearClassifierHead,
+    KIND_TOKEN: TokenClassifierHead,
 }
 
 

@@ -2,13 +2,39 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from taskmux.modelrepo.manifest import Manifest, load_manifest
-from workers.encoder import Encoder
+from workers.encoder import Encoder, Floats
 from workers.heads import Head, load_heads
 from workers.settings import WorkerSettings
+
+
+class LabelCache:
+    """Embeddings of zero-shot label sentences, most recently used kept (bounded)."""
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        self._items: OrderedDict[str, Floats] = OrderedDict()
+        self._capacity = capacity
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
+    def get(self, key: str) -> Floats | None:
+        """The cached vector, marking it recently used."""
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: Floats) -> None:
+        """Cache a vector, evicting the least recently used past capacity."""
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self._capacity:
+            self._items.popitem(last=False)
 
 
 @dataclass(frozen=True)
@@ -18,6 +44,7 @@ class LoadedModel:
     manifest: Manifest
     encoder: Encoder
     heads: dict[str, Head]
+    label_cache: LabelCache = field(default_factory=LabelCache)
 
     @classmethod
     def load(cls, settings: WorkerSettings) -> LoadedModel:

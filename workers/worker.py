@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from router import keys
-from router.messages import Reply
+from router.messages import ANALYZE_STREAM_HEAD, Reply
 from taskmux.health import Health
 from workers.compute import BatchResult, compute
 from workers.consumer import JobStreams, Pulled
@@ -67,7 +67,7 @@ class Worker:
         self._redis = redis
         self._streams = JobStreams(
             redis,
-            list(model.heads),
+            [*model.heads, ANALYZE_STREAM_HEAD],
             settings.worker_id,
             read_count=settings.read_count,
             block_ms=settings.block_ms,
@@ -145,8 +145,15 @@ class Worker:
         while (item := await self._to_publish.get()) is not None:
             batch, result = item
             done = list(zip(batch, result.replies, strict=True))
+            counters = {
+                "batches": 1,
+                "jobs": len(batch),
+                "encoder_rows": result.encoded.rows if result.encoded else 0,
+                "head_results": result.results,
+                "expired": result.expired,
+            }
             try:
-                await self._retry_finite(partial(self._streams.finish, done))
+                await self._retry_finite(partial(self._streams.finish, done, counters))
             except RedisError as err:
                 # The entries stay pending in the group; recovery claims them later.
                 log.error("could not publish %d replies: %s", len(done), err)
@@ -184,7 +191,7 @@ class Worker:
         s.batches += 1
         s.jobs += len(batch)
         s.expired += result.expired
-        s.head_results += sum(len(p.job.texts) for p in batch if p.job is not None)
+        s.head_results += result.results
         if result.encoded is not None:
             s.encoder_rows += result.encoded.rows
             s.real_tokens += result.encoded.real_tokens

@@ -14,10 +14,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from taskmux.modelrepo.manifest import (
     KIND_EMBEDDING,
+    KIND_SIMILARITY,
+    KIND_ZERO_SHOT,
     EncoderSpec,
     HeadSpec,
     Manifest,
@@ -25,6 +25,7 @@ from taskmux.modelrepo.manifest import (
     sha256_file,
     write_manifest,
 )
+from workers.heads import load_mlp
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,21 @@ EMBED_HEAD = HeadSpec(
     kind=KIND_EMBEDDING,
     version="1",
     description="Sentence embeddings: mean pooling over the attention mask, L2-normalised.",
+)
+BUILTIN_HEADS = (
+    EMBED_HEAD,
+    HeadSpec(
+        name="similarity",
+        kind=KIND_SIMILARITY,
+        version="1",
+        description="Cosine similarity of a query's embedding with each candidate's.",
+    ),
+    HeadSpec(
+        name="zero-shot",
+        kind=KIND_ZERO_SHOT,
+        version="1",
+        description="Caller-named labels: softmax over cosines with label-sentence embeddings.",
+    ),
 )
 
 
@@ -129,14 +145,16 @@ def build_repository(out: Path, *, force: bool = False) -> Manifest:
         tokenizer_file="encoder/tokenizer.json",
         source=f"{ENCODER_PACKAGE}=={metadata.version(ENCODER_PACKAGE)}",
     )
-    heads = [EMBED_HEAD]
+    heads = list(BUILTIN_HEADS)
     for spec, weights in trained_heads():
         rel = f"heads/{spec.name}/{spec.version}/weights.npz"
         (staging / rel).parent.mkdir(parents=True)
         shutil.copyfile(weights, staging / rel)
-        _check_head_weights(staging / rel, spec, encoder.dimension)
-        heads.append(HeadSpec(**{**spec.__dict__, "weights_file": rel}))
-    files = [encoder.model_file, encoder.tokenizer_file] + [h.weights_file for h in heads[1:]]
+        head = HeadSpec(**{**spec.__dict__, "weights_file": rel})
+        load_mlp(staging, head, encoder.dimension)  # refuses weights of the wrong shape
+        heads.append(head)
+    files = [encoder.model_file, encoder.tokenizer_file]
+    files += [h.weights_file for h in heads if h.weights_file]
     manifest = Manifest(
         encoder=encoder,
         heads=tuple(heads),
@@ -147,12 +165,3 @@ def build_repository(out: Path, *, force: bool = False) -> Manifest:
     staging.replace(out)
     log.info("model repository written to %s with heads %s", out, [h.name for h in heads])
     return manifest
-
-
-def _check_head_weights(path: Path, spec: HeadSpec, dimension: int) -> None:
-    with np.load(path) as weights:
-        shape = weights["weight"].shape
-    if shape != (len(spec.labels), dimension):
-        raise ValueError(
-            f"head {spec.name}: weight shape {shape} != ({len(spec.labels)}, {dimension})"
-        )

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18taskmux/v1/taskmux.proto\x12\ntaskmux.v1\"\x1d\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"`\n\rEmbedResponse\x12)\n\nembeddings\x18\x01 \x03(\x0b\x32\x15.taskmux.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"=\n\x0f\x43lassifyRequest\x12\x0c\n\x04head\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\r\n\x05top_k\x18\x03 \x01(\x05\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"Y\n\x14\x43lassificationResult\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.taskmux.v1.LabelScore\"\x8f\x01\n\x10\x43lassifyResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .taskmux.v1.ClassificationResult\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x0c\n\x04head\x18\x04 \x01(\t\x12\x14\n\x0chead_version\x18\x05 \x01(\t\"\x12\n\x10ListTasksRequest\"\xd6\x01\n\x08HeadInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.taskmux.v1.HeadKind\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x32\n\x07metrics\x18\x05 \x03(\x0b\x32!.taskmux.v1.HeadInfo.MetricsEntry\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\\\n\x0b\x45ncoderInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tdimension\x18\x03 \x01(\x05\x12\x1b\n\x13max_sequence_length\x18\x04 \x01(\x05\"b\n\rRequestLimits\x12\x1d\n\x15max_texts_per_request\x18\x01 \x01(\x05\x12\x16\n\x0emax_text_chars\x18\x02 \x01(\x05\x12\x1a\n\x12\x64\x65\x66\x61ult_timeout_ms\x18\x03 \x01(\x05\"\x8d\x01\n\x11ListTasksResponse\x12#\n\x05heads\x18\x01 \x03(\x0b\x32\x14.taskmux.v1.HeadInfo\x12(\n\x07\x65ncoder\x18\x02 \x01(\x0b\x32\x17.taskmux.v1.EncoderInfo\x12)\n\x06limits\x18\x03 \x01(\x0b\x32\x19.taskmux.v1.RequestLimits*\\\n\x08HeadKind\x12\x19\n\x15HEAD_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13HEAD_KIND_EMBEDDING\x10\x01\x12\x1c\n\x18HEAD_KIND_CLASSIFICATION\x10\x02\x32\xd8\x01\n\x07TaskMux\x12<\n\x05\x45mbed\x12\x18.taskmux.v1.EmbedRequest\x1a\x19.taskmux.v1.EmbedResponse\x12\x45\n\x08\x43lassify\x12\x1b.taskmux.v1.ClassifyRequest\x1a\x1c.taskmux.v1.ClassifyResponse\x12H\n\tListTasks\x12\x1c.taskmux.v1.ListTasksRequest\x1a\x1d.taskmux.v1.ListTasksResponseBW\n\x0e\x64\x65v.taskmux.v1P\x01Z6github.com/taskmux/taskmux/gen/go/taskmux/v1;taskmuxv1\xaa\x02\nTaskmux.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18taskmux/v1/taskmux.proto\x12\ntaskmux.v1\"\x1d\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"`\n\rEmbedResponse\x12)\n\nembeddings\x18\x01 \x03(\x0b\x32\x15.taskmux.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"=\n\x0f\x43lassifyRequest\x12\x0c\n\x04head\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\r\n\x05top_k\x18\x03 \x01(\x05\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"Y\n\x14\x43lassificationResult\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.taskmux.v1.LabelScore\"\x8f\x01\n\x10\x43lassifyResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .taskmux.v1.ClassificationResult\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x0c\n\x04head\x18\x04 \x01(\t\x12\x14\n\x0chead_version\x18\x05 \x01(\t\"\x12\n\x10ListTasksRequest\"\xd6\x01\n\x08HeadInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.taskmux.v1.HeadKind\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x32\n\x07metrics\x18\x05 \x03(\x0b\x32!.taskmux.v1.HeadInfo.MetricsEntry\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\\\n\x0b\x45ncoderInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tdimension\x18\x03 \x01(\x05\x12\x1b\n\x13max_sequence_length\x18\x04 \x01(\x05\"\xcd\x01\n\rRequestLimits\x12\x1d\n\x15max_texts_per_request\x18\x01 \x01(\x05\x12\x16\n\x0emax_text_chars\x18\x02 \x01(\x05\x12\x1a\n\x12\x64\x65\x66\x61ult_timeout_ms\x18\x03 \x01(\x05\x12\x16\n\x0emax_candidates\x18\x04 \x01(\x05\x12\x12\n\nmax_labels\x18\x05 \x01(\x05\x12\x1d\n\x15max_heads_per_request\x18\x06 \x01(\x05\x12\x1e\n\x16max_pipeline_in_flight\x18\x07 \x01(\x05\"\x8d\x01\n\x11ListTasksResponse\x12#\n\x05heads\x18\x01 \x03(\x0b\x32\x14.taskmux.v1.HeadInfo\x12(\n\x07\x65ncoder\x18\x02 \x01(\x0b\x32\x17.taskmux.v1.EncoderInfo\x12)\n\x06limits\x18\x03 \x01(\x0b\x32\x19.taskmux.v1.RequestLimits\"5\n\x16\x45xtractEntitiesRequest\x12\x0c\n\x04head\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\"P\n\x06\x45ntity\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x05\x12\r\n\x05score\x18\x05 \x01(\x02\"2\n\nEntityList\x12$\n\x08\x65ntities\x18\x01 \x03(\x0b\x32\x12.taskmux.v1.Entity\"\x8c\x01\n\x17\x45xtractEntitiesResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.taskmux.v1.EntityList\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x0c\n\x04head\x18\x04 \x01(\t\x12\x14\n\x0chead_version\x18\x05 \x01(\t\"E\n\x11SimilarityRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x12\n\ncandidates\x18\x02 \x03(\t\x12\r\n\x05top_k\x18\x03 \x01(\x05\"/\n\x0fScoredCandidate\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05score\x18\x02 \x01(\x02\"t\n\x12SimilarityResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12(\n\x03top\x18\x02 \x03(\x0b\x32\x1b.taskmux.v1.ScoredCandidate\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"U\n\x17ZeroShotClassifyRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x1b\n\x13hypothesis_template\x18\x03 \x01(\t\"s\n\x18ZeroShotClassifyResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .taskmux.v1.ClassificationResult\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"=\n\x0e\x41nalyzeRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\r\n\x05heads\x18\x02 \x03(\t\x12\r\n\x05top_k\x18\x03 \x01(\x05\"\xe5\x01\n\rAnalyzeResult\x12\x12\n\ntext_index\x18\x01 \x01(\x05\x12\x0c\n\x04head\x18\x02 \x01(\t\x12\x14\n\x0chead_version\x18\x03 \x01(\t\x12*\n\tembedding\x18\x04 \x01(\x0b\x32\x15.taskmux.v1.EmbeddingH\x00\x12:\n\x0e\x63lassification\x18\x05 \x01(\x0b\x32 .taskmux.v1.ClassificationResultH\x00\x12*\n\x08\x65ntities\x18\x06 \x01(\x0b\x32\x16.taskmux.v1.EntityListH\x00\x42\x08\n\x06result\"\xb9\x02\n\x0fPipelineRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x05\x65mbed\x18\x02 \x01(\x0b\x32\x18.taskmux.v1.EmbedRequestH\x00\x12/\n\x08\x63lassify\x18\x03 \x01(\x0b\x32\x1b.taskmux.v1.ClassifyRequestH\x00\x12>\n\x10\x65xtract_entities\x18\x04 \x01(\x0b\x32\".taskmux.v1.ExtractEntitiesRequestH\x00\x12\x33\n\nsimilarity\x18\x05 \x01(\x0b\x32\x1d.taskmux.v1.SimilarityRequestH\x00\x12\x41\n\x12zero_shot_classify\x18\x06 \x01(\x0b\x32#.taskmux.v1.ZeroShotClassifyRequestH\x00\x42\x06\n\x04task\"\xe9\x02\n\x10PipelineResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12*\n\x05\x65mbed\x18\x02 \x01(\x0b\x32\x19.taskmux.v1.EmbedResponseH\x00\x12\x30\n\x08\x63lassify\x18\x03 \x01(\x0b\x32\x1c.taskmux.v1.ClassifyResponseH\x00\x12?\n\x10\x65xtract_entities\x18\x04 \x01(\x0b\x32#.taskmux.v1.ExtractEntitiesResponseH\x00\x12\x34\n\nsimilarity\x18\x05 \x01(\x0b\x32\x1e.taskmux.v1.SimilarityResponseH\x00\x12\x42\n\x12zero_shot_classify\x18\x06 \x01(\x0b\x32$.taskmux.v1.ZeroShotClassifyResponseH\x00\x12&\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x15.taskmux.v1.TaskErrorH\x00\x42\x08\n\x06result\":\n\tTaskError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t*\xb3\x01\n\x08HeadKind\x12\x19\n\x15HEAD_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13HEAD_KIND_EMBEDDING\x10\x01\x12\x1c\n\x18HEAD_KIND_CLASSIFICATION\x10\x02\x12\"\n\x1eHEAD_KIND_TOKEN_CLASSIFICATION\x10\x03\x12\x18\n\x14HEAD_KIND_SIMILARITY\x10\x04\x12\x17\n\x13HEAD_KIND_ZERO_SHOT\x10\x05\x32\xef\x04\n\x07TaskMux\x12<\n\x05\x45mbed\x12\x18.taskmux.v1.EmbedRequest\x1a\x19.taskmux.v1.EmbedResponse\x12\x45\n\x08\x43lassify\x12\x1b.taskmux.v1.ClassifyRequest\x1a\x1c.taskmux.v1.ClassifyResponse\x12H\n\tListTasks\x12\x1c.taskmux.v1.ListTasksRequest\x1a\x1d.taskmux.v1.ListTasksResponse\x12Z\n\x0f\x45xtractEntities\x12\".taskmux.v1.ExtractEntitiesRequest\x1a#.taskmux.v1.ExtractEntitiesResponse\x12K\n\nSimilarity\x12\x1d.taskmux.v1.SimilarityRequest\x1a\x1e.taskmux.v1.SimilarityResponse\x12]\n\x10ZeroShotClassify\x12#.taskmux.v1.ZeroShotClassifyRequest\x1a$.taskmux.v1.ZeroShotClassifyResponse\x12\x42\n\x07\x41nalyze\x12\x1a.taskmux.v1.AnalyzeRequest\x1a\x19.taskmux.v1.AnalyzeResult0\x01\x12I\n\x08Pipeline\x12\x1b.taskmux.v1.PipelineRequest\x1a\x1c.taskmux.v1.PipelineResponse(\x01\x30\x01\x42W\n\x0e\x64\x65v.taskmux.v1P\x01Z6github.com/taskmux/taskmux/gen/go/taskmux/v1;taskmuxv1\xaa\x02\nTaskmux.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.taskmux.v1P\001Z6github.com/taskmux/taskmux/gen/go/taskmux/v1;taskmuxv1\252\002\nTaskmux.V1'
   _globals['_HEADINFO_METRICSENTRY']._loaded_options = None
   _globals['_HEADINFO_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_HEADKIND']._serialized_start=1117
-  _globals['_HEADKIND']._serialized_end=1209
+  _globals['_HEADKIND']._serialized_start=3035
+  _globals['_HEADKIND']._serialized_end=3214
   _globals['_EMBEDREQUEST']._serialized_start=40
   _globals['_EMBEDREQUEST']._serialized_end=69
   _globals['_EMBEDDING']._serialized_start=71
@@ -58,10 +58,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEADINFO_METRICSENTRY']._serialized_end=777
   _globals['_ENCODERINFO']._serialized_start=779
   _globals['_ENCODERINFO']._serialized_end=871
-  _globals['_REQUESTLIMITS']._serialized_start=873
-  _globals['_REQUESTLIMITS']._serialized_end=971
-  _globals['_LISTTASKSRESPONSE']._serialized_start=974
-  _globals['_LISTTASKSRESPONSE']._serialized_end=1115
-  _globals['_TASKMUX']._serialized_start=1212
-  _globals['_TASKMUX']._serialized_end=1428
+  _globals['_REQUESTLIMITS']._serialized_start=874
+  _globals['_REQUESTLIMITS']._serialized_end=1079
+  _globals['_LISTTASKSRESPONSE']._serialized_start=1082
+  _globals['_LISTTASKSRESPONSE']._serialized_end=1223
+  _globals['_EXTRACTENTITIESREQUEST']._serialized_start=1225
+  _globals['_EXTRACTENTITIESREQUEST']._serialized_end=1278
+  _globals['_ENTITY']._serialized_start=1280
+  _globals['_ENTITY']._serialized_end=1360
+  _globals['_ENTITYLIST']._serialized_start=1362
+  _globals['_ENTITYLIST']._serialized_end=1412
+  _globals['_EXTRACTENTITIESRESPONSE']._serialized_start=1415
+  _globals['_EXTRACTENTITIESRESPONSE']._serialized_end=1555
+  _globals['_SIMILARITYREQUEST']._serialized_start=1557
+  _globals['_SIMILARITYREQUEST']._serialized_end=1626
+  _globals['_SCOREDCANDIDATE']._serialized_start=1628
+  _globals['_SCOREDCANDIDATE']._serialized_end=1675
+  _globals['_SIMILARITYRESPONSE']._serialized_start=1677
+  _globals['_SIMILARITYRESPONSE']._serialized_end=1793
+  _globals['_ZEROSHOTCLASSIFYREQUEST']._serialized_start=1795
+  _globals['_ZEROSHOTCLASSIFYREQUEST']._serialized_end=1880
+  _globals['_ZEROSHOTCLASSIFYRESPONSE']._serialized_start=1882
+  _globals['_ZEROSHOTCLASSIFYRESPONSE']._serialized_end=1997
+  _globals['_ANALYZEREQUEST']._serialized_start=1999
+  _globals['_ANALYZEREQUEST']._serialized_end=2060
+  _globals['_ANALYZERESULT']._serialized_start=2063
+  _globals['_ANALYZERESULT']._serialized_end=2292
+  _globals['_PIPELINEREQUEST']._serialized_start=2295
+  _globals['_PIPELINEREQUEST']._serialized_end=2608
+  _globals['_PIPELINERESPONSE']._serialized_start=2611
+  _globals['_PIPELINERESPONSE']._serialized_end=2972
+  _globals['_TASKERROR']._serialized_start=2974
+  _globals['_TASKERROR']._serialized_end=3032
+  _globals['_TASKMUX']._serialized_start=3217
+  _globals['_TASKMUX']._serialized_end=3840
 # @@protoc_insertion_point(module_scope)

@@ -46,6 +46,12 @@ class _HeadKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_HeadKind.Val
     """Sentence embeddings (the Embed RPC)."""
     HEAD_KIND_CLASSIFICATION: _HeadKind.ValueType  # 2
     """One label per text out of a fixed set (the Classify RPC)."""
+    HEAD_KIND_TOKEN_CLASSIFICATION: _HeadKind.ValueType  # 3
+    """Labelled spans inside each text (the ExtractEntities RPC)."""
+    HEAD_KIND_SIMILARITY: _HeadKind.ValueType  # 4
+    """Query-candidate scores (the Similarity RPC)."""
+    HEAD_KIND_ZERO_SHOT: _HeadKind.ValueType  # 5
+    """Caller-named labels (the ZeroShotClassify RPC)."""
 
 class HeadKind(_HeadKind, metaclass=_HeadKindEnumTypeWrapper):
     """What a head computes."""
@@ -56,6 +62,12 @@ HEAD_KIND_EMBEDDING: HeadKind.ValueType  # 1
 """Sentence embeddings (the Embed RPC)."""
 HEAD_KIND_CLASSIFICATION: HeadKind.ValueType  # 2
 """One label per text out of a fixed set (the Classify RPC)."""
+HEAD_KIND_TOKEN_CLASSIFICATION: HeadKind.ValueType  # 3
+"""Labelled spans inside each text (the ExtractEntities RPC)."""
+HEAD_KIND_SIMILARITY: HeadKind.ValueType  # 4
+"""Query-candidate scores (the Similarity RPC)."""
+HEAD_KIND_ZERO_SHOT: HeadKind.ValueType  # 5
+"""Caller-named labels (the ZeroShotClassify RPC)."""
 Global___HeadKind: _TypeAlias = HeadKind  # noqa: Y015
 
 @_typing.final
@@ -221,7 +233,10 @@ class ClassificationResult(_message.Message):
     """Its probability."""
     @_builtins.property
     def top(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelScore]:
-        """The top_k most probable labels, best first (top[0] is label/score)."""
+        """The top_k most probable labels, best first. top[0] is label/score, except
+        for a head with a rejection threshold (e.g. intent): when its best score is
+        below the threshold, label is the head's fallback label (e.g. "oos").
+        """
 
     def __init__(
         self,
@@ -404,22 +419,38 @@ class RequestLimits(_message.Message):
     MAX_TEXTS_PER_REQUEST_FIELD_NUMBER: _builtins.int
     MAX_TEXT_CHARS_FIELD_NUMBER: _builtins.int
     DEFAULT_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    MAX_CANDIDATES_FIELD_NUMBER: _builtins.int
+    MAX_LABELS_FIELD_NUMBER: _builtins.int
+    MAX_HEADS_PER_REQUEST_FIELD_NUMBER: _builtins.int
+    MAX_PIPELINE_IN_FLIGHT_FIELD_NUMBER: _builtins.int
     max_texts_per_request: _builtins.int
     """Most texts in one request."""
     max_text_chars: _builtins.int
     """Most characters (Unicode code points) in one text."""
     default_timeout_ms: _builtins.int
     """Timeout applied when the client sets no deadline, in milliseconds."""
+    max_candidates: _builtins.int
+    """Most candidates in one SimilarityRequest."""
+    max_labels: _builtins.int
+    """Most labels in one ZeroShotClassifyRequest."""
+    max_heads_per_request: _builtins.int
+    """Most heads in one AnalyzeRequest."""
+    max_pipeline_in_flight: _builtins.int
+    """Most Pipeline tasks in flight per stream."""
     def __init__(
         self,
         *,
         max_texts_per_request: _builtins.int = ...,
         max_text_chars: _builtins.int = ...,
         default_timeout_ms: _builtins.int = ...,
+        max_candidates: _builtins.int = ...,
+        max_labels: _builtins.int = ...,
+        max_heads_per_request: _builtins.int = ...,
+        max_pipeline_in_flight: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_timeout_ms", b"default_timeout_ms", "max_text_chars", b"max_text_chars", "max_texts_per_request", b"max_texts_per_request"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_timeout_ms", b"default_timeout_ms", "max_candidates", b"max_candidates", "max_heads_per_request", b"max_heads_per_request", "max_labels", b"max_labels", "max_pipeline_in_flight", b"max_pipeline_in_flight", "max_text_chars", b"max_text_chars", "max_texts_per_request", b"max_texts_per_request"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -460,3 +491,527 @@ class ListTasksResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListTasksResponse: _TypeAlias = ListTasksResponse  # noqa: Y015
+
+@_typing.final
+class ExtractEntitiesRequest(_message.Message):
+    """Texts to search for entities."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEAD_FIELD_NUMBER: _builtins.int
+    TEXTS_FIELD_NUMBER: _builtins.int
+    head: _builtins.str
+    """A head of kind HEAD_KIND_TOKEN_CLASSIFICATION; empty means "entities"."""
+    @_builtins.property
+    def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The texts; same limits as EmbedRequest.texts."""
+
+    def __init__(
+        self,
+        *,
+        head: _builtins.str = ...,
+        texts: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["head", b"head", "texts", b"texts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExtractEntitiesRequest: _TypeAlias = ExtractEntitiesRequest  # noqa: Y015
+
+@_typing.final
+class Entity(_message.Message):
+    """One entity found in a text."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """The entity as it appears: text[start:end] of the caller's string."""
+    label: _builtins.str
+    """Its type (e.g. PER, ORG, LOC, MISC)."""
+    start: _builtins.int
+    """Start offset in Unicode code points (not bytes, not UTF-16 units)."""
+    end: _builtins.int
+    """End offset (exclusive) in Unicode code points."""
+    score: _builtins.float
+    """Confidence in [0, 1]."""
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        label: _builtins.str = ...,
+        start: _builtins.int = ...,
+        end: _builtins.int = ...,
+        score: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "label", b"label", "score", b"score", "start", b"start", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Entity: _TypeAlias = Entity  # noqa: Y015
+
+@_typing.final
+class EntityList(_message.Message):
+    """The entities of one text, in order of appearance."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTITIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entities(self) -> _containers.RepeatedCompositeFieldContainer[Global___Entity]:
+        """The entities; empty when none were found."""
+
+    def __init__(
+        self,
+        *,
+        entities: _abc.Iterable[Global___Entity] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entities", b"entities"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EntityList: _TypeAlias = EntityList  # noqa: Y015
+
+@_typing.final
+class ExtractEntitiesResponse(_message.Message):
+    """The entities, in the order of the request's texts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    HEAD_FIELD_NUMBER: _builtins.int
+    HEAD_VERSION_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Name of the encoder."""
+    model_version: _builtins.str
+    """Version of the encoder."""
+    head: _builtins.str
+    """Name of the head that found them."""
+    head_version: _builtins.str
+    """Version of that head."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___EntityList]:
+        """One list per request text, same order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___EntityList] | None = ...,
+        model: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+        head: _builtins.str = ...,
+        head_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["head", b"head", "head_version", b"head_version", "model", b"model", "model_version", b"model_version", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExtractEntitiesResponse: _TypeAlias = ExtractEntitiesResponse  # noqa: Y015
+
+@_typing.final
+class SimilarityRequest(_message.Message):
+    """A query and the candidates to score against it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_FIELD_NUMBER: _builtins.int
+    CANDIDATES_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
+    query: _builtins.str
+    """The query text; same limits as one text."""
+    top_k: _builtins.int
+    """Also return the top_k best candidates sorted by score; 0 returns none."""
+    @_builtins.property
+    def candidates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The candidates, 1 to RequestLimits.max_candidates of them; same limits as one text."""
+
+    def __init__(
+        self,
+        *,
+        query: _builtins.str = ...,
+        candidates: _abc.Iterable[_builtins.str] | None = ...,
+        top_k: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "query", b"query", "top_k", b"top_k"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SimilarityRequest: _TypeAlias = SimilarityRequest  # noqa: Y015
+
+@_typing.final
+class ScoredCandidate(_message.Message):
+    """A candidate and its score."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Its index in SimilarityRequest.candidates."""
+    score: _builtins.float
+    """Cosine similarity in [-1, 1]."""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        score: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "score", b"score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScoredCandidate: _TypeAlias = ScoredCandidate  # noqa: Y015
+
+@_typing.final
+class SimilarityResponse(_message.Message):
+    """One score per candidate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCORES_FIELD_NUMBER: _builtins.int
+    TOP_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Name of the encoder."""
+    model_version: _builtins.str
+    """Version of the encoder."""
+    @_builtins.property
+    def scores(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Cosine similarity of each candidate to the query, in the caller's order."""
+
+    @_builtins.property
+    def top(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScoredCandidate]:
+        """The top_k best candidates, best first (empty when top_k is 0)."""
+
+    def __init__(
+        self,
+        *,
+        scores: _abc.Iterable[_builtins.float] | None = ...,
+        top: _abc.Iterable[Global___ScoredCandidate] | None = ...,
+        model: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "model_version", b"model_version", "scores", b"scores", "top", b"top"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SimilarityResponse: _TypeAlias = SimilarityResponse  # noqa: Y015
+
+@_typing.final
+class ZeroShotClassifyRequest(_message.Message):
+    """Texts and the labels to choose from."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXTS_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    HYPOTHESIS_TEMPLATE_FIELD_NUMBER: _builtins.int
+    hypothesis_template: _builtins.str
+    """Sentence built around each label before embedding it; must contain "{}".
+    Empty means "This text is about {}.".
+    """
+    @_builtins.property
+    def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The texts; same limits as EmbedRequest.texts."""
+
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The labels, 2 to RequestLimits.max_labels of them, distinct and non-empty."""
+
+    def __init__(
+        self,
+        *,
+        texts: _abc.Iterable[_builtins.str] | None = ...,
+        labels: _abc.Iterable[_builtins.str] | None = ...,
+        hypothesis_template: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hypothesis_template", b"hypothesis_template", "labels", b"labels", "texts", b"texts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ZeroShotClassifyRequest: _TypeAlias = ZeroShotClassifyRequest  # noqa: Y015
+
+@_typing.final
+class ZeroShotClassifyResponse(_message.Message):
+    """Every label's score for each text."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Name of the encoder."""
+    model_version: _builtins.str
+    """Version of the encoder."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClassificationResult]:
+        """One result per text; top holds every label, best first; scores sum to 1."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___ClassificationResult] | None = ...,
+        model: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "model_version", b"model_version", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ZeroShotClassifyResponse: _TypeAlias = ZeroShotClassifyResponse  # noqa: Y015
+
+@_typing.final
+class AnalyzeRequest(_message.Message):
+    """Texts and the heads to run on each."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXTS_FIELD_NUMBER: _builtins.int
+    HEADS_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
+    top_k: _builtins.int
+    """For classification heads, as ClassifyRequest.top_k."""
+    @_builtins.property
+    def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The texts; same limits as EmbedRequest.texts."""
+
+    @_builtins.property
+    def heads(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Heads of kind embedding, classification or token classification; distinct,
+        1 to RequestLimits.max_heads_per_request of them.
+        """
+
+    def __init__(
+        self,
+        *,
+        texts: _abc.Iterable[_builtins.str] | None = ...,
+        heads: _abc.Iterable[_builtins.str] | None = ...,
+        top_k: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heads", b"heads", "texts", b"texts", "top_k", b"top_k"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnalyzeRequest: _TypeAlias = AnalyzeRequest  # noqa: Y015
+
+@_typing.final
+class AnalyzeResult(_message.Message):
+    """One head's result for one text."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_INDEX_FIELD_NUMBER: _builtins.int
+    HEAD_FIELD_NUMBER: _builtins.int
+    HEAD_VERSION_FIELD_NUMBER: _builtins.int
+    EMBEDDING_FIELD_NUMBER: _builtins.int
+    CLASSIFICATION_FIELD_NUMBER: _builtins.int
+    ENTITIES_FIELD_NUMBER: _builtins.int
+    text_index: _builtins.int
+    """Index of the text in AnalyzeRequest.texts."""
+    head: _builtins.str
+    """The head's name."""
+    head_version: _builtins.str
+    """The head's version."""
+    @_builtins.property
+    def embedding(self) -> Global___Embedding:
+        """For an embedding head."""
+
+    @_builtins.property
+    def classification(self) -> Global___ClassificationResult:
+        """For a classification head."""
+
+    @_builtins.property
+    def entities(self) -> Global___EntityList:
+        """For a token classification head."""
+
+    def __init__(
+        self,
+        *,
+        text_index: _builtins.int = ...,
+        head: _builtins.str = ...,
+        head_version: _builtins.str = ...,
+        embedding: Global___Embedding | None = ...,
+        classification: Global___ClassificationResult | None = ...,
+        entities: Global___EntityList | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["classification", b"classification", "embedding", b"embedding", "entities", b"entities", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classification", b"classification", "embedding", b"embedding", "entities", b"entities", "head", b"head", "head_version", b"head_version", "result", b"result", "text_index", b"text_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["embedding", "classification", "entities"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___AnalyzeResult: _TypeAlias = AnalyzeResult  # noqa: Y015
+
+@_typing.final
+class PipelineRequest(_message.Message):
+    """One task in a Pipeline stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    EMBED_FIELD_NUMBER: _builtins.int
+    CLASSIFY_FIELD_NUMBER: _builtins.int
+    EXTRACT_ENTITIES_FIELD_NUMBER: _builtins.int
+    SIMILARITY_FIELD_NUMBER: _builtins.int
+    ZERO_SHOT_CLASSIFY_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The client's id for this task, echoed in its response; should be unique per stream."""
+    @_builtins.property
+    def embed(self) -> Global___EmbedRequest:
+        """An Embed call."""
+
+    @_builtins.property
+    def classify(self) -> Global___ClassifyRequest:
+        """A Classify call."""
+
+    @_builtins.property
+    def extract_entities(self) -> Global___ExtractEntitiesRequest:
+        """An ExtractEntities call."""
+
+    @_builtins.property
+    def similarity(self) -> Global___SimilarityRequest:
+        """A Similarity call."""
+
+    @_builtins.property
+    def zero_shot_classify(self) -> Global___ZeroShotClassifyRequest:
+        """A ZeroShotClassify call."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        embed: Global___EmbedRequest | None = ...,
+        classify: Global___ClassifyRequest | None = ...,
+        extract_entities: Global___ExtractEntitiesRequest | None = ...,
+        similarity: Global___SimilarityRequest | None = ...,
+        zero_shot_classify: Global___ZeroShotClassifyRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["classify", b"classify", "embed", b"embed", "extract_entities", b"extract_entities", "similarity", b"similarity", "task", b"task", "zero_shot_classify", b"zero_shot_classify"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classify", b"classify", "embed", b"embed", "extract_entities", b"extract_entities", "id", b"id", "similarity", b"similarity", "task", b"task", "zero_shot_classify", b"zero_shot_classify"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_task: _TypeAlias = _typing.Literal["embed", "classify", "extract_entities", "similarity", "zero_shot_classify"]  # noqa: Y015
+    _WhichOneofArgType_task: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_task) -> _WhichOneofReturnType_task | None: ...
+
+Global___PipelineRequest: _TypeAlias = PipelineRequest  # noqa: Y015
+
+@_typing.final
+class PipelineResponse(_message.Message):
+    """The outcome of one pipeline task. A failed task does not end the stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    EMBED_FIELD_NUMBER: _builtins.int
+    CLASSIFY_FIELD_NUMBER: _builtins.int
+    EXTRACT_ENTITIES_FIELD_NUMBER: _builtins.int
+    SIMILARITY_FIELD_NUMBER: _builtins.int
+    ZERO_SHOT_CLASSIFY_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The id of the PipelineRequest this answers."""
+    @_builtins.property
+    def embed(self) -> Global___EmbedResponse:
+        """Answer to an embed task."""
+
+    @_builtins.property
+    def classify(self) -> Global___ClassifyResponse:
+        """Answer to a classify task."""
+
+    @_builtins.property
+    def extract_entities(self) -> Global___ExtractEntitiesResponse:
+        """Answer to an extract_entities task."""
+
+    @_builtins.property
+    def similarity(self) -> Global___SimilarityResponse:
+        """Answer to a similarity task."""
+
+    @_builtins.property
+    def zero_shot_classify(self) -> Global___ZeroShotClassifyResponse:
+        """Answer to a zero_shot_classify task."""
+
+    @_builtins.property
+    def error(self) -> Global___TaskError:
+        """Why the task failed: the status the unary RPC would have returned."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        embed: Global___EmbedResponse | None = ...,
+        classify: Global___ClassifyResponse | None = ...,
+        extract_entities: Global___ExtractEntitiesResponse | None = ...,
+        similarity: Global___SimilarityResponse | None = ...,
+        zero_shot_classify: Global___ZeroShotClassifyResponse | None = ...,
+        error: Global___TaskError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["classify", b"classify", "embed", b"embed", "error", b"error", "extract_entities", b"extract_entities", "result", b"result", "similarity", b"similarity", "zero_shot_classify", b"zero_shot_classify"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classify", b"classify", "embed", b"embed", "error", b"error", "extract_entities", b"extract_entities", "id", b"id", "result", b"result", "similarity", b"similarity", "zero_shot_classify", b"zero_shot_classify"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["embed", "classify", "extract_entities", "similarity", "zero_shot_classify", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___PipelineResponse: _TypeAlias = PipelineResponse  # noqa: Y015
+
+@_typing.final
+class TaskError(_message.Message):
+    """A failed task inside a stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The gRPC status code number (3 INVALID_ARGUMENT, 5 NOT_FOUND, ...)."""
+    status: _builtins.str
+    """The status code's name, e.g. "INVALID_ARGUMENT"."""
+    message: _builtins.str
+    """What went wrong and what to fix."""
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        status: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskError: _TypeAlias = TaskError  # noqa: Y015

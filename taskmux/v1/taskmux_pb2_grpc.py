@@ -50,6 +50,31 @@ class TaskMuxStub:
                 request_serializer=taskmux_dot_v1_dot_taskmux__pb2.ListTasksRequest.SerializeToString,
                 response_deserializer=taskmux_dot_v1_dot_taskmux__pb2.ListTasksResponse.FromString,
                 _registered_method=True)
+        self.ExtractEntities = channel.unary_unary(
+                '/taskmux.v1.TaskMux/ExtractEntities',
+                request_serializer=taskmux_dot_v1_dot_taskmux__pb2.ExtractEntitiesRequest.SerializeToString,
+                response_deserializer=taskmux_dot_v1_dot_taskmux__pb2.ExtractEntitiesResponse.FromString,
+                _registered_method=True)
+        self.Similarity = channel.unary_unary(
+                '/taskmux.v1.TaskMux/Similarity',
+                request_serializer=taskmux_dot_v1_dot_taskmux__pb2.SimilarityRequest.SerializeToString,
+                response_deserializer=taskmux_dot_v1_dot_taskmux__pb2.SimilarityResponse.FromString,
+                _registered_method=True)
+        self.ZeroShotClassify = channel.unary_unary(
+                '/taskmux.v1.TaskMux/ZeroShotClassify',
+                request_serializer=taskmux_dot_v1_dot_taskmux__pb2.ZeroShotClassifyRequest.SerializeToString,
+                response_deserializer=taskmux_dot_v1_dot_taskmux__pb2.ZeroShotClassifyResponse.FromString,
+                _registered_method=True)
+        self.Analyze = channel.unary_stream(
+                '/taskmux.v1.TaskMux/Analyze',
+                request_serializer=taskmux_dot_v1_dot_taskmux__pb2.AnalyzeRequest.SerializeToString,
+                response_deserializer=taskmux_dot_v1_dot_taskmux__pb2.AnalyzeResult.FromString,
+                _registered_method=True)
+        self.Pipeline = channel.stream_stream(
+                '/taskmux.v1.TaskMux/Pipeline',
+                request_serializer=taskmux_dot_v1_dot_taskmux__pb2.PipelineRequest.SerializeToString,
+                response_deserializer=taskmux_dot_v1_dot_taskmux__pb2.PipelineResponse.FromString,
+                _registered_method=True)
 
 
 class TaskMuxServicer:
@@ -77,6 +102,47 @@ class TaskMuxServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExtractEntities(self, request, context):
+        """Finds named entities (e.g. PER, ORG, LOC, MISC) with character offsets.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Similarity(self, request, context):
+        """Scores candidates against a query by the cosine of their embeddings.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ZeroShotClassify(self, request, context):
+        """Classifies texts into labels the caller names, with no training.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Analyze(self, request, context):
+        """Runs several heads on the same texts: one encoder pass per distinct text.
+        Streams one AnalyzeResult per (text, head) as soon as each text is done;
+        the stream ends after exactly len(texts) x len(heads) results.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Pipeline(self, request_iterator, context):
+        """A pipeline: the client streams tasks, the server streams each result as it
+        completes, tagged with the client's id. At most
+        RequestLimits.max_pipeline_in_flight tasks are in flight per stream; past
+        that the server stops reading until results have been taken, so a client
+        that stops reading cannot make the server buffer without bound.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskMuxServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +160,31 @@ def add_TaskMuxServicer_to_server(servicer, server):
                     servicer.ListTasks,
                     request_deserializer=taskmux_dot_v1_dot_taskmux__pb2.ListTasksRequest.FromString,
                     response_serializer=taskmux_dot_v1_dot_taskmux__pb2.ListTasksResponse.SerializeToString,
+            ),
+            'ExtractEntities': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExtractEntities,
+                    request_deserializer=taskmux_dot_v1_dot_taskmux__pb2.ExtractEntitiesRequest.FromString,
+                    response_serializer=taskmux_dot_v1_dot_taskmux__pb2.ExtractEntitiesResponse.SerializeToString,
+            ),
+            'Similarity': grpc.unary_unary_rpc_method_handler(
+                    servicer.Similarity,
+                    request_deserializer=taskmux_dot_v1_dot_taskmux__pb2.SimilarityRequest.FromString,
+                    response_serializer=taskmux_dot_v1_dot_taskmux__pb2.SimilarityResponse.SerializeToString,
+            ),
+            'ZeroShotClassify': grpc.unary_unary_rpc_method_handler(
+                    servicer.ZeroShotClassify,
+                    request_deserializer=taskmux_dot_v1_dot_taskmux__pb2.ZeroShotClassifyRequest.FromString,
+                    response_serializer=taskmux_dot_v1_dot_taskmux__pb2.ZeroShotClassifyResponse.SerializeToString,
+            ),
+            'Analyze': grpc.unary_stream_rpc_method_handler(
+                    servicer.Analyze,
+                    request_deserializer=taskmux_dot_v1_dot_taskmux__pb2.AnalyzeRequest.FromString,
+                    response_serializer=taskmux_dot_v1_dot_taskmux__pb2.AnalyzeResult.SerializeToString,
+            ),
+            'Pipeline': grpc.stream_stream_rpc_method_handler(
+                    servicer.Pipeline,
+                    request_deserializer=taskmux_dot_v1_dot_taskmux__pb2.PipelineRequest.FromString,
+                    response_serializer=taskmux_dot_v1_dot_taskmux__pb2.PipelineResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +269,141 @@ class TaskMux:
             '/taskmux.v1.TaskMux/ListTasks',
             taskmux_dot_v1_dot_taskmux__pb2.ListTasksRequest.SerializeToString,
             taskmux_dot_v1_dot_taskmux__pb2.ListTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExtractEntities(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskmux.v1.TaskMux/ExtractEntities',
+            taskmux_dot_v1_dot_taskmux__pb2.ExtractEntitiesRequest.SerializeToString,
+            taskmux_dot_v1_dot_taskmux__pb2.ExtractEntitiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Similarity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskmux.v1.TaskMux/Similarity',
+            taskmux_dot_v1_dot_taskmux__pb2.SimilarityRequest.SerializeToString,
+            taskmux_dot_v1_dot_taskmux__pb2.SimilarityResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ZeroShotClassify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskmux.v1.TaskMux/ZeroShotClassify',
+            taskmux_dot_v1_dot_taskmux__pb2.ZeroShotClassifyRequest.SerializeToString,
+            taskmux_dot_v1_dot_taskmux__pb2.ZeroShotClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Analyze(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/taskmux.v1.TaskMux/Analyze',
+            taskmux_dot_v1_dot_taskmux__pb2.AnalyzeRequest.SerializeToString,
+            taskmux_dot_v1_dot_taskmux__pb2.AnalyzeResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pipeline(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/taskmux.v1.TaskMux/Pipeline',
+            taskmux_dot_v1_dot_taskmux__pb2.PipelineRequest.SerializeToString,
+            taskmux_dot_v1_dot_taskmux__pb2.PipelineResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -54,6 +54,24 @@ class TaskMuxStub:
     """Classifies each text with one classification head (e.g. "sentiment")."""
     ListTasks: _grpc.UnaryUnaryMultiCallable[_taskmux_pb2.ListTasksRequest, _taskmux_pb2.ListTasksResponse]
     """Describes the encoder, every head served, and the request limits."""
+    ExtractEntities: _grpc.UnaryUnaryMultiCallable[_taskmux_pb2.ExtractEntitiesRequest, _taskmux_pb2.ExtractEntitiesResponse]
+    """Finds named entities (e.g. PER, ORG, LOC, MISC) with character offsets."""
+    Similarity: _grpc.UnaryUnaryMultiCallable[_taskmux_pb2.SimilarityRequest, _taskmux_pb2.SimilarityResponse]
+    """Scores candidates against a query by the cosine of their embeddings."""
+    ZeroShotClassify: _grpc.UnaryUnaryMultiCallable[_taskmux_pb2.ZeroShotClassifyRequest, _taskmux_pb2.ZeroShotClassifyResponse]
+    """Classifies texts into labels the caller names, with no training."""
+    Analyze: _grpc.UnaryStreamMultiCallable[_taskmux_pb2.AnalyzeRequest, _taskmux_pb2.AnalyzeResult]
+    """Runs several heads on the same texts: one encoder pass per distinct text.
+    Streams one AnalyzeResult per (text, head) as soon as each text is done;
+    the stream ends after exactly len(texts) x len(heads) results.
+    """
+    Pipeline: _grpc.StreamStreamMultiCallable[_taskmux_pb2.PipelineRequest, _taskmux_pb2.PipelineResponse]
+    """A pipeline: the client streams tasks, the server streams each result as it
+    completes, tagged with the client's id. At most
+    RequestLimits.max_pipeline_in_flight tasks are in flight per stream; past
+    that the server stops reading until results have been taken, so a client
+    that stops reading cannot make the server buffer without bound.
+    """
 
 @_typing.type_check_only
 class TaskMuxAsyncStub(TaskMuxStub):
@@ -66,6 +84,24 @@ class TaskMuxAsyncStub(TaskMuxStub):
     """Classifies each text with one classification head (e.g. "sentiment")."""
     ListTasks: _aio.UnaryUnaryMultiCallable[_taskmux_pb2.ListTasksRequest, _taskmux_pb2.ListTasksResponse]  # type: ignore[assignment]
     """Describes the encoder, every head served, and the request limits."""
+    ExtractEntities: _aio.UnaryUnaryMultiCallable[_taskmux_pb2.ExtractEntitiesRequest, _taskmux_pb2.ExtractEntitiesResponse]  # type: ignore[assignment]
+    """Finds named entities (e.g. PER, ORG, LOC, MISC) with character offsets."""
+    Similarity: _aio.UnaryUnaryMultiCallable[_taskmux_pb2.SimilarityRequest, _taskmux_pb2.SimilarityResponse]  # type: ignore[assignment]
+    """Scores candidates against a query by the cosine of their embeddings."""
+    ZeroShotClassify: _aio.UnaryUnaryMultiCallable[_taskmux_pb2.ZeroShotClassifyRequest, _taskmux_pb2.ZeroShotClassifyResponse]  # type: ignore[assignment]
+    """Classifies texts into labels the caller names, with no training."""
+    Analyze: _aio.UnaryStreamMultiCallable[_taskmux_pb2.AnalyzeRequest, _taskmux_pb2.AnalyzeResult]  # type: ignore[assignment]
+    """Runs several heads on the same texts: one encoder pass per distinct text.
+    Streams one AnalyzeResult per (text, head) as soon as each text is done;
+    the stream ends after exactly len(texts) x len(heads) results.
+    """
+    Pipeline: _aio.StreamStreamMultiCallable[_taskmux_pb2.PipelineRequest, _taskmux_pb2.PipelineResponse]  # type: ignore[assignment]
+    """A pipeline: the client streams tasks, the server streams each result as it
+    completes, tagged with the client's id. At most
+    RequestLimits.max_pipeline_in_flight tasks are in flight per stream; past
+    that the server stops reading until results have been taken, so a client
+    that stops reading cannot make the server buffer without bound.
+    """
 
 class TaskMuxServicer(metaclass=_abc_1.ABCMeta):
     """The taskmux inference service."""
@@ -93,5 +129,53 @@ class TaskMuxServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_taskmux_pb2.ListTasksResponse, _abc.Awaitable[_taskmux_pb2.ListTasksResponse]]:
         """Describes the encoder, every head served, and the request limits."""
+
+    @_abc_1.abstractmethod
+    def ExtractEntities(
+        self,
+        request: _taskmux_pb2.ExtractEntitiesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_taskmux_pb2.ExtractEntitiesResponse, _abc.Awaitable[_taskmux_pb2.ExtractEntitiesResponse]]:
+        """Finds named entities (e.g. PER, ORG, LOC, MISC) with character offsets."""
+
+    @_abc_1.abstractmethod
+    def Similarity(
+        self,
+        request: _taskmux_pb2.SimilarityRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_taskmux_pb2.SimilarityResponse, _abc.Awaitable[_taskmux_pb2.SimilarityResponse]]:
+        """Scores candidates against a query by the cosine of their embeddings."""
+
+    @_abc_1.abstractmethod
+    def ZeroShotClassify(
+        self,
+        request: _taskmux_pb2.ZeroShotClassifyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_taskmux_pb2.ZeroShotClassifyResponse, _abc.Awaitable[_taskmux_pb2.ZeroShotClassifyResponse]]:
+        """Classifies texts into labels the caller names, with no training."""
+
+    @_abc_1.abstractmethod
+    def Analyze(
+        self,
+        request: _taskmux_pb2.AnalyzeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_taskmux_pb2.AnalyzeResult], _abc.AsyncIterator[_taskmux_pb2.AnalyzeResult]]:
+        """Runs several heads on the same texts: one encoder pass per distinct text.
+        Streams one AnalyzeResult per (text, head) as soon as each text is done;
+        the stream ends after exactly len(texts) x len(heads) results.
+        """
+
+    @_abc_1.abstractmethod
+    def Pipeline(
+        self,
+        request_iterator: _MaybeAsyncIterator[_taskmux_pb2.PipelineRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_taskmux_pb2.PipelineResponse], _abc.AsyncIterator[_taskmux_pb2.PipelineResponse]]:
+        """A pipeline: the client streams tasks, the server streams each result as it
+        completes, tagged with the client's id. At most
+        RequestLimits.max_pipeline_in_flight tasks are in flight per stream; past
+        that the server stops reading until results have been taken, so a client
+        that stops reading cannot make the server buffer without bound.
+        """
 
 def add_TaskMuxServicer_to_server(servicer: TaskMuxServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,253 @@
+"""Per-kind answers: which texts a job needs encoded, and its response from the vectors.
+
+`compute` encodes the union of every job's texts once; each builder here then reads the
+rows it needs from the shared `BatchView` and returns the serialized public response.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+import numpy as np
+from tokenizers import Encoding
+
+from router.messages import (
+    KIND_ANALYZE,
+    KIND_CLASSIFY,
+    KIND_EMBED,
+    KIND_ENTITIES,
+    KIND_SIMILARITY,
+    KIND_ZERO_SHOT,
+    Job,
+    Reply,
+    pack_messages,
+)
+from taskmux.modelrepo.manifest import (
+    KIND_CLASSIFICATION,
+    KIND_EMBEDDING,
+    KIND_TOKEN,
+    HeadSpec,
+)
+from taskmux.modelrepo.manifest import (
+    KIND_SIMILARITY as HEAD_SIMILARITY,
+)
+from taskmux.modelrepo.manifest import (
+    KIND_ZERO_SHOT as HEAD_ZERO_SHOT,
+)
+from taskmux.v1 import taskmux_pb2 as pb
+from workers.encoder import Encoded, Floats
+from workers.heads import (
+    EmbeddingHead,
+    LinearClassifierHead,
+    SimilarityHead,
+    TokenClassifierHead,
+    ZeroShotHead,
+)
+from workers.model import LoadedModel
+
+log = logging.getLogger(__name__)
+
+H = TypeVar("H")
+
+KIND_OF_JOB = {
+    KIND_EMBED: KIND_EMBEDDING,
+    KIND_CLASSIFY: KIND_CLASSIFICATION,
+    KIND_ENTITIES: KIND_TOKEN,
+    KIND_SIMILARITY: HEAD_SIMILARITY,
+    KIND_ZERO_SHOT: HEAD_ZERO_SHOT,
+}
+ANALYZABLE = (KIND_EMBEDDING, KIND_CLASSIFICATION, KIND_TOKEN)
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a job needs from the encoder pass."""
+
+    texts: tuple[str, ...]
+    token_texts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BatchView:
+    """The results of one encoder pass, looked up by text."""
+
+    vectors: Floats  # unit-length sentence vectors, one row per distinct text
+    encoded: Encoded
+    row_of: dict[str, int]
+
+    def rows(self, texts: tuple[str, ...] | list[str]) -> Floats:
+        """Sentence vectors of `texts`, in order."""
+        return self.vectors[[self.row_of[t] for t in texts]]
+
+    def tokens(self, text: str) -> tuple[Floats, Encoding]:
+        """Per-token states and encoding of one text encoded with its tokens."""
+        row = self.row_of[text]
+        return self.encoded.token_states[row], self.encoded.encodings[row]
+
+
+def texts_needed(model: LoadedModel, job: Job) -> Needs:
+    """The texts to encode for `job` (and those whose token states it reads)."""
+    if job.kind == KIND_ZERO_SHOT:
+        missing = [h for h in _hypotheses(job) if h not in model.label_cache]
+        return Needs(job.texts + tuple(missing))
+    heads = job.params.get("heads", []) if job.kind == KIND_ANALYZE else [job.head]
+    wants_tokens = any(model.heads[h].spec.kind == KIND_TOKEN for h in heads)
+    return Needs(job.texts, job.texts if wants_tokens else ())
+
+
+def answer(model: LoadedModel, job: Job, view: BatchView) -> tuple[Reply, int]:
+    """The job's reply and how many head results it carries; a failure fails this job only."""
+    try:
+        body, results = _BUILDERS[job.kind](model, job, view)
+    except Exception:
+        log.exception("%s job %s on head %s failed", job.kind, job.id, job.head)
+        code = grpc.StatusCode.INTERNAL.value[0]
+        return Reply(id=job.id, code=code, message=f"head {job.head!r} failed"), 0
+    return Reply(id=job.id, code=0, body=body), results
+
+
+def _embed(model: LoadedModel, job: Job, view: BatchView) -> tuple[bytes, int]:
+    rows = view.rows(job.texts)
+    enc = model.manifest.encoder
+    response = pb.EmbedResponse(
+        embeddings=[pb.Embedding(values=r.tolist()) for r in rows],
+        model=enc.name,
+        model_version=enc.version,
+    )
+    return response.SerializeToString(), len(rows)
+
+
+def _classify(model: LoadedModel, job: Job, view: BatchView) -> tuple[bytes, int]:
+    head = _head(model, job.head, LinearClassifierHead)
+    probs = head.apply(view.rows(job.texts))
+    enc = model.manifest.encoder
+    response = pb.ClassifyResponse(
+        results=[classification(head.spec, row, job.top_k) for row in probs],
+        model=enc.name,
+        model_version=enc.version,
+        head=head.spec.name,
+        head_version=head.spec.version,
+    )
+    return response.SerializeToString(), len(job.texts)
+
+
+def _entities(model: LoadedModel, job: Job, view: BatchView) -> tuple[bytes, int]:
+    head = _head(model, job.head, TokenClassifierHead)
+    enc = model.manifest.encoder
+    response = pb.ExtractEntitiesResponse(
+        results=[entity_list(head, view, text) for text in job.texts],
+        model=enc.name,
+        model_version=enc.version,
+        head=head.spec.name,
+        head_version=head.spec.version,
+    )
+    return response.SerializeToString(), len(job.texts)
+
+
+def _similarity(model: LoadedModel, job: Job, view: BatchView) -> tuple[bytes, int]:
+    head = _head(model, job.head, SimilarityHead)
+    rows = view.rows(job.texts)
+    scores = head.scores(rows[0], rows[1:])
+    best = np.argsort(-scores, kind="stable")[: job.top_k]
+    enc = model.manifest.encoder
+    response = pb.SimilarityResponse(
+        scores=scores.tolist(),
+        top=[pb.ScoredCandidate(index=int(i), score=float(scores[i])) for i in best],
+        model=enc.name,
+        model_version=enc.version,
+    )
+    return response.SerializeToString(), len(scores)
+
+
+def _zero_shot(model: LoadedModel, job: Job, view: BatchView) -> tuple[bytes, int]:
+    head = _head(model, job.head, ZeroShotHead)
+    labels = tuple(job.params["labels"])
+    label_vectors = np.stack([_label_vector(model, view, h) for h in _hypotheses(job)])
+    probs = head.apply(view.rows(job.texts), label_vectors)
+    spec = HeadSpec(head.spec.name, head.spec.kind, head.spec.version, labels)
+    enc = model.manifest.encoder
+    response = pb.ZeroShotClassifyResponse(
+        results=[classification(spec, row, len(labels)) for row in probs],
+        model=enc.name,
+        model_version=enc.version,
+    )
+    return response.SerializeToString(), len(job.texts)
+
+
+def _analyze(model: LoadedModel, job: Job, view: BatchView) -> tuple[bytes, int]:
+    results: list[bytes] = []
+    for name in job.params["heads"]:
+        head = model.heads[name]
+        base = {"head": name, "head_version": head.spec.version}
+        for index, text in enumerate(job.texts):
+            if isinstance(head, EmbeddingHead):
+                value = pb.Embedding(values=view.rows([text])[0].tolist())
+                result = pb.AnalyzeResult(text_index=index, embedding=value, **base)
+            elif isinstance(head, LinearClassifierHead):
+                probs = head.apply(view.rows([text]))[0]
+                value_c = classification(head.spec, probs, max(job.top_k, 1))
+                result = pb.AnalyzeResult(text_index=index, classification=value_c, **base)
+            elif isinstance(head, TokenClassifierHead):
+                value_e = entity_list(head, view, text)
+                result = pb.AnalyzeResult(text_index=index, entities=value_e, **base)
+            else:
+                raise TypeError(f"head {name!r} cannot be analyzed")
+            results.append(result.SerializeToString())
+    return pack_messages(results), len(results)
+
+
+def classification(spec: HeadSpec, probs: Floats, top_k: int) -> pb.ClassificationResult:
+    """Best label, its score and the top_k ranking; applies the head's rejection threshold."""
+    best = np.argsort(-probs, kind="stable")[: max(1, min(top_k, len(spec.labels)))]
+    top = [pb.LabelScore(label=spec.labels[j], score=float(probs[j])) for j in best]
+    label, score = top[0].label, top[0].score
+    if spec.fallback_label and score < spec.threshold:
+        label = spec.fallback_label
+        score = float(probs[spec.labels.index(label)])
+    return pb.ClassificationResult(label=label, score=score, top=top)
+
+
+def entity_list(head: TokenClassifierHead, view: BatchView, text: str) -> pb.EntityList:
+    """The entities of one text as the API message."""
+    states, encoding = view.tokens(text)
+    spans = head.entities(states, encoding, text)
+    return pb.EntityList(
+        entities=[
+            pb.Entity(text=s.text, label=s.label, start=s.start, end=s.end, score=s.score)
+            for s in spans
+        ]
+    )
+
+
+def _hypotheses(job: Job) -> list[str]:
+    template = job.params.get("template") or ZeroShotHead.DEFAULT_TEMPLATE
+    return [template.replace("{}", label) for label in job.params["labels"]]
+
+
+def _label_vector(model: LoadedModel, view: BatchView, hypothesis: str) -> Floats:
+    cached = model.label_cache.get(hypothesis)
+    if cached is None:
+        cached = view.rows([hypothesis])[0]
+        model.label_cache.put(hypothesis, cached)
+    return cached
+
+
+def _head(model: LoadedModel, name: str, kind: type[H]) -> H:
+    head = model.heads[name]
+    if not isinstance(head, kind):
+        raise TypeError(f"head {name!r} is not a {kind.__name__}")
+    return head
+
+
+_BUILDERS: dict[str, Callable[[LoadedModel, Job, BatchView], tuple[bytes, int]]] = {
+    KIND_EMBED: _embed,
+    KIND_CLASSIFY: _classify,
+    KIND_ENTITIES: _entities,
+    KIND_SIMILARITY: _similarity,
+    KIND_ZERO_SHOT: _zero_shot,
+    KIND_ANALYZE: _analyze,
+}
