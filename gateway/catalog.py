@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 from gateway.replies import ReplyRouter
 from router import keys
 from taskmux.health import Health
-from taskmux.modelrepo.manifest import Manifest, ModelRepoError
+from taskmux.modelrepo.manifest import HeadSpec, Manifest, ModelRepoError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class CatalogWatcher:
     async def check(self) -> None:
         """One round: catalog, reply stream, health."""
         try:
-            raw = await self._redis.get(keys.CATALOG_KEY)
+            raws = await self._read_catalogs()
             await self._replies.keep_alive()
         except RedisError as err:
             if self.redis_ok:
@@ -76,16 +76,27 @@ class CatalogWatcher:
         if not self.redis_ok:
             log.info("Redis reachable")
         await self._set_health(True)
-        if raw is None:
+        catalogs = []
+        for raw in raws:
+            try:
+                catalogs.append(Manifest.from_json(raw))
+            except ModelRepoError as err:
+                log.error("ignoring an unreadable catalog in Redis: %s", err)
+        if not catalogs:
             return
-        try:
-            catalog = Manifest.from_json(raw)
-        except ModelRepoError as err:
-            log.error("ignoring an unreadable catalog in Redis: %s", err)
-            return
+        catalog = merge_catalogs(catalogs)
         if self.catalog is None or catalog != self.catalog:
             log.info("catalog: heads %s", [h.name for h in catalog.heads])
         self.catalog = catalog
+
+    async def _read_catalogs(self) -> list[bytes]:
+        """Live workers' catalogs, or the last one any worker left when none is alive."""
+        names = [k async for k in self._redis.scan_iter(match=keys.worker_catalog("*"))]
+        raws = [r for r in await self._redis.mget(names) if r] if names else []
+        if not raws:
+            fallback = await self._redis.get(keys.CATALOG_KEY)
+            raws = [fallback] if fallback else []
+        return [r if isinstance(r, bytes) else r.encode() for r in raws]
 
     async def _loop(self) -> None:
         while True:
@@ -96,3 +107,18 @@ class CatalogWatcher:
     async def _set_health(self, ok: bool) -> None:
         self.redis_ok = ok
         await self._health.set_ready(ok)
+
+
+def merge_catalogs(catalogs: list[Manifest]) -> Manifest:
+    """Every head any live worker serves; for a head on several versions, the newest."""
+    heads: dict[str, HeadSpec] = {}
+    for catalog in catalogs:
+        for head in catalog.heads:
+            seen = heads.get(head.name)
+            if seen is None or _version_key(head.version) > _version_key(seen.version):
+                heads[head.name] = head
+    return Manifest(encoder=catalogs[0].encoder, heads=tuple(heads.values()))
+
+
+def _version_key(version: str) -> tuple[int, str]:
+    return (int(version), "") if version.isdigit() else (-1, version)

@@ -20,11 +20,15 @@ Reply streams: `taskmux:v1:replies:<gateway id>` (one per gateway process)
     stream at start and refreshes its TTL (`reply_ttl_s`, default 60 s) every second
     or so; the stream of a dead gateway expires on its own.
 
-Catalog: `taskmux:v1:catalog` (a string)
-    The JSON model manifest (encoder and heads, without checksums) of the workers'
-    model repository. Each worker `SET`s it at start and every `catalog_refresh_s`.
-    Gateways read it to validate head names and to answer ListTasks. No TTL, so
-    requests still queue while workers are scaled to zero.
+Catalogs: `taskmux:v1:catalog:<worker id>` and `taskmux:v1:catalog` (strings)
+    The JSON model manifest (encoder and heads, without checksums) a worker serves.
+    Each worker `SET`s its own key with a TTL of 3 x `catalog_refresh_s`, at start,
+    every `catalog_refresh_s` and right after a hot reload, and deletes it on exit.
+    Gateways serve the union of the live workers' heads, so a head that only some
+    workers have loaded is still accepted and waits in its stream for one of them.
+    The worker also `SET`s the plain `taskmux:v1:catalog` (no TTL): gateways fall
+    back to it when no worker is alive, so requests still queue while workers are
+    scaled to zero.
 
 Worker counters: `taskmux:v1:stats:<worker id>` (a hash)
     Running totals per worker process: batches, jobs, encoder_rows (distinct texts
@@ -56,6 +60,11 @@ def task_stream(head: str) -> str:
 def head_of_stream(stream: str) -> str:
     """The head name a job stream belongs to (inverse of `task_stream`)."""
     return stream.removeprefix(f"{PREFIX}tasks:")
+
+
+def worker_catalog(worker_id: str) -> str:
+    """The catalog of heads one live worker serves."""
+    return f"{CATALOG_KEY}:{worker_id}"
 
 
 def worker_stats(worker_id: str) -> str:

@@ -48,6 +48,11 @@ class JobStreams:
         self._read_count = read_count
         self._block_ms = block_ms
 
+    async def set_heads(self, heads: Sequence[str]) -> None:
+        """Serve these heads from now on (after a hot reload)."""
+        self._streams = [keys.task_stream(h) for h in heads]
+        await self.ensure_groups()
+
     async def ensure_groups(self) -> None:
         """Create the consumer group on every stream (from the start, so queued work counts)."""
         for stream in self._streams:

@@ -38,6 +38,8 @@ class WorkerSettings:
     max_batch_rows: int = 256
     # Pulled batches waiting for the encoder; more hides Redis latency, holds more work.
     prefetch_batches: int = 2
+    # How often the model repository is checked for new or updated heads; 0 disables.
+    reload_interval_ms: int = 2000
     # How often the model catalog is re-published to Redis.
     catalog_refresh_s: int = 10
 
@@ -59,6 +61,7 @@ class WorkerSettings:
             ),
             max_batch_rows=env_int(env, "MAX_BATCH_ROWS", default.max_batch_rows, minimum=1),
             prefetch_batches=env_int(env, "PREFETCH_BATCHES", default.prefetch_batches, minimum=1),
+            reload_interval_ms=env_int(env, "RELOAD_INTERVAL_MS", default.reload_interval_ms),
             catalog_refresh_s=env_int(
                 env, "CATALOG_REFRESH_S", default.catalog_refresh_s, minimum=1
             ),

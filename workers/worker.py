@@ -16,6 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import grpc
 import redis.asyncio as aioredis
@@ -27,6 +28,7 @@ from taskmux.health import Health
 from workers.compute import BatchResult, compute
 from workers.consumer import JobStreams, Pulled
 from workers.model import LoadedModel
+from workers.reload import manifest_stamp, reload_heads
 from workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,7 @@ class Worker:
         self._to_compute: asyncio.Queue[list[Pulled] | None] = asyncio.Queue(
             maxsize=settings.prefetch_batches
         )
+        self._catalog_changed = asyncio.Event()
         self._to_publish: asyncio.Queue[tuple[list[Pulled], BatchResult] | None] = asyncio.Queue(
             maxsize=2
         )
@@ -84,6 +87,8 @@ class Worker:
         await self._retry(self._streams.ensure_groups, stop)
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._catalog_loop(stop))
+            if self.settings.reload_interval_ms:
+                tasks.create_task(self._reload_loop(stop))
             tasks.create_task(self._pull_loop(stop))
             tasks.create_task(self._compute_loop())
             tasks.create_task(self._publish_loop())
@@ -158,15 +163,50 @@ class Worker:
                 # The entries stay pending in the group; recovery claims them later.
                 log.error("could not publish %d replies: %s", len(done), err)
 
-    async def _catalog_loop(self, stop: asyncio.Event) -> None:
-        catalog = self.model.manifest.to_json(with_checksums=False)
+    async def _reload_loop(self, stop: asyncio.Event) -> None:
+        repo = Path(self.settings.model_repo)
+        stamp = manifest_stamp(repo)
         while not stop.is_set():
+            await _sleep_or_stop(stop, self.settings.reload_interval_ms / 1000)
+            if (now := manifest_stamp(repo)) == stamp:
+                continue
+            stamp = now
+            model = await asyncio.to_thread(reload_heads, self.model, repo)
+            if model is self.model:
+                continue
+            # Batches already computing hold the previous object and finish on it.
+            self.model = model
             try:
-                await self._redis.set(keys.CATALOG_KEY, catalog)
+                await self._streams.set_heads([*model.heads, ANALYZE_STREAM_HEAD])
+            except RedisError as err:
+                log.warning("could not create groups for reloaded heads: %s", err)
+            self._catalog_changed.set()
+
+    async def _catalog_loop(self, stop: asyncio.Event) -> None:
+        own_key = keys.worker_catalog(self.settings.worker_id)
+        ttl_s = 3 * self.settings.catalog_refresh_s
+        while not stop.is_set():
+            catalog = self.model.manifest.to_json(with_checksums=False)
+            try:
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.set(own_key, catalog, ex=ttl_s)
+                pipe.set(keys.CATALOG_KEY, catalog)
+                await pipe.execute()
             except RedisError as err:
                 self.stats.redis_errors += 1
                 log.warning("publishing the catalog failed: %s", err)
-            await _sleep_or_stop(stop, self.settings.catalog_refresh_s)
+            self._catalog_changed.clear()
+            changed = asyncio.create_task(self._catalog_changed.wait())
+            stopped = asyncio.create_task(stop.wait())
+            await asyncio.wait(
+                [changed, stopped],
+                timeout=self.settings.catalog_refresh_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            changed.cancel()
+            stopped.cancel()
+        with contextlib.suppress(RedisError):
+            await self._redis.delete(own_key)  # this worker no longer serves anything
 
     async def _dead_letter(self, pulled: Pulled) -> None:
         self.stats.malformed += 1
