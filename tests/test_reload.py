@@ -128,3 +128,25 @@ def _heads(stub: taskmux_pb2_grpc.TaskMuxStub) -> set[str]:
 
 def _classify(stub: taskmux_pb2_grpc.TaskMuxStub, head: str) -> pb.ClassifyResponse:
     return stub.Classify(pb.ClassifyRequest(head=head, texts=["what a day"]), timeout=10)
+
+
+@pytest.mark.integration
+def test_a_head_only_some_workers_serve_never_fails(
+    repo: Path, model_repo: Path, tmp_path: Path
+) -> None:
+    publish_head(repo, "mood", "1", ("sad", "happy"))
+    cluster = Cluster(repo, tmp_path)
+    try:
+        cluster.start_redis()
+        cluster.start_worker()  # serves mood
+        cluster.model_repo = model_repo
+        cluster.start_worker()  # does not
+        _, target = cluster.start_gateway(monitor_interval_ms="200")
+        wait_until(lambda: serving(target), 30, "gateway SERVING")
+        stub = taskmux_pb2_grpc.TaskMuxStub(grpc.insecure_channel(target))
+        wait_until(lambda: "mood" in _heads(stub), 60, "the union of both catalogs")
+        for _ in range(20):
+            assert _classify(stub, "mood").head == "mood"
+            assert _classify(stub, SOURCE_HEAD).head == SOURCE_HEAD
+    finally:
+        cluster.stop_all()
