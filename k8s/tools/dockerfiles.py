@@ -24,7 +24,8 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 MODULE_COMPONENT = {"gateway": "gateway", "workers": "worker"}
 PORT_SETTING = {"gateway": "TASKMUX_LISTEN_ADDR", "worker": "TASKMUX_HEALTH_ADDR"}
 BUILD_TOOLS = re.compile(r"\b(gcc|g\+\+|clang|make|build-essential|cmake|cargo|rustc)\b")
-DIGEST_OR_TAG = re.compile(r"(@sha256:[0-9a-f]{64}$)|(:[0-9][\w.-]*$)")
+# An exact version (x.y.z, any suffix) or a digest; "3.11-slim" or "latest" float.
+DIGEST_OR_TAG = re.compile(r"(@sha256:[0-9a-f]{64}$)|(:\d+\.\d+\.\d+[\w.-]*$)")
 
 
 @dataclass

@@ -85,6 +85,10 @@ def hadolint(paths: list[Path]) -> Report:
     return report
 
 
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def _objects(files: list[Path]) -> list[tuple[Path, list[Obj]]]:
     return [(path, load_objects(path)) for path in files]
 
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check == "all":
         manifests = render(args.out)
         docker = DOCKERFILES
-        print(f"rendered {', '.join(str(p.relative_to(ROOT)) for p in manifests)}")
+        print(f"rendered {', '.join(_shown(p) for p in manifests)}")
     checks: dict[str, Callable[[], Report]] = {
         "schema": lambda: schema(manifests, versions),
         "keda": lambda: _per_file(manifests, lambda objs: keda.check(objs, args.keda_schemas)),

