@@ -201,6 +201,25 @@ def shipped_heads() -> list[str]:
     return sorted(heads)
 
 
+def stream_heads() -> list[str]:
+    """Every job stream's head name workers read: the shipped heads, plus shared streams
+    such as analyze jobs' (router/messages.py constants named *_STREAM_HEAD)."""
+    heads = set(shipped_heads())
+    for node in _parse("router/messages.py").body:
+        target = node.target if isinstance(node, ast.AnnAssign) else None
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0]
+        value = getattr(node, "value", None)
+        if (
+            isinstance(target, ast.Name)
+            and target.id.endswith("_STREAM_HEAD")
+            and isinstance(value, ast.Constant)
+            and isinstance(value.value, str)
+        ):
+            heads.add(value.value)
+    return sorted(heads)
+
+
 def port_of(address: str) -> int | None:
     """The port of "host:port" or "[v6]:port"."""
     _, _, port = address.rpartition(":")

@@ -8,7 +8,7 @@ and does not preserve unknown fields is closed with additionalProperties: false.
 
 Trigger metadata is a free string map in the CRD, so the redis-streams triggers are
 checked here too: known keys only, the streams and group of router/keys.py, a lag and a
-pending trigger for every shipped head.
+pending trigger for every job stream the workers read (each head's, and analyze's).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import jsonschema
 import yaml
-from common import ROOT, Obj, Report, find, redis_keys, ref, shipped_heads
+from common import ROOT, Obj, Report, find, redis_keys, ref, stream_heads
 
 DEFAULT_SCHEMAS = ROOT.parent / "shared" / "schemas" / "keda"
 GROUP = "keda.sh"
@@ -150,7 +150,7 @@ def _check_scaled_object(obj: Obj, objs: list[Obj], report: Report) -> None:
             pending_heads.add(head)
         else:
             report.add(at, "neither lagCount nor pendingEntriesCount")
-    for head in shipped_heads():
+    for head in stream_heads():
         if head not in lag_heads:
             report.add(where, f"head {head!r} has no lagCount trigger (scaling from zero)")
         if head not in pending_heads:
