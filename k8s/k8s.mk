@@ -21,7 +21,7 @@ $(K8S_TOOLS): k8s/requirements.txt
 
 k8s-tools: $(K8S_TOOLS) ## Install the pinned validators (kubectl, checkov, ...) in .venv-k8s
 
-k8s-render: $(K8S_TOOLS) ## Print every overlay rendered by kustomize into build/k8s/
+k8s-render: $(K8S_TOOLS) ## Render every overlay with kustomize into build/k8s/
 	$(K8S_BIN)/python k8s/tools/validate.py render --out build/k8s
 
 k8s-validate: $(K8S_TOOLS) ## Render and check k8s/ and docker/ (schemas, KEDA, settings, policy, hadolint)
