@@ -13,7 +13,7 @@ PROTO_OUT := taskmux/v1/taskmux_pb2.py taskmux/v1/taskmux_pb2.pyi taskmux/v1/tas
 .PHONY: help venv proto proto-check model run test lint train-heads eval interop-deps clean
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 $(BIN)/.installed: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.11 is needed (python3.11 on PATH)"; exit 1; }
@@ -57,7 +57,7 @@ $(NODE_CLIENT)/node_modules/.package-lock.json: $(NODE_CLIENT)/package-lock.json
 
 interop-deps: $(NODE_CLIENT)/node_modules/.package-lock.json ## Install the Node.js interop client (grpc-js)
 
-test: proto-check $(MODEL_REPO)/manifest.json interop-deps ## Unit and integration tests
+test: proto-check $(MODEL_REPO)/manifest.json interop-deps k8s-validate ## Unit and integration tests
 	TASKMUX_TEST_MODEL_REPO=$(MODEL_REPO) $(BIN)/pytest
 
 lint: $(BIN)/.installed ## ruff and mypy
