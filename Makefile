@@ -10,7 +10,7 @@ PROTO_OUT := taskmux/v1/taskmux_pb2.py taskmux/v1/taskmux_pb2.pyi taskmux/v1/tas
 	taskmux/v1/taskmux_pb2_grpc.pyi
 
 .DEFAULT_GOAL := help
-.PHONY: help venv proto proto-check model run test lint train-heads interop-deps clean
+.PHONY: help venv proto proto-check model run test lint train-heads eval interop-deps clean
 
 help: ## List the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -41,8 +41,11 @@ $(MODEL_REPO)/manifest.json: $(BIN)/.installed
 model: $(MODEL_REPO)/manifest.json ## Build the model repository (ONNX encoder + heads)
 
 train-heads: $(MODEL_REPO)/manifest.json ## Retrain the committed heads from ../shared/data
-	$(BIN)/taskmux model train-sentiment --repo $(MODEL_REPO) --data $(SHARED_DATA)
+	$(BIN)/taskmux model train-defaults --repo $(MODEL_REPO) --data $(SHARED_DATA)
 	$(BIN)/taskmux model build --out $(MODEL_REPO) --force
+
+eval: $(MODEL_REPO)/manifest.json ## Recompute each shipped head's held-out figure vs its floor
+	$(BIN)/taskmux model eval --repo $(MODEL_REPO) --data $(SHARED_DATA)
 
 run: $(MODEL_REPO)/manifest.json ## Start Valkey, a gateway and a worker (Ctrl-C stops all)
 	$(BIN)/taskmux up --model-repo $(MODEL_REPO)

@@ -1,25 +1,73 @@
-"""`taskmux model ...` and `taskmux head ...`: build, train and inspect the model repository."""
+"""`taskmux model ...` and `taskmux head ...`: build, train, evaluate and inspect heads."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
+DEFAULT_REPO = Path("model-repo")
+DEFAULT_DATA = Path("../shared/data")
+DEFAULT_CACHE = Path(".cache/embeddings")  # encoder outputs kept between runs
+SHIPPED_HEADS = ("sentiment", "intent", "topic", "entities")
+
 
 def add_model_commands(sub: Any) -> None:
-    """Register the `model` (and later `head`) subcommands on the CLI's subparsers."""
-    model = sub.add_parser("model", help="Build or train the model repository")
+    """Register the `model` and `head` subcommands on the CLI's subparsers."""
+    model = sub.add_parser("model", help="Build, train or evaluate the model repository")
     msub = model.add_subparsers(required=True, metavar="ACTION")
     build = msub.add_parser("build", help="Export the encoder and assemble the repository")
-    build.add_argument("--out", type=Path, default=Path("model-repo"))
+    build.add_argument("--out", type=Path, default=DEFAULT_REPO)
     build.add_argument("--force", action="store_true", help="rebuild even if it exists")
     build.set_defaults(func=_model_build)
-    train = msub.add_parser("train-sentiment", help="Train the sentiment head on SST-2")
-    train.add_argument("--repo", type=Path, default=Path("model-repo"))
-    train.add_argument("--data", type=Path, default=Path("../shared/data"))
-    train.set_defaults(func=_model_train_sentiment)
+
+    sentiment = msub.add_parser("train-sentiment", help="Retrain the sentiment head only")
+    defaults = msub.add_parser(
+        "train-defaults", help="Retrain every shipped head into taskmux/modelrepo/trained/"
+    )
+    defaults.add_argument(
+        "--only", nargs="+", choices=SHIPPED_HEADS, default=list(SHIPPED_HEADS), metavar="HEAD"
+    )
+    evaluate = msub.add_parser(
+        "eval", help="Recompute each shipped head's held-out figure; non-zero exit on a FAIL"
+    )
+    evaluate.add_argument("--card", type=Path, default=Path("MODEL_CARD.md"))
+    for p in (sentiment, defaults, evaluate):
+        p.add_argument("--repo", type=Path, default=DEFAULT_REPO)
+        p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+        p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+        p.add_argument("--no-cache", action="store_true", help="recompute encoder outputs")
+    sentiment.set_defaults(func=_model_train, only=["sentiment"])
+    defaults.set_defaults(func=_model_train)
+    evaluate.set_defaults(func=_model_eval)
+
+    head = sub.add_parser("head", help="Train or list task heads of a model repository")
+    hsub = head.add_subparsers(required=True, metavar="ACTION")
+    train = hsub.add_parser("train", help="Train a head from a labelled file into the repository")
+    train.add_argument("--kind", choices=("classification", "token"), default="classification")
+    train.add_argument("--name", required=True, help="[a-z][a-z0-9_-]{0,62}")
+    train.add_argument(
+        "--data", type=Path, required=True, help="CSV/TSV/JSONL, or CoNLL for --kind token"
+    )
+    train.add_argument("--repo", type=Path, default=DEFAULT_REPO)
+    train.add_argument("--text-column", default="text")
+    train.add_argument("--label-column", default="label")
+    train.add_argument(
+        "--hidden", type=int, default=None, help="hidden units (default 0 for classification, "
+        "i.e. softmax regression, and 256 for token heads)",
+    )  # fmt: skip
+    train.add_argument("--scheme", choices=("io", "bio"), default="io", help="token tags")
+    train.add_argument("--seed", type=int, default=0, help="of the held-out split and the fit")
+    train.set_defaults(func=_head_train)
+    listing = hsub.add_parser("list", help="Print the repository's heads")
+    listing.add_argument("--repo", type=Path, default=DEFAULT_REPO)
+    listing.set_defaults(func=_head_list)
 
 
 def _model_build(args: argparse.Namespace) -> int:
@@ -30,9 +78,89 @@ def _model_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_train_sentiment(args: argparse.Namespace) -> int:
+def _cache(args: argparse.Namespace) -> Path | None:
+    return None if args.no_cache else Path(args.cache_dir)
+
+
+def _model_train(args: argparse.Namespace) -> int:
+    from taskmux.modelrepo.entities_head import train_entities
+    from taskmux.modelrepo.intent import train_intent
+    from taskmux.modelrepo.topic import train_topic
     from taskmux.modelrepo.train import train_sentiment
 
-    report = train_sentiment(args.repo, args.data)
+    trainers = {
+        "sentiment": train_sentiment,
+        "intent": train_intent,
+        "topic": train_topic,
+        "entities": train_entities,
+    }
+    reports = {}
+    for name in args.only:
+        started = time.monotonic()
+        reports[name] = trainers[name](args.repo, args.data, cache_dir=_cache(args))
+        reports[name]["seconds"] = round(time.monotonic() - started, 1)
+    print(json.dumps(reports, indent=2))
+    print("rebuild the repository to serve them: taskmux model build --force", file=sys.stderr)
+    return 0
+
+
+def _model_eval(args: argparse.Namespace) -> int:
+    from taskmux.modelrepo.evaluate import evaluate, format_table
+    from taskmux.modelrepo.manifest import load_manifest
+    from taskmux.modelrepo.model_card import render
+
+    started = time.monotonic()
+    figures = evaluate(args.repo, args.data, cache_dir=_cache(args))
+    print(format_table(figures))
+    card = render(load_manifest(args.repo, verify=False), figures)
+    tmp = args.card.with_name(args.card.name + ".tmp")
+    tmp.write_text(card, encoding="utf-8")
+    tmp.replace(args.card)
+    failed = [f for f in figures if f.passed is False]
+    seconds = time.monotonic() - started
+    print(f"\n{args.card} written; {len(failed)} FAIL; {seconds:.0f} s", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _head_train(args: argparse.Namespace) -> int:
+    from taskmux.modelrepo.custom import train_classification_head, train_token_head
+    from taskmux.modelrepo.manifest import ModelRepoError
+
+    try:
+        if args.kind == "token":
+            report = train_token_head(
+                args.repo,
+                args.data,
+                args.name,
+                scheme=args.scheme,
+                hidden=256 if args.hidden is None else args.hidden,
+                seed=args.seed,
+            )
+        else:
+            report = train_classification_head(
+                args.repo,
+                args.data,
+                args.name,
+                text_column=args.text_column,
+                label_column=args.label_column,
+                hidden=args.hidden or 0,
+                seed=args.seed,
+            )
+    except (ValueError, ModelRepoError) as err:
+        print(f"taskmux head train: {err}; nothing was written", file=sys.stderr)
+        return 2
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def _head_list(args: argparse.Namespace) -> int:
+    from taskmux.modelrepo.headstore import format_heads
+    from taskmux.modelrepo.manifest import ModelRepoError, load_manifest
+
+    try:
+        manifest = load_manifest(args.repo, verify=False)
+    except ModelRepoError as err:
+        print(f"taskmux head list: {err}", file=sys.stderr)
+        return 2
+    print(format_heads(manifest))
     return 0

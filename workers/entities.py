@@ -1,9 +1,13 @@
-"""Entity spans from a token-classification head's per-token probabilities.
+"""Entity spans from a token-classification head: per-token probabilities, then BIO decoding.
 
-Labels are BIO tags ("O", "B-PER", "I-PER", ...). Each word (as the tokenizer's
-pre-tokenizer splits them) takes the tag of its first word piece; consecutive words
-tagged B-X, I-X, I-X form one X entity. Offsets come from the tokenizer and are code
-points into the caller's original string, so `text[start:end]` is the entity's text.
+Decoding works on *words* as the tokenizer sees them (runs of word pieces with one word id:
+the BERT pre-tokenizer splits on whitespace and punctuation), so a span never ends inside a
+word, and "Germany," yields "Germany". A word's tag is its first piece's most probable label;
+the later pieces only widen the span. Tags follow BIO: `B-X` opens an entity of type X, `I-X`
+continues an open X (or opens one when none is open: a stray I- is kept, not dropped), `O`
+closes. Labels without a B-/I- prefix (an IO scheme) continue an entity of the same type.
+Spans are code-point offsets into the text the encoding was made from, so
+`text[start:end] == span.text` holds for any input, accents, CJK and emoji included.
 """
 
 from __future__ import annotations
@@ -14,13 +18,15 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Encoding
 
-from workers.encoder import Floats
+from workers.encoder import Floats, l2_normalize
 from workers.heads_math import mlp_logits, softmax
+
+OUTSIDE = "O"
 
 
 @dataclass(frozen=True)
 class EntitySpan:
-    """One entity: its text, type, code-point offsets and confidence."""
+    """One entity: its text, type (no B-/I- prefix), code-point span and mean probability."""
 
     text: str
     label: str
@@ -29,54 +35,79 @@ class EntitySpan:
     score: float
 
 
+@dataclass(frozen=True)
+class _Word:
+    start: int
+    end: int
+    first_token: int
+
+
 def token_probs(states: Floats, params: dict[str, Floats]) -> Floats:
-    """[tokens, labels] probabilities for every token state."""
-    return softmax(mlp_logits(states, params))
+    """Label probabilities [tokens, labels] of raw token states (L2-normalised per token)."""
+    if states.ndim != 2:
+        raise ValueError(f"token states must be [tokens, dim], got shape {states.shape}")
+    return softmax(mlp_logits(l2_normalize(np.asarray(states, dtype=np.float32)), params))
 
 
 def decode_entities(
     probs: Floats, encoding: Encoding, text: str, labels: Sequence[str]
 ) -> list[EntitySpan]:
-    """The entities in `text`, in order of appearance."""
-    words = _first_pieces(encoding)
+    """The entity spans of `text`, given its encoding and the head's probabilities."""
+    if probs.ndim != 2 or probs.shape[1] != len(labels):
+        raise ValueError(f"probabilities {probs.shape} do not match {len(labels)} labels")
+    if probs.shape[0] != len(encoding.ids):
+        raise ValueError(f"{probs.shape[0]} probability rows for {len(encoding.ids)} tokens")
+    words = _words(encoding, len(text))
     spans: list[EntitySpan] = []
-    current: tuple[str, int, int, list[float]] | None = None  # (type, start, end, scores)
-    for first, last in words:
-        tag = labels[int(np.argmax(probs[first]))]
-        score = float(np.max(probs[first]))
-        start, end = encoding.offsets[first][0], encoding.offsets[last][1]
-        prefix, _, kind = tag.partition("-")
-        if prefix == "I" and current is not None and current[0] == kind:
-            current = (kind, current[1], end, [*current[3], score])
-            continue
-        if current is not None:
-            spans.append(_span(text, current))
-            current = None
-        if prefix in ("B", "I") and kind:
-            current = (kind, start, end, [score])
-    if current is not None:
-        spans.append(_span(text, current))
+    open_type: str | None = None
+    members: list[tuple[_Word, float]] = []
+
+    def close() -> None:
+        if open_type is not None and members:
+            start, end = members[0][0].start, members[-1][0].end
+            score = float(np.clip(np.mean([p for _, p in members]), 0.0, 1.0))
+            spans.append(EntitySpan(text[start:end], open_type, start, end, score))
+
+    for word in words:
+        row = probs[word.first_token]
+        best = int(np.argmax(row))
+        prefix, kind = _split(labels[best])
+        if kind is None:
+            close()
+            open_type, members = None, []
+        elif prefix == "B" or kind != open_type:
+            close()
+            open_type, members = kind, [(word, float(row[best]))]
+        else:
+            members.append((word, float(row[best])))
+    close()
     return spans
 
 
-def _first_pieces(encoding: Encoding) -> list[tuple[int, int]]:
-    """(first token, last token) of each word, skipping special tokens."""
-    words: list[tuple[int, int]] = []
-    previous = None
-    for i, (word, special) in enumerate(
-        zip(encoding.word_ids, encoding.special_tokens_mask, strict=True)
+def _split(label: str) -> tuple[str, str | None]:
+    """("B" | "I" | "", entity type), or ("", None) for the outside label."""
+    if label == OUTSIDE or not label:
+        return "", None
+    if label[:2] in ("B-", "I-") and len(label) > 2:
+        return label[0], label[2:]
+    return "", label
+
+
+def _words(encoding: Encoding, length: int) -> list[_Word]:
+    """Runs of non-special tokens sharing a word id, with their character extent."""
+    words: list[_Word] = []
+    last_id: int | None = None
+    special = encoding.special_tokens_mask
+    for index, (word_id, (start, end)) in enumerate(
+        zip(encoding.word_ids, encoding.offsets, strict=True)
     ):
-        if special or word is None:
-            previous = None
+        if special[index] or word_id is None or not 0 <= start < end <= length:
+            last_id = None
             continue
-        if word == previous and words:
-            words[-1] = (words[-1][0], i)
+        if word_id == last_id and words:
+            previous = words[-1]
+            words[-1] = _Word(previous.start, max(previous.end, end), previous.first_token)
         else:
-            words.append((i, i))
-        previous = word
+            words.append(_Word(start, end, index))
+        last_id = word_id
     return words
-
-
-def _span(text: str, current: tuple[str, int, int, list[float]]) -> EntitySpan:
-    kind, start, end, scores = current
-    return EntitySpan(text[start:end], kind, start, end, float(np.mean(scores)))

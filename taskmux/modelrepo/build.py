@@ -118,6 +118,8 @@ def trained_heads(heads_dir: Path = TRAINED_HEADS_DIR) -> list[tuple[HeadSpec, P
             labels=tuple(meta["labels"]),
             metrics={k: float(v) for k, v in meta.get("metrics", {}).items()},
             description=meta.get("description", ""),
+            threshold=float(meta.get("threshold", 0.0)),
+            fallback_label=str(meta.get("fallback_label", "")),
         )
         found.append((spec, meta_file.parent / "weights.npz"))
     return found

@@ -1,8 +1,8 @@
-"""Train classification heads on the frozen encoder's vectors.
+"""The sentiment head: SST-2, with a held-out split that no training phrase leaks into.
 
-`fit_softmax_regression` is the generic trainer (any number of classes); `train_sentiment`
-fits the SST-2 sentiment head and writes it to `trained/sentiment/`, where
-`taskmux model build` picks it up.
+`train_sentiment` fits the head and writes it to `trained/sentiment/`, where
+`taskmux model build` picks it up; `sentiment_heldout` gives `taskmux model eval` the same
+held-out sentences. The fitters live in `fit.py`, the readers in `datasets.py`.
 
 Held-out rule for SST-2, whose `train.tsv` mixes whole sentences with their sub-phrases:
 
@@ -23,9 +23,8 @@ Held-out rule for SST-2, whose `train.tsv` mixes whole sentences with their sub-
 from __future__ import annotations
 
 import csv
-import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,21 @@ import numpy as np
 import numpy.typing as npt
 
 from taskmux.modelrepo.build import TRAINED_HEADS_DIR
+from taskmux.modelrepo.datasets import LabelledRows, TrainingDataError, normalize_text
+from taskmux.modelrepo.embedding import Embedder
+from taskmux.modelrepo.fit import accuracy, fit_softmax_regression
+from taskmux.modelrepo.headstore import write_trained_head
+
+__all__ = [
+    "TrainingDataError",
+    "accuracy",
+    "fit_softmax_regression",
+    "read_labelled_tsv",
+    "sentiment_heldout",
+    "sentiment_split",
+    "train_sentiment",
+    "whole_sentence_mask",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,124 +60,7 @@ SPLIT_SEED = 0
 HELDOUT_FRACTION = 0.1
 L2_GRID = (1e-3, 1e-2, 3e-2, 1e-1)  # on standardised features
 SENTENCE_WEIGHTS = (1.0, 3.0)  # real traffic is whole sentences; phrases are most rows
-MAX_BATCH_TOKENS = 8192
-
-
-class TrainingDataError(ValueError):
-    """The labelled data is missing or unusable; nothing was written."""
-
-
-# --- the generic trainer -----------------------------------------------------------------
-
-
-def fit_softmax_regression(
-    features: npt.ArrayLike,
-    labels: npt.ArrayLike,
-    num_classes: int,
-    *,
-    l2: float = 1e-3,
-    epochs: int = 40,
-    batch_size: int = 512,
-    learning_rate: float = 0.01,
-    sample_weight: npt.ArrayLike | None = None,
-    seed: int = 0,
-) -> tuple[Floats, Floats]:
-    """Multinomial logistic regression by minibatch Adam; returns (weight [C, D], bias [C]).
-
-    Features are standardised per dimension while fitting and the scaling is folded back
-    into the result, so `softmax(features @ weight.T + bias)` gives the probabilities.
-    `l2` penalises the squared norm of the weights on the standardised features. The
-    learning rate decays on a cosine; results depend only on the inputs and `seed`.
-    """
-    x = np.asarray(features, dtype=np.float64)
-    y = np.asarray(labels)
-    _check_problem(x, y, num_classes)
-    weights = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, np.float64)
-    if weights.shape != y.shape or not np.all(weights >= 0) or weights.sum() <= 0:
-        raise ValueError("sample_weight must be non-negative, one per row, not all zero")
-    mean = x.mean(axis=0)
-    scale = np.maximum(x.std(axis=0), 1e-6)
-    z = (x - mean) / scale
-    onehot = np.eye(num_classes)[y.astype(np.int64)]
-
-    w = np.zeros((num_classes, x.shape[1]))
-    b = np.zeros(num_classes)
-    adam = _Adam([w, b], learning_rate)
-    rng = np.random.default_rng(seed)
-    steps = epochs * -(-len(y) // batch_size)
-    for step, rows in enumerate(_minibatches(len(y), batch_size, epochs, rng)):
-        logits = z[rows] @ w.T + b
-        error = (_softmax(logits) - onehot[rows]) * weights[rows, None]
-        total = weights[rows].sum()
-        if total <= 0:
-            continue
-        grad_w = error.T @ z[rows] / total + l2 * w
-        grad_b = error.sum(axis=0) / total
-        adam.step([grad_w, grad_b], 0.5 * (1 + np.cos(np.pi * step / steps)))
-
-    weight = w / scale
-    bias = b - weight @ mean
-    return weight.astype(np.float32), bias.astype(np.float32)
-
-
-def accuracy(features: npt.ArrayLike, labels: npt.ArrayLike, weight: Floats, bias: Floats) -> float:
-    """Share of rows whose most probable class under the head is the label."""
-    y = np.asarray(labels)
-    if len(y) == 0:
-        return float("nan")
-    logits = np.asarray(features, dtype=np.float32) @ weight.T + bias
-    return float(np.mean(logits.argmax(axis=1) == y))
-
-
-def _check_problem(x: npt.NDArray[Any], y: npt.NDArray[Any], num_classes: int) -> None:
-    if num_classes < 2:
-        raise ValueError(f"need at least 2 classes, got {num_classes}")
-    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or len(y) == 0:
-        raise ValueError(f"features {x.shape} and labels {y.shape} do not make a training set")
-    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= num_classes:
-        raise ValueError(f"labels must be integers in [0, {num_classes})")
-    if not np.all(np.isfinite(x)):
-        raise ValueError("features contain NaN or infinity")
-
-
-def _softmax(logits: npt.NDArray[Any]) -> npt.NDArray[Any]:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    probabilities: npt.NDArray[Any] = exp / exp.sum(axis=1, keepdims=True)
-    return probabilities
-
-
-def _minibatches(
-    n: int, batch_size: int, epochs: int, rng: np.random.Generator
-) -> Iterator[npt.NDArray[np.intp]]:
-    for _ in range(epochs):
-        order = rng.permutation(n)
-        for start in range(0, n, batch_size):
-            yield order[start : start + batch_size]
-
-
-class _Adam:
-    """Adam (Kingma & Ba 2015) updating a list of arrays in place."""
-
-    def __init__(self, params: list[npt.NDArray[np.float64]], learning_rate: float) -> None:
-        self.params = params
-        self.learning_rate = learning_rate
-        self.m = [np.zeros_like(p) for p in params]
-        self.v = [np.zeros_like(p) for p in params]
-        self.t = 0
-
-    def step(self, grads: list[npt.NDArray[np.float64]], lr_scale: float) -> None:
-        self.t += 1
-        beta1, beta2 = 0.9, 0.999
-        lr = self.learning_rate * lr_scale
-        for p, g, m, v in zip(self.params, grads, self.m, self.v, strict=True):
-            m *= beta1
-            m += (1 - beta1) * g
-            v *= beta2
-            v += (1 - beta2) * g * g
-            m_hat = m / (1 - beta1**self.t)
-            v_hat = v / (1 - beta2**self.t)
-            p -= lr * m_hat / (np.sqrt(v_hat) + 1e-8)
+SENTIMENT_FLOOR = 0.80  # held-out whole-sentence accuracy
 
 
 # --- data and the held-out split ---------------------------------------------------------
@@ -184,11 +81,6 @@ class Split:
     train: list[int]
     heldout: list[int]
     leaked: list[int]
-
-
-def normalize_text(text: str) -> str:
-    """Collapse runs of whitespace to one space and strip the ends."""
-    return " ".join(text.split())
 
 
 def read_labelled_tsv(
@@ -306,12 +198,23 @@ def sentiment_split(
 # --- the sentiment head ------------------------------------------------------------------
 
 
+def sentiment_heldout(data_dir: Path, *, seed: int = SPLIT_SEED) -> LabelledRows:
+    """The held-out whole sentences of SST-2 train.tsv, labelled negative/positive."""
+    train = read_labelled_tsv(data_dir / "sst2" / "train.tsv")
+    dev = read_labelled_tsv(data_dir / "sst2" / "dev.tsv")
+    held = sentiment_split(train, dev, seed=seed).split.heldout
+    return LabelledRows(
+        [train.texts[i] for i in held], [SENTIMENT_LABELS[train.labels[i]] for i in held]
+    )
+
+
 def train_sentiment(
     repo: Path,
     data_dir: Path,
     *,
     out_dir: Path = TRAINED_HEADS_DIR / "sentiment",
     seed: int = SPLIT_SEED,
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Fit the SST-2 sentiment head on `repo`'s encoder, write it to `out_dir`, report."""
     train = read_labelled_tsv(data_dir / "sst2" / "train.tsv")
@@ -322,7 +225,9 @@ def train_sentiment(
         "SST-2: %d training rows, %d held-out sentences, %d leaked rows dropped",
         len(split.train), len(split.heldout), len(split.leaked),
     )  # fmt: skip
-    x_train, x_dev = _embed(repo, train.texts, dev.texts)
+    embedder = Embedder(repo, cache_dir=cache_dir)
+    vectors = embedder.sentence_vectors([*train.texts, *dev.texts])
+    x_train, x_dev = vectors[: len(train.texts)], vectors[len(train.texts) :]
 
     fit = np.asarray(split.train)
     fit_texts = [train.texts[i] for i in split.train]
@@ -368,7 +273,7 @@ def train_sentiment(
             "dev.tsv sentence was removed from training."
         ),
     }
-    _write_head(out_dir, head, weight, bias)
+    write_trained_head(out_dir, head, {"weight": weight, "bias": bias})
     log.info("sentiment head written to %s", out_dir)
     return {"head_dir": str(out_dir), "metrics": metrics}
 
@@ -404,30 +309,3 @@ def _select(x: Floats, y: Ints, texts: list[str], is_sentence: Mask, seed: int) 
                 best = _Choice(l2, sentence_weight, score, len(val))
     assert best is not None
     return best
-
-
-def _embed(repo: Path, *groups: list[str]) -> list[Floats]:
-    """L2-normalised vectors of each group of texts, as the worker computes them."""
-    from taskmux.modelrepo.manifest import load_manifest
-    from workers.encoder import Encoder, l2_normalize
-
-    manifest = load_manifest(repo)
-    encoder = Encoder(repo, manifest.encoder, providers=["CPUExecutionProvider"])
-    unique = sorted({text for group in groups for text in group})
-    log.info("embedding %d distinct texts", len(unique))
-    pooled, _ = encoder.encode(unique, max_batch_tokens=MAX_BATCH_TOKENS)
-    vectors = l2_normalize(pooled)
-    row_of = {text: i for i, text in enumerate(unique)}
-    return [vectors[[row_of[t] for t in group]] for group in groups]
-
-
-def _write_head(out_dir: Path, head: dict[str, Any], weight: Floats, bias: Floats) -> None:
-    """Write weights.npz, then head.json (what the build looks for), each atomically."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights_tmp = out_dir / "weights.npz.tmp"
-    with weights_tmp.open("wb") as f:
-        np.savez(f, weight=weight.astype(np.float32), bias=bias.astype(np.float32))
-    weights_tmp.replace(out_dir / "weights.npz")
-    head_tmp = out_dir / "head.json.tmp"
-    head_tmp.write_text(json.dumps(head, indent=2) + "\n", encoding="utf-8")
-    head_tmp.replace(out_dir / "head.json")

@@ -1,0 +1,150 @@
+"""`taskmux model eval`: each shipped head's held-out figure, recomputed on the serving path.
+
+Heads are loaded from the model repository with `workers.heads.load_heads`, the classes a
+worker serves them with; sentence heads read L2-normalised pooled vectors, the entities head
+reads the float32 token states of the raw text and decodes spans with
+`workers.entities.decode_entities`; a classification head's threshold is applied as the
+worker applies it. Each held-out split is rebuilt from the data with the trainer's seed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from taskmux.modelrepo.classify_train import hit_rate, served_labels
+from taskmux.modelrepo.datasets import LabelledRows
+from taskmux.modelrepo.embedding import Embedder
+from taskmux.modelrepo.entities_head import ENTITIES_FLOOR, entities_heldout
+from taskmux.modelrepo.entities_train import score_entities
+from taskmux.modelrepo.intent import INTENT_FLOOR, intent_heldout
+from taskmux.modelrepo.topic import TOPIC_FLOOR, topic_heldout
+from taskmux.modelrepo.train import SENTIMENT_FLOOR, sentiment_heldout
+from workers.heads import Head, LinearClassifierHead, TokenClassifierHead, load_heads
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One held-out figure of one head, with its floor when it has one."""
+
+    head: str
+    metric: str
+    value: float
+    examples: int
+    floor: float | None = None
+    recorded: float | None = None  # what head.json says, for comparison
+
+    @property
+    def passed(self) -> bool | None:
+        """None when there is no floor."""
+        if self.floor is None:
+            return None
+        return not math.isnan(self.value) and self.value >= self.floor
+
+
+Evaluator = Callable[[Head, Embedder, Path], list[Figure]]
+
+
+def evaluate(repo: Path, data_dir: Path, *, cache_dir: Path | None = None) -> list[Figure]:
+    """Every shipped head's figures; a shipped head missing from the repository fails."""
+    embedder = Embedder(repo, cache_dir=cache_dir)
+    heads = load_heads(repo, embedder.manifest)
+    figures: list[Figure] = []
+    for name, (evaluator, metric, floor) in SHIPPED.items():
+        head = heads.get(name)
+        if head is None:
+            figures.append(Figure(name, f"{metric} (head missing)", math.nan, 0, floor))
+            continue
+        figures += evaluator(head, embedder, data_dir)
+    return figures
+
+
+def _accuracy(head: Head, embedder: Embedder, rows: LabelledRows, *, threshold: bool) -> float:
+    """Accuracy of the served answers (with the head's threshold rule if `threshold`)."""
+    assert isinstance(head, LinearClassifierHead)
+    spec = head.spec
+    probs = head.apply(embedder.sentence_vectors(rows.texts))
+    if not threshold:
+        return hit_rate(served_labels(probs, spec.labels), rows.labels)
+    answers = served_labels(
+        probs, spec.labels, threshold=spec.threshold, fallback=spec.fallback_label
+    )
+    return hit_rate(answers, rows.labels)
+
+
+def _figure(
+    head: Head, metric: str, value: float, examples: int, floor: float | None = None
+) -> Figure:
+    recorded = head.spec.metrics.get(f"heldout_{metric}")
+    return Figure(head.spec.name, metric, value, examples, floor, recorded)
+
+
+def _sentiment(head: Head, embedder: Embedder, data_dir: Path) -> list[Figure]:
+    rows = sentiment_heldout(data_dir)
+    value = _accuracy(head, embedder, rows, threshold=True)
+    return [_figure(head, "accuracy", value, len(rows.texts), SENTIMENT_FLOOR)]
+
+
+def _topic(head: Head, embedder: Embedder, data_dir: Path) -> list[Figure]:
+    rows = topic_heldout(data_dir)
+    value = _accuracy(head, embedder, rows, threshold=True)
+    return [_figure(head, "accuracy", value, len(rows.texts), TOPIC_FLOOR)]
+
+
+def _intent(head: Head, embedder: Embedder, data_dir: Path) -> list[Figure]:
+    inscope, oos = intent_heldout(data_dir)
+    n_in, n_oos = len(inscope.texts), len(oos.texts)
+    return [
+        _figure(head, "inscope_accuracy", _accuracy(head, embedder, inscope, threshold=False),
+                n_in, INTENT_FLOOR),
+        _figure(head, "inscope_accuracy_at_threshold",
+                _accuracy(head, embedder, inscope, threshold=True), n_in, INTENT_FLOOR),
+        _figure(head, "oos_recall_at_threshold", _accuracy(head, embedder, oos, threshold=True),
+                n_oos),
+    ]  # fmt: skip
+
+
+def _entities(head: Head, embedder: Embedder, data_dir: Path) -> list[Figure]:
+    assert isinstance(head, TokenClassifierHead)
+    sentences = entities_heldout(data_dir)
+    encoded = embedder.token_states([s.text for s in sentences], cached=False)
+    scores = score_entities(sentences, encoded, head.params, head.spec.labels)
+    return [
+        _figure(head, "f1", scores.f1, scores.gold, ENTITIES_FLOOR),
+        _figure(head, "precision", scores.precision, scores.predicted),
+        _figure(head, "recall", scores.recall, scores.gold),
+    ]
+
+
+# name -> (evaluator, headline metric, floor)
+SHIPPED: dict[str, tuple[Evaluator, str, float]] = {
+    "sentiment": (_sentiment, "accuracy", SENTIMENT_FLOOR),
+    "intent": (_intent, "inscope_accuracy", INTENT_FLOOR),
+    "topic": (_topic, "accuracy", TOPIC_FLOOR),
+    "entities": (_entities, "f1", ENTITIES_FLOOR),
+}
+
+
+def format_table(figures: list[Figure]) -> str:
+    """A fixed-width table: head, metric, value, recorded, floor, examples, PASS/FAIL."""
+    rows = [("HEAD", "METRIC", "VALUE", "RECORDED", "FLOOR", "N", "RESULT")]
+    for f in figures:
+        result = {None: "-", True: "PASS", False: "FAIL"}[f.passed]
+        rows.append(
+            (
+                f.head,
+                f.metric,
+                f"{f.value:.4f}",
+                "-" if f.recorded is None else f"{f.recorded:.4f}",
+                "-" if f.floor is None else f">= {f.floor:.2f}",
+                str(f.examples),
+                result,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
