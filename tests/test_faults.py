@@ -44,7 +44,9 @@ def test_no_worker_call_ends_at_its_deadline(cluster: Cluster, model_repo: Path)
     _, target = cluster.start_gateway()
     wait_until(lambda: serving(target), 30, "gateway SERVING")
     stub = _stub(target)
-    head = next(h.name for h in load_manifest(model_repo, verify=False).heads if h.kind == "classification")
+    head = next(
+        h.name for h in load_manifest(model_repo, verify=False).heads if h.kind == "classification"
+    )
     calls = [
         lambda: stub.Embed(pb.EmbedRequest(texts=["anyone there?"]), timeout=2),
         lambda: stub.Classify(pb.ClassifyRequest(head=head, texts=["hello?"]), timeout=2),
