@@ -81,3 +81,23 @@ def test_batches_respect_the_token_budget(model: LoadedModel) -> None:
     assert stats.padded_tokens >= stats.real_tokens
     whole, _ = model.encoder.encode(texts, max_batch_tokens=100_000, max_batch_rows=1000)
     assert np.allclose(pooled, whole, atol=1e-4)
+
+
+def test_rejection_threshold_answers_the_fallback_label() -> None:
+    from taskmux.modelrepo.manifest import HeadSpec
+    from workers.tasks import classification
+
+    spec = HeadSpec(
+        "intent",
+        "classification",
+        "1",
+        ("balance", "transfer", "oos"),
+        "w",
+        threshold=0.5,
+        fallback_label="oos",
+    )
+    sure = classification(spec, np.array([0.8, 0.15, 0.05], np.float32), 2)
+    assert (sure.label, [t.label for t in sure.top]) == ("balance", ["balance", "transfer"])
+    unsure = classification(spec, np.array([0.4, 0.35, 0.25], np.float32), 1)
+    assert unsure.label == "oos" and unsure.score == pytest.approx(0.25)
+    assert unsure.top[0].label == "balance"  # the ranking is still reported

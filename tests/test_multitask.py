@@ -279,3 +279,48 @@ def test_analyze_refuses_bad_requests_before_streaming(
         list(stub.Analyze(request_, timeout=10))
     assert info.value.code() == code
     assert hint in info.value.details()
+
+
+ENTITY_TEXTS = [
+    "Angela Merkel met Emmanuel Macron in Paris on Monday.",
+    "Zoë Ångström from Göteborg joined Siemens AG 🙂 last year.",
+    "東京 hosted the Olympics; José Mourinho watched from Lisbon.",
+    "nothing to see here",
+]
+
+
+def test_entities_offsets_slice_back_to_the_callers_text(
+    stub: taskmux_pb2_grpc.TaskMuxStub,
+) -> None:
+    response = stub.ExtractEntities(pb.ExtractEntitiesRequest(texts=ENTITY_TEXTS), timeout=30)
+    assert response.head == "entities" and response.head_version
+    assert len(response.results) == len(ENTITY_TEXTS)
+    for text, result in zip(ENTITY_TEXTS, response.results, strict=True):
+        for entity in result.entities:
+            assert text[entity.start : entity.end] == entity.text
+            assert entity.label in {"PER", "ORG", "LOC", "MISC"}
+            assert 0.0 < entity.score <= 1.0
+    first = {(e.text, e.label) for e in response.results[0].entities}
+    assert {("Angela Merkel", "PER"), ("Paris", "LOC")} <= first
+    assert not response.results[3].entities
+
+
+def test_intent_and_topic_heads(stub: taskmux_pb2_grpc.TaskMuxStub) -> None:
+    intent = stub.Classify(
+        pb.ClassifyRequest(
+            head="intent",
+            texts=["what is my checking account balance", "purple monkey dishwasher sings"],
+            top_k=3,
+        ),
+        timeout=30,
+    )
+    assert intent.results[0].label == "balance"
+    assert len(intent.results[0].top) == 3
+    assert intent.results[1].label == "oos"  # below the head's threshold: out of scope
+    topic = stub.Classify(
+        pb.ClassifyRequest(
+            head="topic", texts=["The striker scored twice as United won the cup final."]
+        ),
+        timeout=30,
+    )
+    assert topic.results[0].label == "Sports"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -148,5 +150,35 @@ def test_a_head_only_some_workers_serve_never_fails(
         for _ in range(20):
             assert _classify(stub, "mood").head == "mood"
             assert _classify(stub, SOURCE_HEAD).head == SOURCE_HEAD
+    finally:
+        cluster.stop_all()
+
+
+@pytest.mark.integration
+def test_a_head_trained_by_the_cli_is_served_without_a_restart(repo: Path, tmp_path: Path) -> None:
+    data = tmp_path / "tickets.jsonl"
+    rows = [("the app crashes when I log in", "bug"), ("please add a dark mode", "feature")] * 20
+    data.write_text(
+        "".join(f'{{"text": "{t} {i}", "label": "{lab}"}}\n' for i, (t, lab) in enumerate(rows))
+    )
+    cluster = Cluster(repo, tmp_path)
+    try:
+        cluster.start_redis()
+        worker = cluster.start_worker(reload_interval_ms="200", catalog_refresh_s="1")
+        _, target = cluster.start_gateway(monitor_interval_ms="200")
+        wait_until(lambda: serving(target), 30, "gateway SERVING")
+        stub = taskmux_pb2_grpc.TaskMuxStub(grpc.insecure_channel(target))
+        wait_until(lambda: SOURCE_HEAD in _heads(stub), 60, "catalog")
+        run = subprocess.run(
+            [sys.executable, "-m", "taskmux.cli", "head", "train", "--name", "ticket", "--data", str(data), "--repo", str(repo)],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        wait_until(lambda: "ticket" in _heads(stub), 20, "the trained head in ListTasks")
+        response = stub.Classify(
+            pb.ClassifyRequest(head="ticket", texts=["it crashes on startup"]), timeout=10
+        )
+        assert response.results[0].label == "bug"
+        assert worker.popen.poll() is None
     finally:
         cluster.stop_all()
