@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from taskmux.config import env_int, env_list, env_str, redact_url
+from taskmux.config import SettingsError, env_int, env_list, env_str, redact_url
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,9 @@ class WorkerSettings:
     worker_id: str = ""
     # ONNX Runtime providers in order, or "auto" (CUDA when present, else CPU).
     providers: tuple[str, ...] = ("auto",)
+    # Encoder variant: "auto" (fp16 on a GPU, else int8 if built, else fp32), "fp32",
+    # "int8" (CPU, dynamically quantised) or "fp16" (GPU).
+    encoder_variant: str = "auto"
     # ONNX Runtime intra-op threads; 0 lets ONNX Runtime use every core.
     intra_op_threads: int = 0
     # Stream entries pulled per stream per XREADGROUP; raise for bigger batches.
@@ -36,6 +39,12 @@ class WorkerSettings:
     max_batch_tokens: int = 16384
     # Most texts in one encoder call.
     max_batch_rows: int = 256
+    # Longest a batch waits for more work after its first item arrived; lower trades
+    # throughput for latency.
+    max_wait_ms: int = 5
+    # Relative share of batch rows per head under contention, e.g. "intent=4,embed=1";
+    # heads not named weigh 1. No head starves, whatever the weights.
+    task_weights: tuple[tuple[str, int], ...] = ()
     # Pulled batches waiting for the encoder; more hides Redis latency, holds more work.
     prefetch_batches: int = 2
     # How often the model repository is checked for new or updated heads; 0 disables.
@@ -53,6 +62,7 @@ class WorkerSettings:
             health_addr=env_str(env, "HEALTH_ADDR", default.health_addr),
             worker_id=env_str(env, "WORKER_ID", f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"),
             providers=env_list(env, "PROVIDERS", default.providers),
+            encoder_variant=env_str(env, "ENCODER_VARIANT", default.encoder_variant),
             intra_op_threads=env_int(env, "INTRA_OP_THREADS", default.intra_op_threads),
             read_count=env_int(env, "READ_COUNT", default.read_count, minimum=1),
             block_ms=env_int(env, "BLOCK_MS", default.block_ms, minimum=1, maximum=60_000),
@@ -60,6 +70,8 @@ class WorkerSettings:
                 env, "MAX_BATCH_TOKENS", default.max_batch_tokens, minimum=256
             ),
             max_batch_rows=env_int(env, "MAX_BATCH_ROWS", default.max_batch_rows, minimum=1),
+            max_wait_ms=env_int(env, "MAX_WAIT_MS", default.max_wait_ms, maximum=10_000),
+            task_weights=parse_weights(env_list(env, "TASK_WEIGHTS", ())),
             prefetch_batches=env_int(env, "PREFETCH_BATCHES", default.prefetch_batches, minimum=1),
             reload_interval_ms=env_int(env, "RELOAD_INTERVAL_MS", default.reload_interval_ms),
             catalog_refresh_s=env_int(
@@ -74,6 +86,17 @@ class WorkerSettings:
             f"providers={','.join(self.providers)} threads={self.intra_op_threads or 'auto'} "
             f"batch={self.max_batch_rows} rows/{self.max_batch_tokens} tokens"
         )
+
+
+def parse_weights(items: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+    """("intent=4", "embed=1") as ((intent, 4), (embed, 1)); SettingsError if malformed."""
+    weights = []
+    for item in items:
+        name, _, value = item.partition("=")
+        if not name or not value.isdigit() or int(value) < 1:
+            raise SettingsError(f"TASKMUX_TASK_WEIGHTS item {item!r} must be HEAD=N with N >= 1")
+        weights.append((name.strip(), int(value)))
+    return tuple(weights)
 
 
 def settings_from_environ() -> WorkerSettings:
