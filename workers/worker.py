@@ -1,11 +1,14 @@
-"""The worker's pipeline: pull, compute and publish overlap as three owned tasks.
+"""The worker's pipeline: pull, batch, compute and publish overlap as owned tasks.
 
-    pull loop ──(queue of pulled batches)──> compute loop ──(queue)──> publish loop
-    XREADGROUP over every task stream        encoder + heads on a      XADD replies,
-                                             thread, never the loop    XACK, XDEL
+    pull loop ─(inbox)─> batch loop ─(1 batch)─> compute loop ─(queue)─> publish loop
+    XREADGROUP over      Scheduler: token       encoder + heads       XADD replies,
+    every task stream,   budget, row cap,       on a thread, never    XACK, XDEL,
+    tokenize (thread)    wait, fairness,        the event loop        counters
+                         expired jobs out
 
-While the encoder runs batch N, batch N+1 is being pulled and batch N-1 published.
-Stopping is staged: the pull loop stops taking work, the others finish what they hold.
+While the encoder runs batch N, batch N+1 is being formed from jobs already pulled and
+tokenized, and batch N-1's replies are being written. Stopping is staged: the pull loop
+stops taking work, and each later stage finishes what it holds before it ends.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -25,6 +29,7 @@ from redis.exceptions import RedisError
 from router import keys
 from router.messages import ANALYZE_STREAM_HEAD, Reply
 from taskmux.health import Health
+from workers.batcher import Item, Scheduler
 from workers.compute import BatchResult, compute
 from workers.consumer import JobStreams, Pulled
 from workers.model import LoadedModel
@@ -74,9 +79,11 @@ class Worker:
             read_count=settings.read_count,
             block_ms=settings.block_ms,
         )
-        self._to_compute: asyncio.Queue[list[Pulled] | None] = asyncio.Queue(
+        self._inbox: asyncio.Queue[list[Item] | None] = asyncio.Queue(
             maxsize=settings.prefetch_batches
         )
+        # One batch waits while the encoder runs the previous one.
+        self._to_compute: asyncio.Queue[list[Pulled] | None] = asyncio.Queue(maxsize=1)
         self._catalog_changed = asyncio.Event()
         self._to_publish: asyncio.Queue[tuple[list[Pulled], BatchResult] | None] = asyncio.Queue(
             maxsize=2
@@ -90,6 +97,7 @@ class Worker:
             if self.settings.reload_interval_ms:
                 tasks.create_task(self._reload_loop(stop))
             tasks.create_task(self._pull_loop(stop))
+            tasks.create_task(self._batch_loop())
             tasks.create_task(self._compute_loop())
             tasks.create_task(self._publish_loop())
         log.info("worker stopped: %s", self.stats)
@@ -113,9 +121,68 @@ class Worker:
                 for bad in (p for p in pulled if p.job is None):
                     await self._dead_letter(bad)
                 if good:
-                    await self._to_compute.put(good)
+                    await self._inbox.put(await asyncio.to_thread(self._measure, good))
         finally:
+            await self._inbox.put(None)
+
+    def _measure(self, pulled: list[Pulled]) -> list[Item]:
+        """Tokenize each job's texts (off the event loop) to know its size in tokens."""
+        tokenizer = self.model.encoder.tokenizer
+        now = time.monotonic()
+        items = []
+        for p in pulled:
+            assert p.job is not None
+            lengths = [len(e.ids) for e in tokenizer.encode_batch(list(p.job.texts))]
+            items.append(Item(p, len(lengths), max(lengths, default=1), now))
+        return items
+
+    async def _batch_loop(self) -> None:
+        s = self.settings
+        scheduler = Scheduler(
+            max_tokens=s.max_batch_tokens,
+            max_rows=s.max_batch_rows,
+            max_wait_s=s.max_wait_ms / 1000,
+            weights=dict(s.task_weights),
+        )
+        open_inbox = True
+        # One outstanding get, kept across timeouts: cancelling a get can drop its item.
+        getter: asyncio.Task[list[Item] | None] | None = None
+        try:
+            while open_inbox or len(scheduler):
+                wait_s = scheduler.wait_left_s(time.monotonic())
+                if open_inbox and not scheduler.full() and (wait_s is None or wait_s > 0):
+                    getter = getter or asyncio.create_task(self._inbox.get())
+                    done, _ = await asyncio.wait({getter}, timeout=wait_s)
+                    if not done:
+                        continue  # the wait is over: take below on the next pass
+                    items, getter = getter.result(), None
+                    if items is None:
+                        open_inbox = False
+                    else:
+                        for item in items:
+                            scheduler.add(item)
+                    continue
+                batch = scheduler.take(int(time.time() * 1000))
+                if batch.expired:
+                    await self._to_publish.put(self._expired(batch.expired))
+                if batch.items:
+                    await self._to_compute.put([i.pulled for i in batch.items])
+        finally:
+            if getter is not None:
+                getter.cancel()
             await self._to_compute.put(None)
+
+    def _expired(self, items: list[Item]) -> tuple[list[Pulled], BatchResult]:
+        """Replies for jobs whose deadline passed while they waited: no encoder work."""
+        code = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+        pulled = [i.pulled for i in items]
+        replies = [
+            Reply(id=p.job.id, code=code, message="deadline passed while queued")
+            for p in pulled
+            if p.job is not None
+        ]
+        self.stats.expired += len(replies)
+        return pulled, BatchResult(replies, None, len(replies), 0)
 
     async def _set_ready(self, ready: bool) -> None:
         if self._health is not None and self._health.ready != ready:
@@ -124,14 +191,6 @@ class Worker:
     async def _compute_loop(self) -> None:
         try:
             while (batch := await self._to_compute.get()) is not None:
-                more_coming = True
-                # Merge whatever else is already pulled, so the encoder sees one big batch.
-                while more_coming and not self._to_compute.empty():
-                    extra = self._to_compute.get_nowait()
-                    if extra is None:
-                        more_coming = False
-                    else:
-                        batch.extend(extra)
                 result = await asyncio.to_thread(
                     compute,
                     self.model,
@@ -141,8 +200,6 @@ class Worker:
                 )
                 self._count(batch, result)
                 await self._to_publish.put((batch, result))
-                if not more_coming:
-                    break
         finally:
             await self._to_publish.put(None)
 
@@ -156,6 +213,8 @@ class Worker:
                 "encoder_rows": result.encoded.rows if result.encoded else 0,
                 "head_results": result.results,
                 "expired": result.expired,
+                "real_tokens": result.encoded.real_tokens if result.encoded else 0,
+                "padded_tokens": result.encoded.padded_tokens if result.encoded else 0,
             }
             try:
                 await self._retry_finite(partial(self._streams.finish, done, counters))
