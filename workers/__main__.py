@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -34,12 +35,30 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event) -> None:
         redis = connect(settings.redis_url, block_ms=settings.block_ms)
         try:
             log.info("serving heads %s on %s", sorted(model.heads), model.encoder.provider)
-            await Worker(settings, model, redis, health).run(stop)
+            await run_with_drain_limit(Worker(settings, model, redis, health), stop, settings)
         finally:
             await redis.aclose()
     finally:
         await health.stop()
         await probe_server.stop(1)
+
+
+async def run_with_drain_limit(
+    worker: Worker, stop: asyncio.Event, settings: WorkerSettings
+) -> None:
+    """Run the worker; once `stop` is set, give it `drain_timeout_s` to finish."""
+    task = asyncio.create_task(worker.run(stop))
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    try:
+        await asyncio.wait_for(asyncio.shield(task), settings.drain_timeout_s)
+    except TimeoutError:
+        # What is left stays pending in Redis; live workers reclaim it after claim_idle_ms.
+        log.error("drain took over %ds; exiting with work left pending", settings.drain_timeout_s)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:

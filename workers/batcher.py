@@ -30,6 +30,7 @@ class Item:
     rows: int  # texts it adds to the encoder batch (before de-duplication)
     longest: int  # tokens of its longest text
     arrived_s: float  # monotonic time it was pulled
+    alone: bool = False  # reclaimed after a failure: runs in a batch of its own
 
     @property
     def deadline_ms(self) -> int:
@@ -88,6 +89,12 @@ class Scheduler:
     def take(self, now_ms: int) -> Batch:
         """The next batch (at least one job when any waits), fairly across heads."""
         expired = self._drop_expired(now_ms)
+        for queue in self._queues.values():
+            alone = next((i for i in queue if i.alone), None)
+            if alone is not None:
+                # Retried work runs by itself: a poison job cannot fail healthy ones.
+                queue.remove(alone)
+                return self._close([alone], expired)
         heads = sorted(h for h, q in self._queues.items() if q)
         if not heads:
             return Batch([], expired)
@@ -105,6 +112,8 @@ class Scheduler:
                     if not queue:
                         break
                     item = queue[0]
+                    if item.alone:
+                        break
                     width = max(longest, item.longest)
                     fits = rows + item.rows <= self._max_rows
                     fits = fits and (rows + item.rows) * width <= self._max_tokens

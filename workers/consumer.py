@@ -85,6 +85,39 @@ class JobStreams:
             for entry_id, fields in entries
         ]
 
+    async def reclaim(self, min_idle_ms: int, count: int) -> list[tuple[Pulled, int]]:
+        """Entries other consumers left pending past `min_idle_ms`, now ours, each with
+        its delivery count (XAUTOCLAIM, then XPENDING for the counts)."""
+        claimed: list[tuple[Pulled, int]] = []
+        for stream in self._streams:
+            response = await self._redis.xautoclaim(
+                stream, keys.WORKER_GROUP, self._consumer, min_idle_ms, "0-0", count=count
+            )
+            entries = [(i, f) for i, f in response[1] if f]
+            if not entries:
+                continue
+            pending = await self._redis.xpending_range(
+                stream,
+                keys.WORKER_GROUP,
+                min=entries[0][0],
+                max=entries[-1][0],
+                count=len(entries) * 2,
+                consumername=self._consumer,
+            )
+            deliveries = {p["message_id"]: int(p["times_delivered"]) for p in pending}
+            for entry_id, fields in entries:
+                claimed.append((_decode(stream, entry_id, fields), deliveries.get(entry_id, 1)))
+        return claimed
+
+    async def touch(self, held: dict[str, set[bytes]]) -> None:
+        """Reset the idle time of entries still being worked on, so none is reclaimed
+        from under us (XCLAIM ... JUSTID does not count as a delivery)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for stream, ids in held.items():
+            if ids:
+                pipe.xclaim(stream, keys.WORKER_GROUP, self._consumer, 0, list(ids), justid=True)
+        await pipe.execute()
+
     async def finish(
         self, done: Sequence[tuple[Pulled, Reply | None]], counters: dict[str, int]
     ) -> None:
@@ -143,4 +176,4 @@ def _decode(stream: str, entry_id: bytes, fields: Fields) -> Pulled:
     if job.head != keys.head_of_stream(stream):
         problem = f"job for head {job.head!r} found in stream {stream!r}"
         return Pulled(stream, entry_id, None, problem=problem, raw=fields)
-    return Pulled(stream, entry_id, job)
+    return Pulled(stream, entry_id, job, raw=fields)

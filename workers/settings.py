@@ -47,6 +47,13 @@ class WorkerSettings:
     task_weights: tuple[tuple[str, int], ...] = ()
     # Pulled batches waiting for the encoder; more hides Redis latency, holds more work.
     prefetch_batches: int = 2
+    # Pending entries idle this long belong to a dead or stuck worker and are reclaimed
+    # (XAUTOCLAIM); live workers refresh what they hold well before that.
+    claim_idle_ms: int = 30_000
+    # Deliveries after which an entry goes to the dead-letter stream with an error reply.
+    max_deliveries: int = 5
+    # After SIGTERM: how long to finish and acknowledge pulled work before exiting.
+    drain_timeout_s: int = 20
     # How often the model repository is checked for new or updated heads; 0 disables.
     reload_interval_ms: int = 2000
     # How often the model catalog is re-published to Redis.
@@ -73,6 +80,9 @@ class WorkerSettings:
             max_wait_ms=env_int(env, "MAX_WAIT_MS", default.max_wait_ms, maximum=10_000),
             task_weights=parse_weights(env_list(env, "TASK_WEIGHTS", ())),
             prefetch_batches=env_int(env, "PREFETCH_BATCHES", default.prefetch_batches, minimum=1),
+            claim_idle_ms=env_int(env, "CLAIM_IDLE_MS", default.claim_idle_ms, minimum=100),
+            max_deliveries=env_int(env, "MAX_DELIVERIES", default.max_deliveries, minimum=1),
+            drain_timeout_s=env_int(env, "DRAIN_TIMEOUT_S", default.drain_timeout_s),
             reload_interval_ms=env_int(env, "RELOAD_INTERVAL_MS", default.reload_interval_ms),
             catalog_refresh_s=env_int(
                 env, "CATALOG_REFRESH_S", default.catalog_refresh_s, minimum=1

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -55,6 +56,8 @@ class WorkerStats:
     real_tokens: int = 0
     padded_tokens: int = 0
     redis_errors: int = 0
+    reclaimed: int = 0
+    dead_lettered: int = 0
 
 
 class Worker:
@@ -85,6 +88,8 @@ class Worker:
         # One batch waits while the encoder runs the previous one.
         self._to_compute: asyncio.Queue[list[Pulled] | None] = asyncio.Queue(maxsize=1)
         self._catalog_changed = asyncio.Event()
+        self._held: dict[str, set[bytes]] = {}
+        self._published_all = asyncio.Event()  # entries pulled and not yet acknowledged
         self._to_publish: asyncio.Queue[tuple[list[Pulled], BatchResult] | None] = asyncio.Queue(
             maxsize=2
         )
@@ -100,14 +105,23 @@ class Worker:
             tasks.create_task(self._batch_loop())
             tasks.create_task(self._compute_loop())
             tasks.create_task(self._publish_loop())
+            tasks.create_task(self._keepalive_loop())
         log.info("worker stopped: %s", self.stats)
 
     async def _pull_loop(self, stop: asyncio.Event) -> None:
         backoff = BACKOFF_START_S
+        # Reclaiming runs here, between reads, so one coroutine feeds the inbox and
+        # closes it on shutdown.
+        recover_every_s = self.settings.claim_idle_ms / 3000
+        next_recovery = time.monotonic() + recover_every_s
         try:
             while not stop.is_set():
                 try:
+                    if time.monotonic() >= next_recovery:
+                        await self._recover()
+                        next_recovery = time.monotonic() + recover_every_s
                     pulled = await self._streams.read()
+                    self._hold(pulled)
                     backoff = BACKOFF_START_S
                     await self._set_ready(True)
                 except RedisError as err:
@@ -124,6 +138,58 @@ class Worker:
                     await self._inbox.put(await asyncio.to_thread(self._measure, good))
         finally:
             await self._inbox.put(None)
+
+    async def _keepalive_loop(self) -> None:
+        """Refresh the idle time of every entry we hold, even while the pipeline is full,
+        so slow work is never reclaimed from under us."""
+        while not self._published_all.is_set():
+            await _sleep_or_stop(self._published_all, self.settings.claim_idle_ms / 3000)
+            try:
+                await self._streams.touch(self._held)
+            except RedisError as err:
+                log.warning("could not refresh held entries: %s", err)
+
+    async def _recover(self) -> None:
+        """Take over entries left idle too long by other consumers (dead or stuck)."""
+        claimed = await self._streams.reclaim(self.settings.claim_idle_ms, self.settings.read_count)
+        if not claimed:
+            return
+        self._hold([p for p, _ in claimed])
+        retry = []
+        for pulled, deliveries in claimed:
+            if pulled.job is None:
+                await self._dead_letter(pulled)
+            elif deliveries > self.settings.max_deliveries:
+                await self._give_up(pulled, deliveries)
+            else:
+                retry.append(pulled)
+        self.stats.reclaimed += len(claimed)
+        log.warning("reclaimed %d pending entries from stalled workers", len(claimed))
+        if retry:
+            items = await asyncio.to_thread(self._measure, retry)
+            await self._inbox.put([dataclasses.replace(i, alone=True) for i in items])
+
+    async def _give_up(self, pulled: Pulled, deliveries: int) -> None:
+        """A job that keeps failing: dead-letter it and tell its caller."""
+        assert pulled.job is not None
+        job_id = pulled.job.id
+        self.stats.dead_lettered += 1
+        problem = f"delivered {deliveries} times without an answer; moved to the dead letters"
+        log.error("job %s in %s: %s", job_id, pulled.stream, problem)
+        reply = Reply(id=job_id, code=grpc.StatusCode.INTERNAL.value[0], message=problem)
+        try:
+            await self._streams.dead_letter(dataclasses.replace(pulled, problem=problem), reply)
+        except RedisError as err:
+            log.error("could not dead-letter %s: %s", pulled.entry_id, err)
+        self._release([pulled])
+
+    def _hold(self, pulled: list[Pulled]) -> None:
+        for p in pulled:
+            self._held.setdefault(p.stream, set()).add(p.entry_id)
+
+    def _release(self, pulled: list[Pulled]) -> None:
+        for p in pulled:
+            self._held.get(p.stream, set()).discard(p.entry_id)
 
     def _measure(self, pulled: list[Pulled]) -> list[Item]:
         """Tokenize each job's texts (off the event loop) to know its size in tokens."""
@@ -204,6 +270,12 @@ class Worker:
             await self._to_publish.put(None)
 
     async def _publish_loop(self) -> None:
+        try:
+            await self._publish_all()
+        finally:
+            self._published_all.set()
+
+    async def _publish_all(self) -> None:
         while (item := await self._to_publish.get()) is not None:
             batch, result = item
             done = list(zip(batch, result.replies, strict=True))
@@ -218,6 +290,7 @@ class Worker:
             }
             try:
                 await self._retry_finite(partial(self._streams.finish, done, counters))
+                self._release(batch)
             except RedisError as err:
                 # The entries stay pending in the group; recovery claims them later.
                 log.error("could not publish %d replies: %s", len(done), err)
@@ -284,6 +357,7 @@ class Worker:
             await self._streams.dead_letter(pulled, reply)
         except RedisError as err:
             log.error("could not dead-letter %s: %s", pulled.entry_id, err)
+        self._release([pulled])
 
     def _count(self, batch: list[Pulled], result: BatchResult) -> None:
         s = self.stats
