@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from taskmux.loadtest.cli import add_loadtest_command
 from taskmux.modelcli import add_model_commands
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -44,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--workers", type=int, default=1, metavar="M", help="worker processes")
 
     add_model_commands(sub)
+    add_loadtest_command(sub)
 
     embed = add("embed", _embed, "Embed texts; prints JSON")
     embed.add_argument("texts", nargs="+")
