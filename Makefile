@@ -10,7 +10,7 @@ PROTO_OUT := taskmux/v1/taskmux_pb2.py taskmux/v1/taskmux_pb2.pyi taskmux/v1/tas
 	taskmux/v1/taskmux_pb2_grpc.pyi
 
 .DEFAULT_GOAL := help
-.PHONY: help venv proto proto-check model run test lint train-heads eval interop-deps clean
+.PHONY: help venv proto proto-check model run test lint train-heads eval bench interop-deps clean
 
 help: ## List the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ eval: $(MODEL_REPO)/manifest.json ## Recompute each shipped head's held-out figu
 
 run: $(MODEL_REPO)/manifest.json ## Start Valkey, a gateway and a worker (Ctrl-C stops all)
 	$(BIN)/taskmux up --model-repo $(MODEL_REPO)
+
+bench: $(MODEL_REPO)/manifest.json ## Full system vs raw ONNX Runtime vs one encoder per task
+	$(BIN)/python -m bench.run --repo $(MODEL_REPO) --out bench
 
 NODE_CLIENT := tests/interop/node
 $(NODE_CLIENT)/node_modules/.package-lock.json: $(NODE_CLIENT)/package-lock.json

@@ -1,0 +1,1 @@
+"""`make bench`: taskmux against raw ONNX Runtime and one-encoder-per-task, in one run."""

@@ -1,0 +1,127 @@
+"""The full system under load: `taskmux up` in a child process, driven by the load tester."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+
+from taskmux.loadtest.config import LoadConfig, parse_lengths, parse_mix
+from taskmux.loadtest.report import LoadReport
+from taskmux.loadtest.runner import run_load
+from taskmux.local import free_port
+from taskmux.v1 import taskmux_pb2 as pb
+from taskmux.v1 import taskmux_pb2_grpc
+
+
+@contextmanager
+def running_system(repo: Path, log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Valkey, one gateway and one worker, as `make run` starts them; (target, process)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "TASKMUX_REDIS_URL"}
+    with log.open("wb") as out:
+        up = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "taskmux.cli",
+                "up",
+                "--model-repo",
+                str(repo),
+                "--port",
+                str(port),
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    target = f"127.0.0.1:{port}"
+    try:
+        _wait_ready(target, up)
+        yield target, up
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            up.wait(60)
+        except subprocess.TimeoutExpired:
+            up.kill()
+
+
+def _wait_ready(target: str, up: subprocess.Popen[bytes], timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        stub = taskmux_pb2_grpc.TaskMuxStub(channel)
+        while time.monotonic() < deadline:
+            if up.poll() is not None:
+                raise RuntimeError("taskmux up exited before serving; see its log")
+            try:
+                stub.ListTasks(pb.ListTasksRequest(), timeout=2)
+                stub.Embed(pb.EmbedRequest(texts=["warm up"]), timeout=30)
+                return
+            except grpc.RpcError:
+                time.sleep(0.2)
+    raise RuntimeError(f"taskmux at {target} not ready after {timeout_s}s")
+
+
+def load(
+    target: str, mix: str, concurrency: int, lengths: str, duration_s: float, warmup_s: float
+) -> LoadReport:
+    """One closed-loop run."""
+    config = LoadConfig(
+        target=target,
+        mode="closed",
+        concurrency=concurrency,
+        duration_s=duration_s,
+        warmup_s=warmup_s,
+        mix=parse_mix(mix),
+        lengths=parse_lengths(lengths),
+        connections=min(concurrency, 8),
+        deadline_s=60,
+    )
+    return asyncio.run(run_load(config))
+
+
+def child_pid(parent: int, module: str) -> int | None:
+    """The pid of `python -m <module>` started by `parent`, from /proc."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and b"-m" in cmdline and module.encode() in cmdline:
+            return int(entry.name)
+    return None
+
+
+def profile(pid: int, duration_s: float, out: Path) -> subprocess.Popen[bytes]:
+    """Start py-spy sampling `pid` for `duration_s` into `out` (raw collapsed stacks)."""
+    spy = Path(sys.executable).with_name("py-spy")
+    argv = [str(spy), "record", "--pid", str(pid), "--duration", str(int(duration_s)),
+            "--rate", "100", "--format", "raw", "--output", str(out), "--nonblocking"]  # fmt: skip
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def top_frames(raw: Path, n: int = 10) -> list[tuple[str, float]]:
+    """The `n` functions where the profiled process spent most samples (self time), as
+    (frame, share of samples)."""
+    counts: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text(encoding="utf-8", errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        counts[stack.split(";")[-1]] += int(count)
+        total += int(count)
+    return [(frame, c / total) for frame, c in counts.most_common(n)] if total else []
