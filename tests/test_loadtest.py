@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import random
+import socket
 import statistics
 from collections import Counter
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from taskmux.cli import main as taskmux_main
 from taskmux.loadtest import (
     ConfigError,
     LoadConfig,
+    LoadReport,
     MixEntry,
     format_lengths,
     format_mix,
@@ -356,3 +358,38 @@ def test_a_closed_port_gives_unavailable_and_the_run_still_ends() -> None:
     assert set(report.errors_by_code) == {"UNAVAILABLE"}
     assert report.latency.count == report.sent and report.latency_ok.count == 0
     assert ticks and ticks[-1].errors == report.errors + report.warmup_calls
+
+
+@pytest.fixture
+def silent_target() -> Iterator[str]:
+    """An address that accepts TCP connections and never answers (a hung server)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(64)
+        yield f"127.0.0.1:{server.getsockname()[1]}"
+
+
+def test_open_loop_drops_arrivals_over_the_cap_and_deadlines_end_hung_calls(
+    silent_target: str,
+) -> None:
+    config = LoadConfig(
+        target=silent_target, mode="open", rate=200.0, duration_s=0.3, warmup_s=0.0,
+        max_outstanding=5, deadline_s=2.0, connections=2,
+    )  # fmt: skip
+    report = asyncio.run(run_load(config))
+    assert (report.sent, report.ok) == (5, 0)  # no call ends before the schedule does
+    assert report.errors_by_code == {"DEADLINE_EXCEEDED": 5}
+    assert report.dropped > 0 and report.by_task[0].dropped == report.dropped
+    assert report.latency.count == 5 and report.latency.p50_ms is not None
+
+
+def test_the_stop_event_ends_a_long_run_early(silent_target: str) -> None:
+    async def run() -> LoadReport:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.3, stop.set)
+        config = LoadConfig(target=silent_target, concurrency=2, duration_s=600, deadline_s=1.0)
+        return await run_load(config, stop=stop)
+
+    report = asyncio.run(run())
+    assert report.interrupted and report.warmup_calls == 2 and report.sent == 0
+    assert report.errors_by_code == {}  # the two calls were warm-up calls

@@ -135,6 +135,15 @@ def run_command(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"taskmux loadtest: {err}", file=sys.stderr)
         return 2
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401 - fail before the run, not after it
+        except ImportError:
+            print(
+                "taskmux loadtest: --plot needs matplotlib (pip install matplotlib)",
+                file=sys.stderr,
+            )
+            return 2
     from taskmux.loadtest.progress import Progress
     from taskmux.loadtest.report import format_text
 
