@@ -92,6 +92,7 @@ def test_mix_spec_parses_every_task_with_weights_and_arguments() -> None:
         ("zero-shot:only", "at least 2 labels"),
         ("similarity:many", "number of candidates"),
         ("similarity:0", "number of candidates"),
+        ("similarity:²", "number of candidates"),
         ("embed=1,embed=2", "mix entry 2 'embed=2': embed is listed twice"),
     ],
 )

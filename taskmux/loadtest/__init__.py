@@ -2,8 +2,8 @@
 
 Library use (e.g. from `make bench`)::
 
-    import asyncio
-    from taskmux.loadtest import LoadConfig, parse_mix, run_load
+    import asyncio, json
+    from taskmux.loadtest import LoadConfig, parse_lengths, parse_mix, run_load
 
     config = LoadConfig(
         target="127.0.0.1:50051",

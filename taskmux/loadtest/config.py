@@ -132,7 +132,7 @@ def _task_args(name: str, arg: str, has_colon: bool, where: str) -> tuple[str, .
     if name == "similarity":
         if not arg:
             return ()
-        if not arg.isdigit() or not 1 <= int(arg) <= MAX_CANDIDATES:
+        if not (arg.isascii() and arg.isdigit()) or not 1 <= int(arg) <= MAX_CANDIDATES:
             raise ConfigError(
                 f"{where}: similarity takes a number of candidates, e.g. similarity:8"
             )
