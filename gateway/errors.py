@@ -5,10 +5,19 @@
     ├── NotFound                 NOT_FOUND: no such head
     ├── DeadlineExceeded         DEADLINE_EXCEEDED: no result in time
     ├── Unavailable              UNAVAILABLE: Redis or workers unreachable; retry
+    ├── ResourceExhausted        RESOURCE_EXHAUSTED: a full queue; retry after the hint
     └── WorkerError              whatever status a worker answered with
+
+A request whose bytes do not parse (invalid UTF-8 in a string field, a truncated or
+foreign message) reaches its handler as `Undecodable` (see `deferred_decode`) and is
+answered INVALID_ARGUMENT here, instead of the INTERNAL that grpcio sends when its
+deserializer raises.
 
 Anything else raised in a handler is a bug: the client gets INTERNAL with a fixed
 message and a reference, and the traceback is logged under that reference.
+
+Every status carries the request's `request_id`, when it has one, in the trailing
+metadata entry `x-request-id`.
 """
 
 from __future__ import annotations
@@ -17,11 +26,25 @@ import functools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import DecodeError, Message
+from google.rpc.error_details_pb2 import RetryInfo
+from google.rpc.status_pb2 import Status
 
 log = logging.getLogger(__name__)
+
+REQUEST_ID_METADATA = "x-request-id"
+RETRY_AFTER_METADATA = "retry-after-ms"
+STATUS_DETAILS_METADATA = "grpc-status-details-bin"
+
+# request_id and idempotency_key: printable ASCII, so they are valid gRPC metadata values.
+META_MAX_CHARS = 128
+
+Metadata = tuple[tuple[str, str | bytes], ...]
 
 
 class TaskmuxError(Exception):
@@ -32,6 +55,10 @@ class TaskmuxError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    def trailing_metadata(self) -> Metadata:
+        """Extra trailing metadata for this status (none by default)."""
+        return ()
 
 
 class InvalidArgument(TaskmuxError):
@@ -58,6 +85,28 @@ class Unavailable(TaskmuxError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class ResourceExhausted(TaskmuxError):
+    """A queue is full; the client should retry after `retry_after_ms`."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, *, retry_after_ms: int) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+    def trailing_metadata(self) -> Metadata:
+        """A `google.rpc.RetryInfo` in the rich status, and `retry-after-ms` for plain clients."""
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(self.retry_after_ms)
+        detail = any_pb2.Any()
+        detail.Pack(RetryInfo(retry_delay=delay))
+        status = Status(code=self.code.value[0], message=self.message, details=[detail])
+        return (
+            (STATUS_DETAILS_METADATA, status.SerializeToString()),
+            (RETRY_AFTER_METADATA, str(self.retry_after_ms)),
+        )
+
+
 class WorkerError(TaskmuxError):
     """A worker answered with a non-OK status."""
 
@@ -74,6 +123,33 @@ def worker_error(code: int, message: str) -> TaskmuxError:
     return WorkerError(_CODES.get(code, grpc.StatusCode.INTERNAL), message or "worker failed")
 
 
+@dataclass(frozen=True)
+class Undecodable:
+    """What a handler receives instead of a request whose bytes did not parse."""
+
+    type_name: str
+
+    def error(self) -> InvalidArgument:
+        """The status the caller gets for it."""
+        return InvalidArgument(
+            f"the request is not a valid {self.type_name}: a string field holds bytes that "
+            "are not UTF-8, or the message is truncated or malformed"
+        )
+
+
+def deferred_decode(message_type: type[Message]) -> Callable[[bytes], Message | Undecodable]:
+    """A request deserializer that hands parse failures to the handler instead of raising."""
+    name = message_type.DESCRIPTOR.full_name
+
+    def decode(data: bytes) -> Message | Undecodable:
+        try:
+            return message_type.FromString(data)
+        except DecodeError:
+            return Undecodable(name)
+
+    return decode
+
+
 Svc = TypeVar("Svc")
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -86,16 +162,18 @@ def grpc_status(handler: Handler[Svc, Req, Resp]) -> Handler[Svc, Req, Resp]:
 
     @functools.wraps(handler)
     async def wrapper(self: Svc, request: Req, context: Ctx) -> Resp:
+        echo = _echo_request_id(request, context)
         try:
+            if isinstance(request, Undecodable):
+                raise request.error()
             return await handler(self, request, context)
         except TaskmuxError as err:
-            await context.abort(err.code, err.message)
+            await context.abort(err.code, err.message, echo + err.trailing_metadata())
         except grpc.aio.AbortError:
             raise
         except Exception:
-            ref = uuid.uuid4().hex[:12]
-            log.exception("internal error in %s (ref %s)", handler.__name__, ref)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref})")
+            message = internal_ref(handler.__name__, request)
+            await context.abort(grpc.StatusCode.INTERNAL, message, echo)
         raise AssertionError("unreachable: context.abort raises")
 
     return wrapper
@@ -109,23 +187,41 @@ def grpc_status_stream(handler: StreamHandler[Svc, Req, Resp]) -> StreamHandler[
 
     @functools.wraps(handler)
     async def wrapper(self: Svc, request: Req, context: Ctx) -> AsyncIterator[Resp]:
+        echo = _echo_request_id(request, context)
         try:
+            if isinstance(request, Undecodable):
+                raise request.error()
             async for item in handler(self, request, context):
                 yield item
         except TaskmuxError as err:
-            await context.abort(err.code, err.message)
+            await context.abort(err.code, err.message, echo + err.trailing_metadata())
         except grpc.aio.AbortError:
             raise
         except Exception:
-            ref = uuid.uuid4().hex[:12]
-            log.exception("internal error in %s (ref %s)", handler.__name__, ref)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref})")
+            message = internal_ref(handler.__name__, request)
+            await context.abort(grpc.StatusCode.INTERNAL, message, echo)
 
     return wrapper
 
 
-def internal_ref(where: str) -> str:
+def internal_ref(where: str, request: object = None) -> str:
     """Log the current exception under a fresh reference; the message for the client."""
     ref = uuid.uuid4().hex[:12]
-    log.exception("internal error in %s (ref %s)", where, ref)
+    request_id = getattr(request, "request_id", "")
+    log.exception("internal error in %s (ref %s, request_id %r)", where, ref, request_id)
     return f"internal error (ref {ref})"
+
+
+def _echo_request_id(request: object, context: Ctx) -> Metadata:
+    """Set `x-request-id` on the call's trailers; the same entry for an abort to carry."""
+    request_id = getattr(request, "request_id", "")
+    if not isinstance(request_id, str) or not is_metadata_safe(request_id):
+        return ()  # absent, or invalid: the handler answers INVALID_ARGUMENT
+    echo: Metadata = ((REQUEST_ID_METADATA, request_id),)
+    context.set_trailing_metadata(echo)
+    return echo
+
+
+def is_metadata_safe(value: str) -> bool:
+    """True for 1 to META_MAX_CHARS printable ASCII characters (space to "~")."""
+    return 0 < len(value) <= META_MAX_CHARS and all(" " <= c <= "~" for c in value)

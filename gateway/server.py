@@ -12,12 +12,14 @@ from grpc_reflection.v1alpha import reflection
 
 from gateway.catalog import CatalogWatcher
 from gateway.dispatch import Dispatcher
+from gateway.errors import deferred_decode
+from gateway.idempotency import Idempotency
 from gateway.replies import READ_BLOCK_MS, ReplyRouter
 from gateway.service import TaskMuxService
 from gateway.settings import GatewaySettings
 from router.connection import connect
 from taskmux.health import Health
-from taskmux.v1 import taskmux_pb2, taskmux_pb2_grpc
+from taskmux.v1 import taskmux_pb2
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +39,21 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
             CatalogWatcher(redis, replies, health, interval_ms=settings.monitor_interval_ms)
         )
         await watcher.first_check()  # so the first calls see the real Redis state
-        dispatcher = Dispatcher(redis, replies, default_timeout_ms=settings.default_timeout_ms)
+        dispatcher = Dispatcher(
+            redis,
+            replies,
+            default_timeout_ms=settings.default_timeout_ms,
+            max_backlog=settings.max_backlog,
+            retry_after_ms=settings.backlog_retry_after_ms,
+        )
+        idempotency = Idempotency(redis, ttl_s=settings.idempotency_ttl_s)
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
             ]
         )
-        taskmux_pb2_grpc.add_TaskMuxServicer_to_server(
-            TaskMuxService(settings, dispatcher, watcher), server
-        )
+        add_service(TaskMuxService(settings, dispatcher, watcher, idempotency), server)
         health.add_to(server)
         reflection.enable_server_reflection(
             [
@@ -63,3 +70,29 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
         log.info("stopping: NOT_SERVING, draining for up to %ds", settings.drain_timeout_s)
         await health.stop()
         await server.stop(settings.drain_timeout_s)
+
+
+HANDLER_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_service(service: TaskMuxService, server: grpc.aio.Server) -> None:
+    """Register every TaskMux method, as the generated code does, but with requests that
+    fail to parse handed to the handler (`deferred_decode`) to answer INVALID_ARGUMENT."""
+    handlers = {}
+    for method in taskmux_pb2.DESCRIPTOR.services_by_name["TaskMux"].methods:
+        factory = HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)]
+        request_type = getattr(taskmux_pb2, method.input_type.name)
+        response_type = getattr(taskmux_pb2, method.output_type.name)
+        handlers[method.name] = factory(
+            getattr(service, method.name),
+            request_deserializer=deferred_decode(request_type),
+            response_serializer=response_type.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    # Missing from grpc-stubs; the generated code registers the same way.
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]

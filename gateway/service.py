@@ -13,12 +13,15 @@ from gateway.catalog import CatalogWatcher
 from gateway.dispatch import Dispatcher
 from gateway.errors import (
     InvalidArgument,
+    ResourceExhausted,
     TaskmuxError,
     Unavailable,
+    Undecodable,
     grpc_status,
     grpc_status_stream,
     internal_ref,
 )
+from gateway.idempotency import NO_KEY, Idempotency
 from gateway.plans import (
     Plan,
     plan_classify,
@@ -28,8 +31,8 @@ from gateway.plans import (
     plan_zero_shot,
 )
 from gateway.settings import GatewaySettings
-from gateway.validation import check_heads, check_texts
-from router.messages import ANALYZE_STREAM_HEAD, KIND_ANALYZE, unpack_messages
+from gateway.validation import check_heads, check_request_meta, check_texts
+from router.messages import ANALYZE_STREAM_HEAD, KIND_ANALYZE, pack_messages, unpack_messages
 from taskmux.modelrepo.manifest import (
     KIND_CLASSIFICATION,
     KIND_EMBEDDING,
@@ -66,11 +69,16 @@ class TaskMuxService(taskmux_pb2_grpc.TaskMuxServicer):
     """Implements taskmux.v1.TaskMux on top of the dispatcher and the catalog."""
 
     def __init__(
-        self, settings: GatewaySettings, dispatcher: Dispatcher, watcher: CatalogWatcher
+        self,
+        settings: GatewaySettings,
+        dispatcher: Dispatcher,
+        watcher: CatalogWatcher,
+        idempotency: Idempotency,
     ) -> None:
         self._settings = settings
         self._dispatcher = dispatcher
         self._watcher = watcher
+        self._idempotency = idempotency
 
     @grpc_status
     async def Embed(self, request: pb.EmbedRequest, context: Ctx) -> pb.EmbedResponse:
@@ -134,6 +142,7 @@ class TaskMuxService(taskmux_pb2_grpc.TaskMuxServicer):
     async def Analyze(
         self, request: pb.AnalyzeRequest, context: Ctx
     ) -> AsyncIterator[pb.AnalyzeResult]:
+        check_request_meta(request.request_id, request.idempotency_key)
         texts = check_texts(request.texts, self._settings)
         self._require_redis()
         heads = check_heads(request.heads, ANALYZABLE, self._watcher.catalog, self._settings)
@@ -142,38 +151,40 @@ class TaskMuxService(taskmux_pb2_grpc.TaskMuxServicer):
         indices: dict[str, list[int]] = {}
         for i, text in enumerate(texts):
             indices.setdefault(text, []).append(i)
-        # One job per distinct text: its results stream back as soon as it is done.
-        remaining = context.time_remaining()
-        params = {"heads": [h.name for h in heads]}
-        pending = {
-            asyncio.create_task(
-                self._dispatcher.run(
-                    kind=KIND_ANALYZE,
-                    head=ANALYZE_STREAM_HEAD,
-                    texts=(text,),
-                    top_k=request.top_k,
-                    time_remaining_s=remaining,
-                    params=params,
-                )
-            ): text
-            for text in indices
-        }
-        try:
-            while pending:
-                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    text = pending.pop(task)
-                    for raw in unpack_messages(task.result()):
+        distinct = list(indices)
+        timeout_s = self._dispatcher.timeout_s(context.time_remaining())
+        claim = await self._idempotency.claim(
+            KIND_ANALYZE, request.idempotency_key, request, timeout_s
+        )
+        if claim.cached is not None:
+            for raw in unpack_messages(claim.cached):
+                yield pb.AnalyzeResult.FromString(raw)
+            return
+        sent: list[bytes] = []
+        async with claim:
+            # One job per distinct text: its results stream back as soon as it is done.
+            results = self._dispatcher.run_many(
+                kind=KIND_ANALYZE,
+                head=ANALYZE_STREAM_HEAD,
+                texts_per_job=[(text,) for text in distinct],
+                top_k=request.top_k,
+                timeout_s=timeout_s,
+                params={"heads": [h.name for h in heads]},
+                request_id=request.request_id,
+            )
+            async with contextlib.aclosing(results):
+                async for job, body in results:
+                    for raw in unpack_messages(body):
                         result = pb.AnalyzeResult.FromString(raw)
-                        for index in indices[text]:
+                        for index in indices[distinct[job]]:
                             result.text_index = index
+                            if claim is not NO_KEY:
+                                sent.append(result.SerializeToString())
                             yield result
-        finally:
-            for task in pending:
-                task.cancel()
+            await claim.store(pack_messages(sent))
 
     async def Pipeline(
-        self, request_iterator: AsyncIterator[pb.PipelineRequest], context: Ctx
+        self, request_iterator: AsyncIterator[pb.PipelineRequest | Undecodable], context: Ctx
     ) -> AsyncIterator[pb.PipelineResponse]:
         # Flow control: a task slot is freed only once its response has been written,
         # so a client that stops reading stops the reading of its requests too.
@@ -194,14 +205,14 @@ class TaskMuxService(taskmux_pb2_grpc.TaskMuxServicer):
 
     async def _pipeline_reader(
         self,
-        requests: AsyncIterator[pb.PipelineRequest],
+        requests: AsyncIterator[pb.PipelineRequest | Undecodable],
         context: Ctx,
         slots: asyncio.Semaphore,
         results: asyncio.Queue[pb.PipelineResponse | None],
     ) -> None:
         tasks: set[asyncio.Task[None]] = set()
 
-        async def run_one(request: pb.PipelineRequest) -> None:
+        async def run_one(request: pb.PipelineRequest | Undecodable) -> None:
             await results.put(await self._pipeline_task(request, context))
 
         try:
@@ -218,8 +229,10 @@ class TaskMuxService(taskmux_pb2_grpc.TaskMuxServicer):
             await results.put(None)
 
     async def _pipeline_task(
-        self, request: pb.PipelineRequest, context: Ctx
+        self, request: pb.PipelineRequest | Undecodable, context: Ctx
     ) -> pb.PipelineResponse:
+        if isinstance(request, Undecodable):  # its id is unknown: answer with id ""
+            return pb.PipelineResponse(error=_task_error(request.error()))
         which = request.WhichOneof("task")
         try:
             if which is None:
@@ -229,7 +242,7 @@ class TaskMuxService(taskmux_pb2_grpc.TaskMuxServicer):
             getattr(response, which).CopyFrom(message)
             return response
         except TaskmuxError as err:
-            error = pb.TaskError(code=err.code.value[0], status=err.code.name, message=err.message)
+            error = _task_error(err)
         except Exception:
             code = grpc.StatusCode.INTERNAL
             error = pb.TaskError(
@@ -238,21 +251,39 @@ class TaskMuxService(taskmux_pb2_grpc.TaskMuxServicer):
         return pb.PipelineResponse(id=request.id, error=error)
 
     async def _unary(self, planner: Planner, request: Any, context: Ctx) -> Any:
+        check_request_meta(request.request_id, request.idempotency_key)
         plan = planner(request, self._settings, self._watcher.catalog)
         self._require_redis()
-        body = await self._dispatcher.run(
-            kind=plan.kind,
-            head=plan.head,
-            texts=plan.texts,
-            top_k=plan.top_k,
-            time_remaining_s=context.time_remaining(),
-            params=plan.params,
+
+        async def compute(timeout_s: float) -> bytes:
+            return await self._dispatcher.run(
+                kind=plan.kind,
+                head=plan.head,
+                texts=plan.texts,
+                top_k=plan.top_k,
+                timeout_s=timeout_s,
+                params=plan.params,
+                request_id=request.request_id,
+            )
+
+        timeout_s = self._dispatcher.timeout_s(context.time_remaining())
+        body = await self._idempotency.run(
+            plan.kind, request.idempotency_key, request, timeout_s, compute
         )
         return plan.decode(body)
 
     def _require_redis(self) -> None:
         if not self._watcher.redis_ok:
             raise Unavailable("the task queue (Redis) is unreachable; retry shortly")
+
+
+def _task_error(err: TaskmuxError) -> pb.TaskError:
+    return pb.TaskError(
+        code=err.code.value[0],
+        status=err.code.name,
+        message=err.message,
+        retry_after_ms=err.retry_after_ms if isinstance(err, ResourceExhausted) else 0,
+    )
 
 
 def _head_info(head: HeadSpec) -> pb.HeadInfo:

@@ -42,6 +42,15 @@ class GatewaySettings:
     monitor_interval_ms: int = 1000
     # How long in-flight calls may finish after SIGTERM.
     drain_timeout_s: int = 10
+    # How long a result stays bound to its idempotency key; raise it if clients retry
+    # over longer spans, lower it if many keys fill Redis memory.
+    idempotency_ttl_s: int = 600
+    # Most jobs queued or in flight per head stream before calls for that head get
+    # RESOURCE_EXHAUSTED; lower it to shed load sooner, raise it to absorb longer bursts.
+    max_backlog: int = 10_000
+    # Retry hint sent with RESOURCE_EXHAUSTED for a full stream; about how long the
+    # workers take to drain a meaningful part of a full backlog.
+    backlog_retry_after_ms: int = 1000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> GatewaySettings:
@@ -70,6 +79,11 @@ class GatewaySettings:
                 env, "MONITOR_INTERVAL_MS", d.monitor_interval_ms, minimum=50
             ),
             drain_timeout_s=env_int(env, "DRAIN_TIMEOUT_S", d.drain_timeout_s),
+            idempotency_ttl_s=env_int(env, "IDEMPOTENCY_TTL_S", d.idempotency_ttl_s, minimum=1),
+            max_backlog=env_int(env, "MAX_BACKLOG", d.max_backlog, minimum=1),
+            backlog_retry_after_ms=env_int(
+                env, "BACKLOG_RETRY_AFTER_MS", d.backlog_retry_after_ms, minimum=1
+            ),
         )
 
     def describe(self) -> str:

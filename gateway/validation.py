@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gateway.errors import InvalidArgument, NotFound, Unavailable
+from gateway.errors import META_MAX_CHARS, InvalidArgument, NotFound, Unavailable, is_metadata_safe
 from gateway.settings import GatewaySettings
 from taskmux.modelrepo.manifest import HeadSpec, Manifest
 
@@ -20,6 +20,16 @@ def check_texts(texts: Sequence[str], settings: GatewaySettings) -> tuple[str, .
         )
     _check_each("texts", texts, settings)
     return tuple(texts)
+
+
+def check_request_meta(request_id: str, idempotency_key: str) -> None:
+    """The request metadata fields, when set, are short printable ASCII."""
+    for name, value in (("request_id", request_id), ("idempotency_key", idempotency_key)):
+        if value and not is_metadata_safe(value):
+            raise InvalidArgument(
+                f"{name} must be at most {META_MAX_CHARS} printable ASCII characters "
+                f"(space to '~'); got {len(value)} characters"
+            )
 
 
 def check_head(name: str, kind: str, catalog: Manifest | None, rpc: str) -> HeadSpec:

@@ -8,7 +8,12 @@ Job streams: `taskmux:v1:tasks:<head>` (one Redis Stream per task head)
     `XREADGROUP` over every stream they serve. After a worker has written the reply it
     `XACK`s and `XDEL`s the entry, so a stream holds only queued or in-flight work.
     Job streams are never trimmed with MAXLEN: trimming would delete undelivered work.
-    No TTL.
+    Instead gateways add to a stream only while its length (queued plus in-flight
+    jobs) is under `max_backlog` (default 10,000), checked and added in one script
+    (`XLEN`, then `XADD`s) so the check costs no extra round trip; past it the
+    client gets RESOURCE_EXHAUSTED with a retry hint. One request's jobs (an Analyze
+    call's) are added together, so a stream can exceed the bound by at most one
+    request's jobs minus one. No TTL.
     Analyze jobs, which name several heads, share `taskmux:v1:tasks:_analyze`, which
     every worker reads ("_" cannot start a head name).
 
@@ -36,6 +41,19 @@ Worker counters: `taskmux:v1:stats:<worker id>` (a hash)
     Updated with each batch's replies; expires `WORKER_STATS_TTL_S` after the last.
     encoder_rows < head_results shows texts shared between heads were encoded once.
 
+Idempotency records: `taskmux:v1:idem:<job kind>:<sha256 hex of the key>` (strings)
+    One per idempotency key a client sent, scoped by RPC (the job kind: embed,
+    classify, entities, similarity, zero_shot, analyze; a Pipeline task uses its
+    kind's). The value (`router.messages.IdempotencyRecord`) holds the SHA-256 of
+    the request without its metadata and either "pending" with the owning call's
+    token or "done" with the serialized response. A gateway claims a key with
+    `SET NX PX` (pending; TTL = the call's timeout + `IDEMPOTENCY_PENDING_MARGIN_MS`,
+    so a crashed gateway's claim lapses with its call), replaces it with the result
+    (done; TTL `idempotency_ttl_s`, default 600 s) by a script that writes only if the
+    key is absent or holds the same request hash, and on failure deletes its own
+    pending record by compare-and-delete, so the next call computes again. Memory:
+    about one response per key per TTL; lower the TTL if clients send many keys.
+
 Dead letters: `taskmux:v1:dead` (a stream)
     Entries no worker could decode, with the raw fields and the reason, capped at
     about `DEAD_LETTER_MAXLEN` entries. Read it with `XRANGE taskmux:v1:dead - +`.
@@ -50,6 +68,7 @@ DEAD_LETTER_STREAM = PREFIX + "dead"
 DEAD_LETTER_MAXLEN = 10_000
 REPLY_STREAM_MAXLEN = 100_000
 WORKER_STATS_TTL_S = 86_400
+IDEMPOTENCY_PENDING_MARGIN_MS = 1_000
 
 
 def task_stream(head: str) -> str:
@@ -75,3 +94,8 @@ def worker_stats(worker_id: str) -> str:
 def reply_stream(gateway_id: str) -> str:
     """The reply stream of one gateway process."""
     return f"{PREFIX}replies:{gateway_id}"
+
+
+def idempotency_key(kind: str, key_digest: str) -> str:
+    """The idempotency record of one client key (as a SHA-256 hex digest) for one job kind."""
+    return f"{PREFIX}idem:{kind}:{key_digest}"

@@ -16,6 +16,8 @@ Job (a request for one head, in a job stream):
     enqueued_ms  when the gateway queued it (for queue-wait figures)
     params       optional JSON object: zero_shot {"labels": [...], "template": "...{}..."},
                  analyze {"heads": [...]}
+    request_id   optional: the client's request id (API field `request_id`), for logs
+                 and dead letters; absent or empty when the client sent none
 
 Reply (a worker's answer, in a reply stream):
     v            schema version, "1"
@@ -24,6 +26,11 @@ Reply (a worker's answer, in a reply stream):
     message      what went wrong, for the caller (empty when OK)
     body         on OK: the serialized public response message (EmbedResponse, ...);
                  for analyze, AnalyzeResult messages each prefixed by its varint length
+
+IdempotencyRecord (the value of a `keys.idempotency_key`, a byte string):
+    b"1P" + request hash (32 bytes) + owner token     a call is computing it
+    b"1D" + request hash (32 bytes) + response body   its result (as a Reply body)
+    The request hash is the SHA-256 of the API request without its metadata fields.
 """
 
 from __future__ import annotations
@@ -47,6 +54,9 @@ JOB_KINDS: Final = (
     KIND_ZERO_SHOT,
     KIND_ANALYZE,
 )
+HASH_BYTES: Final = 32
+IDEM_PENDING: Final = b"1P"
+IDEM_DONE: Final = b"1D"
 # Analyze jobs name several heads; they share one stream, which every worker reads.
 ANALYZE_STREAM_HEAD: Final = "_analyze"
 
@@ -70,10 +80,11 @@ class Job:
     top_k: int = 1
     enqueued_ms: int = 0
     params: dict[str, Any] = field(default_factory=dict)
+    request_id: str = ""
 
     def encode(self) -> dict[str, str | int]:
         """Fields for XADD."""
-        return {
+        fields: dict[str, str | int] = {
             "v": SCHEMA_VERSION,
             "id": self.id,
             "reply_to": self.reply_to,
@@ -85,6 +96,9 @@ class Job:
             "enqueued_ms": self.enqueued_ms,
             "params": json.dumps(self.params, ensure_ascii=False),
         }
+        if self.request_id:
+            fields["request_id"] = self.request_id
+        return fields
 
     @classmethod
     def decode(cls, fields: Fields) -> Job:
@@ -106,6 +120,7 @@ class Job:
             top_k=_int(fields, "top_k"),
             enqueued_ms=_int(fields, "enqueued_ms"),
             params=_params(fields),
+            request_id=_text(fields, "request_id") if b"request_id" in fields else "",
         )
         if job.kind not in JOB_KINDS:
             raise MalformedMessage(f"unknown job kind {job.kind!r}")
@@ -143,6 +158,33 @@ class Reply:
             message=_text(fields, "message"),
             body=fields.get(b"body", b""),
         )
+
+
+@dataclass(frozen=True)
+class IdempotencyRecord:
+    """The state of one idempotency key: pending (owner set) or done (body set)."""
+
+    request_hash: bytes
+    owner: bytes = b""
+    body: bytes | None = None
+
+    def encode(self) -> bytes:
+        """The value to store under the key."""
+        if len(self.request_hash) != HASH_BYTES:
+            raise ValueError("request_hash must be a SHA-256 digest")
+        if self.body is None:
+            return IDEM_PENDING + self.request_hash + self.owner
+        return IDEM_DONE + self.request_hash + self.body
+
+    @classmethod
+    def decode(cls, raw: bytes) -> IdempotencyRecord:
+        """Parse a stored value, or raise MalformedMessage."""
+        state, request_hash, rest = raw[:2], raw[2 : 2 + HASH_BYTES], raw[2 + HASH_BYTES :]
+        if len(request_hash) != HASH_BYTES or state not in (IDEM_PENDING, IDEM_DONE):
+            raise MalformedMessage(f"not an idempotency record: {raw[:8]!r}...")
+        if state == IDEM_PENDING:
+            return cls(request_hash, owner=rest)
+        return cls(request_hash, body=rest)
 
 
 def stream_entries(response: Any) -> list[tuple[bytes, list[tuple[bytes, Fields]]]]:

@@ -15,7 +15,27 @@ Errors are standard gRPC status codes; the message always says what to fix:
                      default timeout when the client set none).
   UNAVAILABLE        the queue (Redis) is unreachable, or no worker has
                      registered the model catalog yet; safe to retry.
+  RESOURCE_EXHAUSTED the head's queue is full (retry after the hint: a
+                     google.rpc.RetryInfo detail and the trailing metadata
+                     entry "retry-after-ms"), or the message is larger than
+                     the server accepts (no hint: do not retry as is).
   INTERNAL           a server bug; the message is fixed, details are logged.
+
+Request metadata (fields 100-199 of every request but ListTasksRequest):
+  request_id         the client's id for one logical call; send the same one
+                     on every retry. The server logs it, passes it to the
+                     worker, and echoes it in the trailing metadata entry
+                     "x-request-id" (on errors too).
+  idempotency_key    within the server's idempotency TTL (10 minutes by
+                     default), calls of the same RPC with the same key and
+                     the same request are computed once and all get that
+                     one result, across gateway replicas; a duplicate that
+                     arrives while the first is running waits for it (up to
+                     its own deadline). Only successes are remembered: after
+                     a failure the next call computes again. Reusing a key
+                     with a different request is INVALID_ARGUMENT. A Pipeline
+                     task shares keys with the unary RPC of its kind.
+  Both are optional, at most 128 printable ASCII characters (space to "~").
 """
 
 from collections import abc as _abc
@@ -81,6 +101,17 @@ class EmbedRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TEXTS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Request metadata: the client's id for this logical call, the same on every
+    retry; echoed in the trailing metadata "x-request-id". Optional.
+    """
+    idempotency_key: _builtins.str
+    """Request metadata: calls of this RPC with the same key and the same request
+    are computed once within the idempotency TTL; the same key with a different
+    request is INVALID_ARGUMENT. Optional.
+    """
     @_builtins.property
     def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The texts, 1 to ListTasksResponse.limits.max_texts_per_request of them;
@@ -92,10 +123,12 @@ class EmbedRequest(_message.Message):
         self,
         *,
         texts: _abc.Iterable[_builtins.str] | None = ...,
+        request_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["texts", b"texts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "request_id", b"request_id", "texts", b"texts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -166,12 +199,23 @@ class ClassifyRequest(_message.Message):
     HEAD_FIELD_NUMBER: _builtins.int
     TEXTS_FIELD_NUMBER: _builtins.int
     TOP_K_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     head: _builtins.str
     """Name of a head of kind HEAD_KIND_CLASSIFICATION, as ListTasks reports it."""
     top_k: _builtins.int
     """How many of the best labels to return in ClassificationResult.top.
     0 means 1; values above the head's label count return every label;
     negative values are INVALID_ARGUMENT.
+    """
+    request_id: _builtins.str
+    """Request metadata: the client's id for this logical call, the same on every
+    retry; echoed in the trailing metadata "x-request-id". Optional.
+    """
+    idempotency_key: _builtins.str
+    """Request metadata: calls of this RPC with the same key and the same request
+    are computed once within the idempotency TTL; the same key with a different
+    request is INVALID_ARGUMENT. Optional.
     """
     @_builtins.property
     def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -183,10 +227,12 @@ class ClassifyRequest(_message.Message):
         head: _builtins.str = ...,
         texts: _abc.Iterable[_builtins.str] | None = ...,
         top_k: _builtins.int = ...,
+        request_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["head", b"head", "texts", b"texts", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["head", b"head", "idempotency_key", b"idempotency_key", "request_id", b"request_id", "texts", b"texts", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -500,8 +546,19 @@ class ExtractEntitiesRequest(_message.Message):
 
     HEAD_FIELD_NUMBER: _builtins.int
     TEXTS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     head: _builtins.str
     """A head of kind HEAD_KIND_TOKEN_CLASSIFICATION; empty means "entities"."""
+    request_id: _builtins.str
+    """Request metadata: the client's id for this logical call, the same on every
+    retry; echoed in the trailing metadata "x-request-id". Optional.
+    """
+    idempotency_key: _builtins.str
+    """Request metadata: calls of this RPC with the same key and the same request
+    are computed once within the idempotency TTL; the same key with a different
+    request is INVALID_ARGUMENT. Optional.
+    """
     @_builtins.property
     def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The texts; same limits as EmbedRequest.texts."""
@@ -511,10 +568,12 @@ class ExtractEntitiesRequest(_message.Message):
         *,
         head: _builtins.str = ...,
         texts: _abc.Iterable[_builtins.str] | None = ...,
+        request_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["head", b"head", "texts", b"texts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["head", b"head", "idempotency_key", b"idempotency_key", "request_id", b"request_id", "texts", b"texts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -631,10 +690,21 @@ class SimilarityRequest(_message.Message):
     QUERY_FIELD_NUMBER: _builtins.int
     CANDIDATES_FIELD_NUMBER: _builtins.int
     TOP_K_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     query: _builtins.str
     """The query text; same limits as one text."""
     top_k: _builtins.int
     """Also return the top_k best candidates sorted by score; 0 returns none."""
+    request_id: _builtins.str
+    """Request metadata: the client's id for this logical call, the same on every
+    retry; echoed in the trailing metadata "x-request-id". Optional.
+    """
+    idempotency_key: _builtins.str
+    """Request metadata: calls of this RPC with the same key and the same request
+    are computed once within the idempotency TTL; the same key with a different
+    request is INVALID_ARGUMENT. Optional.
+    """
     @_builtins.property
     def candidates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The candidates, 1 to RequestLimits.max_candidates of them; same limits as one text."""
@@ -645,10 +715,12 @@ class SimilarityRequest(_message.Message):
         query: _builtins.str = ...,
         candidates: _abc.Iterable[_builtins.str] | None = ...,
         top_k: _builtins.int = ...,
+        request_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "query", b"query", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "idempotency_key", b"idempotency_key", "query", b"query", "request_id", b"request_id", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -727,9 +799,20 @@ class ZeroShotClassifyRequest(_message.Message):
     TEXTS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     HYPOTHESIS_TEMPLATE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     hypothesis_template: _builtins.str
     """Sentence built around each label before embedding it; must contain "{}".
     Empty means "This text is about {}.".
+    """
+    request_id: _builtins.str
+    """Request metadata: the client's id for this logical call, the same on every
+    retry; echoed in the trailing metadata "x-request-id". Optional.
+    """
+    idempotency_key: _builtins.str
+    """Request metadata: calls of this RPC with the same key and the same request
+    are computed once within the idempotency TTL; the same key with a different
+    request is INVALID_ARGUMENT. Optional.
     """
     @_builtins.property
     def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -745,10 +828,12 @@ class ZeroShotClassifyRequest(_message.Message):
         texts: _abc.Iterable[_builtins.str] | None = ...,
         labels: _abc.Iterable[_builtins.str] | None = ...,
         hypothesis_template: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hypothesis_template", b"hypothesis_template", "labels", b"labels", "texts", b"texts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hypothesis_template", b"hypothesis_template", "idempotency_key", b"idempotency_key", "labels", b"labels", "request_id", b"request_id", "texts", b"texts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -795,8 +880,19 @@ class AnalyzeRequest(_message.Message):
     TEXTS_FIELD_NUMBER: _builtins.int
     HEADS_FIELD_NUMBER: _builtins.int
     TOP_K_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     top_k: _builtins.int
     """For classification heads, as ClassifyRequest.top_k."""
+    request_id: _builtins.str
+    """Request metadata: the client's id for this logical call, the same on every
+    retry; echoed in the trailing metadata "x-request-id". Optional.
+    """
+    idempotency_key: _builtins.str
+    """Request metadata: calls of this RPC with the same key and the same request
+    are computed once within the idempotency TTL; the same key with a different
+    request is INVALID_ARGUMENT. Optional.
+    """
     @_builtins.property
     def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The texts; same limits as EmbedRequest.texts."""
@@ -813,10 +909,12 @@ class AnalyzeRequest(_message.Message):
         texts: _abc.Iterable[_builtins.str] | None = ...,
         heads: _abc.Iterable[_builtins.str] | None = ...,
         top_k: _builtins.int = ...,
+        request_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heads", b"heads", "texts", b"texts", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heads", b"heads", "idempotency_key", b"idempotency_key", "request_id", b"request_id", "texts", b"texts", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -995,22 +1093,28 @@ class TaskError(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_MS_FIELD_NUMBER: _builtins.int
     code: _builtins.int
     """The gRPC status code number (3 INVALID_ARGUMENT, 5 NOT_FOUND, ...)."""
     status: _builtins.str
     """The status code's name, e.g. "INVALID_ARGUMENT"."""
     message: _builtins.str
     """What went wrong and what to fix."""
+    retry_after_ms: _builtins.int
+    """For RESOURCE_EXHAUSTED from a full queue: how long to wait before sending
+    the task again, in milliseconds; 0 when there is no hint.
+    """
     def __init__(
         self,
         *,
         code: _builtins.int = ...,
         status: _builtins.str = ...,
         message: _builtins.str = ...,
+        retry_after_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "retry_after_ms", b"retry_after_ms", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

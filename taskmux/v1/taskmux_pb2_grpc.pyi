@@ -15,7 +15,27 @@ Errors are standard gRPC status codes; the message always says what to fix:
                      default timeout when the client set none).
   UNAVAILABLE        the queue (Redis) is unreachable, or no worker has
                      registered the model catalog yet; safe to retry.
+  RESOURCE_EXHAUSTED the head's queue is full (retry after the hint: a
+                     google.rpc.RetryInfo detail and the trailing metadata
+                     entry "retry-after-ms"), or the message is larger than
+                     the server accepts (no hint: do not retry as is).
   INTERNAL           a server bug; the message is fixed, details are logged.
+
+Request metadata (fields 100-199 of every request but ListTasksRequest):
+  request_id         the client's id for one logical call; send the same one
+                     on every retry. The server logs it, passes it to the
+                     worker, and echoes it in the trailing metadata entry
+                     "x-request-id" (on errors too).
+  idempotency_key    within the server's idempotency TTL (10 minutes by
+                     default), calls of the same RPC with the same key and
+                     the same request are computed once and all get that
+                     one result, across gateway replicas; a duplicate that
+                     arrives while the first is running waits for it (up to
+                     its own deadline). Only successes are remembered: after
+                     a failure the next call computes again. Reusing a key
+                     with a different request is INVALID_ARGUMENT. A Pipeline
+                     task shares keys with the unary RPC of its kind.
+  Both are optional, at most 128 printable ASCII characters (space to "~").
 """
 
 from collections import abc as _abc

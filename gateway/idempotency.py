@@ -1,0 +1,192 @@
+"""Idempotency keys: one computation per (RPC, key, request) within a TTL, across gateways.
+
+The state of a key lives in Redis (`router.keys.idempotency_key`), so every gateway
+replica sees it:
+
+    absent ──SET NX PX (pending)──► pending ──store (done, TTL idempotency_ttl_s)──► done
+                                       └── failure or cancel: compare-and-delete ──► absent
+
+A call with a key first tries to claim it. If another call holds it, this one reads the
+record: done with the same request hash → that result, not computed again; pending with
+the same hash → poll until it is done (or gone: then claim it) or this call's deadline
+passes; a record with a different hash → INVALID_ARGUMENT, because the client reused the
+key for another request. Only successes are kept, so a retry after a failure computes
+again. A pending claim expires with its call's timeout, so a crashed gateway's claim
+does not block the key for the whole TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+
+import redis.asyncio as aioredis
+from google.protobuf.message import Message
+from redis.exceptions import RedisError
+
+from gateway.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from router import keys
+from router.messages import IdempotencyRecord, MalformedMessage
+
+log = logging.getLogger(__name__)
+
+POLL_START_S = 0.005
+POLL_MAX_S = 0.1
+
+# Delete the key only if it still holds this call's pending record.
+RELEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# Store the result unless the key now belongs to a different request.
+STORE_SCRIPT = """
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 3, 34) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+
+
+def request_hash(request: Message) -> bytes:
+    """SHA-256 of the request without its metadata fields (request_id, idempotency_key)."""
+    content = type(request)()
+    content.CopyFrom(request)
+    for name in ("request_id", "idempotency_key"):
+        content.ClearField(name)
+    data = (
+        content.DESCRIPTOR.full_name.encode()
+        + b"\0"
+        + content.SerializeToString(deterministic=True)
+    )
+    return hashlib.sha256(data).digest()
+
+
+class Claim:
+    """A call's hold on its key: `cached` is a stored result, or None and this call computes."""
+
+    def __init__(
+        self,
+        store: Callable[[bytes], Awaitable[bool]] | None = None,
+        release: Callable[[], Awaitable[None]] | None = None,
+        cached: bytes | None = None,
+    ) -> None:
+        self.cached = cached
+        self._store = store
+        self._release = release
+
+    async def store(self, body: bytes) -> None:
+        """Keep the result for later calls with the same key and request, if Redis allows."""
+        if self._store is not None and await self._store(body):
+            self._release = None
+
+    async def __aenter__(self) -> Claim:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._release is not None:  # not stored: the call failed or was cancelled
+            release, self._release = self._release, None
+            with contextlib.suppress(RedisError):  # if not, it lapses with the call
+                await asyncio.shield(release())
+
+
+NO_KEY = Claim()
+
+
+class Idempotency:
+    """Claims, waits on and stores idempotency records in Redis."""
+
+    def __init__(self, redis: aioredis.Redis, *, ttl_s: int) -> None:
+        self._redis = redis
+        self._ttl_ms = ttl_s * 1000
+        self._release_script = redis.register_script(RELEASE_SCRIPT)
+        self._store_script = redis.register_script(STORE_SCRIPT)
+
+    async def run(
+        self,
+        kind: str,
+        key: str,
+        request: Message,
+        timeout_s: float,
+        compute: Callable[[float], Awaitable[bytes]],
+    ) -> bytes:
+        """`compute(time left)`'s result, computed once per key and request."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        claim = await self.claim(kind, key, request, timeout_s)
+        if claim.cached is not None:
+            return claim.cached
+        async with claim:
+            body = await compute(max(deadline - loop.time(), 0.001))
+            await claim.store(body)
+        return body
+
+    async def claim(self, kind: str, key: str, request: Message, timeout_s: float) -> Claim:
+        """Hold `key` for this call, or return the result stored under it; NO_KEY without one."""
+        if not key:
+            return NO_KEY
+        name = keys.idempotency_key(kind, hashlib.sha256(key.encode()).hexdigest())
+        wanted = request_hash(request)
+        mine = IdempotencyRecord(wanted, owner=os.urandom(16)).encode()
+        pending_ms = int(timeout_s * 1000) + keys.IDEMPOTENCY_PENDING_MARGIN_MS
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        poll_s = POLL_START_S
+        try:
+            while True:
+                if await self._redis.set(name, mine, nx=True, px=pending_ms):
+                    return Claim(
+                        store=lambda body: self._store(name, wanted, body),
+                        release=lambda: self._release(name, mine),
+                    )
+                raw = await self._redis.get(name)
+                if raw is not None:
+                    record = _decode(raw)
+                    if record is None or record.request_hash != wanted:
+                        raise InvalidArgument(
+                            "idempotency_key was already used with a different request "
+                            "(within the idempotency TTL): send a new key for each distinct "
+                            "request"
+                        )
+                    if record.body is not None:
+                        return Claim(cached=record.body)
+                if loop.time() + poll_s >= deadline:
+                    raise DeadlineExceeded(
+                        "an identical request with this idempotency_key is still running "
+                        f"and did not finish within {timeout_s:.3f}s; retry with the same key"
+                    )
+                await asyncio.sleep(poll_s)
+                poll_s = min(poll_s * 2, POLL_MAX_S)
+        except RedisError as err:
+            raise Unavailable(
+                f"the idempotency store (Redis) is unreachable ({type(err).__name__}); retry"
+            ) from err
+
+    async def _store(self, name: str, wanted: bytes, body: bytes) -> bool:
+        """True once stored; a failure only means a later duplicate computes again."""
+        record = IdempotencyRecord(wanted, body=body).encode()
+        try:
+            await self._store_script(keys=[name], args=[wanted, record, self._ttl_ms])
+        except RedisError as err:
+            log.warning("could not store the result of %s: %s", name, err)
+            return False
+        return True
+
+    async def _release(self, name: str, mine: bytes) -> None:
+        await self._release_script(keys=[name], args=[mine])
+
+
+def _decode(raw: bytes | str) -> IdempotencyRecord | None:
+    try:
+        return IdempotencyRecord.decode(raw if isinstance(raw, bytes) else raw.encode())
+    except MalformedMessage:
+        return None
