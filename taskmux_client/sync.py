@@ -1,0 +1,249 @@
+"""The blocking client: `TaskMuxClient`."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+
+from taskmux.v1 import taskmux_pb2 as pb
+from taskmux.v1 import taskmux_pb2_grpc
+from taskmux_client._requests import (
+    DEFAULT_TARGET,
+    DEFAULT_TIMEOUT_S,
+    Task,
+    pipeline_request,
+    texts_list,
+    with_ids,
+)
+from taskmux_client.channel import channel_options
+from taskmux_client.retry import AttemptHook, RetryLoop, RetryPolicy, final_error
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+class TaskMuxClient:
+    """A typed, blocking taskmux client with deadlines and safe retries.
+
+    Every call has a deadline (`timeout_s`, per call or from the constructor) that covers
+    all its attempts. UNAVAILABLE, and RESOURCE_EXHAUSTED with a retry hint, are retried
+    with jittered exponential backoff (`retry`); each retry sends the same request_id and
+    idempotency_key, generated when the caller passes none, so the server computes a
+    retried call once. Failures raise `taskmux_client.TaskMuxError` subclasses.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        retry: RetryPolicy | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+        channel: grpc.Channel | None = None,
+        auto_idempotency_key: bool = True,
+        on_attempt: AttemptHook | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._retry = retry or RetryPolicy()
+        if channel is None:
+            opts = channel_options(self._retry, options)
+            if credentials is None:
+                channel = grpc.insecure_channel(target, options=opts)
+            else:
+                channel = grpc.secure_channel(target, credentials, options=opts)
+            self._owns_channel = True
+        else:
+            self._owns_channel = False
+        self._channel = channel
+        self._stub = taskmux_pb2_grpc.TaskMuxStub(channel)
+        self._timeout_s = timeout_s
+        self._auto_key = auto_idempotency_key
+        self._on_attempt = on_attempt
+        self._rng = rng or random.Random()
+
+    def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        request_id: str | None = None,
+        idempotency_key: str | None = None,
+        timeout_s: float | None = None,
+    ) -> pb.EmbedResponse:
+        """One L2-normalised embedding per text."""
+        request = pb.EmbedRequest(texts=texts_list(texts))
+        request = with_ids(request, request_id, idempotency_key, auto_key=self._auto_key)
+        return self._unary("Embed", self._stub.Embed, request, timeout_s)
+
+    def classify(
+        self,
+        head: str,
+        texts: Sequence[str],
+        *,
+        top_k: int = 0,
+        request_id: str | None = None,
+        idempotency_key: str | None = None,
+        timeout_s: float | None = None,
+    ) -> pb.ClassifyResponse:
+        """Each text's label from one classification head, with the top_k best labels."""
+        request = pb.ClassifyRequest(head=head, texts=texts_list(texts), top_k=top_k)
+        request = with_ids(request, request_id, idempotency_key, auto_key=self._auto_key)
+        return self._unary("Classify", self._stub.Classify, request, timeout_s)
+
+    def extract_entities(
+        self,
+        texts: Sequence[str],
+        *,
+        head: str = "",
+        request_id: str | None = None,
+        idempotency_key: str | None = None,
+        timeout_s: float | None = None,
+    ) -> pb.ExtractEntitiesResponse:
+        """The entities of each text (head "entities" unless named), with offsets."""
+        request = pb.ExtractEntitiesRequest(head=head, texts=texts_list(texts))
+        request = with_ids(request, request_id, idempotency_key, auto_key=self._auto_key)
+        return self._unary("ExtractEntities", self._stub.ExtractEntities, request, timeout_s)
+
+    def similarity(
+        self,
+        query: str,
+        candidates: Sequence[str],
+        *,
+        top_k: int = 0,
+        request_id: str | None = None,
+        idempotency_key: str | None = None,
+        timeout_s: float | None = None,
+    ) -> pb.SimilarityResponse:
+        """The cosine of each candidate to the query, and the top_k best."""
+        request = pb.SimilarityRequest(
+            query=query, candidates=texts_list(candidates, "candidates"), top_k=top_k
+        )
+        request = with_ids(request, request_id, idempotency_key, auto_key=self._auto_key)
+        return self._unary("Similarity", self._stub.Similarity, request, timeout_s)
+
+    def zero_shot_classify(
+        self,
+        texts: Sequence[str],
+        labels: Sequence[str],
+        *,
+        hypothesis_template: str = "",
+        request_id: str | None = None,
+        idempotency_key: str | None = None,
+        timeout_s: float | None = None,
+    ) -> pb.ZeroShotClassifyResponse:
+        """Every label's probability for each text, best first."""
+        request = pb.ZeroShotClassifyRequest(
+            texts=texts_list(texts),
+            labels=texts_list(labels, "labels"),
+            hypothesis_template=hypothesis_template,
+        )
+        request = with_ids(request, request_id, idempotency_key, auto_key=self._auto_key)
+        return self._unary("ZeroShotClassify", self._stub.ZeroShotClassify, request, timeout_s)
+
+    def list_tasks(self, *, timeout_s: float | None = None) -> pb.ListTasksResponse:
+        """The heads, the encoder and the request limits."""
+        return self._unary("ListTasks", self._stub.ListTasks, pb.ListTasksRequest(), timeout_s)
+
+    def analyze(
+        self,
+        texts: Sequence[str],
+        heads: Sequence[str],
+        *,
+        top_k: int = 0,
+        request_id: str | None = None,
+        idempotency_key: str | None = None,
+        timeout_s: float | None = None,
+    ) -> Iterator[pb.AnalyzeResult]:
+        """One result per (text, head) as each text is done, len(texts) x len(heads) in all.
+
+        The call is retried like a unary one until its first result has arrived, not after.
+        """
+        request = pb.AnalyzeRequest(
+            texts=texts_list(texts), heads=texts_list(heads, "heads"), top_k=top_k
+        )
+        request = with_ids(request, request_id, idempotency_key, auto_key=self._auto_key)
+        loop = self._loop("Analyze", request.request_id, timeout_s)
+        while True:
+            call = self._stub.Analyze(request, timeout=loop.attempt_timeout_s())
+            started = False
+            try:
+                for result in call:
+                    if not started:
+                        started = True
+                        loop.succeeded()
+                    yield result
+                if not started:
+                    loop.succeeded()
+                return
+            except grpc.RpcError as err:
+                if started:
+                    raise final_error(err, request.request_id) from None
+                time.sleep(loop.failed(err))
+            finally:
+                call.cancel()  # type: ignore[no-untyped-call]  # untyped in grpc-stubs
+
+    def pipeline(
+        self, tasks: Iterable[Task], *, timeout_s: float | None = None
+    ) -> Iterator[pb.PipelineResponse]:
+        """Send tasks on one stream; yield each PipelineResponse as it completes.
+
+        `tasks` may be PipelineRequests or plain task messages (EmbedRequest, ...; their
+        ids are their positions, "0", "1", ...). A failed task is a response whose
+        `error` is set; it does not end the stream. The stream is not retried.
+        """
+        requests = (pipeline_request(task, i) for i, task in enumerate(tasks))
+        call = self._stub.Pipeline(requests, timeout=timeout_s or self._timeout_s)
+        try:
+            yield from call
+        except grpc.RpcError as err:
+            raise final_error(err, "") from None
+        finally:
+            call.cancel()  # type: ignore[no-untyped-call]  # untyped in grpc-stubs
+
+    def close(self) -> None:
+        """Close the channel (unless it was passed in)."""
+        if self._owns_channel:
+            self._channel.close()
+
+    def __enter__(self) -> TaskMuxClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _unary(
+        self,
+        method: str,
+        stub_method: Callable[..., Resp],
+        request: Any,
+        timeout_s: float | None,
+    ) -> Resp:
+        loop = self._loop(method, getattr(request, "request_id", ""), timeout_s)
+        while True:
+            try:
+                response = stub_method(request, timeout=loop.attempt_timeout_s())
+            except grpc.RpcError as err:
+                time.sleep(loop.failed(err))
+                continue
+            loop.succeeded()
+            return response
+
+    def _loop(self, method: str, request_id: str, timeout_s: float | None) -> RetryLoop:
+        return RetryLoop(
+            self._retry,
+            method=method,
+            request_id=request_id,
+            timeout_s=self._timeout_s if timeout_s is None else timeout_s,
+            rng=self._rng,
+            on_attempt=self._on_attempt,
+        )
