@@ -89,7 +89,9 @@ class Worker:
         self._to_compute: asyncio.Queue[list[Pulled] | None] = asyncio.Queue(maxsize=1)
         self._catalog_changed = asyncio.Event()
         self._held: dict[str, set[bytes]] = {}
-        self._published_all = asyncio.Event()  # entries pulled and not yet acknowledged
+        self._published_all = asyncio.Event()
+        self._computing = False
+        self._encoder_free = asyncio.Event()  # entries pulled and not yet acknowledged
         self._to_publish: asyncio.Queue[tuple[list[Pulled], BatchResult] | None] = asyncio.Queue(
             maxsize=2
         )
@@ -216,17 +218,31 @@ class Worker:
         try:
             while open_inbox or len(scheduler):
                 wait_s = scheduler.wait_left_s(time.monotonic())
-                if open_inbox and not scheduler.full() and (wait_s is None or wait_s > 0):
+                # Close a batch when it is full, when its oldest job has waited max_wait, or
+                # at once when the encoder is idle: waiting then would only add latency.
+                # While a batch already waits for the encoder, keep filling the next one.
+                can_hand_over = not self._to_compute.full()
+                close = (
+                    len(scheduler) > 0
+                    and can_hand_over
+                    and (scheduler.full() or wait_s == 0 or self._encoder_idle() or not open_inbox)
+                )
+                if not close:
                     getter = getter or asyncio.create_task(self._inbox.get())
-                    done, _ = await asyncio.wait({getter}, timeout=wait_s)
-                    if not done:
-                        continue  # the wait is over: take below on the next pass
-                    items, getter = getter.result(), None
-                    if items is None:
-                        open_inbox = False
-                    else:
-                        for item in items:
-                            scheduler.add(item)
+                    self._encoder_free.clear()
+                    freed = asyncio.create_task(self._encoder_free.wait())
+                    timeout = wait_s if can_hand_over else None
+                    done, _ = await asyncio.wait(
+                        {getter, freed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    freed.cancel()
+                    if getter in done:
+                        items, getter = getter.result(), None
+                        if items is None:
+                            open_inbox = False
+                        else:
+                            for item in items:
+                                scheduler.add(item)
                     continue
                 batch = scheduler.take(int(time.time() * 1000))
                 if batch.expired:
@@ -254,16 +270,24 @@ class Worker:
         if self._health is not None and self._health.ready != ready:
             await self._health.set_ready(ready)
 
+    def _encoder_idle(self) -> bool:
+        return not self._computing and self._to_compute.empty()
+
     async def _compute_loop(self) -> None:
         try:
             while (batch := await self._to_compute.get()) is not None:
-                result = await asyncio.to_thread(
-                    compute,
-                    self.model,
-                    [p.job for p in batch if p.job is not None],
-                    max_batch_tokens=self.settings.max_batch_tokens,
-                    max_batch_rows=self.settings.max_batch_rows,
-                )
+                self._computing = True
+                try:
+                    result = await asyncio.to_thread(
+                        compute,
+                        self.model,
+                        [p.job for p in batch if p.job is not None],
+                        max_batch_tokens=self.settings.max_batch_tokens,
+                        max_batch_rows=self.settings.max_batch_rows,
+                    )
+                finally:
+                    self._computing = False
+                    self._encoder_free.set()
                 self._count(batch, result)
                 await self._to_publish.put((batch, result))
         finally:
