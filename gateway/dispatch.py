@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 from gateway.errors import DeadlineExceeded, ResourceExhausted, Unavailable, worker_error
 from gateway.replies import ReplyRouter
 from router import keys
-from router.messages import Job, Reply
+from router.messages import ANALYZE_STREAM_HEAD, Job, Reply
 
 # Answer a little before the client's own deadline fires, so it sees our status.
 DEADLINE_MARGIN_S = 0.02
@@ -161,9 +161,10 @@ class Dispatcher:
                 f"the task queue is unreachable ({type(err).__name__}); retry"
             ) from err
         if not added:
+            queue = "the Analyze queue" if head == ANALYZE_STREAM_HEAD else f"the queue of {head!r}"
             raise ResourceExhausted(
-                f"the queue of head {head!r} is full ({backlog} jobs waiting, the limit is "
-                f"{self._max_backlog}); retry after {self._retry_after_ms} ms",
+                f"{queue} is full ({backlog} jobs waiting, the limit is {self._max_backlog}); "
+                f"retry after {self._retry_after_ms} ms",
                 retry_after_ms=self._retry_after_ms,
             )
 

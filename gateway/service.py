@@ -153,6 +153,8 @@ class TaskMuxService(taskmux_pb2_grpc.TaskMuxServicer):
             indices.setdefault(text, []).append(i)
         distinct = list(indices)
         timeout_s = self._dispatcher.timeout_s(context.time_remaining())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         claim = await self._idempotency.claim(
             KIND_ANALYZE, request.idempotency_key, request, timeout_s
         )
@@ -168,7 +170,7 @@ class TaskMuxService(taskmux_pb2_grpc.TaskMuxServicer):
                 head=ANALYZE_STREAM_HEAD,
                 texts_per_job=[(text,) for text in distinct],
                 top_k=request.top_k,
-                timeout_s=timeout_s,
+                timeout_s=max(deadline - loop.time(), 0.001),  # less any wait for a claim
                 params={"heads": [h.name for h in heads]},
                 request_id=request.request_id,
             )
