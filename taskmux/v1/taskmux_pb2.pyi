@@ -9,7 +9,9 @@ RPCs, never renumber, rename or change the type of an existing one).
 
 Errors are standard gRPC status codes; the message always says what to fix:
   INVALID_ARGUMENT   a request field is malformed (empty texts, empty text,
-                     text too long, too many texts, negative top_k, ...).
+                     text too long, too many texts, negative top_k, ...),
+                     or the request bytes do not parse (a string that is
+                     not UTF-8, a truncated message).
   NOT_FOUND          the named head is not served by this deployment.
   DEADLINE_EXCEEDED  no result before the call's deadline (or the server's
                      default timeout when the client set none).
