@@ -16,6 +16,7 @@ DEFAULT_REPO = Path("model-repo")
 DEFAULT_DATA = Path("../shared/data")
 DEFAULT_CACHE = Path(".cache/embeddings")  # encoder outputs kept between runs
 SHIPPED_HEADS = ("sentiment", "intent", "topic", "entities")
+VARIANTS = ("int8", "fp16")  # built besides fp32 (taskmux.modelrepo.quantize)
 
 
 def add_model_commands(sub: Any) -> None:
@@ -25,7 +26,25 @@ def add_model_commands(sub: Any) -> None:
     build = msub.add_parser("build", help="Export the encoder and assemble the repository")
     build.add_argument("--out", type=Path, default=DEFAULT_REPO)
     build.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    build.add_argument(
+        "--variants", nargs="*", choices=VARIANTS, default=list(VARIANTS), metavar="VARIANT",
+        help=f"encoder variants to build besides fp32 (default: {' '.join(VARIANTS)})",
+    )  # fmt: skip
     build.set_defaults(func=_model_build)
+    bench = msub.add_parser(
+        "bench-variants", help="Encoder texts/s of each variant side by side (CPU)"
+    )
+    bench.add_argument("--repo", type=Path, default=DEFAULT_REPO)
+    bench.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    bench.add_argument("--variants", nargs="+", default=["fp32", "int8"], metavar="VARIANT")
+    bench.add_argument("--batch-size", type=int, default=32)
+    bench.add_argument("--threads", type=int, default=0, help="intra-op threads; 0: ORT's")
+    bench.add_argument("--rounds", type=int, default=5)
+    bench.add_argument(
+        "--tokens", type=int, nargs=2, default=[8, 128], metavar=("MIN", "MAX"),
+        help="text lengths in word pieces, [CLS] and [SEP] included",
+    )  # fmt: skip
+    bench.set_defaults(func=_model_bench)
 
     sentiment = msub.add_parser("train-sentiment", help="Retrain the sentiment head only")
     defaults = msub.add_parser(
@@ -38,6 +57,11 @@ def add_model_commands(sub: Any) -> None:
         "eval", help="Recompute each shipped head's held-out figure; non-zero exit on a FAIL"
     )
     evaluate.add_argument("--card", type=Path, default=Path("MODEL_CARD.md"))
+    evaluate.add_argument(
+        "--variant", choices=("int8",), default=None,
+        help="also compare this encoder variant with fp32 and record the figures in the "
+        "manifest and taskmux/modelrepo/trained/encoder/variants.json",
+    )  # fmt: skip
     for p in (sentiment, defaults, evaluate):
         p.add_argument("--repo", type=Path, default=DEFAULT_REPO)
         p.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -73,8 +97,31 @@ def add_model_commands(sub: Any) -> None:
 def _model_build(args: argparse.Namespace) -> int:
     from taskmux.modelrepo.build import build_repository
 
-    manifest = build_repository(args.out, force=args.force)
+    started = time.monotonic()
+    manifest = build_repository(args.out, force=args.force, variants=args.variants)
     print(manifest.to_json(with_checksums=False))
+    print(f"built in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    return 0
+
+
+def _model_bench(args: argparse.Namespace) -> int:
+    from taskmux.modelrepo.manifest import ModelRepoError
+    from taskmux.modelrepo.variant_bench import format_bench, measure
+
+    try:
+        bench = measure(
+            args.repo,
+            args.data,
+            args.variants,
+            batch_size=args.batch_size,
+            threads=args.threads,
+            rounds=args.rounds,
+            tokens=(args.tokens[0], args.tokens[1]),
+        )
+    except ModelRepoError as err:
+        print(f"taskmux model bench-variants: {err}", file=sys.stderr)
+        return 2
+    print(format_bench(bench))
     return 0
 
 
@@ -108,11 +155,17 @@ def _model_eval(args: argparse.Namespace) -> int:
     from taskmux.modelrepo.evaluate import evaluate, format_table
     from taskmux.modelrepo.manifest import load_manifest
     from taskmux.modelrepo.model_card import render
+    from taskmux.modelrepo.variant_eval import card_section, compare, format_comparison, store
 
     started = time.monotonic()
     figures = evaluate(args.repo, args.data, cache_dir=_cache(args))
     print(format_table(figures))
-    card = render(load_manifest(args.repo, verify=False), figures)
+    if args.variant:
+        comparison = compare(args.repo, args.data, args.variant, figures)
+        print("\n" + format_comparison(comparison))
+        store(args.repo, comparison)
+    manifest = load_manifest(args.repo, verify=False)
+    card = render(manifest, figures) + card_section(manifest)
     tmp = args.card.with_name(args.card.name + ".tmp")
     tmp.write_text(card, encoding="utf-8")
     tmp.replace(args.card)

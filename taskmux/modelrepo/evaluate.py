@@ -22,6 +22,8 @@ from taskmux.modelrepo.entities_train import score_entities
 from taskmux.modelrepo.intent import INTENT_FLOOR, intent_heldout
 from taskmux.modelrepo.topic import TOPIC_FLOOR, topic_heldout
 from taskmux.modelrepo.train import SENTIMENT_FLOOR, sentiment_heldout
+from taskmux.modelrepo.variants import FP32
+from workers.encoder import Encoder
 from workers.heads import Head, LinearClassifierHead, TokenClassifierHead, load_heads
 
 
@@ -47,9 +49,27 @@ class Figure:
 Evaluator = Callable[[Head, Embedder, Path], list[Figure]]
 
 
-def evaluate(repo: Path, data_dir: Path, *, cache_dir: Path | None = None) -> list[Figure]:
-    """Every shipped head's figures; a shipped head missing from the repository fails."""
-    embedder = Embedder(repo, cache_dir=cache_dir)
+class VariantEmbedder(Embedder):
+    """The Embedder on another encoder variant (e.g. int8), on CPU.
+
+    No cache: its keys name the fp32 files only, so a variant would read fp32 vectors.
+    """
+
+    def __init__(self, repo: Path, variant: str) -> None:
+        super().__init__(repo)
+        self.encoder = Encoder(
+            repo, self.manifest.encoder, providers=["CPUExecutionProvider"], variant=variant
+        )
+
+
+def evaluate(
+    repo: Path, data_dir: Path, *, cache_dir: Path | None = None, variant: str = FP32
+) -> list[Figure]:
+    """Every shipped head's figures on `variant` of the encoder; a shipped head missing
+    from the repository fails."""
+    embedder = (
+        Embedder(repo, cache_dir=cache_dir) if variant == FP32 else VariantEmbedder(repo, variant)
+    )
     heads = load_heads(repo, embedder.manifest)
     figures: list[Figure] = []
     for name, (evaluator, metric, floor) in SHIPPED.items():

@@ -4,12 +4,16 @@ Layout of a repository folder (built by `taskmux model build`):
 
     manifest.json                 this manifest
     encoder/model.onnx            the shared encoder (outputs token_embeddings, pooled)
+    encoder/model.<variant>.onnx  optional variants of it: int8 (CPU), fp16 (GPU)
     encoder/tokenizer.json        its tokenizer
     heads/<name>/<version>/...    each trained head's files
 
 Every file is listed under `checksums` with its SHA-256; a worker refuses a repository
-whose files do not match. The same JSON, minus checksums, is the catalog that workers
-publish to Redis for gateways.
+whose files do not match. Encoder variants carry their SHA-256 in their own entry
+(`encoder.variants.<name>.sha256`) rather than under `checksums`, so code that rewrites the
+head list and its checksums (`head train`) keeps them without knowing about them. Manifests
+written before variants existed have no `variants` and load as fp32 only. The same JSON,
+minus checksums, is the catalog that workers publish to Redis for gateways.
 """
 
 from __future__ import annotations
@@ -35,6 +39,22 @@ class ModelRepoError(Exception):
     """The model repository is missing, malformed or corrupt."""
 
 
+VARIANT_NAMES = ("int8", "fp16")  # fp32 is `model_file` itself
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """Another file of the same encoder (same inputs and outputs), e.g. quantised to int8."""
+
+    file: str
+    sha256: str
+    # How it was made from the fp32 file (quantiser or optimiser settings), for the record.
+    recipe: str = ""
+    # Agreement with fp32 and head figures, from `taskmux model eval --variant`; empty
+    # until evaluated. Whether `auto` may pick it is decided from these.
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class EncoderSpec:
     """The shared encoder."""
@@ -46,6 +66,7 @@ class EncoderSpec:
     model_file: str
     tokenizer_file: str
     source: str = ""
+    variants: dict[str, VariantSpec] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -98,7 +119,7 @@ class Manifest:
                     f"manifest schema_version {data['schema_version']} is not supported "
                     f"(this taskmux reads {SCHEMA_VERSION}); rebuild with `taskmux model build`"
                 )
-            encoder = EncoderSpec(**data["encoder"])
+            encoder = _parse_encoder(data["encoder"])
             heads = tuple(_parse_head(h) for h in data["heads"])
             checksums = {str(k): str(v) for k, v in data.get("checksums", {}).items()}
         except ModelRepoError:
@@ -118,6 +139,21 @@ class Manifest:
         except ValueError as err:
             raise ModelRepoError(f"manifest is not valid JSON: {err}") from err
         return cls.from_dict(data)
+
+
+def _parse_encoder(data: dict[str, Any]) -> EncoderSpec:
+    fields = dict(data)
+    variants = {}
+    for name, entry in fields.pop("variants", {}).items():
+        if name not in VARIANT_NAMES:
+            raise ModelRepoError(f"unknown encoder variant {name!r} (known: {VARIANT_NAMES})")
+        variants[name] = VariantSpec(
+            file=str(entry["file"]),
+            sha256=str(entry["sha256"]),
+            recipe=str(entry.get("recipe", "")),
+            metrics={str(k): float(v) for k, v in entry.get("metrics", {}).items()},
+        )
+    return EncoderSpec(**fields, variants=variants)
 
 
 def _parse_head(data: dict[str, Any]) -> HeadSpec:
@@ -176,11 +212,21 @@ def verify_files(repo: Path, manifest: Manifest) -> None:
             raise ModelRepoError(f"model repository file {rel} is missing from {repo}")
         actual = sha256_file(file)
         if actual != expected:
-            raise ModelRepoError(
-                f"checksum mismatch for {rel}: manifest says {expected[:12]}…, file is "
-                f"{actual[:12]}…; the repository is corrupt or was edited: rebuild it with "
-                "`make model`"
-            )
+            raise _mismatch(rel, expected, actual)
+    for name, variant in sorted(manifest.encoder.variants.items()):
+        file = repo / variant.file
+        if not file.is_file():
+            raise ModelRepoError(f"encoder variant {name} ({variant.file}) is missing from {repo}")
+        actual = sha256_file(file)
+        if actual != variant.sha256:
+            raise _mismatch(variant.file, variant.sha256, actual)
+
+
+def _mismatch(rel: str, expected: str, actual: str) -> ModelRepoError:
+    return ModelRepoError(
+        f"checksum mismatch for {rel}: manifest says {expected[:12]}…, file is "
+        f"{actual[:12]}…; the repository is corrupt or was edited: rebuild it with `make model`"
+    )
 
 
 def write_manifest(repo: Path, manifest: Manifest) -> None:
