@@ -153,7 +153,7 @@ def _model_train(args: argparse.Namespace) -> int:
 
 def _model_eval(args: argparse.Namespace) -> int:
     from taskmux.modelrepo.evaluate import evaluate, format_table
-    from taskmux.modelrepo.manifest import load_manifest
+    from taskmux.modelrepo.manifest import ModelRepoError, load_manifest
     from taskmux.modelrepo.model_card import render
     from taskmux.modelrepo.variant_eval import card_section, compare, format_comparison, store
 
@@ -161,7 +161,11 @@ def _model_eval(args: argparse.Namespace) -> int:
     figures = evaluate(args.repo, args.data, cache_dir=_cache(args))
     print(format_table(figures))
     if args.variant:
-        comparison = compare(args.repo, args.data, args.variant, figures)
+        try:
+            comparison = compare(args.repo, args.data, args.variant, figures)
+        except ModelRepoError as err:
+            print(f"taskmux model eval: {err}", file=sys.stderr)
+            return 2
         print("\n" + format_comparison(comparison))
         store(args.repo, comparison)
     manifest = load_manifest(args.repo, verify=False)

@@ -145,7 +145,7 @@ def card_section(manifest: Manifest) -> str:
     variants = manifest.encoder.variants
     if not variants:
         return ""
-    lines = ["## Encoder variants", ""]
+    lines = ["", "## Encoder variants", ""]  # after render()'s last line
     lines += [
         "Workers run one file of the encoder (`TASKMUX_ENCODER_VARIANT`, default `auto`: fp16",
         "on CUDA, else int8 when it passes the rule below, else fp32).",
