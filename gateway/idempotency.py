@@ -11,8 +11,9 @@ record: done with the same request hash → that result, not computed again; pen
 the same hash → poll until it is done (or gone: then claim it) or this call's deadline
 passes; a record with a different hash → INVALID_ARGUMENT, because the client reused the
 key for another request. Only successes are kept, so a retry after a failure computes
-again. A pending claim expires with its call's timeout, so a crashed gateway's claim
-does not block the key for the whole TTL.
+again. A pending claim is a short lease (`IDEMPOTENCY_LEASE_MS`) that its gateway renews while
+the call computes, so a crashed gateway's claim lapses within seconds, not at the end of
+the call's deadline or the TTL.
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ POLL_MAX_S = 0.1
 # Delete the key only if it still holds this call's pending record.
 RELEASE_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# Extend this call's pending claim, if it still holds the key.
+RENEW_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
 # Store the result unless the key now belongs to a different request.
@@ -74,8 +80,10 @@ class Claim:
         store: Callable[[bytes], Awaitable[bool]] | None = None,
         release: Callable[[], Awaitable[None]] | None = None,
         cached: bytes | None = None,
+        renew: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.cached = cached
+        self.renew = renew
         self._store = store
         self._release = release
 
@@ -110,6 +118,7 @@ class Idempotency:
         self._ttl_ms = ttl_s * 1000
         self._release_script = redis.register_script(RELEASE_SCRIPT)
         self._store_script = redis.register_script(STORE_SCRIPT)
+        self._renew_script = redis.register_script(RENEW_SCRIPT)
 
     async def run(
         self,
@@ -126,9 +135,21 @@ class Idempotency:
         if claim.cached is not None:
             return claim.cached
         async with claim:
-            body = await compute(max(deadline - loop.time(), 0.001))
+            renewer = asyncio.create_task(self._keep_renewing(claim))
+            try:
+                body = await compute(max(deadline - loop.time(), 0.001))
+            finally:
+                renewer.cancel()
             await claim.store(body)
         return body
+
+    async def _keep_renewing(self, claim: Claim) -> None:
+        """Hold the pending claim in short leases while computing: if this gateway dies,
+        the claim lapses within one lease and a retry elsewhere can take the key."""
+        while claim.renew is not None:
+            await asyncio.sleep(keys.IDEMPOTENCY_LEASE_MS / 3000)
+            with contextlib.suppress(RedisError):
+                await claim.renew()
 
     async def claim(self, kind: str, key: str, request: Message, timeout_s: float) -> Claim:
         """Hold `key` for this call, or return the result stored under it; NO_KEY without one."""
@@ -137,7 +158,7 @@ class Idempotency:
         name = keys.idempotency_key(kind, hashlib.sha256(key.encode()).hexdigest())
         wanted = request_hash(request)
         mine = IdempotencyRecord(wanted, owner=os.urandom(16)).encode()
-        pending_ms = int(timeout_s * 1000) + keys.IDEMPOTENCY_PENDING_MARGIN_MS
+        pending_ms = keys.IDEMPOTENCY_LEASE_MS
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         poll_s = POLL_START_S
@@ -147,6 +168,7 @@ class Idempotency:
                     return Claim(
                         store=lambda body: self._store(name, wanted, body),
                         release=lambda: self._release(name, mine),
+                        renew=lambda: self._renew(name, mine),
                     )
                 raw = await self._redis.get(name)
                 if raw is not None:
@@ -180,6 +202,9 @@ class Idempotency:
             log.warning("could not store the result of %s: %s", name, err)
             return False
         return True
+
+    async def _renew(self, name: str, mine: bytes) -> None:
+        await self._renew_script(keys=[name], args=[mine, keys.IDEMPOTENCY_LEASE_MS])
 
     async def _release(self, name: str, mine: bytes) -> None:
         await self._release_script(keys=[name], args=[mine])

@@ -47,8 +47,9 @@ Idempotency records: `taskmux:v1:idem:<job kind>:<sha256 hex of the key>` (strin
     kind's). The value (`router.messages.IdempotencyRecord`) holds the SHA-256 of
     the request without its metadata and either "pending" with the owning call's
     token or "done" with the serialized response. A gateway claims a key with
-    `SET NX PX` (pending; TTL = the call's timeout + `IDEMPOTENCY_PENDING_MARGIN_MS`,
-    so a crashed gateway's claim lapses with its call), replaces it with the result
+    `SET NX PX` (pending; a lease of `IDEMPOTENCY_LEASE_MS` that the gateway renews
+    while the call computes, so a crashed gateway's claim lapses within one lease),
+    replaces it with the result
     (done; TTL `idempotency_ttl_s`, default 600 s) by a script that writes only if the
     key is absent or holds the same request hash, and on failure deletes its own
     pending record by compare-and-delete, so the next call computes again. Memory:
@@ -68,7 +69,7 @@ DEAD_LETTER_STREAM = PREFIX + "dead"
 DEAD_LETTER_MAXLEN = 10_000
 REPLY_STREAM_MAXLEN = 100_000
 WORKER_STATS_TTL_S = 86_400
-IDEMPOTENCY_PENDING_MARGIN_MS = 1_000
+IDEMPOTENCY_LEASE_MS = 3_000
 
 
 def task_stream(head: str) -> str:

@@ -39,6 +39,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from router import keys
+
 SCHEMA_VERSION: Final = "1"
 KIND_EMBED: Final = "embed"
 KIND_CLASSIFY: Final = "classify"
@@ -126,6 +128,8 @@ class Job:
             raise MalformedMessage(f"unknown job kind {job.kind!r}")
         if not job.texts or job.top_k < 0 or not job.id or not job.reply_to:
             raise MalformedMessage("job needs an id, a reply_to, texts and top_k >= 0")
+        if not is_reply_stream(job.reply_to):
+            raise MalformedMessage(f"reply_to {job.reply_to!r} is not a reply stream")
         return job
 
 
@@ -201,9 +205,16 @@ def stream_entries(response: Any) -> list[tuple[bytes, list[tuple[bytes, Fields]
 def reply_address(fields: Fields) -> tuple[str, str] | None:
     """(request id, reply stream) of an entry too broken to decode, if those survive."""
     try:
-        return _text(fields, "id"), _text(fields, "reply_to")
+        address = _text(fields, "id"), _text(fields, "reply_to")
     except MalformedMessage:
         return None
+    # Never write to a key that is not a reply stream, whatever a broken entry names.
+    return address if is_reply_stream(address[1]) else None
+
+
+def is_reply_stream(key: str) -> bool:
+    """True for keys of the form `router.keys.reply_stream(...)`."""
+    return key.startswith(keys.reply_stream("")) and len(key) > len(keys.reply_stream(""))
 
 
 def pack_messages(messages: list[bytes]) -> bytes:

@@ -61,10 +61,12 @@ class Cluster:
     def redis_url(self) -> str:
         return f"redis://127.0.0.1:{self.redis_port}/0"
 
-    def start_redis(self) -> Proc:
+    def start_redis(self, *, appendonly: bool = False) -> Proc:
+        """Start (or restart, same port and data folder) the Redis-compatible server."""
         data = self.workdir / f"redis-{self.redis_port}"
         data.mkdir(parents=True, exist_ok=True)
-        proc = self._spawn("redis", redis_command(self.redis_port, data), dict(os.environ))
+        argv = redis_command(self.redis_port, data, appendonly=appendonly)
+        proc = self._spawn("redis", argv, dict(os.environ))
         wait_for_redis(self.redis_url)
         return proc
 
@@ -79,8 +81,8 @@ class Cluster:
         proc.address = address
         return proc
 
-    def start_gateway(self, **env: str) -> tuple[Proc, str]:
-        port = free_port()
+    def start_gateway(self, port: int | None = None, **env: str) -> tuple[Proc, str]:
+        port = port or free_port()
         extra = {"TASKMUX_LISTEN_ADDR": f"127.0.0.1:{port}", **_prefixed(env)}
         proc = self._spawn(
             "gateway",

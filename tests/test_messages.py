@@ -93,7 +93,7 @@ def test_packed_messages_round_trip() -> None:
 def test_job_params_round_trip() -> None:
     job = Job(
         id="z",
-        reply_to="r",
+        reply_to=keys.reply_stream("g"),
         deadline_ms=1,
         kind="zero_shot",
         head="zero-shot",
@@ -101,3 +101,10 @@ def test_job_params_round_trip() -> None:
         params={"labels": ["a", "é"], "template": "about {}"},
     )
     assert Job.decode(_fields(job.encode())) == job
+
+
+def test_replies_only_go_to_reply_streams() -> None:
+    fields = _fields({**JOB.encode(), "reply_to": keys.task_stream("embed")})
+    with pytest.raises(MalformedMessage, match="not a reply stream"):
+        Job.decode(fields)
+    assert reply_address(fields) is None

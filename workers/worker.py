@@ -316,8 +316,10 @@ class Worker:
                 await self._retry_finite(partial(self._streams.finish, done, counters))
                 self._release(batch)
             except RedisError as err:
-                # The entries stay pending in the group; recovery claims them later.
+                # The entries stay pending in the group; no longer refreshed, they are
+                # reclaimed (by any worker, this one included) after claim_idle_ms.
                 log.error("could not publish %d replies: %s", len(done), err)
+                self._release(batch)
 
     async def _reload_loop(self, stop: asyncio.Event) -> None:
         repo = Path(self.settings.model_repo)
@@ -366,6 +368,7 @@ class Worker:
 
     async def _dead_letter(self, pulled: Pulled) -> None:
         self.stats.malformed += 1
+        self.stats.dead_lettered += 1
         log.warning("malformed entry %s in %s: %s", pulled.entry_id, pulled.stream, pulled.problem)
         reply = Reply(
             id="",
