@@ -38,7 +38,8 @@ Catalogs: `taskmux:v1:catalog:<worker id>` and `taskmux:v1:catalog` (strings)
 Worker counters: `taskmux:v1:stats:<worker id>` (a hash)
     Running totals per worker process: batches, jobs, encoder_rows (distinct texts
     encoded), head_results (results delivered, one per text and head), expired.
-    Updated with each batch's replies; expires `WORKER_STATS_TTL_S` after the last.
+    Flushed twice a second, off the reply path; expires `WORKER_STATS_TTL_S` after
+    the last update.
     encoder_rows < head_results shows texts shared between heads were encoded once.
 
 Idempotency records: `taskmux:v1:idem:<job kind>:<sha256 hex of the key>` (strings)

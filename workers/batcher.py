@@ -19,6 +19,8 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from tokenizers import Encoding
+
 from workers.consumer import Pulled
 
 
@@ -31,6 +33,7 @@ class Item:
     longest: int  # tokens of its longest text
     arrived_s: float  # monotonic time it was pulled
     alone: bool = False  # reclaimed after a failure: runs in a batch of its own
+    encodings: tuple[Encoding, ...] = ()  # its texts, tokenized while sizing it
 
     @property
     def deadline_ms(self) -> int:

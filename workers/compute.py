@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import grpc
+from tokenizers import Encoding
 
 from router.messages import ANALYZE_STREAM_HEAD, KIND_ANALYZE, Job, Reply
 from workers.encoder import EncodeStats, l2_normalize
@@ -37,6 +39,7 @@ def compute(
     max_batch_tokens: int,
     max_batch_rows: int,
     now_ms: int | None = None,
+    encodings: Mapping[str, Encoding] | None = None,
 ) -> BatchResult:
     """One reply per job. Expired and invalid jobs are answered without the encoder."""
     now = int(time.time() * 1000) if now_ms is None else now_ms
@@ -58,6 +61,7 @@ def compute(
                 token_rows=token_rows,
                 max_batch_tokens=max_batch_tokens,
                 max_batch_rows=max_batch_rows,
+                encodings=encodings,
             )
             view = BatchView(l2_normalize(encoded.pooled), encoded, row_of)
             stats = encoded.stats

@@ -118,13 +118,17 @@ class JobStreams:
                 pipe.xclaim(stream, keys.WORKER_GROUP, self._consumer, 0, list(ids), justid=True)
         await pipe.execute()
 
-    async def finish(
-        self, done: Sequence[tuple[Pulled, Reply | None]], counters: dict[str, int]
-    ) -> None:
-        """Write each reply, then acknowledge and delete its entry, in one round trip.
+    async def add_counters(self, counters: dict[str, int]) -> None:
+        """Add to this worker's counters hash (`keys.worker_stats`)."""
+        stats = keys.worker_stats(self._consumer)
+        pipe = self._redis.pipeline(transaction=False)
+        for name, value in counters.items():
+            pipe.hincrby(stats, name, value)
+        pipe.expire(stats, keys.WORKER_STATS_TTL_S)
+        await pipe.execute()
 
-        The worker's counters (`keys.worker_stats`) are updated in the same trip.
-        """
+    async def finish(self, done: Sequence[tuple[Pulled, Reply | None]]) -> None:
+        """Write each reply, then acknowledge and delete its entry, in one round trip."""
         pipe = self._redis.pipeline(transaction=False)
         for pulled, reply in done:
             if reply is not None and pulled.job is not None:
@@ -138,10 +142,6 @@ class JobStreams:
         for pulled, _ in done:
             pipe.xack(pulled.stream, keys.WORKER_GROUP, pulled.entry_id)
             pipe.xdel(pulled.stream, pulled.entry_id)
-        stats = keys.worker_stats(self._consumer)
-        for name, value in counters.items():
-            pipe.hincrby(stats, name, value)
-        pipe.expire(stats, keys.WORKER_STATS_TTL_S)
         await pipe.execute()
 
     async def dead_letter(self, pulled: Pulled, reply: Reply | None) -> None:

@@ -9,7 +9,7 @@ through an I/O binding; on CPU the plain `run` is used.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,9 @@ from taskmux.modelrepo.manifest import EncoderSpec
 from taskmux.modelrepo.variants import FP32, GPU_PROVIDERS, select_variant
 
 log = logging.getLogger(__name__)
+
+# Real tokens / padded tokens below which a batch is split (see _chunks).
+MIN_PADDING_EFFICIENCY = 0.8
 
 Floats = npt.NDArray[np.float32]
 
@@ -102,11 +105,19 @@ class Encoder:
         )
 
     def encode(
-        self, texts: Sequence[str], *, max_batch_tokens: int = 16384, max_batch_rows: int = 128
+        self,
+        texts: Sequence[str],
+        *,
+        max_batch_tokens: int = 16384,
+        max_batch_rows: int = 128,
+        min_padding_efficiency: float = MIN_PADDING_EFFICIENCY,
     ) -> tuple[Floats, EncodeStats]:
         """Mean-pooled vectors (not normalised), one row per text, in input order."""
         encoded = self.encode_full(
-            texts, max_batch_tokens=max_batch_tokens, max_batch_rows=max_batch_rows
+            texts,
+            max_batch_tokens=max_batch_tokens,
+            max_batch_rows=max_batch_rows,
+            min_padding_efficiency=min_padding_efficiency,
         )
         return encoded.pooled, encoded.stats
 
@@ -117,21 +128,30 @@ class Encoder:
         token_rows: Collection[int] = (),
         max_batch_tokens: int = 16384,
         max_batch_rows: int = 128,
+        min_padding_efficiency: float = MIN_PADDING_EFFICIENCY,
+        encodings: Mapping[str, Encoding] | None = None,
     ) -> Encoded:
         """One pass: pooled vectors for all texts, per-token states for `token_rows`.
 
         Texts are sorted by token length and cut into batches whose padded size
         (rows x longest) stays within `max_batch_tokens`, so little work goes to padding.
         Token heads read the states of this same pass; nothing is encoded twice.
+        `encodings` are texts this tokenizer already tokenized (the worker does it early
+        to size its batches); the rest are tokenized here.
         """
-        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=True)
-        order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
+        known = encodings or {}
+        missing = [t for t in texts if t not in known]
+        fresh = dict(zip(missing, self.tokenizer.encode_batch(missing), strict=True))
+        tokens = [known[t] if t in known else fresh[t] for t in texts]
+        order = sorted(range(len(tokens)), key=lambda i: len(tokens[i].ids))
         out = np.empty((len(texts), self.spec.dimension), dtype=np.float32)
         wanted = set(token_rows)
         states: dict[int, Floats] = {}
         real = padded = batches = 0
-        for chunk in _chunks(order, encodings, max_batch_tokens, max_batch_rows):
-            batch = [encodings[i] for i in chunk]
+        for chunk in _chunks(
+            order, tokens, max_batch_tokens, max_batch_rows, min_padding_efficiency
+        ):
+            batch = [tokens[i] for i in chunk]
             need_tokens = any(i in wanted for i in chunk)
             pooled, hidden = self._run(batch, need_tokens)
             if pooled.shape[0] != len(chunk):
@@ -140,11 +160,11 @@ class Encoder:
             if hidden is not None:
                 for row, i in enumerate(chunk):
                     if i in wanted:
-                        states[i] = hidden[row, : len(encodings[i].ids)].copy()
+                        states[i] = hidden[row, : len(tokens[i].ids)].copy()
             real += sum(len(e.ids) for e in batch)
             padded += len(batch) * max(len(e.ids) for e in batch)
             batches += 1
-        return Encoded(out, encodings, states, EncodeStats(len(texts), real, padded, batches))
+        return Encoded(out, tokens, states, EncodeStats(len(texts), real, padded, batches))
 
     def encode_tokens(
         self, texts: Sequence[str], *, max_batch_tokens: int = 16384
@@ -206,17 +226,30 @@ def l2_normalize(vectors: Floats) -> Floats:
 
 
 def _chunks(
-    order: list[int], encodings: list[Encoding], max_tokens: int, max_rows: int
+    order: list[int],
+    encodings: list[Encoding],
+    max_tokens: int,
+    max_rows: int,
+    min_efficiency: float = MIN_PADDING_EFFICIENCY,
 ) -> list[list[int]]:
-    """Split indices (sorted by length, ascending) into batches within the token budget."""
+    """Split indices (sorted by length, ascending) into batches within the token budget.
+
+    A batch also closes when padding the next text's length onto it would waste more
+    than a fifth of its tokens: on a CPU, padded positions cost as much as real ones
+    (attention more), so several well-filled calls beat one ragged call.
+    """
     chunks: list[list[int]] = []
     current: list[int] = []
+    real = 0
     for i in order:
         width = len(encodings[i].ids)  # the longest so far, since lengths ascend
-        if current and ((len(current) + 1) * width > max_tokens or len(current) >= max_rows):
+        rows = len(current) + 1
+        ragged = (real + width) < min_efficiency * rows * width
+        if current and (rows * width > max_tokens or rows > max_rows or ragged):
             chunks.append(current)
-            current = []
+            current, real = [], 0
         current.append(i)
+        real += width
     if current:
         chunks.append(current)
     return chunks

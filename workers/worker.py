@@ -18,10 +18,12 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
@@ -40,6 +42,8 @@ from workers.settings import WorkerSettings
 log = logging.getLogger(__name__)
 
 BACKOFF_START_S = 0.1
+INLINE_TOKENIZE_CHARS = 2_000
+STATS_FLUSH_S = 0.5
 BACKOFF_MAX_S = 5.0
 
 
@@ -86,10 +90,11 @@ class Worker:
             maxsize=settings.prefetch_batches
         )
         # One batch waits while the encoder runs the previous one.
-        self._to_compute: asyncio.Queue[list[Pulled] | None] = asyncio.Queue(maxsize=1)
+        self._to_compute: asyncio.Queue[list[Item] | None] = asyncio.Queue(maxsize=1)
         self._catalog_changed = asyncio.Event()
         self._held: dict[str, set[bytes]] = {}
         self._published_all = asyncio.Event()
+        self._unflushed: Counter[str] = Counter()  # counters not yet in Redis
         self._computing = False
         self._encoder_free = asyncio.Event()  # entries pulled and not yet acknowledged
         self._to_publish: asyncio.Queue[tuple[list[Pulled], BatchResult] | None] = asyncio.Queue(
@@ -108,6 +113,7 @@ class Worker:
             tasks.create_task(self._compute_loop())
             tasks.create_task(self._publish_loop())
             tasks.create_task(self._keepalive_loop())
+            tasks.create_task(self._stats_loop())
         log.info("worker stopped: %s", self.stats)
 
     async def _pull_loop(self, stop: asyncio.Event) -> None:
@@ -137,9 +143,29 @@ class Worker:
                 for bad in (p for p in pulled if p.job is None):
                     await self._dead_letter(bad)
                 if good:
-                    await self._inbox.put(await asyncio.to_thread(self._measure, good))
+                    # Small pulls are tokenized inline: a thread hop would cost more.
+                    chars = sum(len(t) for p in good if p.job for t in p.job.texts)
+                    if chars <= INLINE_TOKENIZE_CHARS:
+                        await self._inbox.put(self._measure(good))
+                    else:
+                        await self._inbox.put(await asyncio.to_thread(self._measure, good))
         finally:
             await self._inbox.put(None)
+
+    async def _stats_loop(self) -> None:
+        """Flush the counters to Redis twice a second, off the reply path."""
+        while True:
+            finished = self._published_all.is_set()
+            if self._unflushed:
+                counters, self._unflushed = dict(self._unflushed), Counter()
+                try:
+                    await self._streams.add_counters(counters)
+                except RedisError as err:
+                    self._unflushed.update(counters)
+                    log.warning("could not update counters: %s", err)
+            if finished:
+                return
+            await _sleep_or_stop(self._published_all, STATS_FLUSH_S)
 
     async def _keepalive_loop(self) -> None:
         """Refresh the idle time of every entry we hold, even while the pipeline is full,
@@ -200,8 +226,9 @@ class Worker:
         items = []
         for p in pulled:
             assert p.job is not None
-            lengths = [len(e.ids) for e in tokenizer.encode_batch(list(p.job.texts))]
-            items.append(Item(p, len(lengths), max(lengths, default=1), now))
+            encodings = tuple(tokenizer.encode_batch(list(p.job.texts)))
+            longest = max((len(e.ids) for e in encodings), default=1)
+            items.append(Item(p, len(encodings), longest, now, encodings=encodings))
         return items
 
     async def _batch_loop(self) -> None:
@@ -229,13 +256,16 @@ class Worker:
                 )
                 if not close:
                     getter = getter or asyncio.create_task(self._inbox.get())
-                    self._encoder_free.clear()
-                    freed = asyncio.create_task(self._encoder_free.wait())
+                    waiters: set[asyncio.Task[Any]] = {getter}
+                    if len(scheduler):  # only then can the encoder freeing up close a batch
+                        self._encoder_free.clear()
+                        waiters.add(asyncio.create_task(self._encoder_free.wait()))
                     timeout = wait_s if can_hand_over else None
                     done, _ = await asyncio.wait(
-                        {getter, freed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                        waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                     )
-                    freed.cancel()
+                    for waiter in waiters - {getter}:
+                        waiter.cancel()
                     if getter in done:
                         items, getter = getter.result(), None
                         if items is None:
@@ -248,7 +278,7 @@ class Worker:
                 if batch.expired:
                     await self._to_publish.put(self._expired(batch.expired))
                 if batch.items:
-                    await self._to_compute.put([i.pulled for i in batch.items])
+                    await self._to_compute.put(batch.items)
         finally:
             if getter is not None:
                 getter.cancel()
@@ -275,8 +305,15 @@ class Worker:
 
     async def _compute_loop(self) -> None:
         try:
-            while (batch := await self._to_compute.get()) is not None:
+            while (items := await self._to_compute.get()) is not None:
                 self._computing = True
+                batch = [i.pulled for i in items]
+                encodings = {
+                    text: encoding
+                    for i in items
+                    if i.pulled.job is not None
+                    for text, encoding in zip(i.pulled.job.texts, i.encodings, strict=False)
+                }
                 try:
                     result = await asyncio.to_thread(
                         compute,
@@ -284,6 +321,7 @@ class Worker:
                         [p.job for p in batch if p.job is not None],
                         max_batch_tokens=self.settings.max_batch_tokens,
                         max_batch_rows=self.settings.max_batch_rows,
+                        encodings=encodings,
                     )
                 finally:
                     self._computing = False
@@ -303,17 +341,19 @@ class Worker:
         while (item := await self._to_publish.get()) is not None:
             batch, result = item
             done = list(zip(batch, result.replies, strict=True))
-            counters = {
-                "batches": 1,
-                "jobs": len(batch),
-                "encoder_rows": result.encoded.rows if result.encoded else 0,
-                "head_results": result.results,
-                "expired": result.expired,
-                "real_tokens": result.encoded.real_tokens if result.encoded else 0,
-                "padded_tokens": result.encoded.padded_tokens if result.encoded else 0,
-            }
+            self._unflushed.update(
+                {
+                    "batches": 1,
+                    "jobs": len(batch),
+                    "encoder_rows": result.encoded.rows if result.encoded else 0,
+                    "head_results": result.results,
+                    "expired": result.expired,
+                    "real_tokens": result.encoded.real_tokens if result.encoded else 0,
+                    "padded_tokens": result.encoded.padded_tokens if result.encoded else 0,
+                }
+            )
             try:
-                await self._retry_finite(partial(self._streams.finish, done, counters))
+                await self._retry_finite(partial(self._streams.finish, done))
                 self._release(batch)
             except RedisError as err:
                 # The entries stay pending in the group; no longer refreshed, they are
