@@ -16,6 +16,26 @@ import matplotlib.pyplot as plt
 from bench.raw import RawResult
 from taskmux.loadtest.report import LoadReport
 
+# Why the ratios are what they are; figures from an instrumented worker on 2026-11-28
+# (one-word Embed, c=1), not from this run.
+NOTES = [
+    "## Reading the ratios",
+    "",
+    "- **Latency at c=1** is the floor closest to failing (+2.8 to +4.1 ms over five",
+    "  runs). One request crosses: gRPC client to gateway and back (ListTasks, which",
+    "  touches neither Redis nor a worker, takes 0.5 ms p50), the gateway's XADD and the",
+    "  worker's XREADGROUP wake-up (0.4 ms), tokenizing, batching and the hand-off to the",
+    "  encoder thread (0.3 ms), pooling and building the response around ONNX Runtime",
+    "  (0.3 ms), and the reply's XADD and the gateway's XREAD (0.3 ms). Every hop is a",
+    "  Python event-loop turn on two cores shared with the load generator.",
+    "- **Throughput**: padding-aware batching and one encoder pass per distinct text keep",
+    "  the worker near raw ONNX Runtime; what remains goes to the gateway, Valkey and the",
+    "  load generator, which share the same two cores (the profile below).",
+    "- **The four-head mix** costs one encoder pass per text instead of four, so its",
+    "  ratio tracks the encoder's share of the work.",
+    "",
+]
+
 THROUGHPUT_FLOOR = 0.70
 LATENCY_FLOOR_MS = 3.0
 MIX_FLOOR = 3.0
@@ -133,6 +153,7 @@ def write_report(
                 f"| {_ms(lat.p99_ms)} | {r.errors} |"
             )
     lines += ["", "![throughput and latency](throughput_latency.png)", ""]
+    lines += NOTES
     if hot_frames:
         lines += [
             "## Where the gateway's CPU goes (py-spy, embed at the highest concurrency)",
