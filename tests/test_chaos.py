@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 
+from router import keys
 from taskmux.local import free_port
 from taskmux.modelrepo.manifest import load_manifest
 from taskmux_client import AsyncTaskMuxClient, RetryPolicy
@@ -125,6 +127,20 @@ def _run(
     return tally
 
 
+PERSISTENT = (keys.task_stream(""), keys.CATALOG_KEY, keys.DEAD_LETTER_STREAM)
+
+
+def _assert_bounded(cluster: Cluster) -> None:
+    """Nothing grows without bound: queues drain, and every other key has a TTL."""
+    r = redis.Redis.from_url(cluster.redis_url)
+    streams = list(r.scan_iter(match=keys.task_stream("*")))
+    wait_until(lambda: all(r.xlen(s) == 0 for s in streams), 30, "job streams drained")
+    for stream in streams:
+        assert r.xpending(stream, keys.WORKER_GROUP)["pending"] == 0, stream
+    forever = [k.decode() for k in r.scan_iter() if r.ttl(k) == -1]
+    assert all(k.startswith(PERSISTENT) for k in forever), forever
+
+
 def _ready(cluster: Cluster, port: int | None = None, **gateway_env: str) -> str:
     _, target = cluster.start_gateway(port, **gateway_env)
     wait_until(lambda: serving(target), 30, "gateway SERVING")
@@ -148,6 +164,7 @@ def test_kill_9_workers_every_few_seconds(
             turn += 1
 
     _run("kill -9 worker", target, expected, fault)
+    _assert_bounded(cluster)
 
 
 def test_redis_restart_with_aof(cluster: Cluster, expected: dict[str, np.ndarray]) -> None:
@@ -163,6 +180,7 @@ def test_redis_restart_with_aof(cluster: Cluster, expected: dict[str, np.ndarray
         redis_proc[0] = cluster.start_redis(appendonly=True)
 
     _run("redis restart (AOF)", target, expected, fault)
+    _assert_bounded(cluster)
 
 
 def test_gateway_killed_and_restarted(cluster: Cluster, expected: dict[str, np.ndarray]) -> None:
@@ -183,6 +201,7 @@ def test_gateway_killed_and_restarted(cluster: Cluster, expected: dict[str, np.n
         gateway[0] = proc
 
     _run("kill -9 gateway", target, expected, fault)
+    _assert_bounded(cluster)
 
 
 def test_sigterm_worker_mid_batch(cluster: Cluster, expected: dict[str, np.ndarray]) -> None:
@@ -198,3 +217,4 @@ def test_sigterm_worker_mid_batch(cluster: Cluster, expected: dict[str, np.ndarr
         workers[0] = cluster.start_worker(max_batch_rows="8")
 
     _run("SIGTERM worker", target, expected, fault)
+    _assert_bounded(cluster)
