@@ -10,16 +10,17 @@ import sys
 
 from gateway.server import serve
 from gateway.settings import settings_from_environ
+from taskmux.logs import configure_from_env
 
 log = logging.getLogger("gateway")
+
+# Read by taskmux.logs.configure_from_env; named here for the manifest checks.
+LOG_SETTINGS = ("TASKMUX_LOG_LEVEL", "TASKMUX_LOG_FORMAT", "TASKMUX_LOG_TEXTS")
 
 
 def main() -> int:
     """Process entry point: serve until SIGTERM/SIGINT; a second signal exits at once."""
-    logging.basicConfig(
-        level=os.environ.get("TASKMUX_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_from_env(os.environ, default_format="json")  # reads LOG_SETTINGS
     settings = settings_from_environ()
     log.info("starting %s", settings.describe())
 

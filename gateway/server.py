@@ -14,11 +14,13 @@ from gateway.catalog import CatalogWatcher
 from gateway.dispatch import Dispatcher
 from gateway.errors import deferred_decode
 from gateway.idempotency import Idempotency
+from gateway.metrics import GatewayMetrics
 from gateway.replies import READ_BLOCK_MS, ReplyRouter
 from gateway.service import TaskMuxService
 from gateway.settings import GatewaySettings
 from router.connection import connect
 from taskmux.health import Health
+from taskmux.metrics import metrics_endpoint
 from taskmux.v1 import taskmux_pb2
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,11 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
                 ("grpc.max_send_message_length", settings.max_message_bytes),
             ]
         )
-        add_service(TaskMuxService(settings, dispatcher, watcher, idempotency), server)
+        metrics = GatewayMetrics(
+            lambda: {h.name for h in watcher.catalog.heads} if watcher.catalog else set()
+        )
+        stack.enter_context(metrics_endpoint(settings.metrics_addr, metrics.registry))
+        add_service(TaskMuxService(settings, dispatcher, watcher, idempotency), server, metrics)
         health.add_to(server)
         reflection.enable_server_reflection(
             [
@@ -80,7 +86,9 @@ HANDLER_FACTORIES = {
 }
 
 
-def add_service(service: TaskMuxService, server: grpc.aio.Server) -> None:
+def add_service(
+    service: TaskMuxService, server: grpc.aio.Server, metrics: GatewayMetrics | None = None
+) -> None:
     """Register every TaskMux method, as the generated code does, but with requests that
     fail to parse handed to the handler (`deferred_decode`) to answer INVALID_ARGUMENT."""
     handlers = {}
@@ -88,8 +96,11 @@ def add_service(service: TaskMuxService, server: grpc.aio.Server) -> None:
         factory = HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)]
         request_type = getattr(taskmux_pb2, method.input_type.name)
         response_type = getattr(taskmux_pb2, method.output_type.name)
+        handler = getattr(service, method.name)
+        if metrics is not None:
+            handler = metrics.instrument(method.name, handler, streaming=method.server_streaming)
         handlers[method.name] = factory(
-            getattr(service, method.name),
+            handler,
             request_deserializer=deferred_decode(request_type),
             response_serializer=response_type.SerializeToString,
         )

@@ -51,6 +51,8 @@ class GatewaySettings:
     # Retry hint sent with RESOURCE_EXHAUSTED for a full stream; about how long the
     # workers take to drain a meaningful part of a full backlog.
     backlog_retry_after_ms: int = 1000
+    # host:port of the Prometheus endpoint (/metrics); port 0 picks a free one, "" disables.
+    metrics_addr: str = "0.0.0.0:9100"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> GatewaySettings:
@@ -84,6 +86,7 @@ class GatewaySettings:
             backlog_retry_after_ms=env_int(
                 env, "BACKLOG_RETRY_AFTER_MS", d.backlog_retry_after_ms, minimum=1
             ),
+            metrics_addr=env_str(env, "METRICS_ADDR", d.metrics_addr),
         )
 
     def describe(self) -> str:

@@ -12,8 +12,12 @@ import sys
 import grpc
 
 from router.connection import connect
+from router.messages import ANALYZE_STREAM_HEAD
 from taskmux.health import Health
+from taskmux.logs import configure_from_env
+from taskmux.metrics import metrics_endpoint
 from taskmux.modelrepo.manifest import ModelRepoError
+from workers.metrics import BacklogSampler
 from workers.model import LoadedModel
 from workers.settings import WorkerSettings, settings_from_environ
 from workers.worker import Worker
@@ -35,7 +39,12 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event) -> None:
         redis = connect(settings.redis_url, block_ms=settings.block_ms)
         try:
             log.info("serving heads %s on %s", sorted(model.heads), model.encoder.provider)
-            await run_with_drain_limit(Worker(settings, model, redis, health), stop, settings)
+            worker = Worker(settings, model, redis, health)
+            with metrics_endpoint(settings.metrics_addr, worker.metrics.registry):
+                async with BacklogSampler(
+                    redis, worker.metrics, lambda: [*worker.model.heads, ANALYZE_STREAM_HEAD]
+                ):
+                    await run_with_drain_limit(worker, stop, settings)
         finally:
             await redis.aclose()
     finally:
@@ -76,12 +85,13 @@ def install_signal_handlers(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, on_signal)
 
 
+# Read by taskmux.logs.configure_from_env; named here for the manifest checks.
+LOG_SETTINGS = ("TASKMUX_LOG_LEVEL", "TASKMUX_LOG_FORMAT", "TASKMUX_LOG_TEXTS")
+
+
 def main() -> int:
     """Process entry point."""
-    logging.basicConfig(
-        level=os.environ.get("TASKMUX_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_from_env(os.environ, default_format="json")  # reads LOG_SETTINGS
     settings = settings_from_environ()
     log.info("starting %s", settings.describe())
 

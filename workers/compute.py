@@ -30,6 +30,8 @@ class BatchResult:
     encoded: EncodeStats | None
     expired: int
     results: int  # head results delivered (one per text and head)
+    encode_s: float = 0.0  # time in the encoder
+    heads_s: float = 0.0  # time in the heads
 
 
 def compute(
@@ -49,12 +51,14 @@ def compute(
     live = [i for i, r in enumerate(replies) if r is None]
     stats = None
     results = 0
+    encode_s = heads_s = 0.0
     if live:
         needs = [texts_needed(model, jobs[i]) for i in live]
         # Identical texts are encoded once, whichever jobs and heads they came from.
         unique = list(dict.fromkeys(t for need in needs for t in need.texts))
         row_of = {text: row for row, text in enumerate(unique)}
         token_rows = {row_of[t] for need in needs for t in need.token_texts}
+        start = time.perf_counter()
         try:
             encoded = model.encoder.encode_full(
                 unique,
@@ -70,10 +74,13 @@ def compute(
             for i in live:
                 replies[i] = _error(jobs[i], grpc.StatusCode.INTERNAL, "encoder failed")
         else:
+            encode_s = time.perf_counter() - start
             for i in live:
                 replies[i], delivered = answer(model, jobs[i], view)
                 results += delivered
-    return BatchResult([r for r in replies if r is not None], stats, expired, results)
+            heads_s = time.perf_counter() - start - encode_s
+    done = [r for r in replies if r is not None]
+    return BatchResult(done, stats, expired, results, encode_s=encode_s, heads_s=heads_s)
 
 
 def _refusal(model: LoadedModel, job: Job, now_ms: int) -> Reply | None:

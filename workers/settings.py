@@ -58,6 +58,8 @@ class WorkerSettings:
     reload_interval_ms: int = 2000
     # How often the model catalog is re-published to Redis.
     catalog_refresh_s: int = 10
+    # host:port of the Prometheus endpoint (/metrics); port 0 picks a free one, "" disables.
+    metrics_addr: str = "0.0.0.0:9101"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> WorkerSettings:
@@ -87,6 +89,7 @@ class WorkerSettings:
             catalog_refresh_s=env_int(
                 env, "CATALOG_REFRESH_S", default.catalog_refresh_s, minimum=1
             ),
+            metrics_addr=env_str(env, "METRICS_ADDR", default.metrics_addr),
         )
 
     def describe(self) -> str:

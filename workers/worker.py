@@ -35,6 +35,7 @@ from taskmux.health import Health
 from workers.batcher import Item, Scheduler
 from workers.compute import BatchResult, compute
 from workers.consumer import JobStreams, Pulled
+from workers.metrics import WorkerMetrics
 from workers.model import LoadedModel
 from workers.reload import manifest_stamp, reload_heads
 from workers.settings import WorkerSettings
@@ -62,6 +63,7 @@ class WorkerStats:
     redis_errors: int = 0
     reclaimed: int = 0
     dead_lettered: int = 0
+    redis_reconnects: int = 0
 
 
 class Worker:
@@ -78,6 +80,7 @@ class Worker:
         self._health = health
         self.model = model
         self.stats = WorkerStats()
+        self.metrics = WorkerMetrics(self.stats)
         self._redis = redis
         self._streams = JobStreams(
             redis,
@@ -130,6 +133,8 @@ class Worker:
                         next_recovery = time.monotonic() + recover_every_s
                     pulled = await self._streams.read()
                     self._hold(pulled)
+                    if backoff != BACKOFF_START_S:
+                        self.stats.redis_reconnects += 1
                     backoff = BACKOFF_START_S
                     await self._set_ready(True)
                 except RedisError as err:
@@ -140,6 +145,7 @@ class Worker:
                     backoff = min(backoff * 2, BACKOFF_MAX_S)
                     continue
                 good = [p for p in pulled if p.job is not None]
+                self.metrics.pulled(good)
                 for bad in (p for p in pulled if p.job is None):
                     await self._dead_letter(bad)
                 if good:
@@ -223,12 +229,14 @@ class Worker:
         """Tokenize each job's texts (off the event loop) to know its size in tokens."""
         tokenizer = self.model.encoder.tokenizer
         now = time.monotonic()
+        start = time.perf_counter()
         items = []
         for p in pulled:
             assert p.job is not None
             encodings = tuple(tokenizer.encode_batch(list(p.job.texts)))
             longest = max((len(e.ids) for e in encodings), default=1)
             items.append(Item(p, len(encodings), longest, now, encodings=encodings))
+        self.metrics.stage.labels("tokenize").observe(time.perf_counter() - start)
         return items
 
     async def _batch_loop(self) -> None:
@@ -307,6 +315,7 @@ class Worker:
         try:
             while (items := await self._to_compute.get()) is not None:
                 self._computing = True
+                self.metrics.busy.set(1)
                 batch = [i.pulled for i in items]
                 encodings = {
                     text: encoding
@@ -325,8 +334,10 @@ class Worker:
                     )
                 finally:
                     self._computing = False
+                    self.metrics.busy.set(0)
                     self._encoder_free.set()
                 self._count(batch, result)
+                self.metrics.computed(result)
                 await self._to_publish.put((batch, result))
         finally:
             await self._to_publish.put(None)
@@ -353,7 +364,9 @@ class Worker:
                 }
             )
             try:
+                start = time.perf_counter()
                 await self._retry_finite(partial(self._streams.finish, done))
+                self.metrics.stage.labels("reply").observe(time.perf_counter() - start)
                 self._release(batch)
             except RedisError as err:
                 # The entries stay pending in the group; no longer refreshed, they are

@@ -1,0 +1,95 @@
+"""The gateway's Prometheus metrics: calls by rpc, head and status code, and their latency.
+
+Labels stay bounded: `head` is a head the catalog serves, "" when the request names none,
+or "unknown"; request ids and tenants are never labels.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import AsyncIterator, Callable, Collection
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from taskmux.logs import log_context
+
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+class GatewayMetrics:
+    """Counters and histograms of one gateway process, in their own registry."""
+
+    def __init__(self, known_heads: Callable[[], Collection[str]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._known_heads = known_heads
+        self.requests = Counter(
+            "taskmux_gateway_requests",
+            "Finished calls by rpc, head and gRPC status code.",
+            ("rpc", "head", "code"),
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "taskmux_gateway_request_seconds",
+            "End-to-end call latency, as the gateway sees it.",
+            ("rpc",),
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+
+    def instrument(self, rpc: str, handler: Any, *, streaming: bool) -> Any:
+        """`handler` (unary or server-streaming), counted and timed."""
+        if streaming:
+
+            @functools.wraps(handler)
+            async def stream_wrapper(request: Any, context: Ctx) -> AsyncIterator[Any]:
+                start = time.perf_counter()
+                code = grpc.StatusCode.UNKNOWN
+                with log_context(request_id=_request_id(request)):
+                    try:
+                        async for item in handler(request, context):
+                            yield item
+                        code = grpc.StatusCode.OK
+                    finally:
+                        self._observe(rpc, request, context, code, start)
+
+            return stream_wrapper
+
+        @functools.wraps(handler)
+        async def wrapper(request: Any, context: Ctx) -> Any:
+            start = time.perf_counter()
+            code = grpc.StatusCode.UNKNOWN
+            with log_context(request_id=_request_id(request)):
+                try:
+                    response = await handler(request, context)
+                    code = grpc.StatusCode.OK
+                    return response
+                finally:
+                    self._observe(rpc, request, context, code, start)
+
+        return wrapper
+
+    def _observe(
+        self, rpc: str, request: Any, context: Ctx, code: grpc.StatusCode, start: float
+    ) -> None:
+        set_code = context.code()
+        if isinstance(set_code, grpc.StatusCode):
+            code = set_code
+        elif code is grpc.StatusCode.UNKNOWN and context.cancelled():
+            code = grpc.StatusCode.CANCELLED
+        self.requests.labels(rpc, self._head(request), code.name).inc()
+        self.latency.labels(rpc).observe(time.perf_counter() - start)
+
+    def _head(self, request: Any) -> str:
+        head = getattr(request, "head", "")
+        if not isinstance(head, str) or not head:
+            return ""
+        return head if head in self._known_heads() else "unknown"
+
+
+def _request_id(request: Any) -> str:
+    request_id = getattr(request, "request_id", "")
+    return request_id if isinstance(request_id, str) and len(request_id) <= 128 else ""

@@ -1,0 +1,113 @@
+"""Prometheus endpoints and JSON logs of a real gateway and worker."""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from taskmux.local import free_port
+from taskmux.modelrepo.manifest import KIND_CLASSIFICATION, load_manifest
+from taskmux.v1 import taskmux_pb2 as pb
+from taskmux.v1 import taskmux_pb2_grpc
+from tests.harness import Cluster, serving, wait_until
+
+pytestmark = pytest.mark.integration
+
+EMBEDS = 3
+CLASSIFIES = 2
+
+
+@pytest.fixture(scope="module")
+def cluster(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster(model_repo, tmp_path_factory.mktemp("metrics"))
+    try:
+        c.start_redis()
+        c.start_worker(metrics_addr=f"127.0.0.1:{free_port()}")
+        _, address = c.start_gateway(metrics_addr=f"127.0.0.1:{free_port()}")
+        wait_until(lambda: serving(address), 30, "gateway SERVING")
+        yield c
+    finally:
+        c.stop_all()
+
+
+def _metrics_port(proc_env_log: str) -> int:
+    match = re.search(r"metrics on port (\d+)", proc_env_log)
+    assert match, proc_env_log[-2000:]
+    return int(match.group(1))
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Every sample of http://127.0.0.1:port/metrics, keyed by name{labels}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def test_counters_move_by_exactly_the_calls_made(cluster: Cluster, model_repo: Path) -> None:
+    worker, gateway = cluster.procs[1], cluster.procs[2]
+    wait_until(lambda: "metrics on port" in worker.output(), 60, "worker metrics")
+    worker_port, gateway_port = _metrics_port(worker.output()), _metrics_port(gateway.output())
+    head = next(
+        h.name
+        for h in load_manifest(model_repo, verify=False).heads
+        if h.kind == KIND_CLASSIFICATION
+    )
+    stub = taskmux_pb2_grpc.TaskMuxStub(grpc.insecure_channel(gateway.address))
+
+    def ready() -> bool:
+        try:
+            return bool(stub.ListTasks(pb.ListTasksRequest(), timeout=2).heads)
+        except grpc.RpcError:
+            return False
+
+    wait_until(ready, 60, "the worker's catalog")
+    before_g, before_w = scrape(gateway_port), scrape(worker_port)
+    for i in range(EMBEDS):
+        stub.Embed(pb.EmbedRequest(texts=[f"text {i}"], request_id=f"req-{i}"), timeout=30)
+    for _ in range(CLASSIFIES):
+        stub.Classify(pb.ClassifyRequest(head=head, texts=["a", "b"]), timeout=30)
+    with pytest.raises(grpc.RpcError) as bad:
+        stub.Embed(pb.EmbedRequest(texts=[]), timeout=30)
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    def delta(after: dict[str, float], before: dict[str, float], key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    g = scrape(gateway_port)
+    ok_embed = 'taskmux_gateway_requests_total{code="OK",head="",rpc="Embed"}'
+    bad_embed = 'taskmux_gateway_requests_total{code="INVALID_ARGUMENT",head="",rpc="Embed"}'
+    ok_classify = f'taskmux_gateway_requests_total{{code="OK",head="{head}",rpc="Classify"}}'
+    assert delta(g, before_g, ok_embed) == EMBEDS
+    assert delta(g, before_g, bad_embed) == 1
+    assert delta(g, before_g, ok_classify) == CLASSIFIES
+    assert delta(g, before_g, 'taskmux_gateway_request_seconds_count{rpc="Embed"}') == EMBEDS + 1
+
+    expected_results = EMBEDS + 2 * CLASSIFIES
+
+    def worker_caught_up() -> bool:
+        return delta(scrape(worker_port), before_w, "taskmux_worker_head_results_total") >= (
+            expected_results
+        )
+
+    wait_until(worker_caught_up, 10, "worker counters")
+    w = scrape(worker_port)
+    assert delta(w, before_w, "taskmux_worker_head_results_total") == expected_results
+    assert delta(w, before_w, 'taskmux_worker_stage_seconds_count{stage="queue"}') == (
+        EMBEDS + CLASSIFIES
+    )
+    assert w["taskmux_worker_busy"] == 0
+    assert any(k.startswith("taskmux_queue_backlog{") for k in scrape(worker_port))
+
+    lines = [json.loads(line) for line in gateway.output().splitlines() if line.startswith("{")]
+    assert lines and all({"time", "level", "logger", "message"} <= set(x) for x in lines)
