@@ -6,6 +6,8 @@
     ├── DeadlineExceeded         DEADLINE_EXCEEDED: no result in time
     ├── Unavailable              UNAVAILABLE: Redis or workers unreachable; retry
     ├── ResourceExhausted        RESOURCE_EXHAUSTED: a full queue; retry after the hint
+    ├── Unauthenticated          UNAUTHENTICATED: no API key, or an unknown one
+    ├── PermissionDenied         PERMISSION_DENIED: the tenant may not use that head
     └── WorkerError              whatever status a worker answered with
 
 A request whose bytes do not parse (invalid UTF-8 in a string field, a truncated or
@@ -105,6 +107,18 @@ class ResourceExhausted(TaskmuxError):
             (STATUS_DETAILS_METADATA, status.SerializeToString()),
             (RETRY_AFTER_METADATA, str(self.retry_after_ms)),
         )
+
+
+class Unauthenticated(TaskmuxError):
+    """The call carries no API key, or one that maps to no tenant."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(TaskmuxError):
+    """The caller's tenant is not allowed to use a head the request names."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class WorkerError(TaskmuxError):

@@ -10,6 +10,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
+from gateway.auth import auth_interceptors
 from gateway.catalog import CatalogWatcher
 from gateway.dispatch import Dispatcher
 from gateway.errors import deferred_decode
@@ -18,6 +19,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.replies import READ_BLOCK_MS, ReplyRouter
 from gateway.service import TaskMuxService
 from gateway.settings import GatewaySettings
+from gateway.tls import add_port
 from router.connection import connect
 from taskmux.health import Health
 from taskmux.metrics import metrics_endpoint
@@ -50,10 +52,11 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
         )
         idempotency = Idempotency(redis, ttl_s=settings.idempotency_ttl_s)
         server = grpc.aio.server(
+            interceptors=auth_interceptors(settings.api_keys_file),
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
-            ]
+            ],
         )
         metrics = GatewayMetrics(
             lambda: {h.name for h in watcher.catalog.heads} if watcher.catalog else set()
@@ -69,7 +72,7 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
             ],
             server,
         )
-        port = server.add_insecure_port(settings.listen_addr)
+        port = add_port(server, settings)
         await server.start()
         log.info("gateway %s listening on port %d", settings.gateway_id, port)
         await stop.wait()

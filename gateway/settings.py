@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from taskmux.config import env_int, env_str, redact_url
+from taskmux.config import SettingsError, env_int, env_str, redact_url
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,15 @@ class GatewaySettings:
     # Retry hint sent with RESOURCE_EXHAUSTED for a full stream; about how long the
     # workers take to drain a meaningful part of a full backlog.
     backlog_retry_after_ms: int = 1000
+    # PEM server certificate (chain); set it with tls_key_file to serve TLS instead of plaintext.
+    tls_cert_file: str = ""
+    # PEM private key of tls_cert_file.
+    tls_key_file: str = ""
+    # PEM CA bundle for client certificates; set it to require mutual TLS (needs tls_cert_file).
+    tls_client_ca_file: str = ""
+    # JSON or TOML file of tenants and their hashed API keys (see gateway/auth.py); unset
+    # means no authentication, for local development only.
+    api_keys_file: str = ""
     # host:port of the Prometheus endpoint (/metrics); port 0 picks a free one, "" disables.
     metrics_addr: str = "0.0.0.0:9100"
 
@@ -58,6 +67,7 @@ class GatewaySettings:
     def from_env(cls, env: Mapping[str, str]) -> GatewaySettings:
         """Settings from the environment; unset variables take the defaults above."""
         d = cls()
+        security = _security_from_env(env)
         return cls(
             redis_url=env_str(env, "REDIS_URL", d.redis_url),
             listen_addr=env_str(env, "LISTEN_ADDR", d.listen_addr),
@@ -86,6 +96,10 @@ class GatewaySettings:
             backlog_retry_after_ms=env_int(
                 env, "BACKLOG_RETRY_AFTER_MS", d.backlog_retry_after_ms, minimum=1
             ),
+            tls_cert_file=security["tls_cert_file"],
+            tls_key_file=security["tls_key_file"],
+            tls_client_ca_file=security["tls_client_ca_file"],
+            api_keys_file=security["api_keys_file"],
             metrics_addr=env_str(env, "METRICS_ADDR", d.metrics_addr),
         )
 
@@ -93,8 +107,28 @@ class GatewaySettings:
         """One log line, with secrets redacted."""
         return (
             f"gateway {self.gateway_id} on {self.listen_addr} redis={redact_url(self.redis_url)} "
-            f"limits={self.max_texts_per_request} texts x {self.max_text_chars} chars"
+            f"limits={self.max_texts_per_request} texts x {self.max_text_chars} chars "
+            f"transport={self.transport()} auth={'api-keys' if self.api_keys_file else 'none'}"
         )
+
+    def transport(self) -> str:
+        """The gateway's transport: plaintext, tls or mtls."""
+        if not self.tls_cert_file:
+            return "plaintext"
+        return "mtls" if self.tls_client_ca_file else "tls"
+
+
+def _security_from_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The TLS and API-key settings, checked for consistency."""
+    values = {
+        name.lower(): env_str(env, name, "")
+        for name in ("TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA_FILE", "API_KEYS_FILE")
+    }
+    if bool(values["tls_cert_file"]) != bool(values["tls_key_file"]):
+        raise SettingsError("set both TASKMUX_TLS_CERT_FILE and TASKMUX_TLS_KEY_FILE, or neither")
+    if values["tls_client_ca_file"] and not values["tls_cert_file"]:
+        raise SettingsError("TASKMUX_TLS_CLIENT_CA_FILE (mutual TLS) needs TASKMUX_TLS_CERT_FILE")
+    return values
 
 
 def settings_from_environ() -> GatewaySettings:

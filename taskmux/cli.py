@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from taskmux.keyscli import add_keys_command
 from taskmux.loadtest.cli import add_loadtest_command
 from taskmux.modelcli import add_model_commands
 
@@ -46,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
 
     add_model_commands(sub)
     add_loadtest_command(sub)
+    add_keys_command(sub)
 
     embed = add("embed", _embed, "Embed texts; prints JSON")
     embed.add_argument("texts", nargs="+")

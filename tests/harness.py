@@ -21,6 +21,8 @@ from taskmux.local import (
 )
 
 STOP_TIMEOUT_S = 15
+# Each process serves /metrics on a free port, so processes of a test do not collide on 9100.
+METRICS_ANY_PORT = {"TASKMUX_METRICS_ADDR": "127.0.0.1:0"}
 
 
 @dataclass
@@ -72,7 +74,7 @@ class Cluster:
 
     def start_worker(self, **env: str) -> Proc:
         address = f"127.0.0.1:{free_port()}"
-        extra = {"TASKMUX_HEALTH_ADDR": address, **_prefixed(env)}
+        extra = {"TASKMUX_HEALTH_ADDR": address, **METRICS_ANY_PORT, **_prefixed(env)}
         proc = self._spawn(
             "worker",
             component_command("workers"),
@@ -83,7 +85,7 @@ class Cluster:
 
     def start_gateway(self, port: int | None = None, **env: str) -> tuple[Proc, str]:
         port = port or free_port()
-        extra = {"TASKMUX_LISTEN_ADDR": f"127.0.0.1:{port}", **_prefixed(env)}
+        extra = {"TASKMUX_LISTEN_ADDR": f"127.0.0.1:{port}", **METRICS_ANY_PORT, **_prefixed(env)}
         proc = self._spawn(
             "gateway",
             component_command("gateway"),

@@ -1,0 +1,214 @@
+"""API keys: who is calling (a tenant) and which heads it may use.
+
+Every TaskMux call must carry `authorization: Bearer <key>` metadata when a keys file is
+configured (TASKMUX_API_KEYS_FILE). The file, JSON or TOML, maps tenants to the SHA-256 of
+their key and, optionally, the heads they may call:
+
+    {"tenants": {"acme": {"key_sha256": "<64 hex>", "heads": ["embed", "sentiment"]}}}
+
+A tenant without `heads` may call every head. Keys are never stored or logged in clear;
+`taskmux keys new` makes a key and its line for the file. Health and reflection stay open.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import tomllib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from gateway.errors import PermissionDenied, TaskmuxError, Unauthenticated, Undecodable
+from gateway.plans import EMBED_HEAD, ENTITIES_HEAD, SIMILARITY_HEAD, ZERO_SHOT_HEAD
+from taskmux.config import SettingsError
+from taskmux.v1 import taskmux_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+PROTECTED_PREFIX = "/taskmux.v1.TaskMux/"
+AUTH_METADATA = "authorization"
+BEARER = "bearer "
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+if TYPE_CHECKING:
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:  # not subscriptable at run time
+    _Interceptor = grpc.aio.ServerInterceptor
+
+
+def hash_key(key: str) -> str:
+    """The hex SHA-256 of a key, as the keys file stores it."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """One keys-file entry."""
+
+    name: str
+    key_sha256: str
+    heads: frozenset[str] | None  # None: every head
+
+    def check_heads(self, heads: Iterable[str]) -> None:
+        """Raise PermissionDenied for the first head this tenant may not use."""
+        if self.heads is None:
+            return
+        for head in heads:
+            if head not in self.heads:
+                raise PermissionDenied(f"tenant {self.name!r} may not use head {head!r}")
+
+
+class KeyRing:
+    """The tenants of a keys file, looked up by key in constant time per entry."""
+
+    def __init__(self, tenants: Iterable[Tenant]) -> None:
+        self._tenants = tuple(tenants)
+
+    def __len__(self) -> int:
+        return len(self._tenants)
+
+    def tenant(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Tenant:
+        """The tenant whose key the call's metadata carries; Unauthenticated otherwise."""
+        value = next((v for k, v in metadata or () if k == AUTH_METADATA), None)
+        if value is None:
+            raise Unauthenticated("missing API key: send metadata 'authorization: Bearer <key>'")
+        if isinstance(value, bytes) or not value.lower().startswith(BEARER):
+            raise Unauthenticated("malformed authorization metadata: expected 'Bearer <key>'")
+        digest = hash_key(value[len(BEARER) :].strip())
+        found = None
+        for tenant in self._tenants:  # no early exit: time does not tell which entry matched
+            if hmac.compare_digest(digest, tenant.key_sha256):
+                found = tenant
+        if found is None:
+            raise Unauthenticated("invalid API key")
+        return found
+
+
+def load_keys(path: Path) -> KeyRing:
+    """Read a JSON or TOML keys file; SettingsError names what is wrong."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (OSError, ValueError) as err:
+        raise SettingsError(f"cannot read API keys file {path}: {err}") from None
+    tenants = data.get("tenants") if isinstance(data, dict) else None
+    if not isinstance(tenants, dict) or not tenants:
+        raise SettingsError(f"{path}: expected a non-empty 'tenants' table")
+    ring = []
+    for name, entry in tenants.items():
+        digest = entry.get("key_sha256") if isinstance(entry, dict) else None
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise SettingsError(f"{path}: tenant {name!r} needs key_sha256 (64 hex digits)")
+        heads = entry.get("heads")
+        if heads is not None and not (
+            isinstance(heads, list) and all(isinstance(h, str) for h in heads)
+        ):
+            raise SettingsError(f"{path}: tenant {name!r}: heads must be a list of names")
+        ring.append(Tenant(name, digest.lower(), None if heads is None else frozenset(heads)))
+    return KeyRing(ring)
+
+
+def request_heads(request: object) -> list[str]:
+    """The heads a TaskMux request would use (none for ListTasks or an unparsed request)."""
+    match request:
+        case pb.EmbedRequest():
+            return [EMBED_HEAD]
+        case pb.ClassifyRequest():
+            return [request.head]
+        case pb.ExtractEntitiesRequest():
+            return [request.head or ENTITIES_HEAD]
+        case pb.SimilarityRequest():
+            return [SIMILARITY_HEAD]
+        case pb.ZeroShotClassifyRequest():
+            return [ZERO_SHOT_HEAD]
+        case pb.AnalyzeRequest():
+            return list(request.heads)
+        case pb.PipelineRequest():
+            task = request.WhichOneof("task")
+            return request_heads(getattr(request, task)) if task else []
+    return []
+
+
+async def _abort(context: Ctx, err: TaskmuxError) -> None:
+    await context.abort(err.code, err.message)
+
+
+class ApiKeyInterceptor(_Interceptor):
+    """Authenticate every TaskMux call by its key, and check each request's heads."""
+
+    def __init__(self, keys: KeyRing) -> None:
+        self._keys = keys
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(PROTECTED_PREFIX):
+            return handler
+        keys = self._keys
+        metadata: Any = details.invocation_metadata
+
+        async def authorize(request: object, context: Ctx) -> None:
+            try:
+                tenant = keys.tenant(metadata)
+                if not isinstance(request, Undecodable):
+                    tenant.check_heads(request_heads(request))
+            except TaskmuxError as err:
+                await _abort(context, err)
+
+        if handler.unary_unary is not None:
+            inner_uu: Any = handler.unary_unary
+
+            async def unary_unary(request: object, context: Ctx) -> Any:
+                await authorize(request, context)
+                return await inner_uu(request, context)
+
+            return handler._replace(unary_unary=unary_unary)  # type: ignore[attr-defined,no-any-return]
+        if handler.unary_stream is not None:
+            inner_us: Any = handler.unary_stream
+
+            async def unary_stream(request: object, context: Ctx) -> AsyncIterator[Any]:
+                await authorize(request, context)
+                async for item in inner_us(request, context):
+                    yield item
+
+            return handler._replace(unary_stream=unary_stream)  # type: ignore[attr-defined,no-any-return]
+        inner_ss: Any = handler.stream_stream
+        assert inner_ss is not None, "TaskMux has no client-streaming-only methods"
+
+        async def stream_stream(requests: AsyncIterator[Any], context: Ctx) -> AsyncIterator[Any]:
+            await authorize(None, context)
+
+            async def checked() -> AsyncIterator[Any]:
+                async for request in requests:
+                    await authorize(request, context)
+                    yield request
+
+            async for item in inner_ss(checked(), context):
+                yield item
+
+        return handler._replace(stream_stream=stream_stream)  # type: ignore[attr-defined,no-any-return]
+
+
+def auth_interceptors(keys_file: str) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
+    """The interceptors for this keys file; none, with a loud warning, when it is unset."""
+    if not keys_file:
+        log.warning(
+            "NO AUTHENTICATION: TASKMUX_API_KEYS_FILE is unset, so any client can call every "
+            "head. Set it (and TLS) before exposing this gateway beyond localhost."
+        )
+        return []
+    keys = load_keys(Path(keys_file))
+    log.info("API keys: %d tenants loaded from %s", len(keys), keys_file)
+    return [ApiKeyInterceptor(keys)]
