@@ -150,6 +150,17 @@ class Layout:
     gateway_ports: tuple[int, ...]
     worker_health_ports: tuple[int, ...]
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
+    # Each process serves /metrics on a port of its own.
+    gateway_metrics_ports: tuple[int, ...] = ()
+    worker_metrics_ports: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.gateway_metrics_ports:
+            ports = tuple(free_port() for _ in self.gateway_ports)
+            object.__setattr__(self, "gateway_metrics_ports", ports)
+        if not self.worker_metrics_ports:
+            ports = tuple(free_port() for _ in self.worker_health_ports)
+            object.__setattr__(self, "worker_metrics_ports", ports)
 
     @property
     def shared_port(self) -> bool:
@@ -207,6 +218,7 @@ def cluster_commands(
         extra = {
             "TASKMUX_HEALTH_ADDR": f"127.0.0.1:{port}",
             "TASKMUX_WORKER_ID": layout.worker_id(i),
+            "TASKMUX_METRICS_ADDR": f"127.0.0.1:{layout.worker_metrics_ports[i]}",
         }
         env = component_env(redis_url, model_repo, extra)
         commands.append((f"worker {layout.worker_id(i)}", component_command("workers"), env))
@@ -214,6 +226,7 @@ def cluster_commands(
         extra = {
             "TASKMUX_LISTEN_ADDR": f"127.0.0.1:{port}",
             "TASKMUX_GATEWAY_ID": layout.gateway_id(i),
+            "TASKMUX_METRICS_ADDR": f"127.0.0.1:{layout.gateway_metrics_ports[i]}",
         }
         env = component_env(redis_url, model_repo, extra)
         commands.append((f"gateway {layout.gateway_id(i)}", component_command("gateway"), env))
@@ -253,9 +266,17 @@ def run_local(
         layout = plan_layout(gateway_port, gateways, workers)
         commands = cluster_commands(layout, redis_url, model_repo.resolve())
         for i, port in enumerate(layout.worker_health_ports):
-            print(f"taskmux up: worker {layout.worker_id(i)} health on 127.0.0.1:{port}")
+            metrics = layout.worker_metrics_ports[i]
+            print(
+                f"taskmux up: worker {layout.worker_id(i)} health on 127.0.0.1:{port}, "
+                f"metrics on http://127.0.0.1:{metrics}/metrics"
+            )
         for i, port in enumerate(layout.gateway_ports):
-            print(f"taskmux up: gateway {layout.gateway_id(i)} on 127.0.0.1:{port}")
+            metrics = layout.gateway_metrics_ports[i]
+            print(
+                f"taskmux up: gateway {layout.gateway_id(i)} on 127.0.0.1:{port}, "
+                f"metrics on http://127.0.0.1:{metrics}/metrics"
+            )
         if gateways > 1 and layout.shared_port:
             print(f"taskmux up: {gateways} gateways share the port; a new connection goes to one")
         target = layout.target()
