@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import sys
 
 from gateway.server import serve
 from gateway.settings import settings_from_environ
+from taskmux.lifecycle import install_stop_signals
 from taskmux.logs import configure_from_env
 
 log = logging.getLogger("gateway")
@@ -26,15 +26,7 @@ def main() -> int:
 
     async def run() -> None:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-
-        def on_signal() -> None:
-            if stop.is_set():
-                os._exit(1)
-            stop.set()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal)
+        install_stop_signals(stop, log)
         await serve(settings, stop)
 
     asyncio.run(run())

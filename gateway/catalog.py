@@ -8,7 +8,6 @@ answers, NOT_SERVING otherwise.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from types import TracebackType
 
@@ -18,6 +17,7 @@ from redis.exceptions import RedisError
 from gateway.replies import ReplyRouter
 from router import keys
 from taskmux.health import Health
+from taskmux.lifecycle import cancel_and_wait
 from taskmux.modelrepo.manifest import HeadSpec, Manifest, ModelRepoError
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,7 @@ class CatalogWatcher:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     async def first_check(self) -> None:
         """Wait until the first check has run (success or not)."""

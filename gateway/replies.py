@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 
 from router import keys
 from router.messages import MalformedMessage, Reply, stream_entries
+from taskmux.lifecycle import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,7 @@ class ReplyRouter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        await cancel_and_wait(self._reader)
         for future in self._waiting.values():
             future.cancel()
         with contextlib.suppress(RedisError):  # if not, it expires on its own

@@ -33,6 +33,7 @@ from gateway.plans import (
 from gateway.settings import GatewaySettings
 from gateway.validation import check_heads, check_request_meta, check_texts
 from router.messages import ANALYZE_STREAM_HEAD, KIND_ANALYZE, pack_messages, unpack_messages
+from taskmux.lifecycle import cancel_and_wait
 from taskmux.modelrepo.manifest import (
     KIND_CLASSIFICATION,
     KIND_EMBEDDING,
@@ -201,9 +202,7 @@ class TaskMuxService(taskmux_pb2_grpc.TaskMuxServicer):
                 slots.release()
             await reader  # surfaces a reader failure
         finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            await cancel_and_wait(reader)
 
     async def _pipeline_reader(
         self,

@@ -19,6 +19,9 @@ from taskmux.local import (
     redis_command,
     wait_for_redis,
 )
+from taskmux.modelrepo.manifest import load_manifest
+from taskmux.v1 import taskmux_pb2 as pb
+from taskmux.v1 import taskmux_pb2_grpc
 
 STOP_TIMEOUT_S = 15
 # Each process serves /metrics on a free port, so processes of a test do not collide on 9100.
@@ -138,3 +141,19 @@ def health_status(target: str, service: str = "") -> int | None:
 def serving(target: str) -> bool:
     """True once the gateway reports SERVING."""
     return health_status(target) == health_pb2.HealthCheckResponse.SERVING
+
+
+def listed_heads(target: str) -> set[str]:
+    """The heads ListTasks reports at `target`, or an empty set if it does not answer."""
+    with grpc.insecure_channel(target) as channel:
+        stub = taskmux_pb2_grpc.TaskMuxStub(channel)
+        try:
+            return {h.name for h in stub.ListTasks(pb.ListTasksRequest(), timeout=2).heads}
+        except grpc.RpcError:
+            return set()
+
+
+def wait_for_catalog(target: str, model_repo: Path, timeout_s: float = 60) -> None:
+    """Wait until the gateway at `target` lists every head of `model_repo`."""
+    expected = {h.name for h in load_manifest(model_repo, verify=False).heads}
+    wait_until(lambda: listed_heads(target) == expected, timeout_s, f"catalog {sorted(expected)}")

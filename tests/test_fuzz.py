@@ -21,7 +21,7 @@ from router.messages import Job, MalformedMessage
 from taskmux.modelrepo.manifest import load_manifest
 from taskmux.v1 import taskmux_pb2 as pb
 from taskmux.v1 import taskmux_pb2_grpc
-from tests.harness import Cluster, Proc, serving, wait_until
+from tests.harness import Cluster, Proc, serving, wait_for_catalog, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -94,17 +94,9 @@ def target(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         )
         wait_until(lambda: serving(address), 30, "gateway SERVING")
         heads = [h.name for h in load_manifest(model_repo, verify=False).heads]
+        wait_for_catalog(address, model_repo)
         with grpc.insecure_channel(address) as channel:
             stub = taskmux_pb2_grpc.TaskMuxStub(channel)
-
-            def ready() -> bool:
-                try:
-                    listed = stub.ListTasks(pb.ListTasksRequest(), timeout=2).heads
-                except grpc.RpcError:
-                    return False
-                return {h.name for h in listed} == set(heads)
-
-            wait_until(ready, 60, "the worker's catalog")
             t = Target(c, channel, stub, heads)
             yield t
             print("\nfuzz outcomes:")

@@ -18,7 +18,7 @@ from router import keys
 from taskmux.modelrepo.manifest import load_manifest
 from taskmux.v1 import taskmux_pb2 as pb
 from taskmux.v1 import taskmux_pb2_grpc
-from tests.harness import Cluster, serving, wait_until
+from tests.harness import Cluster, serving, wait_for_catalog, wait_until
 from workers.encoder import Encoder, l2_normalize
 
 pytestmark = pytest.mark.integration
@@ -45,17 +45,7 @@ def target(cluster: Cluster, model_repo: Path) -> str:
         max_texts_per_request=str(MAX_TEXTS), max_text_chars=str(MAX_CHARS)
     )
     wait_until(lambda: serving(address), 30, "gateway SERVING")
-    stub = taskmux_pb2_grpc.TaskMuxStub(grpc.insecure_channel(address))
-
-    def catalog_ready() -> bool:
-        try:
-            heads = stub.ListTasks(pb.ListTasksRequest(), timeout=2).heads
-        except grpc.RpcError:
-            return False
-        return {h.name for h in heads} == expected
-
-    expected = {h.name for h in load_manifest(model_repo, verify=False).heads}
-    wait_until(catalog_ready, 60, f"the worker's catalog to list {sorted(expected)}")
+    wait_for_catalog(address, model_repo)
     return address
 
 

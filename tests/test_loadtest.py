@@ -13,7 +13,6 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 
@@ -39,10 +38,8 @@ from taskmux.loadtest.samples import LiveStatus, Recorder
 from taskmux.loadtest.schedule import Picker, poisson_arrivals
 from taskmux.loadtest.texts import TextGenerator
 from taskmux.local import free_port
-from taskmux.modelrepo.manifest import load_manifest
 from taskmux.v1 import taskmux_pb2 as pb
-from taskmux.v1 import taskmux_pb2_grpc
-from tests.harness import Cluster, serving, wait_until
+from tests.harness import Cluster, serving, wait_for_catalog, wait_until
 
 FULL_MIX = (
     "embed=2,classify:sentiment=1,analyze:embed+sentiment+topic+intent=1,entities=1,"
@@ -289,18 +286,7 @@ def target(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         cluster.start_worker()
         _, address = cluster.start_gateway()
         wait_until(lambda: serving(address), 30, "gateway SERVING")
-        expected = {h.name for h in load_manifest(model_repo, verify=False).heads}
-        with grpc.insecure_channel(address) as channel:
-            stub = taskmux_pb2_grpc.TaskMuxStub(channel)
-
-            def ready() -> bool:
-                try:
-                    heads = stub.ListTasks(pb.ListTasksRequest(), timeout=2).heads
-                except grpc.RpcError:
-                    return False
-                return {h.name for h in heads} == expected
-
-            wait_until(ready, 60, "the worker's catalog")
+        wait_for_catalog(address, model_repo)
         yield address
     finally:
         cluster.stop_all()

@@ -15,7 +15,7 @@ from router import keys
 from taskmux.modelrepo.manifest import KIND_TOKEN, load_manifest
 from taskmux.v1 import taskmux_pb2 as pb
 from taskmux.v1 import taskmux_pb2_grpc
-from tests.harness import Cluster, serving, wait_until
+from tests.harness import Cluster, serving, wait_for_catalog, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -42,19 +42,8 @@ def cluster(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 @pytest.fixture(scope="module")
 def stub(cluster: Cluster, model_repo: Path) -> taskmux_pb2_grpc.TaskMuxStub:
-    channel = grpc.insecure_channel(cluster.procs[-1].address)
-    stub = taskmux_pb2_grpc.TaskMuxStub(channel)
-    expected = {h.name for h in load_manifest(model_repo, verify=False).heads}
-
-    def ready() -> bool:
-        try:
-            heads = stub.ListTasks(pb.ListTasksRequest(), timeout=2).heads
-        except grpc.RpcError:
-            return False
-        return {h.name for h in heads} == expected
-
-    wait_until(ready, 60, "the worker's catalog")
-    return stub
+    wait_for_catalog(cluster.procs[-1].address, model_repo)
+    return taskmux_pb2_grpc.TaskMuxStub(grpc.insecure_channel(cluster.procs[-1].address))
 
 
 def _embed(stub: taskmux_pb2_grpc.TaskMuxStub, texts: list[str]) -> np.ndarray:

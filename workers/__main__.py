@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 import sys
 
 import grpc
@@ -14,6 +12,7 @@ import grpc
 from router.connection import connect
 from router.messages import ANALYZE_STREAM_HEAD
 from taskmux.health import Health
+from taskmux.lifecycle import cancel_and_wait, install_stop_signals
 from taskmux.logs import configure_from_env
 from taskmux.metrics import metrics_endpoint
 from taskmux.modelrepo.manifest import ModelRepoError
@@ -65,28 +64,7 @@ async def run_with_drain_limit(
     except TimeoutError:
         # What is left stays pending in Redis; live workers reclaim it after claim_idle_ms.
         log.error("drain took over %ds; exiting with work left pending", settings.drain_timeout_s)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-def install_signal_handlers(stop: asyncio.Event) -> None:
-    """First SIGTERM/SIGINT drains; a second one exits at once."""
-    loop = asyncio.get_running_loop()
-
-    def on_signal() -> None:
-        if stop.is_set():
-            log.warning("second signal: exiting now")
-            os._exit(1)
-        log.info("signal received: finishing in-flight work")
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
-
-
-# Read by taskmux.logs.configure_from_env; named here for the manifest checks.
-LOG_SETTINGS = ("TASKMUX_LOG_LEVEL", "TASKMUX_LOG_FORMAT", "TASKMUX_LOG_TEXTS")
+        await cancel_and_wait(task)
 
 
 def main() -> int:
@@ -97,7 +75,7 @@ def main() -> int:
 
     async def run() -> None:
         stop = asyncio.Event()
-        install_signal_handlers(stop)
+        install_stop_signals(stop, log)
         await serve(settings, stop)
 
     try:

@@ -8,7 +8,6 @@ Redis (XLEN, XPENDING) every `SAMPLE_EVERY_S` by `BacklogSampler`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -23,6 +22,7 @@ from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 
 from router import keys
+from taskmux.lifecycle import cancel_and_wait
 
 if TYPE_CHECKING:
     from workers.compute import BatchResult
@@ -156,10 +156,7 @@ class BacklogSampler:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     async def _loop(self) -> None:
         while True:
