@@ -20,7 +20,13 @@ from taskmux_client._requests import (
     texts_list,
     with_ids,
 )
-from taskmux_client.channel import channel_options
+from taskmux_client.channel import (
+    TLSConfig,
+    auth_metadata,
+    channel_credentials,
+    channel_options,
+    open_aio_channel,
+)
 from taskmux_client.retry import AttemptHook, RetryLoop, RetryPolicy, final_error
 
 Resp = TypeVar("Resp")
@@ -39,6 +45,8 @@ class AsyncTaskMuxClient:
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         retry: RetryPolicy | None = None,
+        api_key: str | None = None,
+        tls: bool | TLSConfig = False,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
         channel: grpc.aio.Channel | None = None,
@@ -47,15 +55,14 @@ class AsyncTaskMuxClient:
         rng: random.Random | None = None,
     ) -> None:
         self._retry = retry or RetryPolicy()
+        # Sent on every attempt of every call; kept out of reprs and error messages.
+        self._metadata = auth_metadata(api_key)
+        self._owns_channel = channel is None
         if channel is None:
-            opts = channel_options(self._retry, options)
-            if credentials is None:
-                channel = grpc.aio.insecure_channel(target, options=opts)
-            else:
-                channel = grpc.aio.secure_channel(target, credentials, options=opts)
-            self._owns_channel = True
-        else:
-            self._owns_channel = False
+            creds = channel_credentials(tls, credentials)
+            channel = open_aio_channel(target, creds, channel_options(self._retry, options))
+        elif tls is not False or credentials is not None:
+            raise ValueError("tls and credentials secure a channel the client opens, not yours")
         self._channel = channel
         self._stub = taskmux_pb2_grpc.TaskMuxStub(channel)
         self._timeout_s = timeout_s
@@ -169,7 +176,9 @@ class AsyncTaskMuxClient:
         request = with_ids(request, request_id, idempotency_key, auto_key=self._auto_key)
         loop = self._loop("Analyze", request.request_id, timeout_s)
         while True:
-            call = self._stub.Analyze(request, timeout=loop.attempt_timeout_s())
+            call = self._stub.Analyze(
+                request, timeout=loop.attempt_timeout_s(), metadata=self._metadata
+            )
             started = False
             try:
                 async for result in call:
@@ -196,7 +205,9 @@ class AsyncTaskMuxClient:
         ids are their positions, "0", "1", ...). A failed task is a response whose
         `error` is set; it does not end the stream. The stream is not retried.
         """
-        call = self._stub.Pipeline(_requests(tasks), timeout=timeout_s or self._timeout_s)
+        call = self._stub.Pipeline(
+            _requests(tasks), timeout=timeout_s or self._timeout_s, metadata=self._metadata
+        )
         try:
             async for response in call:
                 yield response
@@ -231,7 +242,9 @@ class AsyncTaskMuxClient:
         loop = self._loop(method, getattr(request, "request_id", ""), timeout_s)
         while True:
             try:
-                response = await stub_method(request, timeout=loop.attempt_timeout_s())
+                response = await stub_method(
+                    request, timeout=loop.attempt_timeout_s(), metadata=self._metadata
+                )
             except grpc.RpcError as err:
                 await asyncio.sleep(loop.failed(err))
                 continue

@@ -3,6 +3,8 @@
 TaskMuxError                 (any non-OK status; also a grpc.RpcError)
 ├── InvalidArgumentError     INVALID_ARGUMENT: fix the request
 ├── NotFoundError            NOT_FOUND: the head is not served
+├── UnauthenticatedError     UNAUTHENTICATED: a missing, malformed or unknown API key
+├── PermissionDeniedError    PERMISSION_DENIED: the key's tenant may not use the head
 ├── DeadlineExceededError    DEADLINE_EXCEEDED: no result in time
 ├── UnavailableError         UNAVAILABLE: still failing after the retries
 ├── ResourceExhaustedError   RESOURCE_EXHAUSTED: a full queue after the retries,
@@ -51,6 +53,14 @@ class NotFoundError(TaskMuxError):
     """The named head is not served (ListTasks lists those that are)."""
 
 
+class UnauthenticatedError(TaskMuxError):
+    """The gateway wants an API key and the call carried none it knows; never retried."""
+
+
+class PermissionDeniedError(TaskMuxError):
+    """The key is valid but its tenant may not use a head of the call; never retried."""
+
+
 class DeadlineExceededError(TaskMuxError):
     """No result before the call's deadline."""
 
@@ -70,6 +80,8 @@ class InternalError(TaskMuxError):
 _BY_CODE: dict[grpc.StatusCode, type[TaskMuxError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,

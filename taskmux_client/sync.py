@@ -20,7 +20,13 @@ from taskmux_client._requests import (
     texts_list,
     with_ids,
 )
-from taskmux_client.channel import channel_options
+from taskmux_client.channel import (
+    TLSConfig,
+    auth_metadata,
+    channel_credentials,
+    channel_options,
+    open_channel,
+)
 from taskmux_client.retry import AttemptHook, RetryLoop, RetryPolicy, final_error
 
 Req = TypeVar("Req")
@@ -35,6 +41,10 @@ class TaskMuxClient:
     with jittered exponential backoff (`retry`); each retry sends the same request_id and
     idempotency_key, generated when the caller passes none, so the server computes a
     retried call once. Failures raise `taskmux_client.TaskMuxError` subclasses.
+
+    `api_key` is sent as `authorization: Bearer <key>` on every call. `tls=True` connects
+    with TLS trusting the system's CAs; a `TLSConfig` names a private CA and, for mutual
+    TLS, a client certificate; `credentials` takes ready gRPC channel credentials instead.
     """
 
     def __init__(
@@ -43,6 +53,8 @@ class TaskMuxClient:
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         retry: RetryPolicy | None = None,
+        api_key: str | None = None,
+        tls: bool | TLSConfig = False,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
         channel: grpc.Channel | None = None,
@@ -51,15 +63,14 @@ class TaskMuxClient:
         rng: random.Random | None = None,
     ) -> None:
         self._retry = retry or RetryPolicy()
+        # Sent on every attempt of every call; kept out of reprs and error messages.
+        self._metadata = auth_metadata(api_key)
+        self._owns_channel = channel is None
         if channel is None:
-            opts = channel_options(self._retry, options)
-            if credentials is None:
-                channel = grpc.insecure_channel(target, options=opts)
-            else:
-                channel = grpc.secure_channel(target, credentials, options=opts)
-            self._owns_channel = True
-        else:
-            self._owns_channel = False
+            creds = channel_credentials(tls, credentials)
+            channel = open_channel(target, creds, channel_options(self._retry, options))
+        elif tls is not False or credentials is not None:
+            raise ValueError("tls and credentials secure a channel the client opens, not yours")
         self._channel = channel
         self._stub = taskmux_pb2_grpc.TaskMuxStub(channel)
         self._timeout_s = timeout_s
@@ -169,7 +180,9 @@ class TaskMuxClient:
         request = with_ids(request, request_id, idempotency_key, auto_key=self._auto_key)
         loop = self._loop("Analyze", request.request_id, timeout_s)
         while True:
-            call = self._stub.Analyze(request, timeout=loop.attempt_timeout_s())
+            call = self._stub.Analyze(
+                request, timeout=loop.attempt_timeout_s(), metadata=self._metadata
+            )
             started = False
             try:
                 for result in call:
@@ -197,7 +210,9 @@ class TaskMuxClient:
         `error` is set; it does not end the stream. The stream is not retried.
         """
         requests = (pipeline_request(task, i) for i, task in enumerate(tasks))
-        call = self._stub.Pipeline(requests, timeout=timeout_s or self._timeout_s)
+        call = self._stub.Pipeline(
+            requests, timeout=timeout_s or self._timeout_s, metadata=self._metadata
+        )
         try:
             yield from call
         except grpc.RpcError as err:
@@ -231,7 +246,9 @@ class TaskMuxClient:
         loop = self._loop(method, getattr(request, "request_id", ""), timeout_s)
         while True:
             try:
-                response = stub_method(request, timeout=loop.attempt_timeout_s())
+                response = stub_method(
+                    request, timeout=loop.attempt_timeout_s(), metadata=self._metadata
+                )
             except grpc.RpcError as err:
                 time.sleep(loop.failed(err))
                 continue
