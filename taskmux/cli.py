@@ -7,12 +7,19 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from taskmux.clientargs import add_client_arguments
 from taskmux.keyscli import add_keys_command
 from taskmux.loadtest.cli import add_loadtest_command
 from taskmux.modelcli import add_model_commands
+
+if TYPE_CHECKING:
+    from google.protobuf.message import Message
+
+    from taskmux_client import TaskMuxClient
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -59,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     for p in (embed, classify, sub.choices["tasks"]):
         p.add_argument("--target", default=os.environ.get("TASKMUX_TARGET", DEFAULT_TARGET))
         p.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds")
+        add_client_arguments(p)
     return parser
 
 
@@ -82,40 +90,44 @@ def _up(args: argparse.Namespace) -> int:
     )
 
 
-def _call(args: argparse.Namespace, method: str, request: object) -> int:
-    import grpc
+def _call(args: argparse.Namespace, call: Callable[[TaskMuxClient], Message]) -> int:
+    """Run one call with the command's target, deadline, key and TLS; print it as JSON.
+
+    A failure is one line on stderr (exit 1; 2 for unusable options), never a traceback.
+    """
     from google.protobuf.json_format import MessageToDict
 
-    from taskmux.v1 import taskmux_pb2_grpc
+    from taskmux.clientargs import ClientOptionsError, security_from_args
+    from taskmux_client import TaskMuxClient, TaskMuxError
 
-    with grpc.insecure_channel(args.target) as channel:
-        stub = taskmux_pb2_grpc.TaskMuxStub(channel)
+    try:
+        security = security_from_args(args)
+    except ClientOptionsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    client = TaskMuxClient(
+        args.target, timeout_s=args.timeout, api_key=security.api_key, tls=security.tls or False
+    )
+    with client:
         try:
-            response = getattr(stub, method)(request, timeout=args.timeout)
-        except grpc.RpcError as err:
-            print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+            response = call(client)
+        except TaskMuxError as err:
+            print(f"error: {err}", file=sys.stderr)  # e.g. "UNAUTHENTICATED: invalid API key"
             return 1
     print(json.dumps(MessageToDict(response), indent=2, ensure_ascii=False))
     return 0
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from taskmux.v1 import taskmux_pb2
-
-    return _call(args, "Embed", taskmux_pb2.EmbedRequest(texts=args.texts))
+    return _call(args, lambda client: client.embed(args.texts))
 
 
 def _classify(args: argparse.Namespace) -> int:
-    from taskmux.v1 import taskmux_pb2
-
-    request = taskmux_pb2.ClassifyRequest(head=args.head, texts=args.texts, top_k=args.top_k)
-    return _call(args, "Classify", request)
+    return _call(args, lambda client: client.classify(args.head, args.texts, top_k=args.top_k))
 
 
 def _tasks(args: argparse.Namespace) -> int:
-    from taskmux.v1 import taskmux_pb2
-
-    return _call(args, "ListTasks", taskmux_pb2.ListTasksRequest())
+    return _call(args, lambda client: client.list_tasks())
 
 
 if __name__ == "__main__":
