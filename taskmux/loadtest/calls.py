@@ -6,6 +6,7 @@ lookup and a send, so that the figures measure the service rather than the load 
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from taskmux.loadtest.config import (
 from taskmux.loadtest.schedule import cumulative
 from taskmux.loadtest.texts import TextGenerator
 from taskmux.v1 import taskmux_pb2 as pb
+from taskmux_client.channel import Metadata
 
 # Channel options: a local subchannel pool gives every channel its own TCP connection
 # (gRPC otherwise shares one between channels to the same target); no transparent
@@ -104,12 +106,17 @@ _RPC = {
 Method = Callable[..., Any]
 
 
-def bind(channel: grpc.aio.Channel, tasks: tuple[PreparedTask, ...]) -> tuple[Method, ...]:
-    """Each task's stub method on `channel`, looked up once."""
+def bind(
+    channel: grpc.aio.Channel, tasks: tuple[PreparedTask, ...], metadata: Metadata = ()
+) -> tuple[Method, ...]:
+    """Each task's stub method on `channel`, looked up once, sending `metadata` if any."""
     from taskmux.v1 import taskmux_pb2_grpc
 
     stub = taskmux_pb2_grpc.TaskMuxStub(channel)
-    return tuple(getattr(stub, task.rpc) for task in tasks)
+    methods = [getattr(stub, task.rpc) for task in tasks]
+    if metadata:
+        methods = [functools.partial(method, metadata=metadata) for method in methods]
+    return tuple(methods)
 
 
 async def invoke(method: Method, request: Message, streaming: bool, deadline_s: float) -> None:

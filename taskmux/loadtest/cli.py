@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from taskmux.clientargs import ClientOptionsError, add_client_arguments, security_from_args
 from taskmux.loadtest.config import (
     DEFAULT_LENGTHS,
     DEFAULT_MIX,
@@ -44,6 +45,7 @@ examples:
   taskmux loadtest --rate 200 --duration 60 --connections 8 \\
       --mix embed=2,classify:sentiment=1,analyze:embed+sentiment+topic+intent=1,entities=1
   taskmux loadtest --requests 1000 --json report.json --plot report.png
+  TASKMUX_API_KEY=... taskmux loadtest --target gw:443 --tls --ca-file ca.pem
 
 exit status: 0 every measured call succeeded; 1 some failed or were dropped; 2 bad options
 """
@@ -87,6 +89,7 @@ def add_loadtest_command(sub: Any) -> None:
     p.add_argument("--json", metavar="FILE", help="write the report as JSON ('-': stdout)")
     p.add_argument("--plot", type=Path, metavar="FILE", help="write a PNG of the run")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    add_client_arguments(p)
     p.set_defaults(func=run_command)
 
 
@@ -102,6 +105,10 @@ def _spec(parse: Any) -> Any:
 
 def config_from_args(args: argparse.Namespace) -> LoadConfig:
     """The LoadConfig that the parsed options describe; raises ConfigError."""
+    try:
+        security = security_from_args(args)
+    except ClientOptionsError as err:
+        raise ConfigError(str(err)) from None
     mode: Mode = args.mode or ("open" if args.rate is not None else "closed")
     if mode == "closed" and args.rate is not None:
         raise ConfigError("--rate is for the open loop; drop it or use --mode open")
@@ -125,6 +132,8 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         deadline_s=args.deadline,
         max_outstanding=args.max_outstanding,
         seed=args.seed,
+        tls=security.tls,
+        api_key=security.api_key,
     )
 
 

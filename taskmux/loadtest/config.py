@@ -20,6 +20,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from taskmux_client.channel import TLSConfig, auth_metadata
+
 Mode = Literal["closed", "open"]
 Task = Literal["embed", "classify", "entities", "similarity", "zero-shot", "analyze"]
 
@@ -200,6 +202,11 @@ class LoadConfig:
     seed: int = 0
     # Prebuilt requests per mix entry, reused in turn; raise it for less text reuse.
     distinct_requests: int = 256
+    # TLS to the gateway (a private CA, a client certificate for mutual TLS); None: plaintext.
+    tls: TLSConfig | None = None
+    # Sent as `authorization: Bearer` on every call when the gateway has a keys file;
+    # left out of the repr and of the report.
+    api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.target.strip():
@@ -232,6 +239,10 @@ class LoadConfig:
                 raise ConfigError(f"{name} must be >= 1")
         if not (self.deadline_s > 0 and math.isfinite(self.deadline_s)):
             raise ConfigError("deadline must be > 0 seconds")
+        try:
+            auth_metadata(self.api_key)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
     def to_dict(self) -> dict[str, object]:
         """The config as JSON-ready values, with the mix and lengths written as specs."""
@@ -251,6 +262,8 @@ class LoadConfig:
             "max_outstanding": self.max_outstanding if self.mode == "open" else None,
             "seed": self.seed,
             "distinct_requests": self.distinct_requests,
+            "tls": self.tls is not None,
+            "api_key_set": self.api_key is not None,
         }
 
 

@@ -8,8 +8,6 @@ import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 
-import grpc
-
 from taskmux.loadtest.calls import (
     CHANNEL_OPTIONS,
     Method,
@@ -22,6 +20,7 @@ from taskmux.loadtest.config import LoadConfig
 from taskmux.loadtest.report import LoadReport, build_report
 from taskmux.loadtest.samples import LiveStatus, Recorder
 from taskmux.loadtest.schedule import Picker, poisson_arrivals
+from taskmux_client.channel import auth_metadata, open_aio_channel
 
 _STOP_POLL_S = 0.25  # longest an open-loop scheduler sleeps before looking at `stop` again
 
@@ -43,10 +42,12 @@ async def run_load(
     stop = stop or asyncio.Event()
     async with AsyncExitStack() as stack:
         methods: list[tuple[Method, ...]] = []
+        credentials = config.tls.credentials() if config.tls else None
+        metadata = auth_metadata(config.api_key)
         for _ in range(config.connections):
-            channel = grpc.aio.insecure_channel(config.target, options=CHANNEL_OPTIONS)
+            channel = open_aio_channel(config.target, credentials, CHANNEL_OPTIONS)
             stack.push_async_callback(channel.close, None)
-            methods.append(bind(channel, tasks))
+            methods.append(bind(channel, tasks, metadata))
         run = _Run(config, tasks, methods, stop)
         done = asyncio.Event()
         async with asyncio.TaskGroup() as group:
