@@ -4,29 +4,42 @@ Every TaskMux call must carry `authorization: Bearer <key>` metadata when a keys
 configured (TASKMUX_API_KEYS_FILE). The file, JSON or TOML, maps tenants to the SHA-256 of
 their key and, optionally, the heads they may call:
 
-    {"tenants": {"acme": {"key_sha256": "<64 hex>", "heads": ["embed", "sentiment"]}}}
+    {"tenants": {"acme": {"key_sha256": "<64 hex>", "heads": ["embed", "sentiment"],
+                          "rate_per_s": 50, "burst": 100,
+                          "quota_units": 1000000, "quota_window_s": 86400}}}
 
-A tenant without `heads` may call every head. Keys are never stored or logged in clear;
+A tenant without `heads` may call every head; one without limits is unlimited (the
+limits are explained in gateway/limits.py). Tenant names are 1-64 letters, digits, `.`,
+`_` or `-`: they appear in Redis keys and logs. Keys are never stored or logged in clear;
 `taskmux keys new` makes a key and its line for the file. Health and reflection stay open.
+
+The interceptor makes the caller's `Tenant` visible to the servicer through `caller()`,
+a context variable scoped to the one call, which the servicer uses to charge limits and
+to keep each tenant's idempotency keys apart.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import hmac
 import json
 import logging
+import re
 import tomllib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from gateway.errors import PermissionDenied, TaskmuxError, Unauthenticated, Undecodable
+from gateway.limits import TenantLimits
 from gateway.plans import EMBED_HEAD, ENTITIES_HEAD, SIMILARITY_HEAD, ZERO_SHOT_HEAD
 from taskmux.config import SettingsError
+from taskmux.logs import log_context
 from taskmux.v1 import taskmux_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -34,6 +47,7 @@ log = logging.getLogger(__name__)
 PROTECTED_PREFIX = "/taskmux.v1.TaskMux/"
 AUTH_METADATA = "authorization"
 BEARER = "bearer "
+TENANT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -55,6 +69,7 @@ class Tenant:
     name: str
     key_sha256: str
     heads: frozenset[str] | None  # None: every head
+    limits: TenantLimits = field(default_factory=TenantLimits)
 
     def check_heads(self, heads: Iterable[str]) -> None:
         """Raise PermissionDenied for the first head this tenant may not use."""
@@ -106,13 +121,56 @@ def load_keys(path: Path) -> KeyRing:
         digest = entry.get("key_sha256") if isinstance(entry, dict) else None
         if not isinstance(digest, str) or len(digest) != 64:
             raise SettingsError(f"{path}: tenant {name!r} needs key_sha256 (64 hex digits)")
+        if not TENANT_NAME.fullmatch(name):
+            raise SettingsError(
+                f"{path}: tenant name {name!r} must be 1-64 letters, digits, '.', '_' or '-'"
+            )
         heads = entry.get("heads")
         if heads is not None and not (
             isinstance(heads, list) and all(isinstance(h, str) for h in heads)
         ):
             raise SettingsError(f"{path}: tenant {name!r}: heads must be a list of names")
-        ring.append(Tenant(name, digest.lower(), None if heads is None else frozenset(heads)))
+        ring.append(
+            Tenant(
+                name,
+                digest.lower(),
+                None if heads is None else frozenset(heads),
+                _limits(path, name, entry),
+            )
+        )
     return KeyRing(ring)
+
+
+def _limits(path: Path, name: str, entry: dict[str, Any]) -> TenantLimits:
+    """The tenant's rate and quota fields, each a non-negative number."""
+    values: dict[str, Any] = {}
+    for setting, kind in (
+        ("rate_per_s", float),
+        ("burst", int),
+        ("quota_units", int),
+        ("quota_window_s", int),
+    ):
+        value = entry.get(setting)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise SettingsError(f"{path}: tenant {name!r}: {setting} must be a number >= 0")
+        if kind is int and value != int(value):
+            raise SettingsError(f"{path}: tenant {name!r}: {setting} must be a whole number")
+        values[setting] = kind(value)
+    if values.get("quota_window_s") == 0:
+        raise SettingsError(f"{path}: tenant {name!r}: quota_window_s must be at least 1")
+    return TenantLimits(**values)
+
+
+_caller: contextvars.ContextVar[Tenant | None] = contextvars.ContextVar(
+    "taskmux_caller", default=None
+)
+
+
+def caller() -> Tenant | None:
+    """The tenant of the call being served; None when authentication is off."""
+    return _caller.get()
 
 
 def request_heads(request: object) -> list[str]:
@@ -137,7 +195,7 @@ def request_heads(request: object) -> list[str]:
 
 
 async def _abort(context: Ctx, err: TaskmuxError) -> None:
-    await context.abort(err.code, err.message)
+    await context.abort(err.code, err.message, err.trailing_metadata())
 
 
 class ApiKeyInterceptor(_Interceptor):
@@ -159,46 +217,62 @@ class ApiKeyInterceptor(_Interceptor):
         keys = self._keys
         metadata: Any = details.invocation_metadata
 
-        async def authorize(request: object, context: Ctx) -> None:
+        async def authorize(request: object, context: Ctx) -> Tenant:
             try:
                 tenant = keys.tenant(metadata)
                 if not isinstance(request, Undecodable):
                     tenant.check_heads(request_heads(request))
             except TaskmuxError as err:
                 await _abort(context, err)
+            return tenant
 
         if handler.unary_unary is not None:
             inner_uu: Any = handler.unary_unary
 
             async def unary_unary(request: object, context: Ctx) -> Any:
-                await authorize(request, context)
-                return await inner_uu(request, context)
+                with _calling_as(await authorize(request, context)):
+                    return await inner_uu(request, context)
 
             return handler._replace(unary_unary=unary_unary)  # type: ignore[attr-defined,no-any-return]
         if handler.unary_stream is not None:
             inner_us: Any = handler.unary_stream
 
             async def unary_stream(request: object, context: Ctx) -> AsyncIterator[Any]:
-                await authorize(request, context)
-                async for item in inner_us(request, context):
-                    yield item
+                with _calling_as(await authorize(request, context)):
+                    async for item in inner_us(request, context):
+                        yield item
 
             return handler._replace(unary_stream=unary_stream)  # type: ignore[attr-defined,no-any-return]
         inner_ss: Any = handler.stream_stream
         assert inner_ss is not None, "TaskMux has no client-streaming-only methods"
 
         async def stream_stream(requests: AsyncIterator[Any], context: Ctx) -> AsyncIterator[Any]:
-            await authorize(None, context)
+            tenant = await authorize(None, context)
 
             async def checked() -> AsyncIterator[Any]:
                 async for request in requests:
                     await authorize(request, context)
                     yield request
 
-            async for item in inner_ss(checked(), context):
-                yield item
+            with _calling_as(tenant):
+                async for item in inner_ss(checked(), context):
+                    yield item
 
         return handler._replace(stream_stream=stream_stream)  # type: ignore[attr-defined,no-any-return]
+
+
+@contextlib.contextmanager
+def _calling_as(tenant: Tenant) -> Iterator[None]:
+    """Make `tenant` the caller, in `caller()` and in log lines, for the call's duration."""
+    token = _caller.set(tenant)
+    try:
+        with log_context(tenant=tenant.name):
+            yield
+    finally:
+        # An abandoned stream's generator may be closed from another context later;
+        # that context never saw the value, so there is nothing to reset there.
+        with contextlib.suppress(ValueError):
+            _caller.reset(token)
 
 
 def auth_interceptors(keys_file: str) -> list[grpc.aio.ServerInterceptor[Any, Any]]:

@@ -5,7 +5,8 @@
     ├── NotFound                 NOT_FOUND: no such head
     ├── DeadlineExceeded         DEADLINE_EXCEEDED: no result in time
     ├── Unavailable              UNAVAILABLE: Redis or workers unreachable; retry
-    ├── ResourceExhausted        RESOURCE_EXHAUSTED: a full queue; retry after the hint
+    ├── ResourceExhausted        RESOURCE_EXHAUSTED: a full queue or a tenant over its
+    │                            rate or quota; retry after the hint (none: not retryable)
     ├── Unauthenticated          UNAUTHENTICATED: no API key, or an unknown one
     ├── PermissionDenied         PERMISSION_DENIED: the tenant may not use that head
     └── WorkerError              whatever status a worker answered with
@@ -88,7 +89,11 @@ class Unavailable(TaskmuxError):
 
 
 class ResourceExhausted(TaskmuxError):
-    """A queue is full; the client should retry after `retry_after_ms`."""
+    """A queue is full or a tenant is over a limit; retry after `retry_after_ms`.
+
+    `retry_after_ms` 0 sends no hint: waiting would not help (a request bigger than a
+    whole quota), so clients that retry only on a hint do not retry.
+    """
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -98,6 +103,8 @@ class ResourceExhausted(TaskmuxError):
 
     def trailing_metadata(self) -> Metadata:
         """A `google.rpc.RetryInfo` in the rich status, and `retry-after-ms` for plain clients."""
+        if self.retry_after_ms <= 0:
+            return ()
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(self.retry_after_ms)
         detail = any_pb2.Any()

@@ -6,6 +6,8 @@ replica sees it:
     absent ──SET NX PX (pending)──► pending ──store (done, TTL idempotency_ttl_s)──► done
                                        └── failure or cancel: compare-and-delete ──► absent
 
+Keys are scoped by tenant: the record's name hashes the tenant with the key.
+
 A call with a key first tries to claim it. If another call holds it, this one reads the
 record: done with the same request hash → that result, not computed again; pending with
 the same hash → poll until it is done (or gone: then claim it) or this call's deadline
@@ -122,6 +124,7 @@ class Idempotency:
 
     async def run(
         self,
+        scope: str,
         kind: str,
         key: str,
         request: Message,
@@ -131,7 +134,7 @@ class Idempotency:
         """`compute(time left)`'s result, computed once per key and request."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        claim = await self.claim(kind, key, request, timeout_s)
+        claim = await self.claim(scope, kind, key, request, timeout_s)
         if claim.cached is not None:
             return claim.cached
         async with claim:
@@ -151,11 +154,17 @@ class Idempotency:
             with contextlib.suppress(RedisError):
                 await claim.renew()
 
-    async def claim(self, kind: str, key: str, request: Message, timeout_s: float) -> Claim:
-        """Hold `key` for this call, or return the result stored under it; NO_KEY without one."""
+    async def claim(
+        self, scope: str, kind: str, key: str, request: Message, timeout_s: float
+    ) -> Claim:
+        """Hold `key` for this call, or return the result stored under it; NO_KEY without one.
+
+        `scope` is the caller's tenant ("" without authentication): the same key sent by
+        two tenants names two records, so no tenant can read or block another's results.
+        """
         if not key:
             return NO_KEY
-        name = keys.idempotency_key(kind, hashlib.sha256(key.encode()).hexdigest())
+        name = keys.idempotency_key(kind, scope, key)
         wanted = request_hash(request)
         mine = IdempotencyRecord(wanted, owner=os.urandom(16)).encode()
         pending_ms = keys.IDEMPOTENCY_LEASE_MS

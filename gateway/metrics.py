@@ -2,11 +2,15 @@
 
 Labels stay bounded: `head` is a head the catalog serves, "" when the request names none,
 or "unknown"; request ids and tenants are never labels.
+
+Each finished call also writes an access-log line (rpc, status, milliseconds) carrying the
+request id and tenant from the log context.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any
@@ -15,6 +19,8 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from taskmux.logs import log_context
+
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -80,8 +86,14 @@ class GatewayMetrics:
             code = set_code
         elif code is grpc.StatusCode.UNKNOWN and context.cancelled():
             code = grpc.StatusCode.CANCELLED
-        self.requests.labels(rpc, self._head(request), code.name).inc()
-        self.latency.labels(rpc).observe(time.perf_counter() - start)
+        head = self._head(request)
+        elapsed_s = time.perf_counter() - start
+        self.requests.labels(rpc, head, code.name).inc()
+        self.latency.labels(rpc).observe(elapsed_s)
+        # The access log: failures at INFO, so they are seen by default; successes at
+        # DEBUG, since a line per call costs real time at thousands of calls a second.
+        level = logging.DEBUG if code is grpc.StatusCode.OK else logging.INFO
+        log.log(level, "%s %s %.1f ms", rpc, code.name, elapsed_s * 1000, extra={"head": head})
 
     def _head(self, request: Any) -> str:
         head = getattr(request, "head", "")

@@ -15,6 +15,7 @@ from gateway.catalog import CatalogWatcher
 from gateway.dispatch import Dispatcher
 from gateway.errors import deferred_decode
 from gateway.idempotency import Idempotency
+from gateway.limits import Limiter
 from gateway.metrics import GatewayMetrics
 from gateway.replies import READ_BLOCK_MS, ReplyRouter
 from gateway.service import TaskMuxService
@@ -62,7 +63,8 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
             lambda: {h.name for h in watcher.catalog.heads} if watcher.catalog else set()
         )
         stack.enter_context(metrics_endpoint(settings.metrics_addr, metrics.registry))
-        add_service(TaskMuxService(settings, dispatcher, watcher, idempotency), server, metrics)
+        service = TaskMuxService(settings, dispatcher, watcher, idempotency, Limiter(redis))
+        add_service(service, server, metrics)
         health.add_to(server)
         reflection.enable_server_reflection(
             [

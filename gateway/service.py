@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 
+from gateway.auth import caller
 from gateway.catalog import CatalogWatcher
 from gateway.dispatch import Dispatcher
 from gateway.errors import (
@@ -22,6 +23,7 @@ from gateway.errors import (
     internal_ref,
 )
 from gateway.idempotency import NO_KEY, Idempotency
+from gateway.limits import Limiter
 from gateway.plans import (
     Plan,
     plan_classify,
@@ -75,11 +77,13 @@ class TaskMuxService(taskmux_pb2_grpc.TaskMuxServicer):
         dispatcher: Dispatcher,
         watcher: CatalogWatcher,
         idempotency: Idempotency,
+        limiter: Limiter,
     ) -> None:
         self._settings = settings
         self._dispatcher = dispatcher
         self._watcher = watcher
         self._idempotency = idempotency
+        self._limiter = limiter
 
     @grpc_status
     async def Embed(self, request: pb.EmbedRequest, context: Ctx) -> pb.EmbedResponse:
@@ -153,11 +157,12 @@ class TaskMuxService(taskmux_pb2_grpc.TaskMuxServicer):
         for i, text in enumerate(texts):
             indices.setdefault(text, []).append(i)
         distinct = list(indices)
+        scope = await self._charge(len(texts) * len(heads))
         timeout_s = self._dispatcher.timeout_s(context.time_remaining())
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         claim = await self._idempotency.claim(
-            KIND_ANALYZE, request.idempotency_key, request, timeout_s
+            scope, KIND_ANALYZE, request.idempotency_key, request, timeout_s
         )
         if claim.cached is not None:
             for raw in unpack_messages(claim.cached):
@@ -267,11 +272,25 @@ class TaskMuxService(taskmux_pb2_grpc.TaskMuxServicer):
                 request_id=request.request_id,
             )
 
+        scope = await self._charge(len(plan.texts))
         timeout_s = self._dispatcher.timeout_s(context.time_remaining())
         body = await self._idempotency.run(
-            plan.kind, request.idempotency_key, request, timeout_s, compute
+            scope, plan.kind, request.idempotency_key, request, timeout_s, compute
         )
         return plan.decode(body)
+
+    async def _charge(self, units: int) -> str:
+        """Charge a validated request to its tenant's limits; returns the tenant's name
+        ("" without authentication), which scopes its idempotency keys.
+
+        A text unit is one text through one head: Similarity's query and candidates each
+        count, and an Analyze call counts its texts times its heads.
+        """
+        tenant = caller()
+        if tenant is None:
+            return ""
+        await self._limiter.charge(tenant.name, tenant.limits, units)
+        return tenant.name
 
     def _require_redis(self) -> None:
         if not self._watcher.redis_ok:

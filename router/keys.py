@@ -42,11 +42,12 @@ Worker counters: `taskmux:v1:stats:<worker id>` (a hash)
     the last update.
     encoder_rows < head_results shows texts shared between heads were encoded once.
 
-Idempotency records: `taskmux:v1:idem:<job kind>:<sha256 hex of the key>` (strings)
-    One per idempotency key a client sent, scoped by RPC (the job kind: embed,
-    classify, entities, similarity, zero_shot, analyze; a Pipeline task uses its
-    kind's). The value (`router.messages.IdempotencyRecord`) holds the SHA-256 of
-    the request without its metadata and either "pending" with the owning call's
+Idempotency records: `taskmux:v1:idem:<job kind>:<sha256 hex of tenant NUL key>` (strings)
+    One per idempotency key a client sent, scoped by tenant (the API-key tenant, ""
+    without authentication) and by RPC (the job kind: embed, classify, entities,
+    similarity, zero_shot, analyze; a Pipeline task uses its kind's). The value
+    (`router.messages.IdempotencyRecord`) holds the SHA-256 of the request without its
+    metadata and either "pending" with the owning call's
     token or "done" with the serialized response. A gateway claims a key with
     `SET NX PX` (pending; a lease of `IDEMPOTENCY_LEASE_MS` that the gateway renews
     while the call computes, so a crashed gateway's claim lapses within one lease),
@@ -56,12 +57,21 @@ Idempotency records: `taskmux:v1:idem:<job kind>:<sha256 hex of the key>` (strin
     pending record by compare-and-delete, so the next call computes again. Memory:
     about one response per key per TTL; lower the TTL if clients send many keys.
 
+Tenant limits: `taskmux:v1:limit:<tenant>:rate` (string) and `...:quota` (hash)
+    Written only by gateways, through `gateway.limits.CHARGE_SCRIPT`, for tenants of the
+    API keys file that have limits. `rate` holds the tenant's GCRA "theoretical arrival
+    time" in ms (Redis clock) and expires once the bucket is full again; `quota` holds
+    `window` (the window's index since the epoch) and `used` (text units charged in it),
+    and expires with its window. Deleting either resets that tenant's limit.
+
 Dead letters: `taskmux:v1:dead` (a stream)
     Entries no worker could decode, with the raw fields and the reason, capped at
     about `DEAD_LETTER_MAXLEN` entries. Read it with `XRANGE taskmux:v1:dead - +`.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 PREFIX = "taskmux:v1:"
 WORKER_GROUP = "taskmux-workers"
@@ -98,6 +108,20 @@ def reply_stream(gateway_id: str) -> str:
     return f"{PREFIX}replies:{gateway_id}"
 
 
-def idempotency_key(kind: str, key_digest: str) -> str:
-    """The idempotency record of one client key (as a SHA-256 hex digest) for one job kind."""
-    return f"{PREFIX}idem:{kind}:{key_digest}"
+def idempotency_key(kind: str, tenant: str, key: str) -> str:
+    """The idempotency record of one client key, sent by one tenant, for one job kind.
+
+    The key is hashed: clients choose it, so it may be long or hold any character.
+    """
+    digest = hashlib.sha256(tenant.encode() + b"\0" + key.encode()).hexdigest()
+    return f"{PREFIX}idem:{kind}:{digest}"
+
+
+def tenant_rate(tenant: str) -> str:
+    """The rate-limit state (GCRA arrival time) of one tenant."""
+    return f"{PREFIX}limit:{tenant}:rate"
+
+
+def tenant_quota(tenant: str) -> str:
+    """The quota counter (window index and units used) of one tenant."""
+    return f"{PREFIX}limit:{tenant}:quota"

@@ -144,7 +144,7 @@ def test_a_refused_call_releases_its_idempotency_key(
         stub.Embed(pb.EmbedRequest(texts=["x"], idempotency_key="refused"), timeout=10)
     assert info.value.code() == EXHAUSTED
     r = redis.Redis.from_url(cluster.redis_url)
-    assert not list(r.scan_iter(match=keys.idempotency_key("embed", "*")))
+    assert not list(r.scan_iter(match=keys.PREFIX + "idem:embed:*"))
 
 
 def test_the_client_waits_at_least_the_hint_between_attempts(
