@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.auth import hash_key, load_keys
@@ -23,6 +16,7 @@ from taskmux.cli import main as cli_main
 from taskmux.config import SettingsError
 from taskmux.v1 import taskmux_pb2 as pb
 from taskmux.v1 import taskmux_pb2_grpc
+from tests.certs import Pem, Pki, make_pki
 from tests.harness import Cluster, Proc, wait_until
 
 pytestmark = pytest.mark.integration
@@ -33,84 +27,9 @@ UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 
 
-@dataclass
-class Pem:
-    """A certificate and its key, PEM-encoded."""
-
-    cert: bytes
-    key: bytes
-
-
-def _issue(
-    name: str, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None, **kind: bool
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer[0].subject if issuer else subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-    )
-    if kind.get("ca"):
-        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=0), True)
-    if kind.get("server"):
-        names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), False)
-        builder = builder.add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False
-        )
-    if kind.get("client"):
-        builder = builder.add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False
-        )
-    cert = builder.sign(issuer[1] if issuer else key, hashes.SHA256())
-    return cert, key
-
-
-def _pem(pair: tuple[x509.Certificate, ec.EllipticCurvePrivateKey]) -> Pem:
-    cert, key = pair
-    return Pem(
-        cert.public_bytes(serialization.Encoding.PEM),
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-    )
-
-
-@dataclass
-class Pki:
-    ca: Pem
-    server: Pem
-    client: Pem
-    rogue_client: Pem  # signed by a CA the gateway does not trust
-    dir: Path
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    ca = _issue("taskmux test CA", None, ca=True)
-    rogue_ca = _issue("rogue CA", None, ca=True)
-    pki = Pki(
-        ca=_pem(ca),
-        server=_pem(_issue("localhost", ca, server=True)),
-        client=_pem(_issue("client", ca, client=True)),
-        rogue_client=_pem(_issue("rogue", rogue_ca, client=True)),
-        dir=tmp_path_factory.mktemp("pki"),
-    )
-    for name, data in [
-        ("ca.pem", pki.ca.cert),
-        ("server.pem", pki.server.cert),
-        ("server.key", pki.server.key),
-    ]:
-        (pki.dir / name).write_bytes(data)
-    return pki
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")
