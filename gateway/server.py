@@ -34,7 +34,7 @@ SERVICE_NAME = "taskmux.v1.TaskMux"
 async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
     """Serve until `stop` is set; then refuse new calls and let in-flight ones finish."""
     async with AsyncExitStack() as stack:
-        redis = connect(settings.redis_url, block_ms=READ_BLOCK_MS)
+        redis = connect(settings.redis, block_ms=READ_BLOCK_MS)
         stack.push_async_callback(redis.aclose)
         health = Health(("", SERVICE_NAME))
         replies = await stack.enter_async_context(

@@ -5,17 +5,18 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from taskmux.config import SettingsError, env_int, env_str, redact_url
+from router.connection import RedisSettings
+from taskmux.config import SettingsError, env_int, env_str
 
 
 @dataclass(frozen=True)
 class GatewaySettings:
     """Everything a gateway process needs to know."""
 
-    # Redis holding the task streams; the same one the workers use.
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Redis holding the task streams (the same one the workers use) and its credentials.
+    redis: RedisSettings = field(default_factory=RedisSettings)
     # host:port to serve gRPC on; "[::]:50051" listens on every interface.
     listen_addr: str = "[::]:50051"
     # Unique per gateway process; names its reply stream. Random unless set.
@@ -69,7 +70,7 @@ class GatewaySettings:
         d = cls()
         security = _security_from_env(env)
         return cls(
-            redis_url=env_str(env, "REDIS_URL", d.redis_url),
+            redis=RedisSettings.from_env(env),
             listen_addr=env_str(env, "LISTEN_ADDR", d.listen_addr),
             gateway_id=env_str(env, "GATEWAY_ID", uuid.uuid4().hex[:12]),
             max_texts_per_request=env_int(
@@ -106,7 +107,7 @@ class GatewaySettings:
     def describe(self) -> str:
         """One log line, with secrets redacted."""
         return (
-            f"gateway {self.gateway_id} on {self.listen_addr} redis={redact_url(self.redis_url)} "
+            f"gateway {self.gateway_id} on {self.listen_addr} redis={self.redis.describe()} "
             f"limits={self.max_texts_per_request} texts x {self.max_text_chars} chars "
             f"transport={self.transport()} auth={'api-keys' if self.api_keys_file else 'none'}"
         )

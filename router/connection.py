@@ -1,24 +1,143 @@
-"""Opening Redis connections with explicit timeouts.
+"""Opening Redis connections: explicit timeouts, ACL credentials and TLS.
 
 redis-py 8 defaults to a 5 s socket timeout with automatic retries, which silently
 re-issues a blocking XREADGROUP whose BLOCK is longer than the timeout. Every client here
 states its timeouts instead: the socket timeout is always above the longest BLOCK the
 caller uses, and a connection attempt fails fast so callers can answer UNAVAILABLE.
+
+Credentials come from the URL (`redis://user:password@host`) or from
+`TASKMUX_REDIS_USERNAME` and `TASKMUX_REDIS_PASSWORD` / `TASKMUX_REDIS_PASSWORD_FILE`;
+`RedisSettings` takes them out of the URL, so the URL it keeps is safe to print and the
+password is a `Secret` that prints as `***`. A `rediss://` URL connects with TLS and
+verifies the server's certificate and host name. The ACL users for a gateway and a
+worker are in `router.acl`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from taskmux.config import Secret, SettingsError, env_secret, env_str, redact_url
+
 CONNECT_TIMEOUT_S = 1.0
+SCHEMES = ("redis", "rediss", "unix")
 
 
-def connect(url: str, *, block_ms: int = 0, command_timeout_s: float = 2.0) -> aioredis.Redis:
-    """A Redis client for `url` whose socket timeout exceeds `block_ms` by `command_timeout_s`."""
+@dataclass(frozen=True)
+class RedisSettings:
+    """Where Redis is and how to authenticate to it; the same for gateways and workers."""
+
+    # redis:// (plaintext), rediss:// (TLS) or unix:// URL of the Redis holding the
+    # task streams; point all gateways and workers at the same one.
+    url: str = "redis://127.0.0.1:6379/0"
+    # ACL user (Redis 6+), e.g. taskmux-gateway or taskmux-worker (router/acl.py);
+    # "" is Redis's `default` user.
+    username: str = ""
+    # The user's password (TASKMUX_REDIS_PASSWORD, TASKMUX_REDIS_PASSWORD_FILE or the URL).
+    password: Secret = field(default_factory=Secret)
+    # PEM CA bundle that signed the server's certificate; "" trusts the system's CAs.
+    tls_ca_file: str = ""
+    # PEM client certificate and its key, for servers that require mutual TLS.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> RedisSettings:
+        """Settings from `TASKMUX_REDIS_*`; credentials in the URL move out of it."""
+        raw_url = env_str(env, "REDIS_URL", cls.url)
+        url, url_user, url_password = _split_credentials(raw_url)
+        username = env_str(env, "REDIS_USERNAME", "")
+        if username and url_user:
+            raise SettingsError("set the Redis user in TASKMUX_REDIS_URL or TASKMUX_REDIS_USERNAME")
+        password = env_secret(env, "REDIS_PASSWORD")
+        if password and url_password:
+            raise SettingsError(
+                "TASKMUX_REDIS_URL holds a password; do not also set TASKMUX_REDIS_PASSWORD(_FILE)"
+            )
+        settings = cls(
+            url=url,
+            username=username or url_user,
+            password=password or url_password,
+            tls_ca_file=env_str(env, "REDIS_TLS_CA_FILE", ""),
+            tls_cert_file=env_str(env, "REDIS_TLS_CERT_FILE", ""),
+            tls_key_file=env_str(env, "REDIS_TLS_KEY_FILE", ""),
+        )
+        settings._check_tls()
+        return settings
+
+    @property
+    def tls(self) -> bool:
+        return self.url.startswith("rediss://")
+
+    def describe(self) -> str:
+        """For the start-up log line: no secret in it."""
+        user = self.username or "default"
+        auth = "password" if self.password else "none"
+        tls = ("mtls" if self.tls_cert_file else "tls") if self.tls else "off"
+        return f"{self.url} user={user} auth={auth} tls={tls}"
+
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments for `Redis.from_url(self.url, ...)` (sync or asyncio)."""
+        options: dict[str, Any] = {}
+        if self.username:
+            options["username"] = self.username
+        if self.password:
+            options["password"] = self.password.reveal()
+        if self.tls:
+            options.update(
+                ssl_cert_reqs="required",
+                ssl_check_hostname=True,
+                ssl_ca_certs=self.tls_ca_file or None,
+                ssl_certfile=self.tls_cert_file or None,
+                ssl_keyfile=self.tls_key_file or None,
+            )
+        return options
+
+    def _check_tls(self) -> None:
+        files = {
+            "TASKMUX_REDIS_TLS_CA_FILE": self.tls_ca_file,
+            "TASKMUX_REDIS_TLS_CERT_FILE": self.tls_cert_file,
+            "TASKMUX_REDIS_TLS_KEY_FILE": self.tls_key_file,
+        }
+        for name, path in files.items():
+            if path and not self.tls:
+                raise SettingsError(f"{name} needs a rediss:// TASKMUX_REDIS_URL")
+            if path and not Path(path).is_file():
+                raise SettingsError(f"{name}={path} is not a file")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise SettingsError(
+                "set both TASKMUX_REDIS_TLS_CERT_FILE and TASKMUX_REDIS_TLS_KEY_FILE, or neither"
+            )
+
+
+def _split_credentials(url: str) -> tuple[str, str, Secret]:
+    """(url without user and password, user, password) of a Redis URL."""
+    parts = urlsplit(url)
+    if parts.scheme not in SCHEMES:
+        raise SettingsError(
+            f"TASKMUX_REDIS_URL={redact_url(url)} must start with redis://, rediss:// or unix://"
+        )
+    if parts.username is None and parts.password is None:
+        return url, "", Secret()
+    host = parts.netloc.rpartition("@")[2]
+    bare = urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return bare, unquote(parts.username or ""), Secret(unquote(parts.password or ""))
+
+
+def connect(
+    settings: RedisSettings, *, block_ms: int = 0, command_timeout_s: float = 2.0
+) -> aioredis.Redis:
+    """A Redis client whose socket timeout exceeds `block_ms` by `command_timeout_s`."""
     return aioredis.Redis.from_url(
-        url,
+        settings.url,
         decode_responses=False,
         protocol=2,  # router.messages parses RESP2 stream replies
         socket_timeout=block_ms / 1000 + command_timeout_s,
@@ -28,4 +147,5 @@ def connect(url: str, *, block_ms: int = 0, command_timeout_s: float = 2.0) -> a
         # delay the UNAVAILABLE a caller should see while Redis is down.
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=1),
         health_check_interval=30,
+        **settings.client_options(),
     )

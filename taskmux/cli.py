@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from taskmux.aclcli import add_redis_acl_command
 from taskmux.clientargs import add_client_arguments
 from taskmux.keyscli import add_keys_command
 from taskmux.loadtest.cli import add_loadtest_command
@@ -55,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     add_model_commands(sub)
     add_loadtest_command(sub)
     add_keys_command(sub)
+    add_redis_acl_command(sub)
 
     embed = add("embed", _embed, "Embed texts; prints JSON")
     embed.add_argument("texts", nargs="+")

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import redis
 
+from taskmux.config import redact_url
+
 STOP_TIMEOUT_S = 15.0
 DEFAULT_TARGET = "127.0.0.1:50051"  # what the CLI's --target defaults to
 
@@ -84,7 +86,8 @@ def wait_for_redis(url: str, timeout_s: float = 10.0) -> None:
                     return
             except redis.RedisError:
                 if time.monotonic() > deadline:
-                    raise LocalError(f"Redis at {url} did not answer within {timeout_s}s") from None
+                    where, waited = redact_url(url), f"{timeout_s}s"
+                    raise LocalError(f"Redis at {where} did not answer within {waited}") from None
             time.sleep(0.05)
     finally:
         client.close()

@@ -21,7 +21,7 @@ def test_values_are_read_and_typed() -> None:
     env = {"TASKMUX_MAX_TEXT_CHARS": "77", "TASKMUX_REDIS_URL": "redis://h:1/2"}
     settings = GatewaySettings.from_env(env)
     assert settings.max_text_chars == 77
-    assert settings.redis_url == "redis://h:1/2"
+    assert settings.redis.url == "redis://h:1/2"
     worker = WorkerSettings.from_env({"TASKMUX_MODEL_REPO": "/m", "TASKMUX_PROVIDERS": "A, B"})
     assert worker.model_repo == Path("/m")
     assert worker.providers == ("A", "B")

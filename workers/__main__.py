@@ -35,7 +35,7 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event) -> None:
     log.info("health service on port %d", port)
     try:
         model = await asyncio.to_thread(LoadedModel.load, settings)
-        redis = connect(settings.redis_url, block_ms=settings.block_ms)
+        redis = connect(settings.redis, block_ms=settings.block_ms)
         try:
             log.info("serving heads %s on %s", sorted(model.heads), model.encoder.provider)
             worker = Worker(settings, model, redis, health)

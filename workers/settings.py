@@ -6,18 +6,19 @@ import os
 import socket
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from taskmux.config import SettingsError, env_int, env_list, env_str, redact_url
+from router.connection import RedisSettings
+from taskmux.config import SettingsError, env_int, env_list, env_str
 
 
 @dataclass(frozen=True)
 class WorkerSettings:
     """Everything a worker process needs to know."""
 
-    # Redis holding the task streams; point all gateways and workers at the same one.
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Redis holding the task streams (the same one the gateways use) and its credentials.
+    redis: RedisSettings = field(default_factory=RedisSettings)
     # Model repository folder built by `make model`.
     model_repo: Path = Path("model-repo")
     # host:port of the worker's gRPC health service (probes); port 0 picks a free one.
@@ -66,7 +67,7 @@ class WorkerSettings:
         """Settings from the environment; unset variables take the defaults above."""
         default = cls()
         return cls(
-            redis_url=env_str(env, "REDIS_URL", default.redis_url),
+            redis=RedisSettings.from_env(env),
             model_repo=Path(env_str(env, "MODEL_REPO", str(default.model_repo))),
             health_addr=env_str(env, "HEALTH_ADDR", default.health_addr),
             worker_id=env_str(env, "WORKER_ID", f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"),
@@ -95,7 +96,7 @@ class WorkerSettings:
     def describe(self) -> str:
         """One log line, with secrets redacted."""
         return (
-            f"worker {self.worker_id} redis={redact_url(self.redis_url)} repo={self.model_repo} "
+            f"worker {self.worker_id} redis={self.redis.describe()} repo={self.model_repo} "
             f"providers={','.join(self.providers)} threads={self.intra_op_threads or 'auto'} "
             f"batch={self.max_batch_rows} rows/{self.max_batch_tokens} tokens"
         )

@@ -1,0 +1,148 @@
+"""Least-privilege Redis ACL users for gateways and workers (Redis 7+ or Valkey).
+
+Each user may run only the commands its code sends, and each command only on the keys
+(`router.keys`) it needs it for: every grant below becomes one ACL selector, `(commands
+keys)`, so for example a worker can XADD to reply streams and the dead-letter stream but
+not to a job stream, and a gateway can read the catalog but not write it. Neither user can
+run administrative commands (CONFIG, FLUSHALL, KEYS, ACL, ...), use pub/sub, or touch a key
+outside `taskmux:v1:`. `%R~` allows reading a key, `%W~` writing it, `~` both.
+
+Lua scripts (the gateway's enqueue, idempotency and rate-limit scripts) run as the calling
+user, so each command a script calls is granted like a direct one, next to `EVALSHA`;
+redis-py loads a script the server does not have yet with `SCRIPT LOAD`. `PING` is
+redis-py's idle health check, and `CLIENT SETINFO` the library name it sends on connect.
+
+`SCAN` (the gateway's catalog lookup) cannot be limited to keys: it lists key names (not
+values) of the whole database. Give taskmux a Redis of its own, or at least a database.
+
+`taskmux redis-acl` prints these users as `ACL SETUSER` commands or aclfile lines. The
+grants must change with the code: tests/test_redis_security.py runs every RPC as these
+users against a real server and fails on any ACL denial.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from router import keys
+
+TASKS = f"~{keys.task_stream('*')}"
+REPLIES = f"~{keys.reply_stream('*')}"
+CATALOGS = f"~{keys.CATALOG_KEY}*"  # the shared catalog and every worker's own
+STATS = f"~{keys.worker_stats('*')}"
+IDEMPOTENCY = f"~{keys.PREFIX}idem:*"
+LIMITS = f"~{keys.PREFIX}limit:*"
+DEAD = f"~{keys.DEAD_LETTER_STREAM}"
+# Sent on every connection, before any key is used.
+CONNECTION_COMMANDS = ("ping", "client|setinfo")
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Commands allowed on keys matching patterns: one ACL selector."""
+
+    commands: tuple[str, ...]
+    keys: tuple[str, ...]
+
+    def selector(self) -> str:
+        rules = [*(f"+{c}" for c in self.commands), *self.keys]
+        return f"({' '.join(rules)})"
+
+
+@dataclass(frozen=True)
+class AclUser:
+    """An ACL user: keyless commands plus one selector per grant."""
+
+    name: str
+    keyless: tuple[str, ...]
+    grants: tuple[Grant, ...]
+
+    def rules(self, password_rule: str) -> list[str]:
+        """The ACL rules, after `reset` so that applying them twice gives the same user.
+
+        `password_rule` is `>password` or `#<sha256 hex of the password>`.
+        """
+        return [
+            "reset",
+            "on",
+            password_rule,
+            "resetchannels",
+            "-@all",
+            *(f"+{c}" for c in self.keyless),
+            *(g.selector() for g in self.grants),
+        ]
+
+
+def _read_only(pattern: str) -> str:
+    return "%R" + pattern
+
+
+def _write_only(pattern: str) -> str:
+    return "%W" + pattern
+
+
+GATEWAY = AclUser(
+    name="taskmux-gateway",
+    # TIME: the rate limiter uses Redis's clock (gateway/limits.py).
+    keyless=(*CONNECTION_COMMANDS, "script|load", "time"),
+    grants=(
+        # Enqueue script: XLEN for the backlog bound, then XADD (gateway/dispatch.py).
+        Grant(("evalsha", "xlen", "xadd"), (TASKS,)),
+        # Own reply stream: created, kept alive, read and trimmed (gateway/replies.py).
+        Grant(("exists", "xadd", "xdel", "xread", "expire", "del"), (REPLIES,)),
+        # Live workers' catalogs, or the last one left (gateway/catalog.py).
+        Grant(("scan", "get", "mget"), (_read_only(CATALOGS),)),
+        # Claims, results and their scripts (gateway/idempotency.py).
+        Grant(("evalsha", "get", "set", "del", "pexpire"), (IDEMPOTENCY,)),
+        # Per-tenant rate and quota script (gateway/limits.py).
+        Grant(("evalsha", "get", "set", "hmget", "hset", "pexpire"), (LIMITS,)),
+    ),
+)
+
+WORKER = AclUser(
+    name="taskmux-worker",
+    keyless=CONNECTION_COMMANDS,
+    grants=(
+        # Consuming job streams (workers/consumer.py), including reclaiming a dead
+        # worker's entries (XAUTOCLAIM, XPENDING) and keeping its own (XCLAIM JUSTID);
+        # XLEN and XPENDING also feed the backlog metrics (workers/metrics.py).
+        Grant(
+            (
+                "xgroup|create",
+                "xreadgroup",
+                "xautoclaim",
+                "xpending",
+                "xclaim",
+                "xack",
+                "xdel",
+                "xlen",
+            ),
+            (TASKS,),
+        ),
+        # Replies and dead letters; XADD only, and never to a job stream.
+        Grant(("xadd",), (_write_only(REPLIES), _write_only(DEAD))),
+        # Publishing its catalog, and deleting it on exit (workers/worker.py).
+        Grant(("set", "del"), (_write_only(CATALOGS),)),
+        # Its counters hash (workers/consumer.py).
+        Grant(("hincrby", "expire"), (STATS,)),
+    ),
+)
+
+USERS = (GATEWAY, WORKER)
+
+
+def password_hash(password: str) -> str:
+    """The `#<sha256 hex>` rule for a password, so that an aclfile need not hold it."""
+    return "#" + hashlib.sha256(password.encode()).hexdigest()
+
+
+def setuser_args(user: AclUser, password_rule: str) -> list[str]:
+    """`ACL SETUSER` arguments for `user` (pass to `execute_command("ACL", *args)`)."""
+    return ["SETUSER", user.name, *user.rules(password_rule)]
+
+
+def aclfile_line(user: AclUser, password_rule: str) -> str:
+    """`user` as a line of a Redis aclfile (`aclfile` in redis.conf / valkey.conf)."""
+    rules = [r for r in user.rules(password_rule) if r != "reset"]
+    return " ".join(["user", user.name, *rules])
