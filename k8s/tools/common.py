@@ -22,7 +22,9 @@ SETTINGS_PREFIX = "TASKMUX_"
 # Settings modules and the packages whose code a component runs.
 COMPONENT_SETTINGS = {"gateway": "gateway/settings.py", "worker": "workers/settings.py"}
 COMPONENT_PACKAGES = {"gateway": "gateway", "worker": "workers"}
-ENV_READERS = {"env_str", "env_int", "env_list"}
+# Settings both components embed (the Redis connection, router/connection.py).
+SHARED_SETTINGS = ("router/connection.py",)
+ENV_READERS = {"env_str", "env_int", "env_list", "env_secret"}
 
 Obj = dict[str, Any]
 
@@ -115,22 +117,26 @@ def _parse(relpath: str) -> ast.Module:
 def settings_names(component_name: str) -> dict[str, str | None]:
     """TASKMUX_* variables a component reads, with the default value where it is literal.
 
-    Names come from the env_str/env_int/env_list calls of its settings module, plus any
-    "TASKMUX_..." string literal in its package (e.g. TASKMUX_LOG_LEVEL in __main__).
+    Names come from the env_* calls of its settings module and the shared ones (an
+    env_secret NAME also reads NAME_FILE), plus any "TASKMUX_..." string literal in its
+    package (e.g. TASKMUX_LOG_LEVEL in __main__).
     """
     names: dict[str, str | None] = {}
     defaults = _dataclass_defaults(_parse(COMPONENT_SETTINGS[component_name]))
-    for node in ast.walk(_parse(COMPONENT_SETTINGS[component_name])):
-        if (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Name)
-            and node.func.id in ENV_READERS
-            and len(node.args) >= 2
-            and isinstance(node.args[1], ast.Constant)
-            and isinstance(node.args[1].value, str)
-        ):
-            suffix = node.args[1].value
-            names[SETTINGS_PREFIX + suffix] = defaults.get(suffix.lower())
+    for module in (COMPONENT_SETTINGS[component_name], *SHARED_SETTINGS):
+        for node in ast.walk(_parse(module)):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in ENV_READERS
+                and len(node.args) >= 2
+                and isinstance(node.args[1], ast.Constant)
+                and isinstance(node.args[1].value, str)
+            ):
+                suffix = node.args[1].value
+                names[SETTINGS_PREFIX + suffix] = defaults.get(suffix.lower())
+                if node.func.id == "env_secret":
+                    names[f"{SETTINGS_PREFIX}{suffix}_FILE"] = None
     for module in sorted((ROOT / COMPONENT_PACKAGES[component_name]).glob("*.py")):
         for node in ast.walk(_parse(str(module.relative_to(ROOT)))):
             if (
