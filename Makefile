@@ -10,7 +10,7 @@ PROTO_OUT := taskmux/v1/taskmux_pb2.py taskmux/v1/taskmux_pb2.pyi taskmux/v1/tas
 	taskmux/v1/taskmux_pb2_grpc.pyi
 
 .DEFAULT_GOAL := help
-.PHONY: help venv proto proto-check model run test lint train-heads eval bench interop-deps clean
+.PHONY: help venv proto proto-check model run test lint audit train-heads eval bench interop-deps clean
 
 help: ## List the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -63,10 +63,15 @@ interop-deps: $(NODE_CLIENT)/node_modules/.package-lock.json ## Install the Node
 test: proto-check $(MODEL_REPO)/manifest.json interop-deps k8s-validate ## Unit and integration tests
 	TASKMUX_TEST_MODEL_REPO=$(MODEL_REPO) $(BIN)/pytest
 
-lint: $(BIN)/.installed ## ruff and mypy
+lint: $(BIN)/.installed ## ruff, mypy, bandit and the dependency audit
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/bandit -q -c pyproject.toml -r .
+	$(BIN)/python -m tools.dependency_audit
+
+audit: $(BIN)/.installed ## pip-audit, failing on anything it could not audit
+	$(BIN)/python -m tools.dependency_audit --strict
 
 clean: ## Remove the venv and the model repository
 	rm -rf $(VENV) $(MODEL_REPO) .mypy_cache .ruff_cache .pytest_cache

@@ -29,7 +29,8 @@ def running_system(repo: Path, log: Path) -> Iterator[tuple[str, subprocess.Pope
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "TASKMUX_REDIS_URL"}
     with log.open("wb") as out:
-        up = subprocess.Popen(
+        # Fixed argv (this venv's taskmux), no shell.
+        up = subprocess.Popen(  # nosec B603
             [
                 sys.executable,
                 "-m",
@@ -110,7 +111,7 @@ def profile(pid: int, duration_s: float, out: Path) -> subprocess.Popen[bytes]:
     spy = Path(sys.executable).with_name("py-spy")
     argv = [str(spy), "record", "--pid", str(pid), "--duration", str(int(duration_s)),
             "--rate", "100", "--format", "raw", "--output", str(out), "--nonblocking"]  # fmt: skip
-    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # nosec B603
 
 
 def top_frames(raw: Path, n: int = 10) -> list[tuple[str, float]]:

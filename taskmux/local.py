@@ -49,7 +49,8 @@ def redis_binary() -> str:
         path = Path(get_binary_path())
         if path.is_file():
             return str(path)
-    except Exception:
+    # Any failure here only means: look on PATH instead.
+    except Exception:  # nosec B110
         pass
     for name in ("valkey-server", "redis-server"):
         found = shutil.which(name)
@@ -262,7 +263,7 @@ def run_local(
             port = free_port()
             redis_url = f"redis://127.0.0.1:{port}/0"
             argv = redis_command(port, data_dir, appendonly=True)
-            server = subprocess.Popen(argv, start_new_session=True)
+            server = subprocess.Popen(argv, start_new_session=True)  # nosec B603
             stack.callback(_stop_popen, server)
             wait_for_redis(redis_url)
             print(f"taskmux up: embedded Valkey on {redis_url} (append-only file on)")

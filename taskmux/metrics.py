@@ -19,9 +19,9 @@ def metrics_endpoint(addr: str, registry: CollectorRegistry) -> Iterator[int]:
         yield 0
         return
     host, _, port = addr.rpartition(":")
-    server, thread = start_http_server(
-        int(port), addr=host.strip("[]") or "0.0.0.0", registry=registry
-    )
+    # Every interface when the address names none: Prometheus scrapes a pod's IP.
+    bind = host.strip("[]") or "0.0.0.0"  # nosec B104
+    server, thread = start_http_server(int(port), addr=bind, registry=registry)
     bound = int(server.server_address[1])
     log.info("metrics on port %d", bound)
     try:

@@ -193,7 +193,8 @@ def _check_worker(
         report.add(where, f"TASKMUX_MODEL_REPO={repo!r} is not a mounted volume")
     elif not mount.get("readOnly"):
         report.add(where, f"the model repository {repo} is not mounted read-only")
-    tmp = mounts.get("/tmp")
+    # Reads a manifest's mount path; creates no file.
+    tmp = mounts.get("/tmp")  # nosec B108
     if tmp is None or "emptyDir" not in volumes.get(tmp.get("name"), {}):
         report.add(where, "no writable emptyDir on /tmp (the root filesystem is read-only)")
     threads = env.get("TASKMUX_INTRA_OP_THREADS")

@@ -28,7 +28,8 @@ SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 KIND_EMBEDDING = "embedding"  # the sentence vector itself
 KIND_CLASSIFICATION = "classification"  # one label per text (weights on the sentence vector)
-KIND_TOKEN = "token_classification"  # entity spans (weights on per-token states)
+# Entity spans (weights on per-token states).
+KIND_TOKEN = "token_classification"  # nosec B105
 KIND_SIMILARITY = "similarity"  # cosine of query and candidates; no weights
 KIND_ZERO_SHOT = "zero_shot"  # caller-named labels, compared by embedding; no weights
 HEAD_KINDS = (KIND_EMBEDDING, KIND_CLASSIFICATION, KIND_TOKEN, KIND_SIMILARITY, KIND_ZERO_SHOT)
