@@ -36,6 +36,9 @@ class CatalogWatcher:
     ) -> None:
         self.catalog: Manifest | None = None
         self.redis_ok = False
+        # Times Redis came back after being lost (the first connection is not one).
+        self.reconnects = 0
+        self._ever_ok = False
         self._redis = redis
         self._replies = replies
         self._health = health
@@ -72,6 +75,8 @@ class CatalogWatcher:
             return
         if not self.redis_ok:
             log.info("Redis reachable")
+            self.reconnects += self._ever_ok
+            self._ever_ok = True
         await self._set_health(True)
         catalogs = []
         for raw in raws:

@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from typing import Any
 
+import grpc
 import redis.asyncio as aioredis
+from opentelemetry.trace import Span, SpanKind
 from redis.exceptions import RedisError
 
-from gateway.errors import DeadlineExceeded, ResourceExhausted, Unavailable, worker_error
+from gateway.errors import (
+    DeadlineExceeded,
+    ResourceExhausted,
+    TaskmuxError,
+    Unavailable,
+    worker_error,
+)
 from gateway.replies import ReplyRouter
 from router import keys
 from router.messages import ANALYZE_STREAM_HEAD, Job, Reply
+from taskmux.tracing import Tracing, status_of
 
 # Answer a little before the client's own deadline fires, so it sees our status.
 DEADLINE_MARGIN_S = 0.02
@@ -47,8 +57,10 @@ class Dispatcher:
         default_timeout_ms: int,
         max_backlog: int,
         retry_after_ms: int,
+        tracing: Tracing | None = None,
     ) -> None:
         self._redis = redis
+        self._tracing = tracing or Tracing()
         self._replies = replies
         self._default_timeout_s = default_timeout_ms / 1000
         self._max_backlog = max_backlog
@@ -73,17 +85,22 @@ class Dispatcher:
         request_id: str = "",
     ) -> bytes:
         """The serialized response body from a worker, or a TaskmuxError."""
-        (job,) = self._jobs(kind, head, [texts], top_k, timeout_s, params, request_id)
+        sending = self._enqueue_span(head, 1)
+        traceparent = self._tracing.traceparent(sending)
+        (job,) = self._jobs(kind, head, [texts], top_k, timeout_s, params, request_id, traceparent)
         future = self._replies.expect(job.id)
         try:
-            await self._enqueue(head, [job])
-            try:
-                reply = await asyncio.wait_for(future, max(timeout_s - DEADLINE_MARGIN_S, 0.001))
-            except TimeoutError:
-                raise _deadline(timeout_s) from None
+            await self._enqueue(head, [job], sending)
+            with self._await_span(1):
+                try:
+                    reply = await asyncio.wait_for(
+                        future, max(timeout_s - DEADLINE_MARGIN_S, 0.001)
+                    )
+                except TimeoutError:
+                    raise _deadline(timeout_s) from None
+                return _body(reply)
         finally:
             self._replies.forget(job.id)
-        return _body(reply)
 
     async def run_many(
         self,
@@ -100,23 +117,29 @@ class Dispatcher:
 
         The jobs are queued together (all or none); the first failed reply raises.
         """
-        jobs = self._jobs(kind, head, texts_per_job, top_k, timeout_s, params, request_id)
+        sending = self._enqueue_span(head, len(texts_per_job))
+        traceparent = self._tracing.traceparent(sending)
+        jobs = self._jobs(
+            kind, head, texts_per_job, top_k, timeout_s, params, request_id, traceparent
+        )
         futures = {self._replies.expect(job.id): i for i, job in enumerate(jobs)}
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(timeout_s - DEADLINE_MARGIN_S, 0.001)
         try:
-            await self._enqueue(head, jobs)
-            pending: set[asyncio.Future[Reply]] = set(futures)
-            while pending:
-                done, pending = await asyncio.wait(
-                    pending,
-                    timeout=max(deadline - loop.time(), 0),
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                if not done:
-                    raise _deadline(timeout_s)
-                for future in done:
-                    yield futures[future], _body(future.result())
+            await self._enqueue(head, jobs, sending)
+            with self._await_span(len(jobs)) as waiting:
+                pending: set[asyncio.Future[Reply]] = set(futures)
+                while pending:
+                    done, pending = await asyncio.wait(
+                        pending,
+                        timeout=max(deadline - loop.time(), 0),
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    if not done:
+                        raise _deadline(timeout_s)
+                    for future in done:
+                        waiting.add_event("reply", {"taskmux.job_index": futures[future]})
+                        yield futures[future], _body(future.result())
         finally:
             for job in jobs:
                 self._replies.forget(job.id)
@@ -130,6 +153,7 @@ class Dispatcher:
         timeout_s: float,
         params: dict[str, Any] | None,
         request_id: str,
+        traceparent: str,
     ) -> list[Job]:
         now = time.time()
         return [
@@ -144,12 +168,44 @@ class Dispatcher:
                 enqueued_ms=int(now * 1000),
                 params=params or {},
                 request_id=request_id,
+                traceparent=traceparent,
             )
             for texts in texts_per_job
         ]
 
-    async def _enqueue(self, head: str, jobs: Sequence[Job]) -> None:
-        """XADD every job to the head's stream, unless its backlog is full."""
+    def _enqueue_span(self, head: str, jobs: int) -> Span:
+        """The span the jobs' traceparent names: the workers' spans are its children."""
+        return self._tracing.start_span(
+            f"enqueue {head}",
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "redis",
+                "messaging.operation.type": "send",
+                "messaging.destination.name": keys.task_stream(head),
+                "taskmux.jobs": jobs,
+            },
+        )
+
+    @contextlib.contextmanager
+    def _await_span(self, jobs: int) -> Iterator[Span]:
+        """From queued until every reply is in: its end is the trace's way back from the
+        workers. Its status is that of the error that ends the wait, if any."""
+        span = self._tracing.start_span("await reply", attributes={"taskmux.jobs": jobs})
+        code = grpc.StatusCode.OK
+        try:
+            yield span
+        except TaskmuxError as err:
+            code = err.code
+            raise
+        except BaseException:  # the caller went away (cancelled, or stopped reading)
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            status_of(span, code.value[0], code.name)
+            span.end()
+
+    async def _enqueue(self, head: str, jobs: Sequence[Job], span: Span) -> None:
+        """XADD every job to the head's stream, unless its backlog is full; ends `span`."""
         args: list[str | int] = [self._max_backlog, len(jobs)]
         for job in jobs:
             fields = [x for pair in job.encode().items() for x in pair]
@@ -157,9 +213,14 @@ class Dispatcher:
         try:
             added, backlog = await self._enqueue_script(keys=[keys.task_stream(head)], args=args)
         except RedisError as err:
+            _end_enqueue(span, Unavailable.code)
             raise Unavailable(
                 f"the task queue is unreachable ({type(err).__name__}); retry"
             ) from err
+        except BaseException:  # cancelled: the jobs may or may not be queued
+            span.end()
+            raise
+        _end_enqueue(span, grpc.StatusCode.OK if added else ResourceExhausted.code, backlog)
         if not added:
             queue = "the Analyze queue" if head == ANALYZE_STREAM_HEAD else f"the queue of {head!r}"
             raise ResourceExhausted(
@@ -167,6 +228,13 @@ class Dispatcher:
                 f"retry after {self._retry_after_ms} ms",
                 retry_after_ms=self._retry_after_ms,
             )
+
+
+def _end_enqueue(span: Span, code: grpc.StatusCode, backlog: int | None = None) -> None:
+    if backlog is not None:
+        span.set_attribute("taskmux.backlog", backlog)
+    status_of(span, code.value[0], code.name)
+    span.end()
 
 
 def _body(reply: Reply) -> bytes:

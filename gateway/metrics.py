@@ -17,6 +17,8 @@ from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from taskmux.logs import log_context
 
@@ -29,9 +31,12 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 class GatewayMetrics:
     """Counters and histograms of one gateway process, in their own registry."""
 
-    def __init__(self, known_heads: Callable[[], Collection[str]]) -> None:
+    def __init__(
+        self, known_heads: Callable[[], Collection[str]], reconnects: Callable[[], int]
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._known_heads = known_heads
+        self.registry.register(_Reconnects(reconnects))
         self.requests = Counter(
             "taskmux_gateway_requests",
             "Finished calls by rpc, head and gRPC status code.",
@@ -105,3 +110,18 @@ class GatewayMetrics:
 def _request_id(request: Any) -> str:
     request_id = getattr(request, "request_id", "")
     return request_id if isinstance(request_id, str) and len(request_id) <= 128 else ""
+
+
+class _Reconnects(Collector):
+    """Redis reconnects, read from the catalog watcher at scrape time."""
+
+    def __init__(self, count: Callable[[], int]) -> None:
+        self._count = count
+
+    def collect(self) -> list[Metric]:
+        family = CounterMetricFamily(
+            "taskmux_gateway_redis_reconnects",
+            "Times this gateway found Redis reachable again after losing it.",
+        )
+        family.add_metric([], self._count())
+        return [family]

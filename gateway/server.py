@@ -9,6 +9,7 @@ from contextlib import AsyncExitStack
 import grpc
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.trace.export import SpanExporter
 
 from gateway.auth import auth_interceptors
 from gateway.catalog import CatalogWatcher
@@ -21,9 +22,11 @@ from gateway.replies import READ_BLOCK_MS, ReplyRouter
 from gateway.service import TaskMuxService
 from gateway.settings import GatewaySettings
 from gateway.tls import add_port
+from gateway.tracing import traced
 from router.connection import connect
 from taskmux.health import Health
 from taskmux.metrics import metrics_endpoint
+from taskmux.tracing import Tracing
 from taskmux.v1 import taskmux_pb2
 
 log = logging.getLogger(__name__)
@@ -31,9 +34,23 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "taskmux.v1.TaskMux"
 
 
-async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
-    """Serve until `stop` is set; then refuse new calls and let in-flight ones finish."""
+async def serve(
+    settings: GatewaySettings, stop: asyncio.Event, *, span_exporter: SpanExporter | None = None
+) -> None:
+    """Serve until `stop` is set; then refuse new calls and let in-flight ones finish.
+
+    `span_exporter` turns tracing on with that exporter, whatever the settings say.
+    """
     async with AsyncExitStack() as stack:
+        # First in, last out: spans of calls that finish while draining are still exported.
+        tracing = stack.enter_context(
+            Tracing(
+                settings.trace,
+                service="taskmux-gateway",
+                instance=settings.gateway_id,
+                exporter=span_exporter,
+            )
+        )
         redis = connect(settings.redis, block_ms=READ_BLOCK_MS)
         stack.push_async_callback(redis.aclose)
         health = Health(("", SERVICE_NAME))
@@ -50,6 +67,7 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
             default_timeout_ms=settings.default_timeout_ms,
             max_backlog=settings.max_backlog,
             retry_after_ms=settings.backlog_retry_after_ms,
+            tracing=tracing,
         )
         idempotency = Idempotency(redis, ttl_s=settings.idempotency_ttl_s)
         server = grpc.aio.server(
@@ -60,11 +78,12 @@ async def serve(settings: GatewaySettings, stop: asyncio.Event) -> None:
             ],
         )
         metrics = GatewayMetrics(
-            lambda: {h.name for h in watcher.catalog.heads} if watcher.catalog else set()
+            lambda: {h.name for h in watcher.catalog.heads} if watcher.catalog else set(),
+            lambda: watcher.reconnects,
         )
         stack.enter_context(metrics_endpoint(settings.metrics_addr, metrics.registry))
         service = TaskMuxService(settings, dispatcher, watcher, idempotency, Limiter(redis))
-        add_service(service, server, metrics)
+        add_service(service, server, metrics, tracing)
         health.add_to(server)
         reflection.enable_server_reflection(
             [
@@ -92,7 +111,10 @@ HANDLER_FACTORIES = {
 
 
 def add_service(
-    service: TaskMuxService, server: grpc.aio.Server, metrics: GatewayMetrics | None = None
+    service: TaskMuxService,
+    server: grpc.aio.Server,
+    metrics: GatewayMetrics | None = None,
+    tracing: Tracing | None = None,
 ) -> None:
     """Register every TaskMux method, as the generated code does, but with requests that
     fail to parse handed to the handler (`deferred_decode`) to answer INVALID_ARGUMENT."""
@@ -104,6 +126,8 @@ def add_service(
         handler = getattr(service, method.name)
         if metrics is not None:
             handler = metrics.instrument(method.name, handler, streaming=method.server_streaming)
+        if tracing is not None:
+            handler = traced(tracing, method.name, handler, streaming=method.server_streaming)
         handlers[method.name] = factory(
             handler,
             request_deserializer=deferred_decode(request_type),

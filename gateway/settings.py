@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from router.connection import RedisSettings
 from taskmux.config import SettingsError, env_int, env_str
+from taskmux.tracing import TraceSettings
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ class GatewaySettings:
     api_keys_file: str = ""
     # host:port of the Prometheus endpoint (/metrics); port 0 picks a free one, "" disables.
     metrics_addr: str = "0.0.0.0:9100"
+    # OpenTelemetry tracing (exporter, endpoint, sample ratio): off unless an exporter is set.
+    trace: TraceSettings = field(default_factory=TraceSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> GatewaySettings:
@@ -102,6 +105,7 @@ class GatewaySettings:
             tls_client_ca_file=security["tls_client_ca_file"],
             api_keys_file=security["api_keys_file"],
             metrics_addr=env_str(env, "METRICS_ADDR", d.metrics_addr),
+            trace=TraceSettings.from_env(env),
         )
 
     def describe(self) -> str:

@@ -18,6 +18,9 @@ Job (a request for one head, in a job stream):
                  analyze {"heads": [...]}
     request_id   optional: the client's request id (API field `request_id`), for logs
                  and dead letters; absent or empty when the client sent none
+    traceparent  optional: W3C trace context of the gateway's enqueue span, which the
+                 worker's spans continue; absent when the gateway does not trace (the
+                 worker then starts a trace of its own), ignored when not valid
 
 Reply (a worker's answer, in a reply stream):
     v            schema version, "1"
@@ -83,6 +86,7 @@ class Job:
     enqueued_ms: int = 0
     params: dict[str, Any] = field(default_factory=dict)
     request_id: str = ""
+    traceparent: str = ""
 
     def encode(self) -> dict[str, str | int]:
         """Fields for XADD."""
@@ -100,6 +104,8 @@ class Job:
         }
         if self.request_id:
             fields["request_id"] = self.request_id
+        if self.traceparent:
+            fields["traceparent"] = self.traceparent
         return fields
 
     @classmethod
@@ -123,6 +129,7 @@ class Job:
             enqueued_ms=_int(fields, "enqueued_ms"),
             params=_params(fields),
             request_id=_text(fields, "request_id") if b"request_id" in fields else "",
+            traceparent=_text(fields, "traceparent") if b"traceparent" in fields else "",
         )
         if job.kind not in JOB_KINDS:
             raise MalformedMessage(f"unknown job kind {job.kind!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -108,3 +109,13 @@ def test_replies_only_go_to_reply_streams() -> None:
     with pytest.raises(MalformedMessage, match="not a reply stream"):
         Job.decode(fields)
     assert reply_address(fields) is None
+
+
+def test_job_traceparent_round_trip_and_absent_means_none() -> None:
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    job = dataclasses.replace(JOB, traceparent=traceparent)
+    assert job.encode()["traceparent"] == traceparent
+    assert Job.decode(_fields(job.encode())) == job
+    assert "traceparent" not in JOB.encode()  # entries without tracing stay as they were
+    fields = _fields(JOB.encode())
+    assert Job.decode(fields).traceparent == ""  # an entry from an older gateway

@@ -78,7 +78,7 @@ def test_counters_move_by_exactly_the_calls_made(cluster: Cluster, model_repo: P
     for _ in range(CLASSIFIES):
         stub.Classify(pb.ClassifyRequest(head=head, texts=["a", "b"]), timeout=30)
     with pytest.raises(grpc.RpcError) as bad:
-        stub.Embed(pb.EmbedRequest(texts=[]), timeout=30)
+        stub.Embed(pb.EmbedRequest(texts=[], request_id="req-bad"), timeout=30)
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
     def delta(after: dict[str, float], before: dict[str, float], key: str) -> float:
@@ -111,3 +111,23 @@ def test_counters_move_by_exactly_the_calls_made(cluster: Cluster, model_repo: P
 
     lines = [json.loads(line) for line in gateway.output().splitlines() if line.startswith("{")]
     assert lines and all({"time", "level", "logger", "message"} <= set(x) for x in lines)
+    (access,) = [x for x in lines if x.get("request_id") == "req-bad"]  # failures are logged
+    assert access["message"].startswith("Embed INVALID_ARGUMENT")
+
+
+def test_redis_reconnects_are_counted(cluster: Cluster) -> None:
+    """Redis goes away and comes back: the gateway and the worker each count a reconnect."""
+    redis_proc, worker, gateway = cluster.procs[0], cluster.procs[1], cluster.procs[2]
+    worker_port, gateway_port = _metrics_port(worker.output()), _metrics_port(gateway.output())
+    before = scrape(gateway_port)["taskmux_gateway_redis_reconnects_total"]
+    before_w = scrape(worker_port).get("taskmux_worker_redis_reconnects_total", 0.0)
+    redis_proc.stop()
+    wait_until(lambda: not serving(gateway.address), 30, "gateway NOT_SERVING without Redis")
+    cluster.start_redis()
+    wait_until(lambda: serving(gateway.address), 30, "gateway SERVING again")
+    assert scrape(gateway_port)["taskmux_gateway_redis_reconnects_total"] == before + 1
+
+    def worker_reconnected() -> bool:
+        return scrape(worker_port).get("taskmux_worker_redis_reconnects_total", 0.0) > before_w
+
+    wait_until(worker_reconnected, 30, "the worker's reconnect")

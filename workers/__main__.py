@@ -8,6 +8,7 @@ import os
 import sys
 
 import grpc
+from opentelemetry.sdk.trace.export import SpanExporter
 
 from router.connection import connect
 from router.messages import ANALYZE_STREAM_HEAD
@@ -16,6 +17,7 @@ from taskmux.lifecycle import cancel_and_wait, install_stop_signals
 from taskmux.logs import configure_from_env
 from taskmux.metrics import metrics_endpoint
 from taskmux.modelrepo.manifest import ModelRepoError
+from taskmux.tracing import Tracing
 from workers.metrics import BacklogSampler
 from workers.model import LoadedModel
 from workers.settings import WorkerSettings, settings_from_environ
@@ -24,8 +26,13 @@ from workers.worker import Worker
 log = logging.getLogger("workers")
 
 
-async def serve(settings: WorkerSettings, stop: asyncio.Event) -> None:
-    """Report health, load the model, then serve until `stop` is set."""
+async def serve(
+    settings: WorkerSettings, stop: asyncio.Event, *, span_exporter: SpanExporter | None = None
+) -> None:
+    """Report health, load the model, then serve until `stop` is set.
+
+    `span_exporter` turns tracing on with that exporter, whatever the settings say.
+    """
     health = Health()
     await health.start()
     probe_server = grpc.aio.server()
@@ -38,8 +45,14 @@ async def serve(settings: WorkerSettings, stop: asyncio.Event) -> None:
         redis = connect(settings.redis, block_ms=settings.block_ms)
         try:
             log.info("serving heads %s on %s", sorted(model.heads), model.encoder.provider)
-            worker = Worker(settings, model, redis, health)
-            with metrics_endpoint(settings.metrics_addr, worker.metrics.registry):
+            tracing = Tracing(
+                settings.trace,
+                service="taskmux-worker",
+                instance=settings.worker_id,
+                exporter=span_exporter,
+            )
+            worker = Worker(settings, model, redis, health, tracing)
+            with tracing, metrics_endpoint(settings.metrics_addr, worker.metrics.registry):
                 async with BacklogSampler(
                     redis, worker.metrics, lambda: [*worker.model.heads, ANALYZE_STREAM_HEAD]
                 ):

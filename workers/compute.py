@@ -32,6 +32,7 @@ class BatchResult:
     results: int  # head results delivered (one per text and head)
     encode_s: float = 0.0  # time in the encoder
     heads_s: float = 0.0  # time in the heads
+    started_ns: int = 0  # wall clock when the encoder started, for trace spans
 
 
 def compute(
@@ -52,13 +53,14 @@ def compute(
     stats = None
     results = 0
     encode_s = heads_s = 0.0
+    started_ns = 0
     if live:
         needs = [texts_needed(model, jobs[i]) for i in live]
         # Identical texts are encoded once, whichever jobs and heads they came from.
         unique = list(dict.fromkeys(t for need in needs for t in need.texts))
         row_of = {text: row for row, text in enumerate(unique)}
         token_rows = {row_of[t] for need in needs for t in need.token_texts}
-        start = time.perf_counter()
+        start, started_ns = time.perf_counter(), time.time_ns()
         try:
             encoded = model.encoder.encode_full(
                 unique,
@@ -80,7 +82,9 @@ def compute(
                 results += delivered
             heads_s = time.perf_counter() - start - encode_s
     done = [r for r in replies if r is not None]
-    return BatchResult(done, stats, expired, results, encode_s=encode_s, heads_s=heads_s)
+    return BatchResult(
+        done, stats, expired, results, encode_s=encode_s, heads_s=heads_s, started_ns=started_ns
+    )
 
 
 def _refusal(model: LoadedModel, job: Job, now_ms: int) -> Reply | None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from router.connection import RedisSettings
 from taskmux.config import SettingsError, env_int, env_list, env_str
+from taskmux.tracing import TraceSettings
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class WorkerSettings:
     catalog_refresh_s: int = 10
     # host:port of the Prometheus endpoint (/metrics); port 0 picks a free one, "" disables.
     metrics_addr: str = "0.0.0.0:9101"
+    # OpenTelemetry tracing (exporter, endpoint, sample ratio): off unless an exporter is set.
+    trace: TraceSettings = field(default_factory=TraceSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> WorkerSettings:
@@ -91,6 +94,7 @@ class WorkerSettings:
                 env, "CATALOG_REFRESH_S", default.catalog_refresh_s, minimum=1
             ),
             metrics_addr=env_str(env, "METRICS_ADDR", default.metrics_addr),
+            trace=TraceSettings.from_env(env),
         )
 
     def describe(self) -> str:

@@ -32,6 +32,7 @@ from redis.exceptions import RedisError
 from router import keys
 from router.messages import ANALYZE_STREAM_HEAD, Reply
 from taskmux.health import Health
+from taskmux.tracing import Tracing
 from workers.batcher import Item, Scheduler
 from workers.compute import BatchResult, compute
 from workers.consumer import JobStreams, Pulled
@@ -39,6 +40,7 @@ from workers.metrics import WorkerMetrics
 from workers.model import LoadedModel
 from workers.reload import manifest_stamp, reload_heads
 from workers.settings import WorkerSettings
+from workers.tracing import JobSpans
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +77,10 @@ class Worker:
         model: LoadedModel,
         redis: aioredis.Redis,
         health: Health | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
+        self._spans = JobSpans(tracing or Tracing(), settings.worker_id)
         self._health = health
         self.model = model
         self.stats = WorkerStats()
@@ -146,6 +150,7 @@ class Worker:
                     continue
                 good = [p for p in pulled if p.job is not None]
                 self.metrics.pulled(good)
+                self._spans.pulled(good)
                 for bad in (p for p in pulled if p.job is None):
                     await self._dead_letter(bad)
                 if good:
@@ -200,6 +205,7 @@ class Worker:
         self.stats.reclaimed += len(claimed)
         log.warning("reclaimed %d pending entries from stalled workers", len(claimed))
         if retry:
+            self._spans.pulled(retry)
             items = await asyncio.to_thread(self._measure, retry)
             await self._inbox.put([dataclasses.replace(i, alone=True) for i in items])
 
@@ -229,7 +235,7 @@ class Worker:
         """Tokenize each job's texts (off the event loop) to know its size in tokens."""
         tokenizer = self.model.encoder.tokenizer
         now = time.monotonic()
-        start = time.perf_counter()
+        start, start_ns = time.perf_counter(), time.time_ns()
         items = []
         for p in pulled:
             assert p.job is not None
@@ -237,6 +243,7 @@ class Worker:
             longest = max((len(e.ids) for e in encodings), default=1)
             items.append(Item(p, len(encodings), longest, now, encodings=encodings))
         self.metrics.stage.labels("tokenize").observe(time.perf_counter() - start)
+        self._spans.stage("tokenize", (p.job for p in pulled if p.job is not None), start_ns)
         return items
 
     async def _batch_loop(self) -> None:
@@ -317,6 +324,7 @@ class Worker:
                 self._computing = True
                 self.metrics.busy.set(1)
                 batch = [i.pulled for i in items]
+                jobs = [p.job for p in batch if p.job is not None]
                 encodings = {
                     text: encoding
                     for i in items
@@ -327,7 +335,7 @@ class Worker:
                     result = await asyncio.to_thread(
                         compute,
                         self.model,
-                        [p.job for p in batch if p.job is not None],
+                        jobs,
                         max_batch_tokens=self.settings.max_batch_tokens,
                         max_batch_rows=self.settings.max_batch_rows,
                         encodings=encodings,
@@ -338,6 +346,7 @@ class Worker:
                     self._encoder_free.set()
                 self._count(batch, result)
                 self.metrics.computed(result)
+                self._spans.computed(jobs, result)
                 await self._to_publish.put((batch, result))
         finally:
             await self._to_publish.put(None)
@@ -363,15 +372,18 @@ class Worker:
                     "padded_tokens": result.encoded.padded_tokens if result.encoded else 0,
                 }
             )
+            start_ns = time.time_ns()
             try:
                 start = time.perf_counter()
                 await self._retry_finite(partial(self._streams.finish, done))
                 self.metrics.stage.labels("reply").observe(time.perf_counter() - start)
+                self._spans.published(done, start_ns)
                 self._release(batch)
             except RedisError as err:
                 # The entries stay pending in the group; no longer refreshed, they are
                 # reclaimed (by any worker, this one included) after claim_idle_ms.
                 log.error("could not publish %d replies: %s", len(done), err)
+                self._spans.published(done, start_ns, failed=True)
                 self._release(batch)
 
     async def _reload_loop(self, stop: asyncio.Event) -> None:
