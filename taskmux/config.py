@@ -57,23 +57,6 @@ def env_float(
     return value
 
 
-def env_float(
-    env: Mapping[str, str], name: str, default: float, *, minimum: float, maximum: float
-) -> float:
-    """The variable as a number within [minimum, maximum]."""
-    raw = env.get(PREFIX + name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{PREFIX}{name}={raw!r} is not a number") from None
-    if not minimum <= value <= maximum:
-        bound = f"between {minimum:g} and {maximum:g}"
-        raise SettingsError(f"{PREFIX}{name}={value:g} must be {bound}")
-    return value
-
-
 def env_list(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
     """The variable as a comma-separated list of non-empty items."""
     raw = env.get(PREFIX + name, "").strip()
