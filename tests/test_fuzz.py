@@ -498,3 +498,24 @@ def test_still_serving_after_everything(target: Target) -> None:
         assert proc.popen.poll() is None, proc.name
     response = target.stub.Embed(pb.EmbedRequest(texts=["still alive"]), timeout=30)
     assert len(response.embeddings) == 1
+
+
+def _embed_of_size(size: int) -> pb.EmbedRequest:
+    """An EmbedRequest whose serialized form is exactly `size` bytes."""
+    n = size
+    while (request := pb.EmbedRequest(texts=["x" * n])).ByteSize() > size:
+        n -= 1
+    assert request.ByteSize() == size
+    return request
+
+
+def test_message_size_limit_is_exact(target: Target) -> None:
+    """At exactly max_message_bytes the request reaches validation (its text is too long
+    for MAX_CHARS); one byte more and gRPC refuses it before any handler runs."""
+    with pytest.raises(grpc.RpcError) as at_limit:
+        target.stub.Embed(_embed_of_size(MAX_MESSAGE_BYTES), timeout=CALL_TIMEOUT_S)
+    assert at_limit.value.code() == Code.INVALID_ARGUMENT
+    assert f"at most {MAX_CHARS}" in (at_limit.value.details() or "")
+    with pytest.raises(grpc.RpcError) as past:
+        target.stub.Embed(_embed_of_size(MAX_MESSAGE_BYTES + 1), timeout=CALL_TIMEOUT_S)
+    assert past.value.code() == Code.RESOURCE_EXHAUSTED

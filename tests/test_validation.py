@@ -6,7 +6,14 @@ import pytest
 
 from gateway.errors import InvalidArgument, NotFound, Unavailable
 from gateway.settings import GatewaySettings
-from gateway.validation import check_head, check_texts, check_top_k
+from gateway.validation import (
+    check_candidates,
+    check_head,
+    check_heads,
+    check_labels,
+    check_texts,
+    check_top_k,
+)
 from taskmux.modelrepo.manifest import EncoderSpec, HeadSpec, Manifest
 
 SETTINGS = GatewaySettings(max_texts_per_request=3, max_text_chars=5)
@@ -55,3 +62,40 @@ def test_top_k(top_k: int, expected: int) -> None:
 def test_negative_top_k() -> None:
     with pytest.raises(InvalidArgument, match="top_k is -1"):
         check_top_k(-1, SENTIMENT)
+
+
+LIMITS = GatewaySettings(max_candidates=3, max_labels=3, max_heads_per_request=2)
+EMBED = HeadSpec("embed", "embedding", "1")
+TWO_HEADS = Manifest(encoder=CATALOG.encoder, heads=(EMBED, SENTIMENT))
+
+
+def test_candidates_at_the_limit_pass_and_one_past_fails() -> None:
+    assert check_candidates("q", ["a", "b", "c"], LIMITS) == ("q", "a", "b", "c")
+    with pytest.raises(InvalidArgument, match="candidates has 4 items; at most 3"):
+        check_candidates("q", ["a", "b", "c", "d"], LIMITS)
+
+
+def test_labels_at_the_limit_pass_and_one_past_fails() -> None:
+    assert check_labels(["a", "b", "c"], "", LIMITS) == ["a", "b", "c"]
+    with pytest.raises(InvalidArgument, match="labels has 4 items; at most 3"):
+        check_labels(["a", "b", "c", "d"], "", LIMITS)
+    with pytest.raises(InvalidArgument, match="labels has 1 items; send at least 2"):
+        check_labels(["a"], "", LIMITS)
+
+
+def test_heads_at_the_limit_pass_and_one_past_fails() -> None:
+    kinds = ("embedding", "classification")
+    assert [h.name for h in check_heads(["embed", "sentiment"], kinds, TWO_HEADS, LIMITS)] == [
+        "embed",
+        "sentiment",
+    ]
+    with pytest.raises(InvalidArgument, match="heads has 3 items; at most 2"):
+        check_heads(["embed", "sentiment", "topic"], kinds, TWO_HEADS, LIMITS)
+
+
+def test_query_and_template_obey_the_character_limit() -> None:
+    assert check_candidates("12345", ["a"], SETTINGS)[0] == "12345"
+    with pytest.raises(InvalidArgument, match="query has 6 characters; at most 5"):
+        check_candidates("123456", ["a"], SETTINGS)
+    with pytest.raises(InvalidArgument, match="hypothesis_template is too long"):
+        check_labels(["a", "b"], "{} 123", SETTINGS)
