@@ -285,8 +285,14 @@ def run_local(
             print(f"taskmux up: {gateways} gateways share the port; a new connection goes to one")
         target = layout.target()
         option = "" if target == DEFAULT_TARGET else f"--target {target} "
+        if not os.environ.get("TASKMUX_API_KEYS_FILE"):
+            print(
+                "taskmux up: WARNING: AUTHENTICATION IS OFF (TASKMUX_API_KEYS_FILE is unset): "
+                "anyone who can reach the port can call every head. Local development only.",
+                file=sys.stderr,
+            )
         print(
-            f"taskmux up: gateway on {target} (plaintext gRPC, no auth). "
+            f"taskmux up: gateway on {target} (plaintext gRPC). "
             f'Try: taskmux embed {option}"hello". Ctrl-C stops everything.',
             flush=True,
         )

@@ -27,7 +27,11 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_up_serves_the_cli_and_stops_cleanly_on_ctrl_c(model_repo: Path, tmp_path: Path) -> None:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "TASKMUX_REDIS_URL"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("TASKMUX_REDIS_URL", "TASKMUX_API_KEYS_FILE")
+    }
     log = (tmp_path / "up.log").open("wb")
     up = subprocess.Popen(
         [*TASKMUX, "up", "--model-repo", str(model_repo), "--port", str(port)],
@@ -61,4 +65,5 @@ def test_up_serves_the_cli_and_stops_cleanly_on_ctrl_c(model_repo: Path, tmp_pat
     output = (tmp_path / "up.log").read_text()
     assert code == 0, output
     assert "gateway on 127.0.0.1" in output
+    assert "WARNING: AUTHENTICATION IS OFF" in output  # said loudly, before serving
     assert "worker stopped" in output
