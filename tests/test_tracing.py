@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
@@ -32,7 +33,7 @@ from taskmux.modelrepo.manifest import load_manifest
 from taskmux.tracing import SETTINGS_NAMES, TraceSettings, Tracing, parent_context
 from taskmux.v1 import taskmux_pb2 as pb
 from taskmux.v1 import taskmux_pb2_grpc
-from tests.harness import Cluster
+from tests.harness import Cluster, wait_for_catalog
 from workers import consumer
 from workers import tracing as worker_tracing
 from workers.__main__ import serve as serve_worker
@@ -299,3 +300,27 @@ async def test_off_records_nothing_and_jobs_carry_no_traceparent(
         response = await stub.Embed(pb.EmbedRequest(texts=["hello"]), timeout=30)
     assert len(response.embeddings) == 1
     assert job_fields and all(b"traceparent" not in f for f in job_fields)
+
+
+def test_processes_configured_by_environment_export_one_trace(cluster: Cluster) -> None:
+    """`taskmux` processes as deployed: settings from TASKMUX_TRACE_*, spans flushed on SIGTERM."""
+    worker = cluster.start_worker(trace_exporter="console")
+    gateway, address = cluster.start_gateway(trace_exporter="console")
+    try:
+        wait_for_catalog(address, cluster.model_repo)
+        with grpc.insecure_channel(address) as channel:
+            stub = taskmux_pb2_grpc.TaskMuxStub(channel)
+            stub.Embed(pb.EmbedRequest(texts=[CANARY], request_id="env-trace"), timeout=30)
+    finally:
+        assert gateway.stop() == 0 and worker.stop() == 0
+    gateway_log, worker_log = gateway.output(), worker.output()
+    match = re.search(
+        r'"name": "taskmux.v1.TaskMux/Embed",\s*"context": \{\s*"trace_id": "(0x[0-9a-f]+)"',
+        gateway_log,
+    )
+    assert match, gateway_log[-3000:]
+    job = re.search(
+        r'"name": "job embed",\s*"context": \{\s*"trace_id": "(0x[0-9a-f]+)"', worker_log
+    )
+    assert job and job.group(1) == match.group(1), worker_log[-3000:]
+    assert CANARY not in gateway_log + worker_log
