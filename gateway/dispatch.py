@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import INVALID_SPAN, Span, SpanKind
 from redis.exceptions import RedisError
 
 from gateway.errors import (
@@ -28,6 +28,8 @@ from taskmux.tracing import Tracing, status_of
 
 # Answer a little before the client's own deadline fires, so it sees our status.
 DEADLINE_MARGIN_S = 0.02
+# What the await-reply span is when tracing is off: reusable, and free to enter.
+NO_SPAN = contextlib.nullcontext(INVALID_SPAN)
 
 # Add jobs to a stream only while it holds fewer than ARGV[1] entries: the check and
 # the XADDs are one atomic step and one round trip (measured: about as fast as a plain
@@ -175,6 +177,8 @@ class Dispatcher:
 
     def _enqueue_span(self, head: str, jobs: int) -> Span:
         """The span the jobs' traceparent names: the workers' spans are its children."""
+        if not self._tracing.enabled:
+            return INVALID_SPAN  # without building the attributes
         return self._tracing.start_span(
             f"enqueue {head}",
             kind=SpanKind.PRODUCER,
@@ -186,10 +190,15 @@ class Dispatcher:
             },
         )
 
-    @contextlib.contextmanager
-    def _await_span(self, jobs: int) -> Iterator[Span]:
+    def _await_span(self, jobs: int) -> contextlib.AbstractContextManager[Span]:
         """From queued until every reply is in: its end is the trace's way back from the
         workers. Its status is that of the error that ends the wait, if any."""
+        if not self._tracing.enabled:
+            return NO_SPAN
+        return self._awaiting(jobs)
+
+    @contextlib.contextmanager
+    def _awaiting(self, jobs: int) -> Iterator[Span]:
         span = self._tracing.start_span("await reply", attributes={"taskmux.jobs": jobs})
         code = grpc.StatusCode.OK
         try:
