@@ -10,7 +10,7 @@ outside `taskmux:v1:`. `%R~` allows reading a key, `%W~` writing it, `~` both.
 Lua scripts (the gateway's enqueue, idempotency and rate-limit scripts) run as the calling
 user, so each command a script calls is granted like a direct one, next to `EVALSHA`;
 redis-py loads a script the server does not have yet with `SCRIPT LOAD`. `PING` is
-redis-py's idle health check, and `CLIENT SETINFO` the library name it sends on connect.
+redis-py's idle health check (`router.connection.connect` sends no `CLIENT SETINFO`).
 
 `SCAN` (the gateway's catalog lookup) cannot be limited to keys: it lists key names (not
 values) of the whole database. Give taskmux a Redis of its own, or at least a database.
@@ -34,8 +34,8 @@ STATS = f"~{keys.worker_stats('*')}"
 IDEMPOTENCY = f"~{keys.PREFIX}idem:*"
 LIMITS = f"~{keys.PREFIX}limit:*"
 DEAD = f"~{keys.DEAD_LETTER_STREAM}"
-# Sent on every connection, before any key is used.
-CONNECTION_COMMANDS = ("ping", "client|setinfo")
+# Sent on idle connections, before any key is used.
+CONNECTION_COMMANDS = ("ping",)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,11 +66,15 @@ class Cluster:
     def redis_url(self) -> str:
         return f"redis://127.0.0.1:{self.redis_port}/0"
 
-    def start_redis(self, *, appendonly: bool = False) -> Proc:
-        """Start (or restart, same port and data folder) the Redis-compatible server."""
+    def start_redis(
+        self, *, appendonly: bool = False, args: Sequence[str] = (), binary: str = ""
+    ) -> Proc:
+        """Start (or restart, same port and data folder) the Redis-compatible server,
+        optionally another `binary` (e.g. one built with TLS) and with extra server `args`."""
         data = self.workdir / f"redis-{self.redis_port}"
         data.mkdir(parents=True, exist_ok=True)
         argv = redis_command(self.redis_port, data, appendonly=appendonly)
+        argv = [binary or argv[0], *argv[1:], *args]
         proc = self._spawn("redis", argv, dict(os.environ))
         wait_for_redis(self.redis_url)
         return proc

@@ -42,3 +42,56 @@ def test_secrets_are_redacted() -> None:
     assert redact_url("redis://host:6379") == "redis://host:6379"
     settings = GatewaySettings.from_env({"TASKMUX_REDIS_URL": "redis://:hunter2@h:1/0"})
     assert "hunter2" not in settings.describe()
+
+
+def test_redis_credentials_leave_the_url_and_print_as_stars() -> None:
+    env = {"TASKMUX_REDIS_URL": "rediss://taskmux-gateway:s3cr%40t@h:6380/0"}
+    settings = GatewaySettings.from_env(env)
+    assert settings.redis.url == "rediss://h:6380/0"
+    assert settings.redis.username == "taskmux-gateway"
+    assert settings.redis.password.reveal() == "s3cr@t"
+    assert settings.redis.client_options()["password"] == "s3cr@t"
+    for text in (repr(settings), str(settings), settings.describe(), f"{settings.redis.password}"):
+        assert "s3cr" not in text
+    assert "user=taskmux-gateway auth=password tls=tls" in settings.describe()
+
+
+def test_redis_password_from_a_file(tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("from-a-secret\n")
+    env = {"TASKMUX_REDIS_USERNAME": "taskmux-worker", "TASKMUX_REDIS_PASSWORD_FILE": str(secret)}
+    worker = WorkerSettings.from_env(env)
+    assert worker.redis.password.reveal() == "from-a-secret"
+    assert "from-a-secret" not in repr(worker) + worker.describe()
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"TASKMUX_REDIS_PASSWORD": "hunter2", "TASKMUX_REDIS_PASSWORD_FILE": "/p"},
+            "TASKMUX_REDIS_PASSWORD or TASKMUX_REDIS_PASSWORD_FILE, not both",
+        ),
+        (
+            {"TASKMUX_REDIS_URL": "redis://:hunter2@h/0", "TASKMUX_REDIS_PASSWORD": "hunter2"},
+            "TASKMUX_REDIS_URL holds a password",
+        ),
+        ({"TASKMUX_REDIS_PASSWORD_FILE": "/nonexistent"}, "_FILE=/nonexistent: cannot read it"),
+        ({"TASKMUX_REDIS_URL": "http://:hunter2@h/0"}, "must start with redis://"),
+        ({"TASKMUX_REDIS_TLS_CA_FILE": __file__}, "needs a rediss:// TASKMUX_REDIS_URL"),
+        (
+            {"TASKMUX_REDIS_URL": "rediss://h/0", "TASKMUX_REDIS_TLS_CERT_FILE": __file__},
+            "set both TASKMUX_REDIS_TLS_CERT_FILE and TASKMUX_REDIS_TLS_KEY_FILE",
+        ),
+        (
+            {"TASKMUX_REDIS_URL": "rediss://h/0", "TASKMUX_REDIS_TLS_CA_FILE": "/nope.pem"},
+            "TASKMUX_REDIS_TLS_CA_FILE=/nope.pem is not a file",
+        ),
+    ],
+)
+def test_bad_redis_settings_name_the_variable_not_the_secret(
+    env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(SettingsError, match=message) as info:
+        GatewaySettings.from_env(env)
+    assert "hunter2" not in str(info.value)
