@@ -1,6 +1,8 @@
 """Every Redis key taskmux uses, in one place.
 
 All keys start with `taskmux:v1:`; the `v1` changes only if the layout below does.
+Who may run which command on which of these keys is `router.acl` (the Redis ACL users
+`taskmux-gateway` and `taskmux-worker`); a new key or command here needs a grant there.
 
 Job streams: `taskmux:v1:tasks:<head>` (one Redis Stream per task head)
     Gateways `XADD` one entry per client request (fields: see `router.messages.Job`).

@@ -44,3 +44,9 @@ def test_cli_setuser_lines_are_shell_quoted(capsys: pytest.CaptureFixture[str]) 
     assert first.startswith("ACL SETUSER taskmux-gateway reset on '#<sha256-of-password>'")
     assert "'(+evalsha +xlen +xadd ~taskmux:v1:tasks:*)'" in first
     assert setuser_args(GATEWAY, ">x")[:2] == ["SETUSER", "taskmux-gateway"]
+
+
+def test_readme_shows_the_users_as_the_cli_prints_them() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    for user in (GATEWAY, WORKER):
+        assert aclfile_line(user, "#<sha256-of-password>") in readme
