@@ -26,7 +26,7 @@ import taskmux.tracing
 from gateway import tracing as gateway_tracing
 from gateway.server import serve as serve_gateway
 from gateway.settings import GatewaySettings
-from router.messages import Fields
+from router.messages import Fields, Job
 from taskmux.config import SettingsError
 from taskmux.local import free_port
 from taskmux.modelrepo.manifest import load_manifest
@@ -37,6 +37,7 @@ from tests.harness import Cluster, wait_for_catalog
 from workers import consumer
 from workers import tracing as worker_tracing
 from workers.__main__ import serve as serve_worker
+from workers.consumer import Pulled
 from workers.settings import WorkerSettings
 
 CANARY = "canary-zebra-7431"  # a request text that must never reach a span
@@ -103,6 +104,19 @@ def test_traceparent_round_trip() -> None:
     assert job.context.trace_id == enqueue.context.trace_id
     for bad in ("", "garbage", "00-" + "0" * 32 + "-" + "0" * 16 + "-01"):
         assert not get_current_span(parent_context(bad)).get_span_context().is_valid
+
+
+def test_a_dead_lettered_job_ends_its_open_span() -> None:
+    """A job this worker opened a span for and then gave up on must not stay open."""
+    exporter = InMemorySpanExporter()
+    job = Job(id="j1", reply_to="r", deadline_ms=0, kind="embed", head="embed", texts=("x",))
+    with Tracing(exporter=exporter) as tracing:
+        spans = worker_tracing.JobSpans(tracing, "w1")
+        spans.pulled([Pulled("taskmux:v1:tasks:embed", b"1-0", job)])
+        spans.dead_lettered(job, "delivered 6 times")
+        spans.dead_lettered(job, "again")  # nothing left open: a no-op
+    (span,) = [s for s in exporter.get_finished_spans() if s.name == "job embed"]
+    assert span.status.status_code.name == "ERROR"
 
 
 def test_off_costs_next_to_nothing() -> None:

@@ -114,6 +114,12 @@ class JobSpans:
                 status_of(span, reply.code, "OK" if reply.code == 0 else f"code {reply.code}")
             span.end(end_time=end)
 
+    def dead_lettered(self, job: Job, problem: str) -> None:
+        """End the span of a job given up on, if this worker still holds one open for it."""
+        if (span := self._open.pop(job.id, None)) is not None:
+            status_of(span, grpc.StatusCode.INTERNAL.value[0], problem)
+            span.end()
+
     def _child(
         self, parent: Span, name: str, start_ns: int, end_ns: int, attributes: Attributes = None
     ) -> None:

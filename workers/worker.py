@@ -216,6 +216,7 @@ class Worker:
         self.stats.dead_lettered += 1
         problem = f"delivered {deliveries} times without an answer; moved to the dead letters"
         log.error("job %s in %s: %s", job_id, pulled.stream, problem)
+        self._spans.dead_lettered(pulled.job, problem)
         reply = Reply(id=job_id, code=grpc.StatusCode.INTERNAL.value[0], message=problem)
         try:
             await self._streams.dead_letter(dataclasses.replace(pulled, problem=problem), reply)
