@@ -64,6 +64,9 @@ class GatewaySettings:
     api_keys_file: str = ""
     # host:port of the Prometheus endpoint (/metrics); port 0 picks a free one, "" disables.
     metrics_addr: str = "0.0.0.0:9100"
+    # host:port of a plaintext gRPC server that serves only health, for probes that cannot
+    # speak TLS (kubelet's); "" serves health on listen_addr only.
+    health_addr: str = ""
     # OpenTelemetry tracing (exporter, endpoint, sample ratio): off unless an exporter is set.
     trace: TraceSettings = field(default_factory=TraceSettings)
 
@@ -105,6 +108,7 @@ class GatewaySettings:
             tls_client_ca_file=security["tls_client_ca_file"],
             api_keys_file=security["api_keys_file"],
             metrics_addr=env_str(env, "METRICS_ADDR", d.metrics_addr),
+            health_addr=env_str(env, "HEALTH_ADDR", d.health_addr),
             trace=TraceSettings.from_env(env),
         )
 

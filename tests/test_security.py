@@ -14,10 +14,11 @@ from gateway.auth import hash_key, load_keys
 from gateway.settings import GatewaySettings
 from taskmux.cli import main as cli_main
 from taskmux.config import SettingsError
+from taskmux.local import free_port
 from taskmux.v1 import taskmux_pb2 as pb
 from taskmux.v1 import taskmux_pb2_grpc
 from tests.certs import Pem, Pki, make_pki
-from tests.harness import Cluster, Proc, wait_until
+from tests.harness import Cluster, Proc, health_status, serving, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -253,3 +254,27 @@ def test_keys_cli_prints_the_hash(capsys: pytest.CaptureFixture[str]) -> None:
     key = out.split("): ")[1].splitlines()[0]
     entry = json.loads(out.split("keys-file entry: ")[1])
     assert entry == {"acme": {"key_sha256": hash_key(key), "heads": ["embed"]}}
+
+
+def test_plaintext_probe_port_serves_health_only(cluster: Cluster, pki: Pki) -> None:
+    """With TLS on the API port, kubelet's plaintext gRPC probes use TASKMUX_HEALTH_ADDR;
+    that port answers health and nothing else."""
+    probe = f"127.0.0.1:{free_port()}"
+    _, address = cluster.start_gateway(
+        tls_cert_file=str(pki.dir / "server.pem"),
+        tls_key_file=str(pki.dir / "server.key"),
+        health_addr=probe,
+    )
+    wait_until(lambda: serving(probe), 30, "health on the plaintext probe port")
+    liveness = health_status(probe, "liveness")
+    assert liveness == health_pb2.HealthCheckResponse.SERVING
+    with grpc.insecure_channel(probe) as channel:
+        stub = taskmux_pb2_grpc.TaskMuxStub(channel)
+        assert _code(lambda: stub.ListTasks(pb.ListTasksRequest(), timeout=5)) == (
+            grpc.StatusCode.UNIMPLEMENTED
+        )
+    with grpc.insecure_channel(address) as channel:  # the API port still demands TLS
+        stub = taskmux_pb2_grpc.TaskMuxStub(channel)
+        assert _code(lambda: stub.ListTasks(pb.ListTasksRequest(), timeout=5)) == (
+            grpc.StatusCode.UNAVAILABLE
+        )
