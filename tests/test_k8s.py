@@ -80,6 +80,8 @@ def test_the_manifests_and_dockerfiles_pass_every_check(tmp_path: Path) -> None:
         ("settings", "dev", "name: TASKMUX_REDIS_URL", "name: TASKMUX_REDIS_URI", "required setting TASKMUX_REDIS_URL is not set"),
         ("settings", "dev", "TASKMUX_HEALTH_ADDR: '[::]:50052'", "TASKMUX_HEALTH_ADDR: '[::]:50053'", "TASKMUX_HEALTH_ADDR port 50053 is not a containerPort"),
         ("settings", "dev", "service: liveness", "service: ready", "asks for health service 'ready', not 'liveness'"),
+        ("settings", "dev", "  TASKMUX_HEALTH_ADDR: '[::]:50052'\n  TASKMUX_LISTEN_ADDR", "  TASKMUX_LISTEN_ADDR", "kubelet's gRPC probes cannot speak TLS"),
+        ("settings", "dev", "  TASKMUX_HEALTH_ADDR: '[::]:50052'\n  TASKMUX_LISTEN_ADDR", "  TASKMUX_LISTEN_ADDR", "readinessProbe port 50052 is not 50051"),
         ("settings", "dev", "TASKMUX_INTRA_OP_THREADS: \"1\"", "TASKMUX_INTRA_OP_THREADS: \"4\"", "exceeds the CPU limit"),
         ("settings", "dev", "terminationGracePeriodSeconds: 120", "terminationGracePeriodSeconds: 30", "is not longer than one XREADGROUP block"),
         ("settings", "dev", "maxmemory-policy noeviction", "maxmemory-policy allkeys-lru", "maxmemory-policy is not noeviction"),

@@ -107,6 +107,7 @@ def _check_ports_and_probes(
     container_ports = {p.get("containerPort") for p in container.get("ports") or []}
     if port not in container_ports:
         report.add(where, f"{PORT_SETTING[name]} port {port} is not a containerPort")
+    probe_port = _probe_port(name, env, port, container_ports, report, where)
     wanted = {
         "readinessProbe": READINESS_SERVICE,
         "livenessProbe": LIVENESS_SERVICE,
@@ -122,8 +123,8 @@ def _check_ports_and_probes(
         if grpc is None:
             report.add(where, f"{probe_name} is not a native gRPC probe")
             continue
-        if grpc.get("port") != port:
-            report.add(where, f"{probe_name} port {grpc.get('port')} is not {port}")
+        if grpc.get("port") != probe_port:
+            report.add(where, f"{probe_name} port {grpc.get('port')} is not {probe_port}")
         if grpc.get("service", "") != service:
             report.add(
                 where,
@@ -143,6 +144,33 @@ def _check_ports_and_probes(
             target = named_ports.get(target, target)
             if target != port:
                 report.add(ref(svc), f"targetPort {target} is not the {name} port {port}")
+
+
+def _probe_port(
+    name: str,
+    env: dict[str, Any],
+    api_port: int,
+    container_ports: set[Any],
+    report: Report,
+    where: str,
+) -> int:
+    """The port kubelet's gRPC probes must use: a gateway's plaintext health port when it
+    has one (probes cannot speak TLS), else the API port."""
+    if name != "gateway":
+        return api_port
+    address = env.get("TASKMUX_HEALTH_ADDR")
+    if not isinstance(address, str) or not address:
+        if env.get("TASKMUX_TLS_CERT_FILE"):
+            report.add(
+                where,
+                "TLS is on but TASKMUX_HEALTH_ADDR is unset: kubelet's gRPC probes "
+                "cannot speak TLS",
+            )
+        return api_port
+    probe_port = port_of(address)
+    if probe_port not in container_ports:
+        report.add(where, f"TASKMUX_HEALTH_ADDR port {probe_port} is not a containerPort")
+    return probe_port if probe_port is not None else api_port
 
 
 def _seconds(value: Any, default: int) -> float:
