@@ -105,6 +105,12 @@ class Cluster:
         for proc in reversed(self.procs):
             proc.stop()
 
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop_all()
+
     def logs(self) -> str:
         return "\n".join(f"----- {p.name} -----\n{p.output()}" for p in self.procs)
 

@@ -30,8 +30,7 @@ EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 @pytest.fixture(scope="module")
 def cluster(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """Valkey with a catalog but no worker, so queued jobs stay queued."""
-    c = Cluster(model_repo, tmp_path_factory.mktemp("backpressure"))
-    try:
+    with Cluster(model_repo, tmp_path_factory.mktemp("backpressure")) as c:
         c.start_redis()
         catalog = load_manifest(model_repo, verify=False).to_json(with_checksums=False)
         redis.Redis.from_url(c.redis_url).set(keys.CATALOG_KEY, catalog)
@@ -40,8 +39,6 @@ def cluster(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         )
         wait_until(lambda: serving(address), 30, "gateway SERVING")
         yield c
-    finally:
-        c.stop_all()
 
 
 @pytest.fixture

@@ -101,11 +101,8 @@ def test_weights_share_rows_under_contention() -> None:
 
 @pytest.fixture
 def cluster(model_repo: Path, tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(model_repo, tmp_path)
-    try:
+    with Cluster(model_repo, tmp_path) as c:
         yield c
-    finally:
-        c.stop_all()
 
 
 @pytest.mark.integration

@@ -65,11 +65,8 @@ def expected(model_repo: Path) -> dict[str, np.ndarray]:
 
 @pytest.fixture
 def cluster(model_repo: Path, tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(model_repo, tmp_path)
-    try:
+    with Cluster(model_repo, tmp_path) as c:
         yield c
-    finally:
-        c.stop_all()
 
 
 async def _drive(target: str, expected: dict[str, np.ndarray]) -> Tally:

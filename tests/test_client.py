@@ -232,17 +232,6 @@ def test_retry_hint_parsing_ignores_junk() -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = Cluster(model_repo, tmp_path_factory.mktemp("client"))
-    try:
-        c.start_redis()
-        c.start_worker()
-        yield c
-    finally:
-        c.stop_all()
-
-
-@pytest.fixture(scope="module")
 def target(cluster: Cluster, model_repo: Path) -> str:
     _, address = cluster.start_gateway()
     wait_until(lambda: serving(address), 30, "gateway SERVING")

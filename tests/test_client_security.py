@@ -7,8 +7,6 @@ own channels and metadata, never hand-built stubs.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -54,7 +52,7 @@ def tls(pki: Pki) -> TLSConfig:
 
 
 @pytest.fixture(scope="module")
-def target(model_repo: Path, pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def target(cluster: Cluster, pki: Pki) -> str:
     """A mutual-TLS gateway with keys: one tenant may only embed, the other any head."""
     keys = pki.dir / "keys.json"
     tenants = {
@@ -62,20 +60,14 @@ def target(model_repo: Path, pki: Pki, tmp_path_factory: pytest.TempPathFactory)
         "globex": {"key_sha256": hash_key(ALL_KEY)},
     }
     keys.write_text(json.dumps({"tenants": tenants}))
-    cluster = Cluster(model_repo, tmp_path_factory.mktemp("cluster"))
-    try:
-        cluster.start_redis()
-        cluster.start_worker()
-        _, address = cluster.start_gateway(
-            tls_cert_file=str(pki.dir / "server.pem"),
-            tls_key_file=str(pki.dir / "server.key"),
-            tls_client_ca_file=str(pki.dir / "ca.pem"),
-            api_keys_file=str(keys),
-        )
-        _wait_for_heads(address, pki)
-        yield address
-    finally:
-        cluster.stop_all()
+    _, address = cluster.start_gateway(
+        tls_cert_file=str(pki.dir / "server.pem"),
+        tls_key_file=str(pki.dir / "server.key"),
+        tls_client_ca_file=str(pki.dir / "ca.pem"),
+        api_keys_file=str(keys),
+    )
+    _wait_for_heads(address, pki)
+    return address
 
 
 def _wait_for_heads(address: str, pki: Pki) -> None:

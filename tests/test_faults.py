@@ -25,11 +25,8 @@ NOT_SERVING = 2
 
 @pytest.fixture
 def cluster(model_repo: Path, tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(model_repo, tmp_path)
-    try:
+    with Cluster(model_repo, tmp_path) as c:
         yield c
-    finally:
-        c.stop_all()
 
 
 def _stub(target: str) -> taskmux_pb2_grpc.TaskMuxStub:

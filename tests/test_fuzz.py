@@ -80,8 +80,7 @@ class Target:
 
 @pytest.fixture(scope="module")
 def target(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    c = Cluster(model_repo, tmp_path_factory.mktemp("fuzz"))
-    try:
+    with Cluster(model_repo, tmp_path_factory.mktemp("fuzz")) as c:
         c.start_redis()
         c.start_worker()
         _, address = c.start_gateway(
@@ -105,8 +104,6 @@ def target(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             for proc in t.procs():
                 assert proc.popen.poll() is None, f"{proc.name} died:\n{proc.output()[-3000:]}"
             assert "internal error" not in c.logs()
-    finally:
-        c.stop_all()
 
 
 # --- strategies ---------------------------------------------------------------------------

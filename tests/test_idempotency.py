@@ -27,8 +27,7 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 @pytest.fixture(scope="module")
 def cluster(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """Valkey, the catalog a worker would leave, two gateways; the worker comes later."""
-    c = Cluster(model_repo, tmp_path_factory.mktemp("idempotency"))
-    try:
+    with Cluster(model_repo, tmp_path_factory.mktemp("idempotency")) as c:
         c.start_redis()
         catalog = load_manifest(model_repo, verify=False).to_json(with_checksums=False)
         redis.Redis.from_url(c.redis_url).set(keys.CATALOG_KEY, catalog)
@@ -36,8 +35,6 @@ def cluster(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
             _, address = c.start_gateway(idempotency_ttl_s=str(TTL_S))
             wait_until(lambda a=address: serving(a), 30, "gateway SERVING")
         yield c
-    finally:
-        c.stop_all()
 
 
 @pytest.fixture(scope="module")

@@ -29,17 +29,6 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
 @pytest.fixture(scope="module")
-def cluster(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = Cluster(model_repo, tmp_path_factory.mktemp("cluster"))
-    try:
-        c.start_redis()
-        c.start_worker()
-        yield c
-    finally:
-        c.stop_all()
-
-
-@pytest.fixture(scope="module")
 def target(cluster: Cluster, model_repo: Path) -> str:
     _, address = cluster.start_gateway(
         max_texts_per_request=str(MAX_TEXTS), max_text_chars=str(MAX_CHARS)

@@ -25,15 +25,12 @@ CLASSIFIES = 2
 
 @pytest.fixture(scope="module")
 def cluster(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = Cluster(model_repo, tmp_path_factory.mktemp("metrics"))
-    try:
+    with Cluster(model_repo, tmp_path_factory.mktemp("metrics")) as c:
         c.start_redis()
         c.start_worker(metrics_addr=f"127.0.0.1:{free_port()}")
         _, address = c.start_gateway(metrics_addr=f"127.0.0.1:{free_port()}")
         wait_until(lambda: serving(address), 30, "gateway SERVING")
         yield c
-    finally:
-        c.stop_all()
 
 
 def _metrics_port(proc_env_log: str) -> int:

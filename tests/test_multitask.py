@@ -26,8 +26,7 @@ IN_FLIGHT = 4
 
 @pytest.fixture(scope="module")
 def cluster(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = Cluster(model_repo, tmp_path_factory.mktemp("multitask"))
-    try:
+    with Cluster(model_repo, tmp_path_factory.mktemp("multitask")) as c:
         c.start_redis()
         c.start_worker()
         _, address = c.start_gateway(
@@ -36,8 +35,6 @@ def cluster(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         wait_until(lambda: serving(address), 30, "gateway SERVING")
         c.procs[-1].address = address
         yield c
-    finally:
-        c.stop_all()
 
 
 @pytest.fixture(scope="module")

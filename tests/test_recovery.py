@@ -25,15 +25,12 @@ STREAM = keys.task_stream("embed")
 
 @pytest.fixture
 def cluster(model_repo: Path, tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(model_repo, tmp_path)
-    try:
+    with Cluster(model_repo, tmp_path) as c:
         c.start_redis()
         redis.Redis.from_url(c.redis_url).xgroup_create(
             STREAM, keys.WORKER_GROUP, id="0", mkstream=True
         )
         yield c
-    finally:
-        c.stop_all()
 
 
 def _gateway(cluster: Cluster) -> taskmux_pb2_grpc.TaskMuxStub:

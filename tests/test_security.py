@@ -33,17 +33,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-@pytest.fixture(scope="module")
-def cluster(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = Cluster(model_repo, tmp_path_factory.mktemp("cluster"))
-    try:
-        c.start_redis()
-        c.start_worker()
-        yield c
-    finally:
-        c.stop_all()
-
-
 def _channel(address: str, pki: Pki, client: Pem | None = None) -> grpc.Channel:
     credentials = grpc.ssl_channel_credentials(
         root_certificates=pki.ca.cert,

@@ -37,17 +37,6 @@ EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 @pytest.fixture(scope="module")
-def cluster(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = Cluster(model_repo, tmp_path_factory.mktemp("tenancy"))
-    try:
-        c.start_redis()
-        c.start_worker()
-        yield c
-    finally:
-        c.stop_all()
-
-
-@pytest.fixture(scope="module")
 def gateways(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> list[Proc]:
     """Two gateway replicas reading the same keys file and the same Redis."""
     path = tmp_path_factory.mktemp("keys") / "keys.json"

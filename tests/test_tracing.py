@@ -137,12 +137,9 @@ def test_off_costs_next_to_nothing() -> None:
 
 @pytest.fixture(scope="module")
 def cluster(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = Cluster(model_repo, tmp_path_factory.mktemp("tracing"))
-    try:
+    with Cluster(model_repo, tmp_path_factory.mktemp("tracing")) as c:
         c.start_redis()
         yield c
-    finally:
-        c.stop_all()
 
 
 @pytest.fixture
