@@ -2,25 +2,10 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-Pair = tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
-
-
-@dataclass
-class Pem:
-    """A certificate and its key, PEM-encoded."""
-
-    cert: bytes
-    key: bytes
+from taskmux.devcerts import Pem, issue, pem
 
 
 @dataclass
@@ -30,49 +15,6 @@ class Pki:
     client: Pem
     rogue_client: Pem  # signed by a CA the gateway does not trust
     dir: Path  # ca.pem, server.pem/.key and client.pem/.key, for settings and CLI flags
-
-
-def issue(name: str, issuer: Pair | None, **kind: bool) -> Pair:
-    """A certificate for `name`, self-signed without `issuer`; kind: ca, server, client."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer[0].subject if issuer else subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-    )
-    if kind.get("ca"):
-        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=0), True)
-    if kind.get("server"):
-        names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), False)
-        builder = builder.add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False
-        )
-    if kind.get("client"):
-        builder = builder.add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False
-        )
-    cert = builder.sign(issuer[1] if issuer else key, hashes.SHA256())
-    return cert, key
-
-
-def pem(pair: Pair) -> Pem:
-    """The pair PEM-encoded, the key unencrypted."""
-    cert, key = pair
-    return Pem(
-        cert.public_bytes(serialization.Encoding.PEM),
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-    )
 
 
 def make_pki(directory: Path) -> Pki:
