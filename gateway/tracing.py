@@ -1,8 +1,8 @@
 """The gateway's server span: one per call, the root of the call's trace.
 
 Its children are the dispatcher's `enqueue <head>` (whose context the jobs carry to the
-workers) and `await reply` spans. Attributes name the method, the heads and the
-client's request id; never texts, labels or keys.
+workers) and `await reply` spans. Attributes name the method, the heads, the client's
+request id and the tenant; never texts, labels or keys.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind
 
+from gateway.auth import caller
 from taskmux.tracing import Tracing, status_of
 
 SERVICE: Final = "taskmux.v1.TaskMux"
@@ -93,4 +94,6 @@ def _attributes(rpc: str, request: Any) -> dict[str, str | int | list[str]]:
     texts = getattr(request, "texts", None)
     if texts is not None and not isinstance(texts, str):
         attributes["taskmux.texts"] = len(texts)  # how many, never what
+    if (tenant := caller()) is not None:  # set by the API-key interceptor, outside us
+        attributes["taskmux.tenant"] = tenant.name
     return attributes

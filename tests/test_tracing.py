@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -24,6 +25,7 @@ from opentelemetry.trace import INVALID_SPAN, SpanKind, format_trace_id, get_cur
 
 import taskmux.tracing
 from gateway import tracing as gateway_tracing
+from gateway.auth import hash_key
 from gateway.server import serve as serve_gateway
 from gateway.settings import GatewaySettings
 from router.messages import Fields, Job
@@ -42,6 +44,8 @@ from workers.settings import WorkerSettings
 
 CANARY = "canary-zebra-7431"  # a request text that must never reach a span
 WORKER_STAGES = {"queue wait", "tokenize", "encode", "heads", "publish reply"}
+API_KEY = "tracing-tenant-key-0123456789"
+AS_TENANT = (("authorization", f"Bearer {API_KEY}"),)
 
 
 # --- settings and the off switch, no servers --------------------------------------------
@@ -172,11 +176,13 @@ class _Shared(SpanExporter):
 
 @contextlib.asynccontextmanager
 async def in_process(
-    cluster: Cluster, exporter: InMemorySpanExporter | None
+    cluster: Cluster, exporter: InMemorySpanExporter | None, keys_file: Path | None = None
 ) -> AsyncIterator[taskmux_pb2_grpc.TaskMuxStub]:
-    """A gateway and a worker in this event loop; a stub once every head is listed."""
+    """A gateway and a worker in this event loop; a stub once every head is listed.
+    With `keys_file`, callers send AS_TENANT."""
     address = f"127.0.0.1:{free_port()}"
     env = {
+        "TASKMUX_API_KEYS_FILE": str(keys_file or ""),
         "TASKMUX_REDIS_URL": cluster.redis_url,
         "TASKMUX_LISTEN_ADDR": address,
         "TASKMUX_HEALTH_ADDR": "127.0.0.1:0",
@@ -196,17 +202,20 @@ async def in_process(
         try:
             async with grpc.aio.insecure_channel(address) as channel:
                 stub = taskmux_pb2_grpc.TaskMuxStub(channel)
-                await _wait_for_catalog(stub, cluster.model_repo)
+                await _wait_for_catalog(stub, cluster.model_repo, bool(keys_file))
                 yield stub
         finally:
             stop.set()
 
 
-async def _wait_for_catalog(stub: taskmux_pb2_grpc.TaskMuxStub, model_repo: Path) -> None:
+async def _wait_for_catalog(
+    stub: taskmux_pb2_grpc.TaskMuxStub, model_repo: Path, keyed: bool
+) -> None:
     expected = {h.name for h in load_manifest(model_repo, verify=False).heads}
+    metadata = AS_TENANT if keyed else None
     for _ in range(600):
         with contextlib.suppress(grpc.RpcError):
-            response = await stub.ListTasks(pb.ListTasksRequest(), timeout=2)
+            response = await stub.ListTasks(pb.ListTasksRequest(), timeout=2, metadata=metadata)
             if {h.name for h in response.heads} == expected:
                 return
         await asyncio.sleep(0.1)
@@ -240,15 +249,19 @@ def _values(span: ReadableSpan) -> Iterator[str]:
             yield from ([str(v) for v in value] if isinstance(value, tuple) else [str(value)])
 
 
-async def test_one_call_is_one_connected_trace(cluster: Cluster, job_fields: list[Fields]) -> None:
+async def test_one_call_is_one_connected_trace(
+    cluster: Cluster, job_fields: list[Fields], tmp_path: Path
+) -> None:
     exporter = InMemorySpanExporter()
     texts = [f"I loved this film, {CANARY}", "Angela Merkel visited Paris."]
-    async with in_process(cluster, exporter) as stub:
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text(json.dumps({"tenants": {"acme": {"key_sha256": hash_key(API_KEY)}}}))
+    async with in_process(cluster, exporter, keys_file) as stub:
         embedded = await stub.Embed(
-            pb.EmbedRequest(texts=texts, request_id="trace-embed"), timeout=30
+            pb.EmbedRequest(texts=texts, request_id="trace-embed"), timeout=30, metadata=AS_TENANT
         )
         analyze = pb.AnalyzeRequest(texts=texts, heads=["embed", "sentiment", "entities"])
-        results = [r async for r in stub.Analyze(analyze, timeout=30)]
+        results = [r async for r in stub.Analyze(analyze, timeout=30, metadata=AS_TENANT)]
     assert len(embedded.embeddings) == 2 and len(results) == 6
     spans = exporter.get_finished_spans()  # complete: stopping flushed both processes
     by_id = {s.context.span_id: s for s in spans}
@@ -259,6 +272,7 @@ async def test_one_call_is_one_connected_trace(cluster: Cluster, job_fields: lis
     assert root.attributes is not None
     assert root.attributes["rpc.method"] == "Embed"
     assert root.attributes["taskmux.request_id"] == "trace-embed"
+    assert root.attributes["taskmux.tenant"] == "acme"
     assert root.attributes["rpc.grpc.status_code"] == 0
     names = {s.name: s for s in embed}
     assert {"enqueue embed", "await reply", "job embed"} | WORKER_STAGES <= set(names)
@@ -295,8 +309,9 @@ async def test_one_call_is_one_connected_trace(cluster: Cluster, job_fields: lis
     # Jobs carried the context; spans never carried the texts.
     assert all(f.get(b"traceparent", b"").startswith(b"00-") for f in job_fields)
     assert len(job_fields) == 3
-    leaked = [s.name for s in spans if any(CANARY in v or "Merkel" in v for v in _values(s))]
-    assert not leaked, f"request text in span attributes of {leaked}"
+    secrets = (CANARY, "Merkel", API_KEY)
+    leaked = [s.name for s in spans if any(x in v for v in _values(s) for x in secrets)]
+    assert not leaked, f"request text or key in span attributes of {leaked}"
     assert format_trace_id(root.context.trace_id) in job_fields[-1][b"traceparent"].decode()
 
 
