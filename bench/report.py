@@ -14,6 +14,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from bench.raw import RawResult
+from bench.security import (
+    THROUGHPUT_CONCURRENCY,
+    VARIANTS,
+    WORDS,
+    SecurityRuns,
+    VariantFigures,
+    figures,
+)
 from taskmux.loadtest.report import LoadReport
 
 # Why the ratios are what they are; figures from an instrumented worker on 2026-11-28
@@ -168,3 +176,110 @@ def write_report(
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
+
+
+SECURITY_HEADING = "## What security and observability cost per call"
+SECURITY_NOTES = [
+    "- **b** adds TLS (the record layer on every message; the handshake happens in the",
+    "  warm-up, once per connection) and the API key: the gateway hashes the bearer",
+    "  key and compares it with every tenant of the keys file.",
+    "- **c** adds the per-tenant limiter: one EVALSHA round trip to Redis per call, a GCRA",
+    "  rate bucket and a quota counter updated by one Lua script. The limits are set far",
+    "  above what this machine sends (1000 requests/s, burst 100000, 10^12 units a day),",
+    "  so every call runs the whole script and none is refused.",
+    "- **d** adds OpenTelemetry tracing in the gateway and the worker, every call sampled:",
+    "  the spans of one call (server span, enqueue, await reply; the worker's job span",
+    "  and its five stages) built, batched and exported by a background thread. The",
+    "  console exporter writes them as JSON to a file: the SDK's whole path, with JSON to",
+    "  a file in place of protobuf to a collector (none runs here; an OTLP exporter aimed",
+    "  at nothing fails its exports and would measure less than a working one).",
+    "",
+]
+
+
+def security_lines(runs: SecurityRuns, warmup_s: float, provenance: str) -> list[str]:
+    """The report section for bench/security.py's runs."""
+    base = figures(runs, VARIANTS[0].name)
+    lines = [
+        SECURITY_HEADING,
+        "",
+        f"Embed of one short text ({WORDS} words) through four configurations, each a whole "
+        f"system (Valkey, worker, gateway), all running at once and measured in turn in "
+        f"interleaved rounds ({runs.rounds}), {runs.duration_s:g} s at c=1 and "
+        f"{runs.duration_s / 2:g} s at c={THROUGHPUT_CONCURRENCY} per run after {warmup_s:g} s "
+        f"of warm-up. Latencies pool every round's successful calls; throughput is the "
+        f"median over rounds. Δ and ratio are against **a**, measured in the same rounds. "
+        f"{provenance}",
+        "",
+        f"| config | adds | p50 ms | Δ p50 | p50 ratio | p99 ms | Δ p99 | p99 ratio "
+        f"| texts/s c={THROUGHPUT_CONCURRENCY} | ratio | calls | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [_security_row(v.name, v.adds, figures(runs, v.name), base) for v in VARIANTS]
+    lines += ["", _paired_p50(runs, base), "", _evidence(runs), "", *SECURITY_NOTES]
+    return lines
+
+
+def _security_row(name: str, adds: str, f: VariantFigures, base: VariantFigures) -> str:
+    same = name == VARIANTS[0].name  # the baseline's own Δ and ratios say only 0 and 1
+    cells = [
+        _ms(f.latency.p50_ms),
+        "-" if same else _delta(f.latency.p50_ms, base.latency.p50_ms),
+        "-" if same else _ratio(f.latency.p50_ms, base.latency.p50_ms),
+        _ms(f.latency.p99_ms),
+        "-" if same else _delta(f.latency.p99_ms, base.latency.p99_ms),
+        "-" if same else _ratio(f.latency.p99_ms, base.latency.p99_ms),
+        f"{f.texts_per_s:.0f}",
+        "-" if same else _ratio(f.texts_per_s, base.texts_per_s),
+    ]
+    return "| " + " | ".join([name, adds, *cells, str(f.calls), str(f.errors)]) + " |"
+
+
+def _paired_p50(runs: SecurityRuns, base: VariantFigures) -> str:
+    """Each round's p50 minus a's in the same round: how much of Δ is noise."""
+    parts = []
+    for variant in VARIANTS[1:]:
+        mine = figures(runs, variant.name).p50_by_round
+        deltas = ", ".join(f"{m - b:+.2f}" for m, b in zip(mine, base.p50_by_round, strict=True))
+        parts.append(f"{variant.name} {deltas}")
+    return "Δ p50 round by round (ms, against a in the same round): " + "; ".join(parts) + "."
+
+
+def _evidence(runs: SecurityRuns) -> str:
+    """What shows that each configuration did what it claims, in this run."""
+    charged = ", ".join(f"{n} {u}" for n, u in sorted(runs.charged_units.items()))
+    spans = ", ".join(
+        f"{n} {g} gateway Embed spans and {w} worker job spans" for n, (g, w) in runs.spans.items()
+    )
+    return (
+        f"Checked in this run (warm-up calls included): text units the limiter charged in "
+        f"Redis: {charged or 'none'}; spans exported: {spans or 'none'}."
+    )
+
+
+def merge_section(path: Path, section: list[str]) -> None:
+    """Put `section` (starting with its `## ` heading) into the report at `path`, replacing
+    the section of that heading if there is one, else at the end; the rest stays as is."""
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    heading = section[0]
+    if heading in lines:
+        start = lines.index(heading)
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
+        )
+    else:
+        start = end = len(lines)
+        if lines and lines[-1]:
+            section = ["", *section]
+    merged = lines[:start] + section + lines[end:]
+    while merged and not merged[-1]:
+        merged.pop()
+    path.write_text("\n".join(merged) + "\n", encoding="utf-8")
+
+
+def _delta(value: float | None, base: float | None) -> str:
+    return "-" if value is None or base is None else f"{value - base:+.2f} ms"
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    return "-" if value is None or not base else f"{value / base:.2f}x"

@@ -7,8 +7,12 @@ warm-up excluded:
   2. one separate encoder per task (what users run today) serving a four-head mix;
   3. the full system (client -> gateway -> Redis -> worker -> back) at concurrency
      1, 8 and 64: `embed` alone, then the same four-head mix through Analyze,
-     with the gateway profiled by py-spy during the heaviest run.
-Only ratios measured in the same run are compared. Timing never decides a test.
+     with the gateway profiled by py-spy during the heaviest run;
+  4. what TLS, API keys, per-tenant limits and tracing add to one Embed call, four
+     configurations side by side (bench/security.py).
+`--only security` runs part 4 alone and merges its section into the existing report;
+`--skip security` leaves it out. Only ratios measured in the same run are compared.
+Timing never decides a test.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ import gc
 import json
 import os
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.raw import RawResult, measure_raw, measure_separate_encoders
-from bench.report import Floors, write_plot, write_report
+from bench.report import Floors, merge_section, security_lines, write_plot, write_report
+from bench.security import VARIANTS, figures, run_security
 from bench.system import child_pid, load, profile, running_system, top_frames
 from taskmux.loadtest.report import LoadReport
 from taskmux.loadtest.texts import TextGenerator
@@ -33,6 +39,7 @@ CONCURRENCY = (1, 8, 64)
 MIX_HEADS = ("embed", "sentiment", "topic", "intent")
 LENGTHS = "6,24,96"  # words: about 8 to 128 tokens
 BATCH_SIZES = (1, 8, 16, 32, 64)
+PARTS = ("system", "security")  # "system": parts 1 to 3, which write a new report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,8 +49,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench"))
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
     parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--only", choices=PARTS, help="run one part; merge its report section")
+    parser.add_argument("--skip", choices=PARTS, action="append", default=[])
+    parser.add_argument("--security-rounds", type=int, default=3, metavar="N")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    parts = [args.only] if args.only else [p for p in PARTS if p not in args.skip]
+    if "system" in parts:
+        status = _system(args)
+        if status:
+            return status
+    if "security" in parts:
+        _security(args, merged=args.only == "security")
+    print((args.out / "report.md").read_text())
+    return 0
+
+
+def _system(args: argparse.Namespace) -> int:
+    """Parts 1 to 3: raw ONNX Runtime, separate encoders, the full system; a new report."""
     settings = replace(WorkerSettings.from_env(os.environ), model_repo=args.repo)
 
     texts = _texts(512)
@@ -94,8 +117,28 @@ def main(argv: list[str] | None = None) -> int:
             default=str,
         )
     )
-    print((args.out / "report.md").read_text())
     return 0
+
+
+def _security(args: argparse.Namespace, *, merged: bool) -> None:
+    """Part 4; its section replaces the report's, and its figures go into results.json."""
+    print("bench: security and observability, four configurations", file=sys.stderr)
+    runs = run_security(args.repo, args.out, args.security_rounds, args.duration, args.warmup)
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    provenance = (
+        f"Measured by `python -m bench.run --only security` ({when}) and merged into the "
+        "report of an earlier full run: the sections above are not from this run."
+        if merged
+        else f"Measured in the same run as the sections above ({when}), after them."
+    )
+    merge_section(args.out / "report.md", security_lines(runs, args.warmup, provenance))
+    results = args.out / "results.json"
+    data = json.loads(results.read_text()) if results.exists() else {}
+    data["security"] = {v.name: asdict(figures(runs, v.name)) for v in VARIANTS} | {
+        "charged_units": runs.charged_units,
+        "spans_gateway_worker": runs.spans,
+    }
+    results.write_text(json.dumps(data, indent=2, default=str))
 
 
 def _texts(n: int) -> list[str]:

@@ -9,26 +9,41 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import grpc
 
+from taskmux.clientargs import ClientSecurity
 from taskmux.loadtest.config import LoadConfig, parse_lengths, parse_mix
 from taskmux.loadtest.report import LoadReport
 from taskmux.loadtest.runner import run_load
 from taskmux.local import free_port
 from taskmux.v1 import taskmux_pb2 as pb
 from taskmux.v1 import taskmux_pb2_grpc
+from taskmux_client.channel import auth_metadata, open_channel
 
 
 @contextmanager
-def running_system(repo: Path, log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Valkey, one gateway and one worker, as `make run` starts them; (target, process)."""
+def running_system(
+    repo: Path,
+    log: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    security: ClientSecurity | None = None,
+    stdout: Path | None = None,
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Valkey, one gateway and one worker, as `make run` starts them; (target, process).
+
+    `env` configures them (an existing Valkey, TLS, keys, tracing); `security` is what a
+    client needs to reach the gateway then. `stdout`, when given, takes the processes'
+    stdout (where the console trace exporter writes) apart from the log.
+    """
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "TASKMUX_REDIS_URL"}
-    with log.open("wb") as out:
+    child_env = {k: v for k, v in os.environ.items() if k != "TASKMUX_REDIS_URL"}
+    child_env.update(env or {})
+    with log.open("wb") as err, stdout.open("wb") if stdout else nullcontext(err) as out:
         # Fixed argv (this venv's taskmux), no shell.
         up = subprocess.Popen(  # nosec B603
             [
@@ -41,13 +56,13 @@ def running_system(repo: Path, log: Path) -> Iterator[tuple[str, subprocess.Pope
                 "--port",
                 str(port),
             ],
-            env=env,
+            env=child_env,
             stdout=out,
-            stderr=subprocess.STDOUT,
+            stderr=err,
         )
     target = f"127.0.0.1:{port}"
     try:
-        _wait_ready(target, up)
+        _wait_ready(target, up, security or ClientSecurity())
         yield target, up
     finally:
         up.send_signal(signal.SIGINT)
@@ -57,16 +72,20 @@ def running_system(repo: Path, log: Path) -> Iterator[tuple[str, subprocess.Pope
             up.kill()
 
 
-def _wait_ready(target: str, up: subprocess.Popen[bytes], timeout_s: float = 120) -> None:
+def _wait_ready(
+    target: str, up: subprocess.Popen[bytes], security: ClientSecurity, timeout_s: float = 120
+) -> None:
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
+    credentials = security.tls.credentials() if security.tls else None
+    metadata = auth_metadata(security.api_key)
+    with open_channel(target, credentials, ()) as channel:
         stub = taskmux_pb2_grpc.TaskMuxStub(channel)
         while time.monotonic() < deadline:
             if up.poll() is not None:
                 raise RuntimeError("taskmux up exited before serving; see its log")
             try:
-                stub.ListTasks(pb.ListTasksRequest(), timeout=2)
-                stub.Embed(pb.EmbedRequest(texts=["warm up"]), timeout=30)
+                stub.ListTasks(pb.ListTasksRequest(), timeout=2, metadata=metadata)
+                stub.Embed(pb.EmbedRequest(texts=["warm up"]), timeout=30, metadata=metadata)
                 return
             except grpc.RpcError:
                 time.sleep(0.2)
@@ -74,9 +93,16 @@ def _wait_ready(target: str, up: subprocess.Popen[bytes], timeout_s: float = 120
 
 
 def load(
-    target: str, mix: str, concurrency: int, lengths: str, duration_s: float, warmup_s: float
+    target: str,
+    mix: str,
+    concurrency: int,
+    lengths: str,
+    duration_s: float,
+    warmup_s: float,
+    security: ClientSecurity | None = None,
 ) -> LoadReport:
     """One closed-loop run."""
+    security = security or ClientSecurity()
     config = LoadConfig(
         target=target,
         mode="closed",
@@ -87,6 +113,8 @@ def load(
         lengths=parse_lengths(lengths),
         connections=min(concurrency, 8),
         deadline_s=60,
+        tls=security.tls,
+        api_key=security.api_key,
     )
     return asyncio.run(run_load(config))
 
