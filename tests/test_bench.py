@@ -1,0 +1,86 @@
+"""The security bench (bench/security.py) exercises what its report claims, on a tiny run:
+b to d refuse a wrong key, c and d charge the limiter in Redis, d exports spans, a stays
+open; and its section merges into the report without touching the others. No timing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+
+from bench.report import merge_section
+from bench.security import (
+    TENANT,
+    Deployment,
+    charged_units,
+    deployments,
+    exported_spans,
+    measure,
+)
+from taskmux.v1 import taskmux_pb2 as pb
+from taskmux.v1 import taskmux_pb2_grpc
+from taskmux_client.channel import auth_metadata, open_channel
+
+
+def _embed(d: Deployment, *, tls: bool, api_key: str | None) -> grpc.StatusCode:
+    credentials = d.security.tls.credentials() if tls and d.security.tls else None
+    with open_channel(d.target, credentials, ()) as channel:
+        stub = taskmux_pb2_grpc.TaskMuxStub(channel)
+        try:
+            stub.Embed(pb.EmbedRequest(texts=["hi"]), timeout=10, metadata=auth_metadata(api_key))
+        except grpc.RpcError as err:
+            return err.code()
+    return grpc.StatusCode.OK
+
+
+def _limit_keys(d: Deployment) -> set[str]:
+    with redis.Redis.from_url(d.redis_url, decode_responses=True) as client:
+        return set(client.scan_iter(f"taskmux:v1:limit:{TENANT}:*"))
+
+
+@pytest.mark.integration
+def test_each_configuration_does_what_the_report_says(model_repo: Path, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    with deployments(model_repo, tmp_path, work) as running:
+        by_name = {d.variant.name: d for d in running}
+        runs = measure(running, rounds=1, duration_s=0.3, warmup_s=0.0)
+        assert _embed(by_name["a"], tls=False, api_key=None) == grpc.StatusCode.OK
+        for name in "bcd":
+            d = by_name[name]
+            assert _embed(d, tls=True, api_key=d.security.api_key) == grpc.StatusCode.OK
+            assert _embed(d, tls=True, api_key="wrong") == grpc.StatusCode.UNAUTHENTICATED
+            assert _embed(d, tls=True, api_key=None) == grpc.StatusCode.UNAUTHENTICATED
+            assert _embed(d, tls=False, api_key=d.security.api_key) == grpc.StatusCode.UNAVAILABLE
+        limit_keys = {name: _limit_keys(d) for name, d in by_name.items()}
+        charged = {name: charged_units(d.redis_url) for name, d in by_name.items()}
+    spans = {name: exported_spans(d.spans) for name, d in by_name.items()}
+
+    calls = {}
+    for name in by_name:
+        reports = [*runs.latency[name], *runs.throughput[name]]
+        assert all(r.sent > 0 and r.errors == 0 for r in reports), name
+        calls[name] = sum(r.sent for r in reports)
+    rate_and_quota = {f"taskmux:v1:limit:{TENANT}:rate", f"taskmux:v1:limit:{TENANT}:quota"}
+    assert limit_keys == {"a": set(), "b": set(), "c": rate_and_quota, "d": rate_and_quota}
+    # Every measured call was charged one unit; warm-up and the probes above add some.
+    assert charged["a"] == charged["b"] == 0
+    assert charged["c"] > calls["c"] and charged["d"] > calls["d"]
+    gateway_spans, worker_spans = spans["d"]
+    assert gateway_spans > calls["d"] and worker_spans > calls["d"]
+    assert spans["a"] == spans["b"] == spans["c"] == (0, 0)
+
+
+def test_a_merged_section_replaces_its_own_and_keeps_the_rest(tmp_path: Path) -> None:
+    report = tmp_path / "report.md"
+    report.write_text("# bench\n\n## Ratios\n\nkept\n\n## Profile\n\nkept too\n")
+    merge_section(report, ["## Security", "", "first"])
+    merge_section(report, ["## Security", "", "second"])
+    assert report.read_text() == (
+        "# bench\n\n## Ratios\n\nkept\n\n## Profile\n\nkept too\n\n## Security\n\nsecond\n"
+    )
+    report.write_text("# bench\n\n## Security\n\nold\n\n## Profile\n\nkept\n")
+    merge_section(report, ["## Security", "", "new", ""])
+    assert report.read_text() == "# bench\n\n## Security\n\nnew\n\n## Profile\n\nkept\n"
