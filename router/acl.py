@@ -1,4 +1,4 @@
-"""Least-privilege Redis ACL users for gateways and workers (Redis 7+ or Valkey).
+"""Least-privilege Redis ACL users for gateways, workers and KEDA (Redis 7+ or Valkey).
 
 Each user may run only the commands its code sends, and each command only on the keys
 (`router.keys`) it needs it for: every grant below becomes one ACL selector, `(commands
@@ -15,6 +15,11 @@ redis-py's idle health check (`router.connection.connect` sends no `CLIENT SETIN
 `SCAN` (the gateway's catalog lookup) cannot be limited to keys: it lists key names (not
 values) of the whole database. Give taskmux a Redis of its own, or at least a database.
 
+KEDA's redis-streams scaler (k8s/base/worker-scaling.yaml) only reads the job streams'
+backlog; the operators' admin user may do anything; and the `default` user, which every
+connection is until it authenticates, is switched off (an aclfile that does not name it
+would leave it on, without a password, allowed everything).
+
 `taskmux redis-acl` prints these users as `ACL SETUSER` commands or aclfile lines. The
 grants must change with the code: tests/test_redis_security.py runs every RPC as these
 users against a real server and fails on any ACL denial.
@@ -23,6 +28,7 @@ users against a real server and fails on any ACL denial.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from router import keys
@@ -57,6 +63,8 @@ class AclUser:
     name: str
     keyless: tuple[str, ...]
     grants: tuple[Grant, ...]
+    # Key and channel patterns outside any selector: every command on them (admin only).
+    patterns: tuple[str, ...] = ()
 
     def rules(self, password_rule: str) -> list[str]:
         """The ACL rules, after `reset` so that applying them twice gives the same user.
@@ -70,6 +78,7 @@ class AclUser:
             "resetchannels",
             "-@all",
             *(f"+{c}" for c in self.keyless),
+            *self.patterns,
             *(g.selector() for g in self.grants),
         ]
 
@@ -129,7 +138,27 @@ WORKER = AclUser(
     ),
 )
 
-USERS = (GATEWAY, WORKER)
+KEDA = AclUser(
+    name="taskmux-keda",
+    # go-redis PINGs each new connection; the lag trigger reads INFO's redis_version
+    # before every XINFO GROUPS (KEDA refuses lag below Redis 7). INFO shows server
+    # figures, never keys or values. HELLO (go-redis's RESP3 login) needs no grant, and
+    # its CLIENT SETINFO may be refused: go-redis ignores that.
+    keyless=(*CONNECTION_COMMANDS, "info"),
+    grants=(
+        # lagCount: XINFO GROUPS (XLEN while the group does not exist yet);
+        # pendingEntriesCount: XPENDING. Read-only, and only on job streams.
+        Grant(("xinfo|groups", "xpending", "xlen"), (_read_only(TASKS),)),
+    ),
+)
+
+# For people, not processes: kubectl exec ... valkey-cli, and Valkey's readiness probe.
+ADMIN = AclUser(name="taskmux-admin", keyless=("@all",), grants=(), patterns=("~*", "&*"))
+
+USERS = (GATEWAY, WORKER, KEDA, ADMIN)
+# The user a connection is before AUTH: off, so that nothing runs unauthenticated.
+DEFAULT_USER = "default"
+DEFAULT_USER_RULES = ("reset", "off")
 
 
 def password_hash(password: str) -> str:
@@ -144,5 +173,19 @@ def setuser_args(user: AclUser, password_rule: str) -> list[str]:
 
 def aclfile_line(user: AclUser, password_rule: str) -> str:
     """`user` as a line of a Redis aclfile (`aclfile` in redis.conf / valkey.conf)."""
-    rules = [r for r in user.rules(password_rule) if r != "reset"]
-    return " ".join(["user", user.name, *rules])
+    return _aclfile_line(user.name, user.rules(password_rule))
+
+
+def default_user_setuser_args() -> list[str]:
+    """`ACL SETUSER` arguments that switch the default user off."""
+    return ["SETUSER", DEFAULT_USER, *DEFAULT_USER_RULES]
+
+
+def default_user_aclfile_line() -> str:
+    """The aclfile line that switches the default user off."""
+    return _aclfile_line(DEFAULT_USER, DEFAULT_USER_RULES)
+
+
+def _aclfile_line(name: str, rules: Sequence[str]) -> str:
+    # Each aclfile line already starts from an empty user.
+    return " ".join(["user", name, *(r for r in rules if r != "reset")])

@@ -1,4 +1,4 @@
-"""`taskmux redis-acl`: print the gateway and worker Redis ACL users (router/acl.py)."""
+"""`taskmux redis-acl`: print taskmux's Redis ACL users (router/acl.py)."""
 
 from __future__ import annotations
 
@@ -6,31 +6,56 @@ import argparse
 import shlex
 from pathlib import Path
 
-from router.acl import GATEWAY, WORKER, AclUser, aclfile_line, password_hash, setuser_args
+from router.acl import (
+    ADMIN,
+    GATEWAY,
+    KEDA,
+    USERS,
+    WORKER,
+    AclUser,
+    aclfile_line,
+    default_user_aclfile_line,
+    default_user_setuser_args,
+    password_hash,
+    setuser_args,
+)
 
 # Not a valid rule, so that a line whose placeholder was not replaced is refused.
 PLACEHOLDER = "#<sha256-of-password>"
+# The option naming each user's password file.
+PASSWORD_OPTIONS = {
+    GATEWAY.name: "--gateway-password-file",
+    WORKER.name: "--worker-password-file",
+    KEDA.name: "--keda-password-file",
+    ADMIN.name: "--admin-password-file",
+}
 
 
 def add_redis_acl_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register `taskmux redis-acl`."""
     cmd = sub.add_parser(
         "redis-acl",
-        help="Print the least-privilege Redis ACL users for gateways and workers",
-        description="Print the taskmux-gateway and taskmux-worker users as ACL SETUSER "
-        "commands (pipe them to redis-cli) or aclfile lines. With a password file, the "
-        "line holds the password's SHA-256, not the password; without, a placeholder "
-        "that Redis refuses until it is replaced.",
+        help="Print the least-privilege Redis ACL users (gateway, worker, KEDA, admin)",
+        description="Print the taskmux-gateway, taskmux-worker, taskmux-keda and "
+        "taskmux-admin users, then the default user switched off, as ACL SETUSER commands "
+        "(pipe them to redis-cli) or as a whole aclfile. With a password file, a user's "
+        "line holds the password's SHA-256, not the password; without, a placeholder that "
+        "Redis refuses until it is replaced.",
     )
     cmd.add_argument("--format", choices=("setuser", "aclfile"), default="setuser")
-    cmd.add_argument("--gateway-password-file", type=Path, metavar="FILE")
-    cmd.add_argument("--worker-password-file", type=Path, metavar="FILE")
+    for user in USERS:
+        cmd.add_argument(PASSWORD_OPTIONS[user.name], type=Path, metavar="FILE", dest=user.name)
     cmd.set_defaults(func=_print_users)
 
 
 def _print_users(args: argparse.Namespace) -> int:
-    for user, path in ((GATEWAY, args.gateway_password_file), (WORKER, args.worker_password_file)):
-        print(_line(user, _password_rule(path), args.format))
+    for user in USERS:
+        print(_line(user, _password_rule(vars(args)[user.name]), args.format))
+    # Last, so that SETUSER lines piped to a redis-cli logged in as default all run.
+    if args.format == "aclfile":
+        print(default_user_aclfile_line())
+    else:
+        print(shlex.join(["ACL", *default_user_setuser_args()]))
     return 0
 
 

@@ -75,9 +75,10 @@ def test_the_manifests_and_dockerfiles_pass_every_check(tmp_path: Path) -> None:
         ("keda", "gpu", "consumerGroup: taskmux-workers", "consumerGroup: workers", "is not 'taskmux-workers'"),
         ("keda", "gpu", "stream: taskmux:v1:tasks:sentiment", "stream: taskmux:v1:tasks:sentimnt", "head 'sentiment' has no lagCount trigger"),
         ("keda", "gpu", "pendingEntriesCount:", "pendingEntries:", "unknown redis-streams metadata key 'pendingEntries'"),
+        ("keda", "gpu", "  - key: username\n    name: taskmux-redis-keda\n    parameter: username\n", "", "no Redis username"),
         # Settings, ports and probes against the code.
-        ("settings", "dev", "name: TASKMUX_REDIS_URL", "name: TASKMUX_REDIS_URI", "TASKMUX_REDIS_URI is not a setting the gateway reads"),
-        ("settings", "dev", "name: TASKMUX_REDIS_URL", "name: TASKMUX_REDIS_URI", "required setting TASKMUX_REDIS_URL is not set"),
+        ("settings", "dev", "TASKMUX_REDIS_URL: redis:", "TASKMUX_REDIS_URI: redis:", "TASKMUX_REDIS_URI is not a setting the gateway reads"),
+        ("settings", "dev", "TASKMUX_REDIS_URL: redis:", "TASKMUX_REDIS_URI: redis:", "required setting TASKMUX_REDIS_URL is not set"),
         ("settings", "dev", "TASKMUX_HEALTH_ADDR: '[::]:50052'", "TASKMUX_HEALTH_ADDR: '[::]:50053'", "TASKMUX_HEALTH_ADDR port 50053 is not a containerPort"),
         ("settings", "dev", "service: liveness", "service: ready", "asks for health service 'ready', not 'liveness'"),
         ("settings", "dev", "  TASKMUX_HEALTH_ADDR: '[::]:50052'\n  TASKMUX_LISTEN_ADDR", "  TASKMUX_LISTEN_ADDR", "kubelet's gRPC probes cannot speak TLS"),
@@ -86,6 +87,13 @@ def test_the_manifests_and_dockerfiles_pass_every_check(tmp_path: Path) -> None:
         ("settings", "dev", "terminationGracePeriodSeconds: 120", "terminationGracePeriodSeconds: 30", "is not longer than one XREADGROUP block"),
         ("settings", "dev", "maxmemory-policy noeviction", "maxmemory-policy allkeys-lru", "maxmemory-policy is not noeviction"),
         ("settings", "dev", "appendonly yes", "appendonly no", "appendonly is not yes"),
+        # Redis logins: own ACL users, passwords only from mounted Secrets, default user off.
+        ("settings", "dev", "TASKMUX_REDIS_URL: redis://taskmux-redis", "TASKMUX_REDIS_URL: redis://:hunter2@taskmux-redis", "TASKMUX_REDIS_URL holds a password"),
+        ("settings", "dev", "TASKMUX_REDIS_USERNAME: taskmux-worker", "TASKMUX_REDIS_USERNAME: taskmux-gateway", "the worker logs in to Redis as taskmux-gateway, not taskmux-worker"),
+        ("settings", "dev", "mountPath: /etc/taskmux/redis\n", "mountPath: /etc/taskmux/secrets\n", "TASKMUX_REDIS_PASSWORD_FILE=/etc/taskmux/redis/password is not in a mounted volume"),
+        ("settings", "dev", "aclfile /etc/valkey-acl/users.acl", "aclfile /data/users.acl", "aclfile /data/users.acl is not on a read-only Secret volume"),
+        ("settings", "dev", "    aclfile /etc/valkey-acl/users.acl\n", "    aclfile /etc/valkey-acl/users.acl\n    requirepass shared\n", "requirepass sets a password for the default user"),
+        ("settings", "dev", "valkey-cli -p 6379 --user taskmux-admin ping", "valkey-cli -p 6379 ping", "readinessProbe runs a Redis CLI without --user"),
         ("settings", "gpu", "taskmux/worker-gpu:", "taskmux/worker-cpu:", "not a GPU one"),
         # taskmux's own hardening rules.
         ("hardening", "dev", "privileged: false", "privileged: true", "privileged"),

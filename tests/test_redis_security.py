@@ -76,7 +76,7 @@ def _passwords() -> dict[str, str]:
 
 
 def _write_aclfile(workdir: Path, passwords: dict[str, str]) -> Path:
-    """The users as `taskmux redis-acl` prints them, an admin for the test, and a
+    """The gateway and worker as `taskmux redis-acl` prints them, an admin for the test, and a
     default user that can only PING (the harness's readiness check)."""
     files = {}
     for user in (GATEWAY.name, WORKER.name):
@@ -92,10 +92,13 @@ def _write_aclfile(workdir: Path, passwords: dict[str, str]) -> Path:
                 f"--worker-password-file={files[WORKER.name]}",
             ]
         )
+    # The gateway and worker lines only: this test brings its own default user and admin
+    # (tests/test_k8s_valkey.py loads the whole file, default user off).
+    ours = [line for line in out.getvalue().splitlines() if line.split()[1] in files]
     aclfile = workdir / "users.acl"
     aclfile.write_text(
-        out.getvalue()
-        + "user default on nopass -@all +ping\n"
+        "\n".join(ours)
+        + "\nuser default on nopass -@all +ping\n"
         + f"user admin on {password_hash(passwords['admin'])} ~* &* +@all\n"
     )
     return aclfile

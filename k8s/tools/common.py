@@ -230,3 +230,21 @@ def port_of(address: str) -> int | None:
     """The port of "host:port" or "[v6]:port"."""
     _, _, port = address.rpartition(":")
     return int(port) if port.isdigit() else None
+
+
+def acl_user_names() -> dict[str, str]:
+    """Each AclUser of router/acl.py by its variable (GATEWAY, WORKER, ...) -> its name."""
+    names: dict[str, str] = {}
+    for node in _parse("router/acl.py").body:
+        if (
+            isinstance(node, ast.Assign)
+            and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Name)
+            and isinstance(node.value, ast.Call)
+            and isinstance(node.value.func, ast.Name)
+            and node.value.func.id == "AclUser"
+        ):
+            for keyword in node.value.keywords:
+                if keyword.arg == "name" and isinstance(keyword.value, ast.Constant):
+                    names[node.targets[0].id] = str(keyword.value.value)
+    return names

@@ -3,16 +3,20 @@
 Every TASKMUX_* variable a gateway or worker container gets must be one its code reads
 (a typo such as TASKMUX_REDIS_URI would otherwise be silently ignored), the required ones
 must be set, and the ports in the settings must be the ones the probes and Services use.
+Each logs in to Redis as its own ACL user (router/acl.py) with a password from a mounted
+Secret, never one written in a manifest; Valkey takes its users from an aclfile Secret.
 """
 
 from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 from common import (
     Obj,
     Report,
+    acl_user_names,
     all_containers,
     component,
     find,
@@ -37,6 +41,9 @@ LIVENESS_SERVICE = "liveness"
 WORKER_DRAIN_BUDGET_S = 60
 LOGICAL_IMAGES = ("taskmux-gateway", "taskmux-worker", "taskmux-model")
 GPU_RESOURCE = "nvidia.com/gpu"
+# The router/acl.py user each component logs in as.
+ACL_USER = {"gateway": "GATEWAY", "worker": "WORKER"}
+REDIS_CLIS = ("valkey-cli", "redis-cli")
 
 
 def check(objs: list[Obj]) -> Report:
@@ -47,6 +54,8 @@ def check(objs: list[Obj]) -> Report:
         _check_names(name, env, report, where)
         _check_ports_and_probes(workload, name, container, env, objs, report, where)
         _check_grace(workload, name, container, env, report, where)
+        _check_files(workload, container, env, report, where)
+        _check_redis_login(name, env, report, where)
         if name == "worker":
             _check_worker(workload, container, env, report, where)
     _check_images(objs, report)
@@ -171,6 +180,59 @@ def _probe_port(
     if probe_port not in container_ports:
         report.add(where, f"TASKMUX_HEALTH_ADDR port {probe_port} is not a containerPort")
     return probe_port if probe_port is not None else api_port
+
+
+def _mount(workload: Obj, container: Obj, path: str) -> tuple[Obj, Obj] | None:
+    """(volumeMount, volume) of the deepest mount holding `path`, if any."""
+    volumes = {v.get("name"): v for v in (pod_spec(workload) or {}).get("volumes") or []}
+    best: tuple[Obj, Obj] | None = None
+    for mount in container.get("volumeMounts") or []:
+        root = str(mount.get("mountPath", "")).rstrip("/")
+        if path.startswith(root + "/") and (
+            best is None or len(root) > len(best[0]["mountPath"].rstrip("/"))
+        ):
+            best = (mount, volumes.get(mount.get("name"), {}))
+    return best
+
+
+def _check_files(
+    workload: Obj, container: Obj, env: dict[str, Any], report: Report, where: str
+) -> None:
+    """A *_FILE setting names a file a mounted volume must provide: the root filesystem
+    holds none of them, and a missing one stops the process at start."""
+    for var, value in sorted(env.items()):
+        if not var.endswith("_FILE") or not isinstance(value, str) or value.startswith("<"):
+            continue
+        found = _mount(workload, container, value)
+        if found is None:
+            report.add(where, f"{var}={value} is not in a mounted volume")
+        elif var == "TASKMUX_REDIS_PASSWORD_FILE" and not (
+            "secret" in found[1] and found[0].get("readOnly")
+        ):
+            report.add(where, f"{var}={value} is not on a read-only Secret volume")
+
+
+def _check_redis_login(name: str, env: dict[str, Any], report: Report, where: str) -> None:
+    url = env.get("TASKMUX_REDIS_URL")
+    if isinstance(url, str) and not url.startswith("<") and urlsplit(url).password:
+        report.add(
+            where,
+            "TASKMUX_REDIS_URL holds a password: a ConfigMap is not a Secret "
+            "(use TASKMUX_REDIS_PASSWORD_FILE)",
+        )
+    password = env.get("TASKMUX_REDIS_PASSWORD")
+    if isinstance(password, str) and not password.startswith("<"):
+        report.add(where, "TASKMUX_REDIS_PASSWORD is written in the manifest, not a Secret")
+    wanted = acl_user_names().get(ACL_USER[name])
+    user = env.get("TASKMUX_REDIS_USERNAME")
+    if user != wanted:
+        report.add(
+            where,
+            f"the {name} logs in to Redis as {user or 'default'}, not {wanted} "
+            "(TASKMUX_REDIS_USERNAME, router/acl.py)",
+        )
+    elif not ({"TASKMUX_REDIS_PASSWORD", "TASKMUX_REDIS_PASSWORD_FILE"} & set(env)):
+        report.add(where, f"the {name} logs in to Redis as {user} without a password")
 
 
 def _seconds(value: Any, default: int) -> float:
@@ -307,6 +369,34 @@ def _check_redis(objs: list[Obj], report: Report) -> None:
         mounted = {m.get("mountPath"): m.get("name") for m in container.get("volumeMounts") or []}
         if mounted.get(data_dir) not in claims:
             report.add(where, f"valkey.conf dir {data_dir} is not on a PersistentVolumeClaim")
+        _check_redis_users(obj, container, config, report, where)
+
+
+def _check_redis_users(
+    obj: Obj, container: Obj, config: dict[str, str], report: Report, where: str
+) -> None:
+    """Users come from an aclfile Secret (router/acl.py, the default user off), so a shared
+    password must not switch the default user back on, and valkey-cli must log in."""
+    aclfile = config.get("aclfile")
+    if not aclfile:
+        report.add(where, "valkey.conf has no aclfile: every client would be the default user")
+    else:
+        found = _mount(obj, container, aclfile)
+        if found is None or "secret" not in found[1] or not found[0].get("readOnly"):
+            report.add(where, f"valkey.conf aclfile {aclfile} is not on a read-only Secret volume")
+    command = [*(container.get("command") or []), *(container.get("args") or [])]
+    if "requirepass" in config or any("requirepass" in str(arg) for arg in command):
+        report.add(
+            where, "requirepass sets a password for the default user, which the aclfile turns off"
+        )
+    for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
+        argv = " ".join((container.get(probe_name) or {}).get("exec", {}).get("command") or [])
+        if aclfile and any(cli in argv for cli in REDIS_CLIS) and "--user" not in argv:
+            report.add(
+                where,
+                f"{probe_name} runs a Redis CLI without --user: as the default user (off) "
+                "it only gets NOAUTH",
+            )
 
 
 def _valkey_config(spec: Obj, objs: list[Obj]) -> dict[str, str] | None:

@@ -133,6 +133,9 @@ def _check_scaled_object(obj: Obj, objs: list[Obj], report: Report) -> None:
         }
         if not ({"address", "host", "addressFromEnv", "hostFromEnv"} & (set(meta) | params)):
             report.add(at, "no Redis address (metadata or TriggerAuthentication)")
+        # Valkey's default user is off (k8s/base/valkey.conf): KEDA has a user of its own.
+        if not ({"username", "usernameFromEnv"} & (set(meta) | params)):
+            report.add(at, "no Redis username: KEDA would be the default user, which is off")
         stream = str(meta.get("stream", ""))
         if not stream.startswith(stream_prefix):
             report.add(at, f"stream {stream!r} is not a task stream ({stream_prefix}<head>)")
