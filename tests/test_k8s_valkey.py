@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import yaml
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -189,3 +190,39 @@ def test_gateway_and_worker_users_stay_as_they_were(server: Server) -> None:
     with pytest.raises(DENIED):
         gateway.set(keys.CATALOG_KEY, "{}")
     assert gateway.xlen(STREAM) >= 0
+
+
+def _secret_names(node: object) -> set[str]:
+    """Secrets a manifest refers to: volumes, secretKeyRef and KEDA's secretTargetRef."""
+    found: set[str] = set()
+    if isinstance(node, dict):
+        if isinstance(node.get("secretName"), str):
+            found.add(node["secretName"])
+        if isinstance(node.get("secretKeyRef"), dict):
+            found.add(node["secretKeyRef"]["name"])
+        for ref in node.get("secretTargetRef") or []:
+            found.add(ref["name"])
+        for value in node.values():
+            found |= _secret_names(value)
+    elif isinstance(node, list):
+        for item in node:
+            found |= _secret_names(item)
+    return found
+
+
+def test_the_k8s_readme_makes_this_aclfile_and_every_secret() -> None:
+    readme = (ROOT / "k8s" / "README.md").read_text(encoding="utf-8")
+    step = readme[readme.index("### 2. ") : readme.index("### 3. ")]
+    assert "taskmux redis-acl --format aclfile" in step
+    for option in PASSWORD_OPTIONS.values():
+        assert option in step
+    manifests = [
+        doc
+        for path in sorted((ROOT / "k8s" / "base").glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8"))
+    ]
+    secrets_used = _secret_names(manifests)
+    assert {"taskmux-redis-acl", "taskmux-redis-keda"} <= secrets_used
+    missing = {name for name in secrets_used if f"secret generic {name}" not in step}
+    missing -= {"taskmux-gateway-tls"}  # `create secret tls`, step 2b
+    assert not missing, f"k8s/README.md step 2 does not create {sorted(missing)}"
