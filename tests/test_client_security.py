@@ -7,6 +7,10 @@ own channels and metadata, never hand-built stubs.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -33,7 +37,8 @@ pytestmark = pytest.mark.integration
 EMBED_KEY = "embed-only-key-client-side-0123"
 ALL_KEY = "all-heads-key-client-side-4567"
 BAD_KEY = "not-a-known-key-client-side-89"
-KEYS = (EMBED_KEY, ALL_KEY, BAD_KEY)
+LIMITED_KEY = "one-call-then-wait-key-client-7"
+KEYS = (EMBED_KEY, ALL_KEY, BAD_KEY, LIMITED_KEY)
 # Several attempts allowed, so a retried auth failure would show in the count.
 RETRY = RetryPolicy(max_attempts=5, initial_backoff_s=0.01, max_backoff_s=0.05)
 
@@ -58,6 +63,8 @@ def target(cluster: Cluster, pki: Pki) -> str:
     tenants = {
         "acme": {"key_sha256": hash_key(EMBED_KEY), "heads": ["embed"]},
         "globex": {"key_sha256": hash_key(ALL_KEY)},
+        # One call, then a wait far longer than the test: the second call is refused.
+        "initech": {"key_sha256": hash_key(LIMITED_KEY), "rate_per_s": 0.001, "burst": 1},
     }
     keys.write_text(json.dumps({"tenants": tenants}))
     _, address = cluster.start_gateway(
@@ -263,3 +270,42 @@ def test_loadtest_with_a_key_and_mtls(
     report = json.loads(out)
     assert report["ok"] == 6 and report["errors"] == 0
     _assert_no_key(out, err)
+
+
+# --- another language ----------------------------------------------------------------------
+
+NODE_CLIENT = Path(__file__).parent / "interop" / "node"
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_a_grpc_js_client_with_mtls_keys_and_retry_hints(target: str, pki: Pki) -> None:
+    """grpc-js, from protos/ alone: mutual TLS, bearer keys, and the retry hint of a
+    rate-limited call, read from the trailers as any gRPC client can."""
+    if not (NODE_CLIENT / "node_modules").is_dir():
+        pytest.fail("run `make interop-deps` (npm ci in tests/interop/node) first")
+    env = {
+        **os.environ,
+        "TASKMUX_API_KEY": ALL_KEY,
+        "TASKMUX_BAD_KEY": BAD_KEY,
+        "TASKMUX_LIMITED_KEY": LIMITED_KEY,
+    }
+    run = subprocess.run(
+        ["node", str(NODE_CLIENT / "client.mjs"), target, "--secure", str(pki.dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert [len(e["values"]) for e in out["embed"]["embeddings"]] == [384, 384]
+    assert out["classify"]["results"][0]["label"] == "positive"
+    assert out["empty"]["code"] == "INVALID_ARGUMENT"
+    assert out["unknown"]["code"] == "NOT_FOUND"
+    assert out["no_key"]["code"] == "UNAUTHENTICATED"
+    assert out["bad_key"]["code"] == "UNAUTHENTICATED"
+    assert len(out["limited_first"]["embeddings"]) == 1
+    assert out["limited_second"]["code"] == "RESOURCE_EXHAUSTED"
+    assert int(out["limited_second"]["retry_after_ms"]) > 0
+    _assert_no_key(run.stdout, run.stderr)
