@@ -91,6 +91,8 @@ class ReplyRouter:
                 for entry_id, fields in entries:
                     self._deliver(entry_id, fields)
                 last_id = entries[-1][0]
+                # Let the callers just woken answer before this round trip, not after it.
+                await asyncio.sleep(0)
                 try:
                     await self._redis.xdel(self.stream, *(e for e, _ in entries))
                 except RedisError as err:

@@ -160,6 +160,8 @@ class Worker:
                         await self._inbox.put(self._measure(good))
                     else:
                         await self._inbox.put(await asyncio.to_thread(self._measure, good))
+                    # Let the batch loop hand this work on before the next read is built.
+                    await asyncio.sleep(0)
         finally:
             await self._inbox.put(None)
 
@@ -270,6 +272,14 @@ class Worker:
                     and can_hand_over
                     and (scheduler.full() or wait_s == 0 or self._encoder_idle() or not open_inbox)
                 )
+                if not close and not len(scheduler) and getter is None:
+                    # Nothing to time out on: wait for work directly, a hop fewer than a task.
+                    items = await self._inbox.get()
+                    if items is None:
+                        open_inbox = False
+                    for item in items or ():
+                        scheduler.add(item)
+                    continue
                 if not close:
                     getter = getter or asyncio.create_task(self._inbox.get())
                     waiters: set[asyncio.Task[Any]] = {getter}
