@@ -73,9 +73,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _gateway(_args: argparse.Namespace) -> int:
-    from gateway.__main__ import main as gateway_main
-
-    return gateway_main()
+    # This process has imported grpc already, too late for the gRPC settings that
+    # `python -m gateway` chooses before its first import (gateway/__main__.py): become it.
+    os.execv(sys.executable, [sys.executable, "-m", "gateway"])  # nosec B606
 
 
 def _worker(_args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from taskmux.local import free_port
-from tests.harness import serving, wait_until
+from tests.harness import health_status, serving, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -67,3 +67,26 @@ def test_up_serves_the_cli_and_stops_cleanly_on_ctrl_c(model_repo: Path, tmp_pat
     assert "gateway on 127.0.0.1" in output
     assert "WARNING: AUTHENTICATION IS OFF" in output  # said loudly, before serving
     assert "worker stopped" in output
+
+
+def test_taskmux_gateway_becomes_python_m_gateway(tmp_path: Path) -> None:
+    """`taskmux gateway` runs the gateway's own entry point, which picks gRPC's settings
+    before grpc is first imported: the same process, now `python -m gateway`."""
+    address = f"127.0.0.1:{free_port()}"
+    env = {
+        **os.environ,
+        "TASKMUX_LISTEN_ADDR": address,
+        "TASKMUX_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",  # nothing there
+        "TASKMUX_METRICS_ADDR": "",
+    }
+    log = (tmp_path / "gateway.log").open("wb")
+    gateway = subprocess.Popen([*TASKMUX, "gateway"], env=env, stdout=log, stderr=log)
+    try:
+        wait_until(lambda: health_status(address, "liveness") is not None, 30, "the gateway")
+        cmdline = Path(f"/proc/{gateway.pid}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[1:3] == [b"-m", b"gateway"], cmdline
+    finally:
+        gateway.send_signal(signal.SIGTERM)
+        code = gateway.wait(30)
+        log.close()
+    assert code == 0, (tmp_path / "gateway.log").read_text()
