@@ -23,13 +23,10 @@ from taskmux.logs import configure_from_env  # noqa: E402
 
 log = logging.getLogger("gateway")
 
-# Read by taskmux.logs.configure_from_env; named here for the manifest checks.
-LOG_SETTINGS = ("TASKMUX_LOG_LEVEL", "TASKMUX_LOG_FORMAT", "TASKMUX_LOG_TEXTS")
-
 
 def main() -> int:
     """Process entry point: serve until SIGTERM/SIGINT; a second signal exits at once."""
-    configure_from_env(os.environ, default_format="json")  # reads LOG_SETTINGS
+    configure_from_env(os.environ, default_format="json")
     settings = settings_from_environ()
     log.info("starting %s", settings.describe())
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from router.connection import RedisSettings
-from taskmux.config import PREFIX, SettingsError, env_int, env_str
+from taskmux.config import SettingsError, env_int, env_str
 from taskmux.tracing import TraceSettings
 
 
@@ -127,20 +127,13 @@ class GatewaySettings:
         return "mtls" if self.tls_client_ca_file else "tls"
 
 
-# Full names, so that the k8s checks (k8s/tools/common.py) find them as literals.
-SECURITY_SETTINGS = (
-    "TASKMUX_TLS_CERT_FILE",
-    "TASKMUX_TLS_KEY_FILE",
-    "TASKMUX_TLS_CLIENT_CA_FILE",
-    "TASKMUX_API_KEYS_FILE",
-)
-
-
 def _security_from_env(env: Mapping[str, str]) -> dict[str, str]:
     """The TLS and API-key settings, checked for consistency."""
     values = {
-        name.removeprefix(PREFIX).lower(): env_str(env, name.removeprefix(PREFIX), "")
-        for name in SECURITY_SETTINGS
+        "tls_cert_file": env_str(env, "TLS_CERT_FILE", ""),
+        "tls_key_file": env_str(env, "TLS_KEY_FILE", ""),
+        "tls_client_ca_file": env_str(env, "TLS_CLIENT_CA_FILE", ""),
+        "api_keys_file": env_str(env, "API_KEYS_FILE", ""),
     }
     if bool(values["tls_cert_file"]) != bool(values["tls_key_file"]):
         raise SettingsError("set both TASKMUX_TLS_CERT_FILE and TASKMUX_TLS_KEY_FILE, or neither")

@@ -23,8 +23,6 @@ from taskmux.tracing import Tracing, status_of
 
 SERVICE: Final = "taskmux.v1.TaskMux"
 MAX_ATTRIBUTE_CHARS: Final = 128
-# Read by taskmux.tracing.TraceSettings.from_env; named here for the manifest checks.
-TRACE_SETTINGS = ("TASKMUX_TRACE_EXPORTER", "TASKMUX_TRACE_ENDPOINT", "TASKMUX_TRACE_SAMPLE_RATIO")
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 

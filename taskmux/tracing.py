@@ -34,12 +34,6 @@ from opentelemetry.util.types import Attributes
 from taskmux.config import SettingsError, env_float, env_str, redact_url
 
 EXPORTERS: Final = ("none", "otlp", "console")
-# The variables TraceSettings.from_env reads (the k8s checks look for these names).
-SETTINGS_NAMES: Final = (
-    "TASKMUX_TRACE_EXPORTER",
-    "TASKMUX_TRACE_ENDPOINT",
-    "TASKMUX_TRACE_SAMPLE_RATIO",
-)
 TRACEPARENT: Final = "traceparent"
 # A span's export may wait this long at shutdown; a collector that is down must not hold
 # up a process that was asked to stop.

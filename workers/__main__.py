@@ -80,13 +80,9 @@ async def run_with_drain_limit(
         await cancel_and_wait(task)
 
 
-# Read by taskmux.logs.configure_from_env; named here for the manifest checks.
-LOG_SETTINGS = ("TASKMUX_LOG_LEVEL", "TASKMUX_LOG_FORMAT", "TASKMUX_LOG_TEXTS")
-
-
 def main() -> int:
     """Process entry point."""
-    configure_from_env(os.environ, default_format="json")  # reads LOG_SETTINGS
+    configure_from_env(os.environ, default_format="json")
     settings = settings_from_environ()
     log.info("starting %s", settings.describe())
 

@@ -31,8 +31,6 @@ from taskmux.tracing import Tracing, parent_context, status_of
 from workers.compute import BatchResult
 from workers.consumer import Pulled
 
-# Read by taskmux.tracing.TraceSettings.from_env; named here for the manifest checks.
-TRACE_SETTINGS = ("TASKMUX_TRACE_EXPORTER", "TASKMUX_TRACE_ENDPOINT", "TASKMUX_TRACE_SAMPLE_RATIO")
 MS: Final = 1_000_000  # nanoseconds
 UNAVAILABLE: Final = grpc.StatusCode.UNAVAILABLE
 

@@ -23,8 +23,9 @@ SETTINGS_PREFIX = "TASKMUX_"
 COMPONENT_SETTINGS = {"gateway": "gateway/settings.py", "worker": "workers/settings.py"}
 COMPONENT_PACKAGES = {"gateway": "gateway", "worker": "workers"}
 # Settings both components embed (the Redis connection, router/connection.py).
-SHARED_SETTINGS = ("router/connection.py",)
-ENV_READERS = {"env_str", "env_int", "env_list", "env_secret"}
+# Settings both components read, through env_* calls or TASKMUX_* literals.
+SHARED_SETTINGS = ("router/connection.py", "taskmux/tracing.py", "taskmux/logs.py")
+ENV_READERS = {"env_str", "env_int", "env_float", "env_list", "env_secret"}
 
 Obj = dict[str, Any]
 
@@ -119,7 +120,7 @@ def settings_names(component_name: str) -> dict[str, str | None]:
 
     Names come from the env_* calls of its settings module and the shared ones (an
     env_secret NAME also reads NAME_FILE), plus any "TASKMUX_..." string literal in its
-    package (e.g. TASKMUX_LOG_LEVEL in __main__).
+    package or a shared module (e.g. TASKMUX_LOG_LEVEL in taskmux/logs.py).
     """
     names: dict[str, str | None] = {}
     defaults = _dataclass_defaults(_parse(COMPONENT_SETTINGS[component_name]))
@@ -137,8 +138,9 @@ def settings_names(component_name: str) -> dict[str, str | None]:
                 names[SETTINGS_PREFIX + suffix] = defaults.get(suffix.lower())
                 if node.func.id == "env_secret":
                     names[f"{SETTINGS_PREFIX}{suffix}_FILE"] = None
-    for module in sorted((ROOT / COMPONENT_PACKAGES[component_name]).glob("*.py")):
-        for node in ast.walk(_parse(str(module.relative_to(ROOT)))):
+    package = sorted((ROOT / COMPONENT_PACKAGES[component_name]).glob("*.py"))
+    for module in [*(str(m.relative_to(ROOT)) for m in package), *SHARED_SETTINGS]:
+        for node in ast.walk(_parse(module)):
             if (
                 isinstance(node, ast.Constant)
                 and isinstance(node.value, str)
