@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from gateway.errors import PermissionDenied, TaskmuxError, Unauthenticated, Undecodable
+from gateway.errors import PermissionDenied, TaskmuxError, Unauthenticated, Undecodable, abort
 from gateway.limits import TenantLimits
 from gateway.plans import EMBED_HEAD, ENTITIES_HEAD, SIMILARITY_HEAD, ZERO_SHOT_HEAD
 from taskmux.config import SettingsError
@@ -194,10 +194,6 @@ def request_heads(request: object) -> list[str]:
     return []
 
 
-async def _abort(context: Ctx, err: TaskmuxError) -> None:
-    await context.abort(err.code, err.message, err.trailing_metadata())
-
-
 class ApiKeyInterceptor(_Interceptor):
     """Authenticate every TaskMux call by its key, and check each request's heads."""
 
@@ -223,7 +219,7 @@ class ApiKeyInterceptor(_Interceptor):
                 if not isinstance(request, Undecodable):
                     tenant.check_heads(request_heads(request))
             except TaskmuxError as err:
-                await _abort(context, err)
+                await abort(context, err)
             return tenant
 
         if handler.unary_unary is not None:

@@ -30,7 +30,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -178,6 +178,12 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 Handler = Callable[[Svc, Req, Ctx], Awaitable[Resp]]
 
 
+async def abort(context: Ctx, err: TaskmuxError, echo: Metadata = ()) -> NoReturn:
+    """End the call with `err`'s status, message and trailers (a retry hint, say)."""
+    await context.abort(err.code, err.message, echo + err.trailing_metadata())
+    raise AssertionError("unreachable: context.abort raises")
+
+
 def grpc_status(handler: Handler[Svc, Req, Resp]) -> Handler[Svc, Req, Resp]:
     """Turn a handler's TaskmuxError (or unexpected exception) into its gRPC status."""
 
@@ -189,7 +195,7 @@ def grpc_status(handler: Handler[Svc, Req, Resp]) -> Handler[Svc, Req, Resp]:
                 raise request.error()
             return await handler(self, request, context)
         except TaskmuxError as err:
-            await context.abort(err.code, err.message, echo + err.trailing_metadata())
+            await abort(context, err, echo)
         except grpc.aio.AbortError:
             raise
         except Exception:
@@ -215,7 +221,7 @@ def grpc_status_stream(handler: StreamHandler[Svc, Req, Resp]) -> StreamHandler[
             async for item in handler(self, request, context):
                 yield item
         except TaskmuxError as err:
-            await context.abort(err.code, err.message, echo + err.trailing_metadata())
+            await abort(context, err, echo)
         except grpc.aio.AbortError:
             raise
         except Exception:
