@@ -54,8 +54,8 @@ async def serve(
         redis = connect(settings.redis, block_ms=READ_BLOCK_MS)
         stack.push_async_callback(redis.aclose)
         health = Health(("", SERVICE_NAME))
-        if settings.health_addr:
-            await _serve_probes(stack, health, settings.health_addr)
+        if settings.health_addr:  # entered early, so it stops after the API drains
+            await stack.enter_async_context(health.serving_alone(settings.health_addr))
         replies = await stack.enter_async_context(
             ReplyRouter(redis, settings.gateway_id, ttl_s=settings.reply_ttl_s)
         )
@@ -102,17 +102,6 @@ async def serve(
         log.info("stopping: NOT_SERVING, draining for up to %ds", settings.drain_timeout_s)
         await health.stop()
         await server.stop(settings.drain_timeout_s)
-
-
-async def _serve_probes(stack: AsyncExitStack, health: Health, addr: str) -> None:
-    """Health alone, in plaintext on a port of its own: kubelet's gRPC probes cannot
-    speak TLS, and the API port may require it. Stopped last, after the API drains."""
-    probes = grpc.aio.server()
-    health.add_to(probes)
-    port = probes.add_insecure_port(addr)
-    await probes.start()
-    stack.push_async_callback(probes.stop, None)
-    log.info("health service on port %d (plaintext, health only)", port)
 
 
 HANDLER_FACTORIES = {

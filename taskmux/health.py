@@ -10,11 +10,15 @@ Gateways also report readiness under their API's name, "taskmux.v1.TaskMux".
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
+
+log = logging.getLogger(__name__)
 
 LIVENESS = "liveness"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -47,3 +51,18 @@ class Health:
     def add_to(self, server: grpc.aio.Server) -> None:
         """Serve the health service on `server`."""
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
+
+    @contextlib.asynccontextmanager
+    async def serving_alone(self, addr: str) -> AsyncIterator[int]:
+        """Serve health alone, in plaintext on `addr`, for the block (yields the port):
+        the worker's only port, and the gateway's probe port, since kubelet's gRPC
+        probes cannot speak the TLS its API port may require."""
+        server = grpc.aio.server()
+        self.add_to(server)
+        port = server.add_insecure_port(addr)
+        await server.start()
+        log.info("health service on port %d (plaintext, health only)", port)
+        try:
+            yield port
+        finally:
+            await server.stop(1)

@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 
-import grpc
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from router.connection import connect
@@ -35,33 +34,28 @@ async def serve(
     """
     health = Health()
     await health.start()
-    probe_server = grpc.aio.server()
-    health.add_to(probe_server)
-    port = probe_server.add_insecure_port(settings.health_addr)
-    await probe_server.start()
-    log.info("health service on port %d", port)
-    try:
-        model = await asyncio.to_thread(LoadedModel.load, settings)
-        redis = connect(settings.redis, block_ms=settings.block_ms)
+    async with health.serving_alone(settings.health_addr):
         try:
-            log.info("serving heads %s on %s", sorted(model.heads), model.encoder.provider)
-            tracing = Tracing(
-                settings.trace,
-                service="taskmux-worker",
-                instance=settings.worker_id,
-                exporter=span_exporter,
-            )
-            worker = Worker(settings, model, redis, health, tracing)
-            with tracing, metrics_endpoint(settings.metrics_addr, worker.metrics.registry):
-                async with BacklogSampler(
-                    redis, worker.metrics, lambda: [*worker.model.heads, ANALYZE_STREAM_HEAD]
-                ):
-                    await run_with_drain_limit(worker, stop, settings)
+            model = await asyncio.to_thread(LoadedModel.load, settings)
+            redis = connect(settings.redis, block_ms=settings.block_ms)
+            try:
+                log.info("serving heads %s on %s", sorted(model.heads), model.encoder.provider)
+                tracing = Tracing(
+                    settings.trace,
+                    service="taskmux-worker",
+                    instance=settings.worker_id,
+                    exporter=span_exporter,
+                )
+                worker = Worker(settings, model, redis, health, tracing)
+                with tracing, metrics_endpoint(settings.metrics_addr, worker.metrics.registry):
+                    async with BacklogSampler(
+                        redis, worker.metrics, lambda: [*worker.model.heads, ANALYZE_STREAM_HEAD]
+                    ):
+                        await run_with_drain_limit(worker, stop, settings)
+            finally:
+                await redis.aclose()
         finally:
-            await redis.aclose()
-    finally:
-        await health.stop()
-        await probe_server.stop(1)
+            await health.stop()
 
 
 async def run_with_drain_limit(
