@@ -111,7 +111,9 @@ GATEWAY = AclUser(
 
 WORKER = AclUser(
     name="taskmux-worker",
-    keyless=CONNECTION_COMMANDS,
+    # MULTI/EXEC: replies and acknowledgements are written as one transaction
+    # (workers/consumer.py `finish`); the commands inside are checked like direct ones.
+    keyless=(*CONNECTION_COMMANDS, "multi", "exec"),
     grants=(
         # Consuming job streams (workers/consumer.py), including reclaiming a dead
         # worker's entries (XAUTOCLAIM, XPENDING) and keeping its own (XCLAIM JUSTID);

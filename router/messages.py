@@ -137,6 +137,7 @@ class Job:
             raise MalformedMessage("job needs an id, a reply_to, texts and top_k >= 0")
         if not is_reply_stream(job.reply_to):
             raise MalformedMessage(f"reply_to {job.reply_to!r} is not a reply stream")
+        _check_params(job)
         return job
 
 
@@ -270,6 +271,24 @@ def _params(fields: Fields) -> dict[str, Any]:
     if not isinstance(params, dict):
         raise MalformedMessage("field 'params' must be a JSON object")
     return params
+
+
+def _check_params(job: Job) -> None:
+    """The parameters each kind needs (see the Job fields above), so that a job that
+    decodes can be computed."""
+    if job.kind == KIND_ZERO_SHOT:
+        if not _strings(job.params.get("labels")):
+            raise MalformedMessage("a zero_shot job needs params.labels, a list of strings")
+        if not isinstance(job.params.get("template", ""), str):
+            raise MalformedMessage("params.template of a zero_shot job must be a string")
+    elif job.kind == KIND_ANALYZE and not _strings(job.params.get("heads")):
+        raise MalformedMessage("an analyze job needs params.heads, a list of strings")
+    elif job.kind == KIND_SIMILARITY and len(job.texts) < 2:
+        raise MalformedMessage("a similarity job needs a query and at least one candidate")
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
 
 
 def _check_version(fields: Fields) -> None:

@@ -17,7 +17,7 @@ from tokenizers import Encoding
 from router.messages import ANALYZE_STREAM_HEAD, KIND_ANALYZE, Job, Reply
 from workers.encoder import EncodeStats, l2_normalize
 from workers.model import LoadedModel
-from workers.tasks import ANALYZABLE, KIND_OF_JOB, BatchView, answer, texts_needed
+from workers.tasks import ANALYZABLE, KIND_OF_JOB, BatchView, Needs, answer, texts_needed
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,10 @@ class BatchResult:
     encode_s: float = 0.0  # time in the encoder
     heads_s: float = 0.0  # time in the heads
     started_ns: int = 0  # wall clock when the encoder started, for trace spans
+    # Per reply: why its job goes to the dead letters ("" for none). A job that decodes
+    # but cannot be computed (bad parameters, a head that fails on it) is answered at
+    # once and kept there for an operator, never retried.
+    problems: tuple[str, ...] = ()
 
 
 def compute(
@@ -47,19 +51,26 @@ def compute(
     """One reply per job. Expired and invalid jobs are answered without the encoder."""
     now = int(time.time() * 1000) if now_ms is None else now_ms
     replies: list[Reply | None] = [_refusal(model, job, now) for job in jobs]
+    problems = [""] * len(jobs)
     deadline_code = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
     expired = sum(1 for r in replies if r is not None and r.code == deadline_code)
-    live = [i for i, r in enumerate(replies) if r is None]
+    needs: dict[int, Needs] = {}
+    for i, reply in enumerate(replies):
+        if reply is None:
+            try:
+                needs[i] = texts_needed(model, jobs[i])
+            except Exception as err:  # a job's parameters must never fail the batch
+                problems[i] = f"parameters cannot be computed: {type(err).__name__}: {err}"
+                replies[i] = _error(jobs[i], grpc.StatusCode.INVALID_ARGUMENT, problems[i])
     stats = None
     results = 0
     encode_s = heads_s = 0.0
     started_ns = 0
-    if live:
-        needs = [texts_needed(model, jobs[i]) for i in live]
+    if needs:
         # Identical texts are encoded once, whichever jobs and heads they came from.
-        unique = list(dict.fromkeys(t for need in needs for t in need.texts))
+        unique = list(dict.fromkeys(t for need in needs.values() for t in need.texts))
         row_of = {text: row for row, text in enumerate(unique)}
-        token_rows = {row_of[t] for need in needs for t in need.token_texts}
+        token_rows = {row_of[t] for need in needs.values() for t in need.token_texts}
         start, started_ns = time.perf_counter(), time.time_ns()
         try:
             encoded = model.encoder.encode_full(
@@ -73,18 +84,36 @@ def compute(
             stats = encoded.stats
         except Exception:
             log.exception("encoder failed on a batch of %d texts", len(unique))
-            for i in live:
+            for i in needs:
                 replies[i] = _error(jobs[i], grpc.StatusCode.INTERNAL, "encoder failed")
         else:
             encode_s = time.perf_counter() - start
-            for i in live:
-                replies[i], delivered = answer(model, jobs[i], view)
+            for i in needs:
+                replies[i], delivered, problems[i] = _answer(model, jobs[i], view)
                 results += delivered
             heads_s = time.perf_counter() - start - encode_s
     done = [r for r in replies if r is not None]
     return BatchResult(
-        done, stats, expired, results, encode_s=encode_s, heads_s=heads_s, started_ns=started_ns
+        done,
+        stats,
+        expired,
+        results,
+        encode_s=encode_s,
+        heads_s=heads_s,
+        started_ns=started_ns,
+        problems=tuple(problems),
     )
+
+
+def _answer(model: LoadedModel, job: Job, view: BatchView) -> tuple[Reply, int, str]:
+    """The job's reply, its head results and, if its head failed on it, why."""
+    try:
+        body, results = answer(model, job, view)
+    except Exception as err:
+        log.exception("%s job %s on head %s failed", job.kind, job.id, job.head)
+        problem = f"head {job.head!r} failed: {type(err).__name__}"
+        return _error(job, grpc.StatusCode.INTERNAL, problem), 0, problem
+    return Reply(id=job.id, code=0, body=body), results, ""
 
 
 def _refusal(model: LoadedModel, job: Job, now_ms: int) -> Reply | None:

@@ -62,14 +62,15 @@ class JobStreams:
                 if "BUSYGROUP" not in str(err):
                     raise
 
-    async def read(self) -> list[Pulled]:
-        """New entries from all streams in one XREADGROUP; empty after `block_ms` idle."""
+    async def read(self, count: int) -> list[Pulled]:
+        """Up to `count` new entries from each stream in one XREADGROUP; empty after
+        `block_ms` idle."""
         try:
             response = await self._redis.xreadgroup(
                 keys.WORKER_GROUP,
                 self._consumer,
                 dict.fromkeys(self._streams, ">"),
-                count=self._read_count,
+                count=min(count, self._read_count),
                 block=self._block_ms,
             )
         except ResponseError as err:
@@ -85,37 +86,53 @@ class JobStreams:
             for entry_id, fields in entries
         ]
 
-    async def reclaim(self, min_idle_ms: int, count: int) -> list[tuple[Pulled, int]]:
-        """Entries other consumers left pending past `min_idle_ms`, now ours, each with
-        its delivery count (XAUTOCLAIM, then XPENDING for the counts)."""
+    async def reclaim(self, min_idle_ms: int, limit: int) -> tuple[list[tuple[Pulled, int]], bool]:
+        """Up to `limit` entries other consumers left pending past `min_idle_ms`, now ours,
+        each with its delivery count; and whether more may be left to take.
+
+        XAUTOCLAIM walks each stream's pending list with a cursor, so however many entries
+        a dead worker held, repeated calls take them all over; XPENDING gives the counts.
+        """
         claimed: list[tuple[Pulled, int]] = []
         for stream in self._streams:
-            response = await self._redis.xautoclaim(
-                stream, keys.WORKER_GROUP, self._consumer, min_idle_ms, "0-0", count=count
-            )
-            entries = [(i, f) for i, f in response[1] if f]
-            if not entries:
-                continue
-            pending = await self._redis.xpending_range(
-                stream,
-                keys.WORKER_GROUP,
-                min=entries[0][0],
-                max=entries[-1][0],
-                count=len(entries) * 2,
-                consumername=self._consumer,
-            )
-            deliveries = {p["message_id"]: int(p["times_delivered"]) for p in pending}
-            for entry_id, fields in entries:
-                claimed.append((_decode(stream, entry_id, fields), deliveries.get(entry_id, 1)))
-        return claimed
+            cursor: bytes | str = "0-0"
+            while len(claimed) < limit:
+                count = min(self._read_count, limit - len(claimed))
+                response = await self._redis.xautoclaim(
+                    stream, keys.WORKER_GROUP, self._consumer, min_idle_ms, cursor, count=count
+                )
+                cursor = response[0]
+                claimed += await self._with_deliveries(stream, response[1])
+                if cursor in (b"0-0", "0-0"):
+                    break
+            if len(claimed) >= limit:
+                return claimed, True
+        return claimed, False
 
-    async def touch(self, held: dict[str, set[bytes]]) -> None:
+    async def _with_deliveries(
+        self, stream: str, response: list[tuple[bytes, Fields]]
+    ) -> list[tuple[Pulled, int]]:
+        # Entries deleted while pending come back without fields: nothing to do for them.
+        entries = [(i, f) for i, f in response if f]
+        if not entries:
+            return []
+        pending = await self._redis.xpending_range(
+            stream,
+            keys.WORKER_GROUP,
+            min=entries[0][0],
+            max=entries[-1][0],
+            count=len(entries) * 2,
+            consumername=self._consumer,
+        )
+        deliveries = {p["message_id"]: int(p["times_delivered"]) for p in pending}
+        return [(_decode(stream, i, f), deliveries.get(i, 1)) for i, f in entries]
+
+    async def touch(self, held: dict[str, list[bytes]]) -> None:
         """Reset the idle time of entries still being worked on, so none is reclaimed
         from under us (XCLAIM ... JUSTID does not count as a delivery)."""
         pipe = self._redis.pipeline(transaction=False)
         for stream, ids in held.items():
-            if ids:
-                pipe.xclaim(stream, keys.WORKER_GROUP, self._consumer, 0, list(ids), justid=True)
+            pipe.xclaim(stream, keys.WORKER_GROUP, self._consumer, 0, list(ids), justid=True)
         await pipe.execute()
 
     async def add_counters(self, counters: dict[str, int]) -> None:
@@ -127,45 +144,71 @@ class JobStreams:
         pipe.expire(stats, keys.WORKER_STATS_TTL_S)
         await pipe.execute()
 
-    async def finish(self, done: Sequence[tuple[Pulled, Reply | None]]) -> None:
-        """Write each reply, then acknowledge and delete its entry, in one round trip."""
-        pipe = self._redis.pipeline(transaction=False)
-        for pulled, reply in done:
-            if reply is not None and pulled.job is not None:
+    async def finish(self, done: Sequence[Finished]) -> None:
+        """Write each reply (and dead letter), then acknowledge and delete each entry, as
+        one transaction: if Redis refuses any write (e.g. out of memory under
+        `noeviction`), nothing is acknowledged and the entries stay pending with us."""
+        pipe = self._redis.pipeline(transaction=True)
+        for f in done:
+            if f.problem:
                 pipe.xadd(
-                    pulled.job.reply_to,
-                    reply.encode(),  # type: ignore[arg-type]
+                    keys.DEAD_LETTER_STREAM,
+                    _dead_letter_record(f),  # type: ignore[arg-type]
+                    maxlen=keys.DEAD_LETTER_MAXLEN,
+                    approximate=True,
+                )
+            address = f.reply_stream()
+            if f.reply is not None and address is not None:
+                pipe.xadd(
+                    address,
+                    f.reply.encode(),  # type: ignore[arg-type]
                     maxlen=keys.REPLY_STREAM_MAXLEN,
                     approximate=True,
                     nomkstream=True,
                 )
-        for pulled, _ in done:
-            pipe.xack(pulled.stream, keys.WORKER_GROUP, pulled.entry_id)
-            pipe.xdel(pulled.stream, pulled.entry_id)
+        for f in done:
+            pipe.xack(f.pulled.stream, keys.WORKER_GROUP, f.pulled.entry_id)
+            pipe.xdel(f.pulled.stream, f.pulled.entry_id)
         await pipe.execute()
 
-    async def dead_letter(self, pulled: Pulled, reply: Reply | None) -> None:
-        """Move an undecodable entry to the dead-letter stream, answering its caller if known."""
-        raw = pulled.raw or {}
-        record: dict[bytes | str, bytes | str] = {
-            "stream": pulled.stream,
-            "entry_id": pulled.entry_id,
-            "reason": pulled.problem,
-        }
-        record.update({b"field:" + k: v for k, v in raw.items()})
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.xadd(
-            keys.DEAD_LETTER_STREAM,
-            record,  # type: ignore[arg-type]
-            maxlen=keys.DEAD_LETTER_MAXLEN,
-            approximate=True,
-        )
-        address = reply_address(raw)
-        if reply is not None and address is not None:
-            pipe.xadd(address[1], reply.encode(), nomkstream=True)  # type: ignore[arg-type]
-        pipe.xack(pulled.stream, keys.WORKER_GROUP, pulled.entry_id)
-        pipe.xdel(pulled.stream, pulled.entry_id)
+    async def acknowledge(self, pulled: Sequence[Pulled]) -> None:
+        """Acknowledge and delete entries without a reply (their callers have gone).
+        XACK and XDEL free memory, so Redis accepts them even when it is full."""
+        pipe = self._redis.pipeline(transaction=True)
+        for p in pulled:
+            pipe.xack(p.stream, keys.WORKER_GROUP, p.entry_id)
+            pipe.xdel(p.stream, p.entry_id)
         await pipe.execute()
+
+
+@dataclass(frozen=True)
+class Finished:
+    """What becomes of one held entry: its reply, and a reason if it is dead-lettered."""
+
+    pulled: Pulled
+    reply: Reply | None
+    problem: str = ""  # set: the entry goes to the dead-letter stream with this reason
+
+    def reply_stream(self) -> str | None:
+        """Where its caller waits: the job's reply_to, or what a broken entry names."""
+        if self.pulled.job is not None:
+            return self.pulled.job.reply_to
+        address = reply_address(self.pulled.raw or {})
+        return None if address is None else address[1]
+
+    def deadline_ms(self) -> int | None:
+        """The job's deadline; None for an entry too broken to have one."""
+        return None if self.pulled.job is None else self.pulled.job.deadline_ms
+
+
+def _dead_letter_record(f: Finished) -> dict[bytes | str, bytes | str]:
+    record: dict[bytes | str, bytes | str] = {
+        "stream": f.pulled.stream,
+        "entry_id": f.pulled.entry_id,
+        "reason": f.problem,
+    }
+    record.update({b"field:" + k: v for k, v in (f.pulled.raw or {}).items()})
+    return record
 
 
 def _decode(stream: str, entry_id: bytes, fields: Fields) -> Pulled:

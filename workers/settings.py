@@ -41,14 +41,18 @@ class WorkerSettings:
     max_batch_tokens: int = 16384
     # Most texts in one encoder call.
     max_batch_rows: int = 256
-    # Longest a batch waits for more work after its first item arrived; lower trades
-    # throughput for latency.
-    max_wait_ms: int = 5
+    # Longest a batch waits for more work, once the encoder is free, after its first job
+    # arrived. 0 starts at once: under load, jobs that arrive while the encoder runs form
+    # the next batch anyway, so waiting only adds latency; raise it for fuller batches
+    # at light load (a GPU with a large fixed cost per call).
+    max_wait_ms: int = 0
     # Relative share of batch rows per head under contention, e.g. "intent=4,embed=1";
     # heads not named weigh 1. No head starves, whatever the weights.
     task_weights: tuple[tuple[str, int], ...] = ()
-    # Pulled batches waiting for the encoder; more hides Redis latency, holds more work.
-    prefetch_batches: int = 2
+    # Texts a worker may hold pulled and unanswered, in batches of max_batch_rows (the
+    # batch computing included). 1 keeps the backlog in the streams, where every worker
+    # and the autoscaler see it; raise it only if the encoder idles between batches.
+    prefetch_batches: int = 1
     # Pending entries idle this long belong to a dead or stuck worker and are reclaimed
     # (XAUTOCLAIM); live workers refresh what they hold well before that.
     claim_idle_ms: int = 30_000

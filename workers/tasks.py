@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-import grpc
 import numpy as np
 from tokenizers import Encoding
 
@@ -23,7 +22,6 @@ from router.messages import (
     KIND_SIMILARITY,
     KIND_ZERO_SHOT,
     Job,
-    Reply,
     pack_messages,
 )
 from taskmux.modelrepo.manifest import (
@@ -99,15 +97,10 @@ def texts_needed(model: LoadedModel, job: Job) -> Needs:
     return Needs(job.texts, job.texts if wants_tokens else ())
 
 
-def answer(model: LoadedModel, job: Job, view: BatchView) -> tuple[Reply, int]:
-    """The job's reply and how many head results it carries; a failure fails this job only."""
-    try:
-        body, results = _BUILDERS[job.kind](model, job, view)
-    except Exception:
-        log.exception("%s job %s on head %s failed", job.kind, job.id, job.head)
-        code = grpc.StatusCode.INTERNAL.value[0]
-        return Reply(id=job.id, code=code, message=f"head {job.head!r} failed"), 0
-    return Reply(id=job.id, code=0, body=body), results
+def answer(model: LoadedModel, job: Job, view: BatchView) -> tuple[bytes, int]:
+    """The job's serialized response and how many head results it carries; raises if
+    its head cannot compute it (the caller fails this job only)."""
+    return _BUILDERS[job.kind](model, job, view)
 
 
 def _embed(model: LoadedModel, job: Job, view: BatchView) -> tuple[bytes, int]:

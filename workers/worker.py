@@ -1,14 +1,22 @@
-"""The worker's pipeline: pull, batch, compute and publish overlap as owned tasks.
+"""The worker's pipeline: pull, batch and compute, publish, with bounded holding.
 
-    pull loop ─(inbox)─> batch loop ─(1 batch)─> compute loop ─(queue)─> publish loop
-    XREADGROUP over      Scheduler: token       encoder + heads       XADD replies,
-    every task stream,   budget, row cap,       on a thread, never    XACK, XDEL,
-    tokenize (thread)    wait, fairness,        the event loop        counters
-                         expired jobs out
+    pull loop ──(inbox)──> batch loop ──(outbox)──> publish loop
+    XREADGROUP, XAUTOCLAIM     Scheduler: cuts a batch     one MULTI per batch: reply
+    while HeldWork has room;   when the encoder is free,   XADDs, dead letters, XACK,
+    tokenize                   runs it on a thread         XDEL; retried until written
 
-While the encoder runs batch N, batch N+1 is being formed from jobs already pulled and
-tokenized, and batch N-1's replies are being written. Stopping is staged: the pull loop
-stops taking work, and each later stage finishes what it holds before it ends.
+One bound governs the whole pipeline: a job counts against `HeldWork` from its pull
+until its reply is written, and the pull loop is the only place that waits for room, so
+the inbox and outbox need no bounds of their own and a backlog stays in the streams,
+where every worker can take it. The batch loop owns the scheduler and the encoder: it
+cuts the next batch the moment the previous one is computed (TEI's batching task:
+reserve the compute slot, then cut), so jobs that arrive while the encoder runs form the
+next batch. Replies and acknowledgements are one transaction: a reply Redis refuses
+(down, or full under `noeviction`) leaves its job pending here, and the publish loop
+retries it until Redis takes it or every caller of the batch has passed its deadline.
+Stopping is staged: on `stop` health turns NOT_SERVING, the pull loop stops and each
+later stage finishes what it holds; nothing awaits in a `finally`, so a drain that runs
+out of time ends at once when cancelled.
 """
 
 from __future__ import annotations
@@ -19,9 +27,8 @@ import dataclasses
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +42,8 @@ from taskmux.health import Health
 from taskmux.tracing import Tracing
 from workers.batcher import Item, Scheduler
 from workers.compute import BatchResult, compute
-from workers.consumer import JobStreams, Pulled
+from workers.consumer import Finished, JobStreams, Pulled
+from workers.held import HeldWork
 from workers.metrics import WorkerMetrics
 from workers.model import LoadedModel
 from workers.reload import manifest_stamp, reload_heads
@@ -45,9 +53,12 @@ from workers.tracing import JobSpans
 log = logging.getLogger(__name__)
 
 BACKOFF_START_S = 0.1
+BACKOFF_MAX_S = 5.0
+# Replies wait for Redis to come back; retry often, so they land soon after it does.
+PUBLISH_BACKOFF_MAX_S = 0.5
 INLINE_TOKENIZE_CHARS = 2_000
 STATS_FLUSH_S = 0.5
-BACKOFF_MAX_S = 5.0
+RECLAIM_MAX_JOBS = 1_024
 
 
 @dataclass
@@ -66,6 +77,14 @@ class WorkerStats:
     reclaimed: int = 0
     dead_lettered: int = 0
     redis_reconnects: int = 0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the publish loop writes for one batch (or for entries answered without one)."""
+
+    finished: list[Finished]
+    result: BatchResult | None = None
 
 
 class Worker:
@@ -93,54 +112,56 @@ class Worker:
             read_count=settings.read_count,
             block_ms=settings.block_ms,
         )
-        self._inbox: asyncio.Queue[list[Item] | None] = asyncio.Queue(
-            maxsize=settings.prefetch_batches
-        )
-        # One batch waits while the encoder runs the previous one.
-        self._to_compute: asyncio.Queue[list[Item] | None] = asyncio.Queue(maxsize=1)
+        self.held = HeldWork(settings.prefetch_batches * settings.max_batch_rows)
+        # Unbounded on purpose: what they carry is bounded by `held`.
+        self._inbox: asyncio.Queue[list[Item] | None] = asyncio.Queue()
+        self._outbox: asyncio.Queue[Outcome | None] = asyncio.Queue()
         self._catalog_changed = asyncio.Event()
-        self._held: dict[str, set[bytes]] = {}
         self._published_all = asyncio.Event()
         self._unflushed: Counter[str] = Counter()  # counters not yet in Redis
-        self._computing = False
-        self._encoder_free = asyncio.Event()  # entries pulled and not yet acknowledged
-        self._to_publish: asyncio.Queue[tuple[list[Pulled], BatchResult] | None] = asyncio.Queue(
-            maxsize=2
-        )
+        self._draining = False
+        self._active_streams = 1  # streams that had work in the last pull
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then finish and acknowledge what was pulled."""
         await self._retry(self._streams.ensure_groups, stop)
         async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._not_ready_on_stop(stop))
             tasks.create_task(self._catalog_loop(stop))
             if self.settings.reload_interval_ms:
                 tasks.create_task(self._reload_loop(stop))
             tasks.create_task(self._pull_loop(stop))
             tasks.create_task(self._batch_loop())
-            tasks.create_task(self._compute_loop())
             tasks.create_task(self._publish_loop())
             tasks.create_task(self._keepalive_loop())
             tasks.create_task(self._stats_loop())
         log.info("worker stopped: %s", self.stats)
 
+    async def _not_ready_on_stop(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self._draining = True
+        await self._set_ready(False)
+
+    # --- pulling ---------------------------------------------------------------------
+
     async def _pull_loop(self, stop: asyncio.Event) -> None:
         backoff = BACKOFF_START_S
-        # Reclaiming runs here, between reads, so one coroutine feeds the inbox and
-        # closes it on shutdown.
         recover_every_s = self.settings.claim_idle_ms / 3000
-        next_recovery = time.monotonic() + recover_every_s
+        next_recovery = time.monotonic()  # at start too: a restarted worker takes over
         try:
             while not stop.is_set():
+                if not self.held.room():
+                    await _until(stop, self.held.wait_for_room())
+                    continue
                 try:
                     if time.monotonic() >= next_recovery:
-                        await self._recover()
-                        next_recovery = time.monotonic() + recover_every_s
-                    pulled = await self._streams.read()
-                    self._hold(pulled)
-                    if backoff != BACKOFF_START_S:
-                        self.stats.redis_reconnects += 1
-                    backoff = BACKOFF_START_S
-                    await self._set_ready(True)
+                        more = await self._recover()
+                        # A dead worker's backlog is taken over as fast as room allows.
+                        next_recovery = time.monotonic() + (0 if more else recover_every_s)
+                        if more:
+                            continue
+                    count = self.held.jobs_to_ask(self._active_streams, self.settings.read_count)
+                    pulled = await self._streams.read(count)
                 except RedisError as err:
                     self.stats.redis_errors += 1
                     await self._set_ready(False)
@@ -148,22 +169,245 @@ class Worker:
                     await _sleep_or_stop(stop, backoff)
                     backoff = min(backoff * 2, BACKOFF_MAX_S)
                     continue
-                good = [p for p in pulled if p.job is not None]
-                self.metrics.pulled(good)
-                self._spans.pulled(good)
-                for bad in (p for p in pulled if p.job is None):
-                    await self._dead_letter(bad)
-                if good:
-                    # Small pulls are tokenized inline: a thread hop would cost more.
-                    chars = sum(len(t) for p in good if p.job for t in p.job.texts)
-                    if chars <= INLINE_TOKENIZE_CHARS:
-                        await self._inbox.put(self._measure(good))
-                    else:
-                        await self._inbox.put(await asyncio.to_thread(self._measure, good))
-                    # Let the batch loop hand this work on before the next read is built.
-                    await asyncio.sleep(0)
+                if backoff != BACKOFF_START_S:
+                    self.stats.redis_reconnects += 1
+                backoff = BACKOFF_START_S
+                await self._set_ready(True)
+                if pulled:
+                    self._active_streams = len({p.stream for p in pulled})
+                    await self._accept(pulled)
         finally:
-            await self._inbox.put(None)
+            self._inbox.put_nowait(None)
+
+    async def _accept(self, pulled: list[Pulled], *, alone: bool = False) -> None:
+        """Hold pulled entries; hand jobs to the batch loop, broken entries to publish."""
+        self.held.hold(pulled)
+        bad = [p for p in pulled if p.job is None]
+        if bad:
+            self._outbox.put_nowait(Outcome([self._undecodable(p) for p in bad]))
+        good = [p for p in pulled if p.job is not None]
+        if not good:
+            return
+        self.metrics.pulled(good)
+        self._spans.pulled(good)
+        # Small pulls are tokenized inline: a thread hop would cost more.
+        chars = sum(len(t) for p in good if p.job for t in p.job.texts)
+        if chars <= INLINE_TOKENIZE_CHARS:
+            items = self._measure(good)
+        else:
+            items = await asyncio.to_thread(self._measure, good)
+        if alone:
+            items = [dataclasses.replace(i, alone=True) for i in items]
+        self._inbox.put_nowait(items)
+        # Let the batch loop take this work before the next read is built.
+        await asyncio.sleep(0)
+
+    async def _recover(self) -> bool:
+        """Take over entries left idle too long by other consumers (dead or stuck), as
+        many as there is room for; True when more may be waiting."""
+        limit = self.held.jobs_to_ask(1, RECLAIM_MAX_JOBS)
+        claimed, more = await self._streams.reclaim(self.settings.claim_idle_ms, limit)
+        if not claimed:
+            return more
+        self.stats.reclaimed += len(claimed)
+        log.warning("reclaimed %d pending entries from stalled workers", len(claimed))
+        spent = [
+            (p, n) for p, n in claimed if p.job is not None and n > self.settings.max_deliveries
+        ]
+        if spent:
+            self.held.hold(p for p, _ in spent)
+            self._outbox.put_nowait(Outcome([self._give_up(p, n) for p, n in spent]))
+        retry = [p for p, n in claimed if p.job is None or n <= self.settings.max_deliveries]
+        # Retried work runs alone: a job that crashed a worker cannot fail healthy ones.
+        await self._accept(retry, alone=True)
+        return more
+
+    def _give_up(self, pulled: Pulled, deliveries: int) -> Finished:
+        """A job that keeps failing: dead-letter it and tell its caller."""
+        assert pulled.job is not None
+        self.stats.dead_lettered += 1
+        problem = f"delivered {deliveries} times without an answer; moved to the dead letters"
+        log.error("job %s in %s: %s", pulled.job.id, pulled.stream, problem)
+        self._spans.dead_lettered(pulled.job, problem)
+        code = grpc.StatusCode.INTERNAL.value[0]
+        return Finished(pulled, Reply(id=pulled.job.id, code=code, message=problem), problem)
+
+    def _undecodable(self, pulled: Pulled) -> Finished:
+        """An entry that is not a valid job: dead-letter it, answering its caller if known."""
+        self.stats.malformed += 1
+        self.stats.dead_lettered += 1
+        log.warning("malformed entry %s in %s: %s", pulled.entry_id, pulled.stream, pulled.problem)
+        address = None if pulled.raw is None else pulled.raw.get(b"id")
+        reply = Reply(
+            id=address.decode("utf-8", "replace") if address is not None else "",
+            code=grpc.StatusCode.INTERNAL.value[0],
+            message=f"the request could not be decoded by the worker: {pulled.problem}",
+        )
+        return Finished(pulled, reply, pulled.problem)
+
+    def _measure(self, pulled: list[Pulled]) -> list[Item]:
+        """Tokenize each job's texts (off the event loop) to know its size in tokens."""
+        tokenizer = self.model.encoder.tokenizer
+        now = time.monotonic()
+        start, start_ns = time.perf_counter(), time.time_ns()
+        items = []
+        for p in pulled:
+            assert p.job is not None
+            encodings = tuple(tokenizer.encode_batch(list(p.job.texts)))
+            longest = max((len(e.ids) for e in encodings), default=1)
+            items.append(Item(p, len(encodings), longest, now, encodings=encodings))
+        self.metrics.stage.labels("tokenize").observe(time.perf_counter() - start)
+        self._spans.stage("tokenize", (p.job for p in pulled if p.job is not None), start_ns)
+        return items
+
+    # --- batching and computing ------------------------------------------------------
+
+    async def _batch_loop(self) -> None:
+        s = self.settings
+        scheduler = Scheduler(
+            max_tokens=s.max_batch_tokens,
+            max_rows=s.max_batch_rows,
+            max_wait_s=s.max_wait_ms / 1000,
+            weights=dict(s.task_weights),
+        )
+        open_inbox = True
+        try:
+            while open_inbox or len(scheduler):
+                open_inbox = self._take_waiting(scheduler) and open_inbox
+                if not len(scheduler):
+                    if open_inbox:
+                        open_inbox = _add(scheduler, await self._inbox.get())
+                    continue
+                wait_s = scheduler.wait_left_s(time.monotonic()) or 0.0
+                if open_inbox and wait_s > 0 and not scheduler.full():
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(wait_s):
+                            open_inbox = _add(scheduler, await self._inbox.get())
+                    continue
+                batch = scheduler.take(int(time.time() * 1000))
+                if batch.expired:
+                    self._outbox.put_nowait(self._expired(batch.expired))
+                if batch.items:
+                    self._outbox.put_nowait(await self._compute(batch.items))
+        finally:
+            self._outbox.put_nowait(None)
+
+    def _take_waiting(self, scheduler: Scheduler) -> bool:
+        """Move what the inbox holds into the scheduler; False once the inbox is closed."""
+        while not self._inbox.empty():
+            if not _add(scheduler, self._inbox.get_nowait()):
+                return False
+        return True
+
+    async def _compute(self, items: list[Item]) -> Outcome:
+        batch = [i.pulled for i in items]
+        jobs = [p.job for p in batch if p.job is not None]
+        encodings = {
+            text: encoding
+            for i in items
+            if i.pulled.job is not None
+            for text, encoding in zip(i.pulled.job.texts, i.encodings, strict=False)
+        }
+        self.metrics.busy.set(1)
+        try:
+            result = await asyncio.to_thread(
+                compute,
+                self.model,
+                jobs,
+                max_batch_tokens=self.settings.max_batch_tokens,
+                max_batch_rows=self.settings.max_batch_rows,
+                encodings=encodings,
+            )
+        finally:
+            self.metrics.busy.set(0)
+        self._count(batch, result)
+        self.metrics.computed(result)
+        self._spans.computed(jobs, result)
+        problems = result.problems or ("",) * len(batch)
+        finished = [
+            Finished(p, r, problem)
+            for p, r, problem in zip(batch, result.replies, problems, strict=True)
+        ]
+        self.stats.dead_lettered += sum(1 for f in finished if f.problem)
+        return Outcome(finished, result)
+
+    def _expired(self, items: list[Item]) -> Outcome:
+        """Replies for jobs whose deadline passed while they waited: no encoder work."""
+        code = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+        finished = [
+            Finished(
+                i.pulled,
+                Reply(id=i.pulled.job.id, code=code, message="deadline passed while queued"),
+            )
+            for i in items
+            if i.pulled.job is not None
+        ]
+        self.stats.expired += len(finished)
+        replies = [f.reply for f in finished if f.reply is not None]
+        return Outcome(finished, BatchResult(replies, None, len(replies), 0))
+
+    # --- publishing ------------------------------------------------------------------
+
+    async def _publish_loop(self) -> None:
+        try:
+            while (outcome := await self._outbox.get()) is not None:
+                await self._publish(outcome)
+        finally:
+            self._published_all.set()
+
+    async def _publish(self, outcome: Outcome) -> None:
+        """Write the outcome, retrying until Redis takes it. Jobs stay held (and so
+        refreshed, never reclaimed) meanwhile, and the bound on held work stops pulling.
+        If Redis refuses and every caller has passed its deadline, acknowledging alone
+        is enough: nobody waits for those replies, and it frees memory."""
+        if outcome.result is not None:
+            self._add_counters(len(outcome.finished), outcome.result)
+        finished = outcome.finished
+        done = [(f.pulled, f.reply) for f in finished if f.reply is not None]
+        backoff = BACKOFF_START_S
+        start_ns = time.time_ns()
+        while True:
+            start = time.perf_counter()
+            try:
+                await self._write(finished)
+                break
+            except RedisError as err:
+                self.stats.redis_errors += 1
+                log.warning(
+                    "could not publish %d replies (%s); keeping them, retrying in %.1fs",
+                    len(finished),
+                    err,
+                    backoff,
+                )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, PUBLISH_BACKOFF_MAX_S)
+        self.metrics.stage.labels("reply").observe(time.perf_counter() - start)
+        self._spans.published(done, start_ns)
+        self.held.release(f.pulled for f in finished)
+
+    async def _write(self, finished: list[Finished]) -> None:
+        try:
+            await self._streams.finish(finished)
+        except RedisError:
+            if not _all_late(finished):
+                raise
+            await self._streams.acknowledge([f.pulled for f in finished])
+
+    def _add_counters(self, jobs: int, result: BatchResult) -> None:
+        encoded = result.encoded
+        self._unflushed.update(
+            {
+                "batches": 1,
+                "jobs": jobs,
+                "encoder_rows": encoded.rows if encoded else 0,
+                "head_results": result.results,
+                "expired": result.expired,
+                "real_tokens": encoded.real_tokens if encoded else 0,
+                "padded_tokens": encoded.padded_tokens if encoded else 0,
+            }
+        )
+
+    # --- background ------------------------------------------------------------------
 
     async def _stats_loop(self) -> None:
         """Flush the counters to Redis twice a second, off the reply path."""
@@ -181,221 +425,17 @@ class Worker:
             await _sleep_or_stop(self._published_all, STATS_FLUSH_S)
 
     async def _keepalive_loop(self) -> None:
-        """Refresh the idle time of every entry we hold, even while the pipeline is full,
-        so slow work is never reclaimed from under us."""
+        """Refresh the idle time of every entry we hold, even while the pipeline is full
+        or replies wait for Redis, so held work is never reclaimed from under us."""
         while not self._published_all.is_set():
             await _sleep_or_stop(self._published_all, self.settings.claim_idle_ms / 3000)
+            held = self.held.by_stream()
+            if not held:
+                continue
             try:
-                await self._streams.touch(self._held)
+                await self._streams.touch(held)
             except RedisError as err:
                 log.warning("could not refresh held entries: %s", err)
-
-    async def _recover(self) -> None:
-        """Take over entries left idle too long by other consumers (dead or stuck)."""
-        claimed = await self._streams.reclaim(self.settings.claim_idle_ms, self.settings.read_count)
-        if not claimed:
-            return
-        self._hold([p for p, _ in claimed])
-        retry = []
-        for pulled, deliveries in claimed:
-            if pulled.job is None:
-                await self._dead_letter(pulled)
-            elif deliveries > self.settings.max_deliveries:
-                await self._give_up(pulled, deliveries)
-            else:
-                retry.append(pulled)
-        self.stats.reclaimed += len(claimed)
-        log.warning("reclaimed %d pending entries from stalled workers", len(claimed))
-        if retry:
-            self._spans.pulled(retry)
-            items = await asyncio.to_thread(self._measure, retry)
-            await self._inbox.put([dataclasses.replace(i, alone=True) for i in items])
-
-    async def _give_up(self, pulled: Pulled, deliveries: int) -> None:
-        """A job that keeps failing: dead-letter it and tell its caller."""
-        assert pulled.job is not None
-        job_id = pulled.job.id
-        self.stats.dead_lettered += 1
-        problem = f"delivered {deliveries} times without an answer; moved to the dead letters"
-        log.error("job %s in %s: %s", job_id, pulled.stream, problem)
-        self._spans.dead_lettered(pulled.job, problem)
-        reply = Reply(id=job_id, code=grpc.StatusCode.INTERNAL.value[0], message=problem)
-        try:
-            await self._streams.dead_letter(dataclasses.replace(pulled, problem=problem), reply)
-        except RedisError as err:
-            log.error("could not dead-letter %s: %s", pulled.entry_id, err)
-        self._release([pulled])
-
-    def _hold(self, pulled: list[Pulled]) -> None:
-        for p in pulled:
-            self._held.setdefault(p.stream, set()).add(p.entry_id)
-
-    def _release(self, pulled: list[Pulled]) -> None:
-        for p in pulled:
-            self._held.get(p.stream, set()).discard(p.entry_id)
-
-    def _measure(self, pulled: list[Pulled]) -> list[Item]:
-        """Tokenize each job's texts (off the event loop) to know its size in tokens."""
-        tokenizer = self.model.encoder.tokenizer
-        now = time.monotonic()
-        start, start_ns = time.perf_counter(), time.time_ns()
-        items = []
-        for p in pulled:
-            assert p.job is not None
-            encodings = tuple(tokenizer.encode_batch(list(p.job.texts)))
-            longest = max((len(e.ids) for e in encodings), default=1)
-            items.append(Item(p, len(encodings), longest, now, encodings=encodings))
-        self.metrics.stage.labels("tokenize").observe(time.perf_counter() - start)
-        self._spans.stage("tokenize", (p.job for p in pulled if p.job is not None), start_ns)
-        return items
-
-    async def _batch_loop(self) -> None:
-        s = self.settings
-        scheduler = Scheduler(
-            max_tokens=s.max_batch_tokens,
-            max_rows=s.max_batch_rows,
-            max_wait_s=s.max_wait_ms / 1000,
-            weights=dict(s.task_weights),
-        )
-        open_inbox = True
-        # One outstanding get, kept across timeouts: cancelling a get can drop its item.
-        getter: asyncio.Task[list[Item] | None] | None = None
-        try:
-            while open_inbox or len(scheduler):
-                wait_s = scheduler.wait_left_s(time.monotonic())
-                # Close a batch when it is full, when its oldest job has waited max_wait, or
-                # at once when the encoder is idle: waiting then would only add latency.
-                # While a batch already waits for the encoder, keep filling the next one.
-                can_hand_over = not self._to_compute.full()
-                close = (
-                    len(scheduler) > 0
-                    and can_hand_over
-                    and (scheduler.full() or wait_s == 0 or self._encoder_idle() or not open_inbox)
-                )
-                if not close and not len(scheduler) and getter is None:
-                    # Nothing to time out on: wait for work directly, a hop fewer than a task.
-                    items = await self._inbox.get()
-                    if items is None:
-                        open_inbox = False
-                    for item in items or ():
-                        scheduler.add(item)
-                    continue
-                if not close:
-                    getter = getter or asyncio.create_task(self._inbox.get())
-                    waiters: set[asyncio.Task[Any]] = {getter}
-                    if len(scheduler):  # only then can the encoder freeing up close a batch
-                        self._encoder_free.clear()
-                        waiters.add(asyncio.create_task(self._encoder_free.wait()))
-                    timeout = wait_s if can_hand_over else None
-                    done, _ = await asyncio.wait(
-                        waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    for waiter in waiters - {getter}:
-                        waiter.cancel()
-                    if getter in done:
-                        items, getter = getter.result(), None
-                        if items is None:
-                            open_inbox = False
-                        else:
-                            for item in items:
-                                scheduler.add(item)
-                    continue
-                batch = scheduler.take(int(time.time() * 1000))
-                if batch.expired:
-                    await self._to_publish.put(self._expired(batch.expired))
-                if batch.items:
-                    await self._to_compute.put(batch.items)
-        finally:
-            if getter is not None:
-                getter.cancel()
-            await self._to_compute.put(None)
-
-    def _expired(self, items: list[Item]) -> tuple[list[Pulled], BatchResult]:
-        """Replies for jobs whose deadline passed while they waited: no encoder work."""
-        code = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
-        pulled = [i.pulled for i in items]
-        replies = [
-            Reply(id=p.job.id, code=code, message="deadline passed while queued")
-            for p in pulled
-            if p.job is not None
-        ]
-        self.stats.expired += len(replies)
-        return pulled, BatchResult(replies, None, len(replies), 0)
-
-    async def _set_ready(self, ready: bool) -> None:
-        if self._health is not None and self._health.ready != ready:
-            await self._health.set_ready(ready)
-
-    def _encoder_idle(self) -> bool:
-        return not self._computing and self._to_compute.empty()
-
-    async def _compute_loop(self) -> None:
-        try:
-            while (items := await self._to_compute.get()) is not None:
-                self._computing = True
-                self.metrics.busy.set(1)
-                batch = [i.pulled for i in items]
-                jobs = [p.job for p in batch if p.job is not None]
-                encodings = {
-                    text: encoding
-                    for i in items
-                    if i.pulled.job is not None
-                    for text, encoding in zip(i.pulled.job.texts, i.encodings, strict=False)
-                }
-                try:
-                    result = await asyncio.to_thread(
-                        compute,
-                        self.model,
-                        jobs,
-                        max_batch_tokens=self.settings.max_batch_tokens,
-                        max_batch_rows=self.settings.max_batch_rows,
-                        encodings=encodings,
-                    )
-                finally:
-                    self._computing = False
-                    self.metrics.busy.set(0)
-                    self._encoder_free.set()
-                self._count(batch, result)
-                self.metrics.computed(result)
-                self._spans.computed(jobs, result)
-                await self._to_publish.put((batch, result))
-        finally:
-            await self._to_publish.put(None)
-
-    async def _publish_loop(self) -> None:
-        try:
-            await self._publish_all()
-        finally:
-            self._published_all.set()
-
-    async def _publish_all(self) -> None:
-        while (item := await self._to_publish.get()) is not None:
-            batch, result = item
-            done = list(zip(batch, result.replies, strict=True))
-            self._unflushed.update(
-                {
-                    "batches": 1,
-                    "jobs": len(batch),
-                    "encoder_rows": result.encoded.rows if result.encoded else 0,
-                    "head_results": result.results,
-                    "expired": result.expired,
-                    "real_tokens": result.encoded.real_tokens if result.encoded else 0,
-                    "padded_tokens": result.encoded.padded_tokens if result.encoded else 0,
-                }
-            )
-            start_ns = time.time_ns()
-            try:
-                start = time.perf_counter()
-                await self._retry_finite(partial(self._streams.finish, done))
-                self.metrics.stage.labels("reply").observe(time.perf_counter() - start)
-                self._spans.published(done, start_ns)
-                self._release(batch)
-            except RedisError as err:
-                # The entries stay pending in the group; no longer refreshed, they are
-                # reclaimed (by any worker, this one included) after claim_idle_ms.
-                log.error("could not publish %d replies: %s", len(done), err)
-                self._spans.published(done, start_ns, failed=True)
-                self._release(batch)
 
     async def _reload_loop(self, stop: asyncio.Event) -> None:
         repo = Path(self.settings.model_repo)
@@ -442,26 +482,6 @@ class Worker:
         with contextlib.suppress(RedisError):
             await self._redis.delete(own_key)  # this worker no longer serves anything
 
-    async def _dead_letter(self, pulled: Pulled) -> None:
-        self.stats.malformed += 1
-        self.stats.dead_lettered += 1
-        log.warning("malformed entry %s in %s: %s", pulled.entry_id, pulled.stream, pulled.problem)
-        reply = Reply(
-            id="",
-            code=grpc.StatusCode.INTERNAL.value[0],
-            message=f"the request could not be decoded by the worker: {pulled.problem}",
-        )
-        address = None if pulled.raw is None else pulled.raw.get(b"id")
-        if address is not None:
-            reply = Reply(
-                id=address.decode("utf-8", "replace"), code=reply.code, message=reply.message
-            )
-        try:
-            await self._streams.dead_letter(pulled, reply)
-        except RedisError as err:
-            log.error("could not dead-letter %s: %s", pulled.entry_id, err)
-        self._release([pulled])
-
     def _count(self, batch: list[Pulled], result: BatchResult) -> None:
         s = self.stats
         s.batches += 1
@@ -472,6 +492,11 @@ class Worker:
             s.encoder_rows += result.encoded.rows
             s.real_tokens += result.encoded.real_tokens
             s.padded_tokens += result.encoded.padded_tokens
+
+    async def _set_ready(self, ready: bool) -> None:
+        ready = ready and not self._draining
+        if self._health is not None and self._health.ready != ready:
+            await self._health.set_ready(ready)
 
     async def _retry(self, op: Callable[[], Awaitable[None]], stop: asyncio.Event) -> None:
         """Run `op` until it succeeds or `stop` is set (Redis may not be up yet)."""
@@ -485,17 +510,30 @@ class Worker:
                 await _sleep_or_stop(stop, backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
 
-    async def _retry_finite(self, op: Callable[[], Awaitable[None]], attempts: int = 5) -> None:
-        backoff = BACKOFF_START_S
-        for attempt in range(attempts):
-            try:
-                await op()
-                return
-            except RedisError:
-                if attempt == attempts - 1:
-                    raise
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+def _add(scheduler: Scheduler, items: list[Item] | None) -> bool:
+    """Queue pulled items; False for the inbox's end marker."""
+    for item in items or ():
+        scheduler.add(item)
+    return items is not None
+
+
+def _all_late(finished: list[Finished]) -> bool:
+    """True when every entry has a deadline and all of them have passed."""
+    now_ms = time.time() * 1000
+    deadlines = [f.deadline_ms() for f in finished]
+    return all(d is not None and d < now_ms for d in deadlines)
+
+
+async def _until(stop: asyncio.Event, waiting: Coroutine[Any, Any, None]) -> None:
+    """Await `waiting`, or return early once `stop` is set."""
+    task = asyncio.ensure_future(waiting)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        task.cancel()
+        stopped.cancel()
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
