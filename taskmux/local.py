@@ -1,7 +1,9 @@
 """Everything on one machine: an embedded Valkey server, gateways and workers.
 
 `taskmux up` (`make run`: one of each; `make cluster`: several) starts each part as its own
-process; the tests use the same pieces to start real servers on free ports.
+process under a `Supervisor`, which restarts any that exits (same argv, env, ports and
+data directory) until Ctrl-C or SIGTERM; the tests use the same pieces to start real
+servers on free ports.
 """
 
 from __future__ import annotations
@@ -12,14 +14,14 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -115,36 +117,148 @@ def component_command(part: str) -> list[str]:
     return [sys.executable, "-m", part]
 
 
-async def _supervise(commands: Sequence[tuple[str, list[str], dict[str, str]]]) -> int:
-    """Start each (name, argv, env), wait for Ctrl-C or a child's exit, stop all in reverse."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    procs: list[tuple[str, asyncio.subprocess.Process]] = []
-    try:
-        for name, argv, env in commands:
-            # Own sessions: Ctrl-C reaches only us, and we stop the children in order.
-            proc = await asyncio.create_subprocess_exec(*argv, env=env, start_new_session=True)
-            procs.append((name, proc))
-        waits = {asyncio.create_task(p.wait()): name for name, p in procs}
-        stopper = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait([stopper, *waits], return_when=asyncio.FIRST_COMPLETED)
-        exited = [waits[t] for t in done if t in waits]
-        for t in [stopper, *waits]:
-            t.cancel()
-        if exited:
-            print(f"taskmux up: {', '.join(exited)} exited; stopping the rest", file=sys.stderr)
-        return 1 if exited else 0
-    finally:
-        for _name, proc in reversed(procs):
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
+@dataclass
+class Backoff:
+    """Waits before restarting a child: `initial_s`, doubling up to `max_s`, and back to
+    `initial_s` once a run has lasted `reset_after_s` (it was healthy, so the next exit is news)."""
+
+    initial_s: float = 0.5
+    max_s: float = 10.0
+    reset_after_s: float = 30.0
+    _restarts: int = field(default=0, init=False)
+
+    def delay_s(self, ran_for_s: float) -> float:
+        """The wait before the next start of a child that exited after `ran_for_s`."""
+        if ran_for_s >= self.reset_after_s:
+            self._restarts = 0
+        delay = min(self.max_s, self.initial_s * 2.0**self._restarts)
+        self._restarts += 1
+        return delay
+
+
+class Child:
+    """One supervised process. Its argv and env never change, so a restart brings back the
+    same component: the same id, ports and data directory.
+
+    `start` and `stop` are serialised, and nothing starts again once `stop` has run.
+    """
+
+    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str]) -> None:
+        self.name = name
+        self._argv = list(argv)
+        self._env = dict(env)
+        self._proc: asyncio.subprocess.Process | None = None
+        self._started_at = 0.0
+        self._lock = asyncio.Lock()
+        self._stopped = False
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def ran_for_s(self) -> float:
+        """Seconds since the last start."""
+        return time.monotonic() - self._started_at
+
+    async def start(self) -> None:
+        """Start the process (again); a no-op once stopped."""
+        async with self._lock:
+            if self._stopped:
+                return
+            # Own session: Ctrl-C reaches only `taskmux up`, which stops the children in order.
+            self._proc = await asyncio.create_subprocess_exec(
+                *self._argv, env=self._env, start_new_session=True
+            )
+            self._started_at = time.monotonic()
+        print(f"taskmux up: started {self.name} (pid {self._proc.pid})", flush=True)
+
+    async def wait(self) -> int:
+        """The exit code of the current process, once it exits (negative: killed by a signal)."""
+        assert self._proc is not None, "wait() before start()"
+        return await self._proc.wait()
+
+    async def stop(self) -> None:
+        """SIGTERM, then SIGKILL after STOP_TIMEOUT_S; never starts again."""
+        async with self._lock:
+            self._stopped = True
+            proc = self._proc
+            if proc is None or proc.returncode is not None:
+                return
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+class Supervisor:
+    """Keeps children running until SIGINT or SIGTERM, then stops them in reverse order.
+
+    A child that exits, whatever its code, is started again after a `Backoff` wait.
+    Use as `async with Supervisor() as s: await s.start(child) ...; await s.wait()`.
+    """
+
+    def __init__(self, backoff: Callable[[], Backoff] = Backoff) -> None:
+        self._backoff = backoff
+        self._children: list[Child] = []
+        self._stopping = asyncio.Event()
+        self._stack = contextlib.AsyncExitStack()
+        self._group = asyncio.TaskGroup()
+
+    async def __aenter__(self) -> Supervisor:
+        # Unwound in reverse: children stop, their watchers end, then the handlers go.
+        self._stack.enter_context(self._signal_handlers())
+        await self._stack.enter_async_context(self._group)
+        self._stack.push_async_callback(self._stop_all)
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        return await self._stack.__aexit__(*exc_info)
+
+    async def start(self, child: Child) -> None:
+        """Start `child` and keep it running from now on."""
+        self._children.append(child)
+        await child.start()
+        self._group.create_task(self._watch(child))
+
+    async def wait(self) -> None:
+        """Return on SIGINT or SIGTERM."""
+        await self._stopping.wait()
+
+    async def _watch(self, child: Child) -> None:
+        backoff = self._backoff()
+        while True:
+            code = await child.wait()
+            if self._stopping.is_set():
+                return
+            delay_s = backoff.delay_s(child.ran_for_s())
+            print(
+                f"taskmux up: {child.name} (pid {child.pid}) exited with code {code}; "
+                f"restarting in {delay_s:g} s",
+                file=sys.stderr,
+                flush=True,
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay_s)
+                return
+            await child.start()
+
+    async def _stop_all(self) -> None:
+        self._stopping.set()
+        for child in reversed(self._children):
+            await child.stop()
+
+    @contextlib.contextmanager
+    def _signal_handlers(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._stopping.set)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
 
 
 @dataclass(frozen=True)
@@ -245,7 +359,8 @@ def run_local(
     Each gateway and worker is its own process. Gateways share `gateway_port` where the
     kernel balances a shared port (Linux: gRPC binds with SO_REUSEPORT, and each new
     connection goes to one of them); elsewhere each gets a port of its own and the
-    printed target lists them all for a client-side round robin.
+    printed target lists them all for a client-side round robin. Each one, and the
+    embedded Valkey, is restarted when it exits; only Ctrl-C or SIGTERM stops them all.
     """
     if not (model_repo / "manifest.json").is_file():
         print(f"no model repository at {model_repo}: run `make model`", file=sys.stderr)
@@ -256,53 +371,67 @@ def run_local(
     if not port_is_free(gateway_port):
         print(f"taskmux up: 127.0.0.1:{gateway_port} is already in use", file=sys.stderr)
         return 2
+    layout = plan_layout(gateway_port, gateways, workers)
     redis_url = os.environ.get("TASKMUX_REDIS_URL", "")
     with contextlib.ExitStack() as stack:
+        valkey = None
         if not redis_url:
             data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="taskmux-")))
             port = free_port()
             redis_url = f"redis://127.0.0.1:{port}/0"
+            # Restarted with the same port and folder, it replays its append-only file.
             argv = redis_command(port, data_dir, appendonly=True)
-            server = subprocess.Popen(argv, start_new_session=True)  # nosec B603
-            stack.callback(_stop_popen, server)
-            wait_for_redis(redis_url)
-            print(f"taskmux up: embedded Valkey on {redis_url} (append-only file on)")
-        layout = plan_layout(gateway_port, gateways, workers)
+            valkey = Child("Valkey", argv, os.environ)
         commands = cluster_commands(layout, redis_url, model_repo.resolve())
-        for i, port in enumerate(layout.worker_health_ports):
-            metrics = layout.worker_metrics_ports[i]
-            print(
-                f"taskmux up: worker {layout.worker_id(i)} health on 127.0.0.1:{port}, "
-                f"metrics on http://127.0.0.1:{metrics}/metrics"
-            )
-        for i, port in enumerate(layout.gateway_ports):
-            metrics = layout.gateway_metrics_ports[i]
-            print(
-                f"taskmux up: gateway {layout.gateway_id(i)} on 127.0.0.1:{port}, "
-                f"metrics on http://127.0.0.1:{metrics}/metrics"
-            )
-        if gateways > 1 and layout.shared_port:
-            print(f"taskmux up: {gateways} gateways share the port; a new connection goes to one")
-        target = layout.target()
-        option = "" if target == DEFAULT_TARGET else f"--target {target} "
-        if not os.environ.get("TASKMUX_API_KEYS_FILE"):
-            print(
-                "taskmux up: WARNING: AUTHENTICATION IS OFF (TASKMUX_API_KEYS_FILE is unset): "
-                "anyone who can reach the port can call every head. Local development only.",
-                file=sys.stderr,
-            )
+        components = [Child(name, argv, env) for name, argv, env in commands]
+        try:
+            return asyncio.run(_up(valkey, redis_url, components, layout))
+        except LocalError as err:
+            print(f"taskmux up: {err}", file=sys.stderr)
+            return 1
+
+
+async def _up(valkey: Child | None, redis_url: str, components: list[Child], layout: Layout) -> int:
+    """Valkey first (once it answers), then workers and gateways; run until Ctrl-C or SIGTERM."""
+    async with Supervisor() as supervisor:
+        if valkey is not None:
+            await supervisor.start(valkey)
+            await asyncio.to_thread(wait_for_redis, redis_url)
+            print(f"taskmux up: embedded Valkey on {redis_url} (append-only file on)")
+        _announce(layout)
+        for child in components:
+            await supervisor.start(child)
+        await supervisor.wait()
+    return 0
+
+
+def _announce(layout: Layout) -> None:
+    """Where each part listens, and how to call it."""
+    for i, port in enumerate(layout.worker_health_ports):
+        metrics = layout.worker_metrics_ports[i]
         print(
-            f"taskmux up: gateway on {target} (plaintext gRPC). "
-            f'Try: taskmux embed {option}"hello". Ctrl-C stops everything.',
-            flush=True,
+            f"taskmux up: worker {layout.worker_id(i)} health on 127.0.0.1:{port}, "
+            f"metrics on http://127.0.0.1:{metrics}/metrics"
         )
-        return asyncio.run(_supervise(commands))
-
-
-def _stop_popen(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    for i, port in enumerate(layout.gateway_ports):
+        metrics = layout.gateway_metrics_ports[i]
+        print(
+            f"taskmux up: gateway {layout.gateway_id(i)} on 127.0.0.1:{port}, "
+            f"metrics on http://127.0.0.1:{metrics}/metrics"
+        )
+    gateways = len(layout.gateway_ports)
+    if gateways > 1 and layout.shared_port:
+        print(f"taskmux up: {gateways} gateways share the port; a new connection goes to one")
+    target = layout.target()
+    option = "" if target == DEFAULT_TARGET else f"--target {target} "
+    if not os.environ.get("TASKMUX_API_KEYS_FILE"):
+        print(
+            "taskmux up: WARNING: AUTHENTICATION IS OFF (TASKMUX_API_KEYS_FILE is unset): "
+            "anyone who can reach the port can call every head. Local development only.",
+            file=sys.stderr,
+        )
+    print(
+        f"taskmux up: gateway on {target} (plaintext gRPC). "
+        f'Try: taskmux embed {option}"hello". Ctrl-C stops everything.',
+        flush=True,
+    )
