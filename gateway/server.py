@@ -92,9 +92,7 @@ async def serve(
             lambda: watcher.reconnects,
         )
         stack.enter_context(metrics_endpoint(settings.metrics_addr, metrics.registry))
-        service = TaskMuxService(
-            settings, dispatcher, watcher, idempotency, Limiter(redis), memory
-        )
+        service = TaskMuxService(settings, dispatcher, watcher, idempotency, Limiter(redis), memory)
         add_service(service, server, metrics, tracing)
         health.add_to(server)
         reflection.enable_server_reflection(
