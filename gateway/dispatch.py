@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncGenerator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -18,7 +18,7 @@ from gateway.errors import (
     DeadlineExceeded,
     ResourceExhausted,
     TaskmuxError,
-    Unavailable,
+    from_redis,
     worker_error,
 )
 from gateway.replies import ReplyRouter
@@ -28,6 +28,8 @@ from taskmux.tracing import Tracing, status_of
 
 # Answer a little before the client's own deadline fires, so it sees our status.
 DEADLINE_MARGIN_S = 0.02
+# Awaited when a call's jobs were not queued (full backlog, Redis refused or unreachable).
+NotQueued = Callable[[], Awaitable[None]]
 # What the await-reply span is when tracing is off: reusable, and free to enter.
 NO_SPAN = contextlib.nullcontext(INVALID_SPAN)
 
@@ -85,14 +87,19 @@ class Dispatcher:
         timeout_s: float,
         params: dict[str, Any] | None = None,
         request_id: str = "",
+        not_queued: NotQueued | None = None,
     ) -> bytes:
-        """The serialized response body from a worker, or a TaskmuxError."""
+        """The serialized response body from a worker, or a TaskmuxError.
+
+        `not_queued` is awaited before the error if the job could not be queued: the
+        caller undoes what it did for a job that will not run (a tenant's charge, say).
+        """
         sending = self._enqueue_span(head, 1)
         traceparent = self._tracing.traceparent(sending)
         (job,) = self._jobs(kind, head, [texts], top_k, timeout_s, params, request_id, traceparent)
         future = self._replies.expect(job.id)
         try:
-            await self._enqueue(head, [job], sending)
+            await self._enqueue(head, [job], sending, not_queued)
             with self._await_span(1):
                 try:
                     # Not wait_for: on Python 3.11 it adds an event-loop turn to every reply.
@@ -114,10 +121,12 @@ class Dispatcher:
         timeout_s: float,
         params: dict[str, Any] | None = None,
         request_id: str = "",
+        not_queued: NotQueued | None = None,
     ) -> AsyncGenerator[tuple[int, bytes]]:
         """(job index, body) for several jobs on one stream, in the order they finish.
 
         The jobs are queued together (all or none); the first failed reply raises.
+        `not_queued` as for `run`.
         """
         sending = self._enqueue_span(head, len(texts_per_job))
         traceparent = self._tracing.traceparent(sending)
@@ -128,7 +137,7 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(timeout_s - DEADLINE_MARGIN_S, 0.001)
         try:
-            await self._enqueue(head, jobs, sending)
+            await self._enqueue(head, jobs, sending, not_queued)
             with self._await_span(len(jobs)) as waiting:
                 pending: set[asyncio.Future[Reply]] = set(futures)
                 while pending:
@@ -213,7 +222,9 @@ class Dispatcher:
             status_of(span, code.value[0], code.name)
             span.end()
 
-    async def _enqueue(self, head: str, jobs: Sequence[Job], span: Span) -> None:
+    async def _enqueue(
+        self, head: str, jobs: Sequence[Job], span: Span, not_queued: NotQueued | None
+    ) -> None:
         """XADD every job to the head's stream, unless its backlog is full; ends `span`."""
         args: list[str | int] = [self._max_backlog, len(jobs)]
         for job in jobs:
@@ -222,15 +233,18 @@ class Dispatcher:
         try:
             added, backlog = await self._enqueue_script(keys=[keys.task_stream(head)], args=args)
         except RedisError as err:
-            _end_enqueue(span, Unavailable.code)
-            raise Unavailable(
-                f"the task queue is unreachable ({type(err).__name__}); retry"
-            ) from err
+            error = from_redis(err, "the task queue")
+            _end_enqueue(span, error.code)
+            if not_queued is not None:
+                await not_queued()
+            raise error from err
         except BaseException:  # cancelled: the jobs may or may not be queued
             span.end()
             raise
         _end_enqueue(span, grpc.StatusCode.OK if added else ResourceExhausted.code, backlog)
         if not added:
+            if not_queued is not None:
+                await not_queued()
             queue = "the Analyze queue" if head == ANALYZE_STREAM_HEAD else f"the queue of {head!r}"
             raise ResourceExhausted(
                 f"{queue} is full ({backlog} jobs waiting, the limit is {self._max_backlog}); "

@@ -5,11 +5,15 @@
     ├── NotFound                 NOT_FOUND: no such head
     ├── DeadlineExceeded         DEADLINE_EXCEEDED: no result in time
     ├── Unavailable              UNAVAILABLE: Redis or workers unreachable; retry
-    ├── ResourceExhausted        RESOURCE_EXHAUSTED: a full queue or a tenant over its
-    │                            rate or quota; retry after the hint (none: not retryable)
+    ├── ResourceExhausted        RESOURCE_EXHAUSTED: a full queue, Redis near or at its
+    │                            memory limit, or a tenant over its rate or quota; retry
+    │                            after the hint (none: not retryable)
     ├── Unauthenticated          UNAUTHENTICATED: no API key, or an unknown one
     ├── PermissionDenied         PERMISSION_DENIED: the tenant may not use that head
     └── WorkerError              whatever status a worker answered with
+
+Redis errors become one of these in one place, `from_redis`: out of memory is
+RESOURCE_EXHAUSTED with a retry hint, anything else UNAVAILABLE.
 
 A request whose bytes do not parse (invalid UTF-8 in a string field, a truncated or
 foreign message) reaches its handler as `Undecodable` (see `deferred_decode`) and is
@@ -37,12 +41,18 @@ from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import DecodeError, Message
 from google.rpc.error_details_pb2 import RetryInfo
 from google.rpc.status_pb2 import Status
+from redis.exceptions import OutOfMemoryError, RedisError
 
 log = logging.getLogger(__name__)
 
 REQUEST_ID_METADATA = "x-request-id"
 RETRY_AFTER_METADATA = "retry-after-ms"
 STATUS_DETAILS_METADATA = "grpc-status-details-bin"
+
+# Retry hint when Redis is at or near its memory limit: long enough for replies to be read,
+# jobs acknowledged and idempotency records to expire, and for the memory guard
+# (gateway/memory.py) to read INFO again.
+REDIS_MEMORY_RETRY_AFTER_MS = 1000
 
 # request_id and idempotency_key: printable ASCII, so they are valid gRPC metadata values.
 META_MAX_CHARS = 128
@@ -134,6 +144,19 @@ class WorkerError(TaskmuxError):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+def from_redis(err: RedisError, what: str) -> TaskmuxError:
+    """The error for a failed Redis command of `what` ("the task queue", say): Redis out
+    of memory (maxmemory reached, noeviction) is RESOURCE_EXHAUSTED with a retry hint,
+    since it clears as results are read and records expire; anything else UNAVAILABLE."""
+    if isinstance(err, OutOfMemoryError):
+        return ResourceExhausted(
+            f"{what} (Redis) is at its memory limit and refuses writes; retry after "
+            f"{REDIS_MEMORY_RETRY_AFTER_MS} ms",
+            retry_after_ms=REDIS_MEMORY_RETRY_AFTER_MS,
+        )
+    return Unavailable(f"{what} (Redis) is unreachable ({type(err).__name__}); retry")
 
 
 _CODES = {c.value[0]: c for c in grpc.StatusCode}

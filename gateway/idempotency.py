@@ -14,8 +14,9 @@ the same hash → poll until it is done (or gone: then claim it) or this call's 
 passes; a record with a different hash → INVALID_ARGUMENT, because the client reused the
 key for another request. Only successes are kept, so a retry after a failure computes
 again. A pending claim is a short lease (`IDEMPOTENCY_LEASE_MS`) that its gateway renews while
-the call computes, so a crashed gateway's claim lapses within seconds, not at the end of
-the call's deadline or the TTL.
+the call computes (every call that holds a `Claim` in `async with`: unary calls through
+`run`, Analyze directly), so a crashed gateway's claim lapses within seconds, not at the
+end of the call's deadline or the TTL.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ import redis.asyncio as aioredis
 from google.protobuf.message import Message
 from redis.exceptions import RedisError
 
-from gateway.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from gateway.errors import DeadlineExceeded, InvalidArgument, from_redis
 from router import keys
 from router.messages import IdempotencyRecord, MalformedMessage
+from taskmux.lifecycle import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +77,11 @@ def request_hash(request: Message) -> bytes:
 
 
 class Claim:
-    """A call's hold on its key: `cached` is a stored result, or None and this call computes."""
+    """A call's hold on its key: `cached` is a stored result, or None and this call computes.
+
+    Held in `async with`, a pending claim is renewed in short leases until the block
+    ends, and released there unless a result was stored.
+    """
 
     def __init__(
         self,
@@ -85,9 +91,10 @@ class Claim:
         renew: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.cached = cached
-        self.renew = renew
+        self._renew = renew
         self._store = store
         self._release = release
+        self._renewer: asyncio.Task[None] | None = None
 
     async def store(self, body: bytes) -> None:
         """Keep the result for later calls with the same key and request, if Redis allows."""
@@ -95,6 +102,8 @@ class Claim:
             self._release = None
 
     async def __aenter__(self) -> Claim:
+        if self._renew is not None:
+            self._renewer = asyncio.create_task(self._keep_renewing(self._renew))
         return self
 
     async def __aexit__(
@@ -103,10 +112,20 @@ class Claim:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        await cancel_and_wait(self._renewer)
         if self._release is not None:  # not stored: the call failed or was cancelled
             release, self._release = self._release, None
             with contextlib.suppress(RedisError):  # if not, it lapses with the call
                 await asyncio.shield(release())
+
+    @staticmethod
+    async def _keep_renewing(renew: Callable[[], Awaitable[None]]) -> None:
+        """Hold the pending claim in short leases while computing: if this gateway dies,
+        the claim lapses within one lease and a retry elsewhere can take the key."""
+        while True:
+            await asyncio.sleep(keys.IDEMPOTENCY_LEASE_MS / 3000)
+            with contextlib.suppress(RedisError):
+                await renew()
 
 
 NO_KEY = Claim()
@@ -138,21 +157,9 @@ class Idempotency:
         if claim.cached is not None:
             return claim.cached
         async with claim:
-            renewer = asyncio.create_task(self._keep_renewing(claim))
-            try:
-                body = await compute(max(deadline - loop.time(), 0.001))
-            finally:
-                renewer.cancel()
+            body = await compute(max(deadline - loop.time(), 0.001))
             await claim.store(body)
         return body
-
-    async def _keep_renewing(self, claim: Claim) -> None:
-        """Hold the pending claim in short leases while computing: if this gateway dies,
-        the claim lapses within one lease and a retry elsewhere can take the key."""
-        while claim.renew is not None:
-            await asyncio.sleep(keys.IDEMPOTENCY_LEASE_MS / 3000)
-            with contextlib.suppress(RedisError):
-                await claim.renew()
 
     async def claim(
         self, scope: str, kind: str, key: str, request: Message, timeout_s: float
@@ -198,9 +205,7 @@ class Idempotency:
                 await asyncio.sleep(poll_s)
                 poll_s = min(poll_s * 2, POLL_MAX_S)
         except RedisError as err:
-            raise Unavailable(
-                f"the idempotency store (Redis) is unreachable ({type(err).__name__}); retry"
-            ) from err
+            raise from_redis(err, "the idempotency store") from err
 
     async def _store(self, name: str, wanted: bytes, body: bytes) -> bool:
         """True once stored; a failure only means a later duplicate computes again."""

@@ -14,18 +14,27 @@ one consistent state, and the clock is Redis's own (`TIME`), so gateway clock sk
 not matter. A refused request changes nothing. Over a limit the caller gets
 RESOURCE_EXHAUSTED with a retry hint: when the bucket admits the next request, or when
 the quota window ends.
+
+A tenant pays only for work queued for a worker. The gateway charges a call right before
+it queues the call's jobs, after its idempotency claim, so a replayed result is free; if
+the queue then refuses the jobs (a full backlog, Redis out of memory or unreachable),
+`refund` gives back the request and its units. Calls refused before that point (the
+memory guard, an idempotency conflict, validation) are never charged.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from gateway.errors import ResourceExhausted, Unavailable
+from gateway.errors import ResourceExhausted, from_redis
 from router import keys
+
+log = logging.getLogger(__name__)
 
 # ARGV: ms between requests at the sustained rate (0: no rate limit), burst, quota units
 # per window (0: no quota), window ms, this request's units.
@@ -62,6 +71,28 @@ end
 return {0, 0, quota - used - units}
 """
 
+# Undo one admitted charge (same ARGV as CHARGE_SCRIPT): the GCRA time goes back one
+# interval (never before now, which is what an absent key means) and the units go back to
+# the quota if its window has not ended since. Keys keep their TTLs. allow-oom: it never
+# adds memory, and a refund must not fail because Redis refused the enqueue for memory.
+REFUND_SCRIPT = """#!lua flags=allow-oom
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local interval, quota = tonumber(ARGV[1]), tonumber(ARGV[3])
+local window, units = tonumber(ARGV[4]), tonumber(ARGV[5])
+if interval > 0 then
+  local tat = tonumber(redis.call('GET', KEYS[1]))
+  if tat then redis.call('SET', KEYS[1], tostring(math.max(tat - interval, now)), 'KEEPTTL') end
+end
+if quota > 0 then
+  local state = redis.call('HMGET', KEYS[2], 'window', 'used')
+  if tonumber(state[1]) == math.floor(now / window) and state[2] then
+    redis.call('HSET', KEYS[2], 'used', math.max(tonumber(state[2]) - units, 0))
+  end
+end
+return 0
+"""
+
 ADMITTED, OVER_RATE, OVER_QUOTA, OVER_WHOLE_QUOTA = 0, 1, 2, 3
 
 
@@ -88,27 +119,19 @@ class Limiter:
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self._charge = redis.register_script(CHARGE_SCRIPT)
+        self._refund = redis.register_script(REFUND_SCRIPT)
 
     async def charge(self, tenant: str, limits: TenantLimits, units: int) -> None:
         """Admit one request of `units` text units, or raise ResourceExhausted."""
         if limits.unlimited:
             return
-        interval_ms = 1000 / limits.rate_per_s if limits.rate_per_s > 0 else 0
-        args: list[str | int] = [
-            repr(interval_ms),
-            limits.effective_burst(),
-            limits.quota_units,
-            limits.quota_window_s * 1000,
-            units,
-        ]
         try:
             verdict, retry_ms, left = await self._charge(
-                keys=[keys.tenant_rate(tenant), keys.tenant_quota(tenant)], args=args
+                keys=[keys.tenant_rate(tenant), keys.tenant_quota(tenant)],
+                args=_args(limits, units),
             )
         except RedisError as err:
-            raise Unavailable(
-                f"the rate limiter (Redis) is unreachable ({type(err).__name__}); retry"
-            ) from err
+            raise from_redis(err, "the rate limiter") from err
         if verdict == OVER_RATE:
             raise ResourceExhausted(
                 f"tenant {tenant!r} is over its rate limit of {limits.rate_per_s:g} requests/s "
@@ -128,3 +151,27 @@ class Limiter:
                 f"quota of {limits.quota_units} per window: split it into smaller requests",
                 retry_after_ms=0,
             )
+
+    async def refund(self, tenant: str, limits: TenantLimits, units: int) -> None:
+        """Undo one admitted `charge` whose work was not queued; best effort."""
+        if limits.unlimited:
+            return
+        try:
+            await self._refund(
+                keys=[keys.tenant_rate(tenant), keys.tenant_quota(tenant)],
+                args=_args(limits, units),
+            )
+        except RedisError as err:  # the tenant keeps the charge: logged, not the caller's error
+            log.warning("could not refund tenant %r for unqueued work: %s", tenant, err)
+
+
+def _args(limits: TenantLimits, units: int) -> list[str | int]:
+    """The scripts' ARGV for one request."""
+    interval_ms = 1000 / limits.rate_per_s if limits.rate_per_s > 0 else 0
+    return [
+        repr(interval_ms),
+        limits.effective_burst(),
+        limits.quota_units,
+        limits.quota_window_s * 1000,
+        units,
+    ]

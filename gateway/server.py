@@ -17,6 +17,7 @@ from gateway.dispatch import Dispatcher
 from gateway.errors import deferred_decode
 from gateway.idempotency import Idempotency
 from gateway.limits import Limiter
+from gateway.memory import MemoryGuard
 from gateway.metrics import GatewayMetrics
 from gateway.replies import READ_BLOCK_MS, ReplyRouter
 from gateway.service import TaskMuxService
@@ -72,6 +73,13 @@ async def serve(
             tracing=tracing,
         )
         idempotency = Idempotency(redis, ttl_s=settings.idempotency_ttl_s)
+        memory = await stack.enter_async_context(
+            MemoryGuard(
+                redis,
+                high_water=settings.redis_memory_high_water,
+                interval_ms=settings.monitor_interval_ms,
+            )
+        )
         server = grpc.aio.server(
             interceptors=auth_interceptors(settings.api_keys_file),
             options=[
@@ -84,7 +92,7 @@ async def serve(
             lambda: watcher.reconnects,
         )
         stack.enter_context(metrics_endpoint(settings.metrics_addr, metrics.registry))
-        service = TaskMuxService(settings, dispatcher, watcher, idempotency, Limiter(redis))
+        service = TaskMuxService(settings, dispatcher, watcher, idempotency, Limiter(redis), memory)
         add_service(service, server, metrics, tracing)
         health.add_to(server)
         reflection.enable_server_reflection(

@@ -11,7 +11,7 @@ import grpc
 
 from gateway.auth import caller
 from gateway.catalog import CatalogWatcher
-from gateway.dispatch import Dispatcher
+from gateway.dispatch import Dispatcher, NotQueued
 from gateway.errors import (
     InvalidArgument,
     ResourceExhausted,
@@ -24,6 +24,7 @@ from gateway.errors import (
 )
 from gateway.idempotency import NO_KEY, Idempotency
 from gateway.limits import Limiter
+from gateway.memory import MemoryGuard
 from gateway.plans import (
     Plan,
     plan_classify,
@@ -78,12 +79,14 @@ class TaskMuxService(taskmux_pb2_grpc.TaskMuxServicer):
         watcher: CatalogWatcher,
         idempotency: Idempotency,
         limiter: Limiter,
+        memory: MemoryGuard,
     ) -> None:
         self._settings = settings
         self._dispatcher = dispatcher
         self._watcher = watcher
         self._idempotency = idempotency
         self._limiter = limiter
+        self._memory = memory
 
     @grpc_status
     async def Embed(self, request: pb.EmbedRequest, context: Ctx) -> pb.EmbedResponse:
@@ -157,19 +160,20 @@ class TaskMuxService(taskmux_pb2_grpc.TaskMuxServicer):
         for i, text in enumerate(texts):
             indices.setdefault(text, []).append(i)
         distinct = list(indices)
-        scope = await self._charge(len(texts) * len(heads))
+        self._memory.check()
         timeout_s = self._dispatcher.timeout_s(context.time_remaining())
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         claim = await self._idempotency.claim(
-            scope, KIND_ANALYZE, request.idempotency_key, request, timeout_s
+            _scope(), KIND_ANALYZE, request.idempotency_key, request, timeout_s
         )
         if claim.cached is not None:
             for raw in unpack_messages(claim.cached):
                 yield pb.AnalyzeResult.FromString(raw)
             return
         sent: list[bytes] = []
-        async with claim:
+        async with claim:  # renewed while the results come in
+            refund = await self._charge(len(texts) * len(heads))
             # One job per distinct text: its results stream back as soon as it is done.
             results = self._dispatcher.run_many(
                 kind=KIND_ANALYZE,
@@ -179,6 +183,7 @@ class TaskMuxService(taskmux_pb2_grpc.TaskMuxServicer):
                 timeout_s=max(deadline - loop.time(), 0.001),  # less any wait for a claim
                 params={"heads": [h.name for h in heads]},
                 request_id=request.request_id,
+                not_queued=refund,
             )
             async with contextlib.aclosing(results):
                 async for job, body in results:
@@ -260,8 +265,10 @@ class TaskMuxService(taskmux_pb2_grpc.TaskMuxServicer):
         check_request_meta(request.request_id, request.idempotency_key)
         plan = planner(request, self._settings, self._watcher.catalog)
         self._require_redis()
+        self._memory.check()
 
         async def compute(timeout_s: float) -> bytes:
+            refund = await self._charge(len(plan.texts))
             return await self._dispatcher.run(
                 kind=plan.kind,
                 head=plan.head,
@@ -270,31 +277,38 @@ class TaskMuxService(taskmux_pb2_grpc.TaskMuxServicer):
                 timeout_s=timeout_s,
                 params=plan.params,
                 request_id=request.request_id,
+                not_queued=refund,
             )
 
-        scope = await self._charge(len(plan.texts))
         timeout_s = self._dispatcher.timeout_s(context.time_remaining())
         body = await self._idempotency.run(
-            scope, plan.kind, request.idempotency_key, request, timeout_s, compute
+            _scope(), plan.kind, request.idempotency_key, request, timeout_s, compute
         )
         return plan.decode(body)
 
-    async def _charge(self, units: int) -> str:
-        """Charge a validated request to its tenant's limits; returns the tenant's name
-        ("" without authentication), which scopes its idempotency keys.
+    async def _charge(self, units: int) -> NotQueued | None:
+        """Charge the caller's tenant for a request about to be queued (after its
+        idempotency claim, so a replayed result is free); returns what refunds the charge
+        if the queue then refuses the jobs, or None without a tenant.
 
         A text unit is one text through one head: Similarity's query and candidates each
         count, and an Analyze call counts its texts times its heads.
         """
         tenant = caller()
         if tenant is None:
-            return ""
+            return None
         await self._limiter.charge(tenant.name, tenant.limits, units)
-        return tenant.name
+        return lambda: self._limiter.refund(tenant.name, tenant.limits, units)
 
     def _require_redis(self) -> None:
         if not self._watcher.redis_ok:
             raise Unavailable("the task queue (Redis) is unreachable; retry shortly")
+
+
+def _scope() -> str:
+    """The caller's tenant ("" without authentication), which scopes its idempotency keys."""
+    tenant = caller()
+    return "" if tenant is None else tenant.name
 
 
 def _task_error(err: TaskmuxError) -> pb.TaskError:

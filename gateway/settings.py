@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from router.connection import RedisSettings
-from taskmux.config import SettingsError, env_int, env_str
+from taskmux.config import SettingsError, env_float, env_int, env_str
 from taskmux.tracing import TraceSettings
 
 
@@ -40,13 +40,18 @@ class GatewaySettings:
     max_message_bytes: int = 8 * 1024 * 1024
     # How long the reply stream of a dead gateway survives in Redis.
     reply_ttl_s: int = 60
-    # How often Redis health and the head catalog are checked.
+    # How often Redis health, the head catalog and Redis memory (gateway/memory.py) are checked.
     monitor_interval_ms: int = 1000
     # How long in-flight calls may finish after SIGTERM.
     drain_timeout_s: int = 10
-    # How long a result stays bound to its idempotency key; raise it if clients retry
-    # over longer spans, lower it if many keys fill Redis memory.
-    idempotency_ttl_s: int = 600
+    # How long a result stays bound to its idempotency key. The default client retries only
+    # within its call deadline (30 s), so 60 s covers every retry of a call with room to
+    # spare; raise it if your clients retry over longer spans. Redis holds about one
+    # response per keyed call for this long (calls/s x TTL x response size).
+    idempotency_ttl_s: int = 60
+    # Fraction of Redis's maxmemory at which new calls get RESOURCE_EXHAUSTED with a retry
+    # hint (gateway/memory.py) instead of failing at the limit; 0 turns the guard off.
+    redis_memory_high_water: float = 0.85
     # Most jobs queued or in flight per head stream before calls for that head get
     # RESOURCE_EXHAUSTED; lower it to shed load sooner, raise it to absorb longer bursts.
     max_backlog: int = 10_000
@@ -99,6 +104,9 @@ class GatewaySettings:
             ),
             drain_timeout_s=env_int(env, "DRAIN_TIMEOUT_S", d.drain_timeout_s),
             idempotency_ttl_s=env_int(env, "IDEMPOTENCY_TTL_S", d.idempotency_ttl_s, minimum=1),
+            redis_memory_high_water=env_float(
+                env, "REDIS_MEMORY_HIGH_WATER", d.redis_memory_high_water, minimum=0, maximum=1
+            ),
             max_backlog=env_int(env, "MAX_BACKLOG", d.max_backlog, minimum=1),
             backlog_retry_after_ms=env_int(
                 env, "BACKLOG_RETRY_AFTER_MS", d.backlog_retry_after_ms, minimum=1

@@ -4,6 +4,26 @@ All keys start with `taskmux:v1:`; the `v1` changes only if the layout below doe
 Who may run which command on which of these keys is `router.acl` (the Redis ACL users
 `taskmux-gateway` and `taskmux-worker`); a new key or command here needs a grant there.
 
+What one call leaves in Redis, and for how long (Redis memory is bounded by design):
+    job entry           one per job (per distinct text for Analyze) in its job stream;
+                        deleted by the worker (XACK, XDEL) once the reply is written
+    reply entry         one per job in the gateway's reply stream; deleted (XDEL) as
+                        soon as the gateway reads it
+    idempotency record  only for calls with an idempotency_key (the Python client sends
+                        one on every call): a lease of IDEMPOTENCY_LEASE_MS while the
+                        call computes, then the serialized response for
+                        `idempotency_ttl_s` (default 60 s, twice the default client's
+                        30 s retry window); deleted at once if the call fails
+    limit keys          two per limited tenant, not per call: overwritten by each call
+                        and expiring on their own (see Tenant limits)
+So the steady state is the queued and in-flight work plus, for keyed calls, about
+calls/s x `idempotency_ttl_s` x response size (an Embed of one text: a few KB).
+Redis runs with `maxmemory-policy noeviction` (evicting would drop queued jobs). Each
+gateway reads `INFO memory` every `monitor_interval_ms` and, from
+`TASKMUX_REDIS_MEMORY_HIGH_WATER` (default 0.85) of `maxmemory`, answers new calls
+RESOURCE_EXHAUSTED with a retry hint before they write anything (`gateway.memory`); a
+write Redis still refuses for memory (OOM) is answered the same way.
+
 Job streams: `taskmux:v1:tasks:<head>` (one Redis Stream per task head)
     Gateways `XADD` one entry per client request (fields: see `router.messages.Job`).
     Workers read them through the consumer group `taskmux-workers` with one
@@ -54,17 +74,19 @@ Idempotency records: `taskmux:v1:idem:<job kind>:<sha256 hex of tenant NUL key>`
     `SET NX PX` (pending; a lease of `IDEMPOTENCY_LEASE_MS` that the gateway renews
     while the call computes, so a crashed gateway's claim lapses within one lease),
     replaces it with the result
-    (done; TTL `idempotency_ttl_s`, default 600 s) by a script that writes only if the
+    (done; TTL `idempotency_ttl_s`, default 60 s) by a script that writes only if the
     key is absent or holds the same request hash, and on failure deletes its own
     pending record by compare-and-delete, so the next call computes again. Memory:
-    about one response per key per TTL; lower the TTL if clients send many keys.
+    about one response per key per TTL (see above).
 
 Tenant limits: `taskmux:v1:limit:<tenant>:rate` (string) and `...:quota` (hash)
     Written only by gateways, through `gateway.limits.CHARGE_SCRIPT`, for tenants of the
     API keys file that have limits. `rate` holds the tenant's GCRA "theoretical arrival
     time" in ms (Redis clock) and expires once the bucket is full again; `quota` holds
     `window` (the window's index since the epoch) and `used` (text units charged in it),
-    and expires with its window. Deleting either resets that tenant's limit.
+    and expires with its window. Deleting either resets that tenant's limit. A call is
+    charged right before its jobs are queued, and refunded by
+    `gateway.limits.REFUND_SCRIPT` if the queue then refuses them.
 
 Dead letters: `taskmux:v1:dead` (a stream)
     Entries no worker could decode, with the raw fields and the reason, capped at
