@@ -93,8 +93,10 @@ def _write_only(pattern: str) -> str:
 
 GATEWAY = AclUser(
     name="taskmux-gateway",
-    # TIME: the rate limiter uses Redis's clock (gateway/limits.py).
-    keyless=(*CONNECTION_COMMANDS, "script|load", "time"),
+    # TIME: the rate limiter uses Redis's clock (gateway/limits.py). INFO: the memory
+    # guard reads used_memory and maxmemory (gateway/memory.py); it shows server
+    # figures, never keys or values.
+    keyless=(*CONNECTION_COMMANDS, "script|load", "time", "info"),
     grants=(
         # Enqueue script: XLEN for the backlog bound, then XADD (gateway/dispatch.py).
         Grant(("evalsha", "xlen", "xadd"), (TASKS,)),
