@@ -53,7 +53,7 @@ from workers.tracing import JobSpans
 log = logging.getLogger(__name__)
 
 BACKOFF_START_S = 0.1
-BACKOFF_MAX_S = 5.0
+BACKOFF_MAX_S = 2.0
 # Replies wait for Redis to come back; retry often, so they land soon after it does.
 PUBLISH_BACKOFF_MAX_S = 0.5
 INLINE_TOKENIZE_CHARS = 2_000
