@@ -41,7 +41,7 @@ async def test_concurrent_keyed_calls_wait_for_connections_instead_of_failing(
         stub = taskmux_pb2_grpc.TaskMuxStub(channel)
 
         async def call(i: int) -> str:
-            """"" for OK, else the status."""
+            """An empty string for OK, else the status."""
             request = pb.EmbedRequest(texts=TEXTS, idempotency_key=f"pool{max_connections}-{i}")
             try:
                 response = await stub.Embed(request, timeout=120)
