@@ -1,8 +1,9 @@
 """What the deployment serves, and whether Redis is reachable: one watcher loop.
 
-Every `monitor_interval_ms` the watcher reads the head catalog that workers publish,
-keeps the reply stream alive, and sets the gRPC health status: SERVING while Redis
-answers, NOT_SERVING otherwise.
+Every `monitor_interval_ms` the watcher reads the head catalogs of the live workers
+(`router.registry`: two commands, whatever else Redis holds) and sets the gRPC health
+status: SERVING while Redis answers, NOT_SERVING otherwise. The reply stream's TTL is
+the reply router's own loop, so a slow round here never lets it lapse.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ from types import TracebackType
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from gateway.replies import ReplyRouter
-from router import keys
+from router import keys, registry
 from taskmux.health import Health
 from taskmux.lifecycle import cancel_and_wait
 from taskmux.modelrepo.manifest import HeadSpec, Manifest, ModelRepoError
@@ -29,7 +29,6 @@ class CatalogWatcher:
     def __init__(
         self,
         redis: aioredis.Redis,
-        replies: ReplyRouter,
         health: Health,
         *,
         interval_ms: int,
@@ -40,7 +39,6 @@ class CatalogWatcher:
         self.reconnects = 0
         self._ever_ok = False
         self._redis = redis
-        self._replies = replies
         self._health = health
         self._interval_s = interval_ms / 1000
         self._task: asyncio.Task[None] | None = None
@@ -64,10 +62,9 @@ class CatalogWatcher:
         await self._first_check.wait()
 
     async def check(self) -> None:
-        """One round: catalog, reply stream, health."""
+        """One round: catalog and health."""
         try:
             raws = await self._read_catalogs()
-            await self._replies.keep_alive()
         except RedisError as err:
             if self.redis_ok:
                 log.warning("Redis unreachable: %s", err)
@@ -93,12 +90,13 @@ class CatalogWatcher:
 
     async def _read_catalogs(self) -> list[bytes]:
         """Live workers' catalogs, or the last one any worker left when none is alive."""
-        names = [k async for k in self._redis.scan_iter(match=keys.worker_catalog("*"))]
-        raws = [r for r in await self._redis.mget(names) if r] if names else []
-        if not raws:
-            fallback = await self._redis.get(keys.CATALOG_KEY)
-            raws = [fallback] if fallback else []
-        return [r if isinstance(r, bytes) else r.encode() for r in raws]
+        raws = await registry.live_catalogs(self._redis)
+        if raws:
+            return raws
+        fallback = await self._redis.get(keys.CATALOG_KEY)
+        if not fallback:
+            return []
+        return [fallback if isinstance(fallback, bytes) else fallback.encode()]
 
     async def _loop(self) -> None:
         while True:

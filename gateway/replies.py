@@ -2,7 +2,8 @@
 
 Waiting calls never touch Redis themselves: they register a future under their request
 id, and the single reader resolves it when the worker's reply arrives. The first reply
-for an id wins; later ones (duplicates after a redelivery) are dropped.
+for an id wins; later ones (duplicates after a redelivery) are dropped. A second task
+keeps the stream alive (creates it if missing, refreshes its TTL) on its own clock.
 """
 
 from __future__ import annotations
@@ -28,14 +29,21 @@ READ_COUNT = 512
 class ReplyRouter:
     """Owns this gateway's reply stream and the task that reads it."""
 
-    def __init__(self, redis: aioredis.Redis, gateway_id: str, *, ttl_s: int) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, gateway_id: str, *, ttl_s: int, keep_alive_interval_s: float
+    ) -> None:
         self.stream = keys.reply_stream(gateway_id)
         self._redis = redis
         self._ttl_s = ttl_s
+        self._keep_alive_interval_s = keep_alive_interval_s
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._keeper: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> ReplyRouter:
+        # Before any call: a reply to a stream that does not exist yet is dropped.
+        await self._try_keep_alive()
+        self._keeper = asyncio.create_task(self._keep_alive_loop(), name="reply-keep-alive")
         self._reader = asyncio.create_task(self._read_loop(), name="reply-reader")
         return self
 
@@ -46,6 +54,7 @@ class ReplyRouter:
         tb: TracebackType | None,
     ) -> None:
         await cancel_and_wait(self._reader)
+        await cancel_and_wait(self._keeper)
         for future in self._waiting.values():
             future.cancel()
         with contextlib.suppress(RedisError):  # if not, it expires on its own
@@ -68,6 +77,17 @@ class ReplyRouter:
             entry = await self._redis.xadd(self.stream, {"v": "init"})
             await self._redis.xdel(self.stream, entry)
         await self._redis.expire(self.stream, self._ttl_s)
+
+    async def _keep_alive_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._keep_alive_interval_s)
+            await self._try_keep_alive()
+
+    async def _try_keep_alive(self) -> None:
+        try:
+            await self.keep_alive()
+        except RedisError as err:  # the health check reports Redis; retried next round
+            log.warning("could not keep the reply stream alive: %s", err)
 
     async def _read_loop(self) -> None:
         # From the start: the stream is this gateway's own, and read entries are deleted.

@@ -58,10 +58,15 @@ async def serve(
         if settings.health_addr:  # entered early, so it stops after the API drains
             await stack.enter_async_context(health.serving_alone(settings.health_addr))
         replies = await stack.enter_async_context(
-            ReplyRouter(redis, settings.gateway_id, ttl_s=settings.reply_ttl_s)
+            ReplyRouter(
+                redis,
+                settings.gateway_id,
+                ttl_s=settings.reply_ttl_s,
+                keep_alive_interval_s=settings.monitor_interval_ms / 1000,
+            )
         )
         watcher = await stack.enter_async_context(
-            CatalogWatcher(redis, replies, health, interval_ms=settings.monitor_interval_ms)
+            CatalogWatcher(redis, health, interval_ms=settings.monitor_interval_ms)
         )
         await watcher.first_check()  # so the first calls see the real Redis state
         dispatcher = Dispatcher(
@@ -85,6 +90,8 @@ async def serve(
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
+                ("grpc.max_connection_age_ms", settings.max_connection_age_s * 1000),
+                ("grpc.max_connection_age_grace_ms", settings.max_connection_age_grace_s * 1000),
             ],
         )
         metrics = GatewayMetrics(

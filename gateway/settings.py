@@ -44,6 +44,12 @@ class GatewaySettings:
     monitor_interval_ms: int = 1000
     # How long in-flight calls may finish after SIGTERM.
     drain_timeout_s: int = 10
+    # Age at which a client connection is asked to reconnect (HTTP/2 GOAWAY), so that
+    # round-robin clients spread over gateways added since; lower it to rebalance sooner.
+    max_connection_age_s: int = 300
+    # How long calls already on an aged connection may still finish; keep it at least the
+    # longest deadline callers use (default_timeout_ms), or such calls are cut.
+    max_connection_age_grace_s: int = 30
     # How long a result stays bound to its idempotency key. The default client retries only
     # within its call deadline (30 s), so 60 s covers every retry of a call with room to
     # spare; raise it if your clients retry over longer spans. Redis holds about one
@@ -103,6 +109,12 @@ class GatewaySettings:
                 env, "MONITOR_INTERVAL_MS", d.monitor_interval_ms, minimum=50
             ),
             drain_timeout_s=env_int(env, "DRAIN_TIMEOUT_S", d.drain_timeout_s),
+            max_connection_age_s=env_int(
+                env, "MAX_CONNECTION_AGE_S", d.max_connection_age_s, minimum=1
+            ),
+            max_connection_age_grace_s=env_int(
+                env, "MAX_CONNECTION_AGE_GRACE_S", d.max_connection_age_grace_s, minimum=1
+            ),
             idempotency_ttl_s=env_int(env, "IDEMPOTENCY_TTL_S", d.idempotency_ttl_s, minimum=1),
             redis_memory_high_water=env_float(
                 env, "REDIS_MEMORY_HIGH_WATER", d.redis_memory_high_water, minimum=0, maximum=1

@@ -12,8 +12,9 @@ user, so each command a script calls is granted like a direct one, next to `EVAL
 redis-py loads a script the server does not have yet with `SCRIPT LOAD`. `PING` is
 redis-py's idle health check (`router.connection.connect` sends no `CLIENT SETINFO`).
 
-`SCAN` (the gateway's catalog lookup) cannot be limited to keys: it lists key names (not
-values) of the whole database. Give taskmux a Redis of its own, or at least a database.
+Neither user needs `SCAN` (which would list every key name of the database): gateways
+find the live workers' catalogs through the worker registry (`router.registry`). Still,
+give taskmux a Redis of its own, or at least a database.
 
 KEDA's redis-streams scaler (k8s/base/worker-scaling.yaml) only reads the job streams'
 backlog; the operators' admin user may do anything; and the `default` user, which every
@@ -36,6 +37,7 @@ from router import keys
 TASKS = f"~{keys.task_stream('*')}"
 REPLIES = f"~{keys.reply_stream('*')}"
 CATALOGS = f"~{keys.CATALOG_KEY}*"  # the shared catalog and every worker's own
+WORKERS = f"~{keys.WORKERS_KEY}"
 STATS = f"~{keys.worker_stats('*')}"
 IDEMPOTENCY = f"~{keys.PREFIX}idem:*"
 LIMITS = f"~{keys.PREFIX}limit:*"
@@ -102,8 +104,10 @@ GATEWAY = AclUser(
         Grant(("evalsha", "xlen", "xadd"), (TASKS,)),
         # Own reply stream: created, kept alive, read and trimmed (gateway/replies.py).
         Grant(("exists", "xadd", "xdel", "xread", "expire", "del"), (REPLIES,)),
-        # Live workers' catalogs, or the last one left (gateway/catalog.py).
-        Grant(("scan", "get", "mget"), (_read_only(CATALOGS),)),
+        # Live workers' catalogs, or the last one left (gateway/catalog.py) ...
+        Grant(("get", "mget"), (_read_only(CATALOGS),)),
+        # ... found through the registry, which it rids of dead workers (router/registry.py).
+        Grant(("smembers", "srem"), (WORKERS,)),
         # Claims, results and their scripts (gateway/idempotency.py).
         Grant(("evalsha", "get", "set", "del", "pexpire"), (IDEMPOTENCY,)),
         # Per-tenant rate and quota script (gateway/limits.py).
@@ -135,8 +139,10 @@ WORKER = AclUser(
         ),
         # Replies and dead letters; XADD only, and never to a job stream.
         Grant(("xadd",), (_write_only(REPLIES), _write_only(DEAD))),
-        # Publishing its catalog, and deleting it on exit (workers/worker.py).
+        # Publishing its catalog and registering, and undoing both on exit
+        # (router/registry.py).
         Grant(("set", "del"), (_write_only(CATALOGS),)),
+        Grant(("sadd", "srem"), (_write_only(WORKERS),)),
         # Its counters hash (workers/consumer.py).
         Grant(("hincrby", "expire"), (STATS,)),
     ),

@@ -5,6 +5,14 @@ re-issues a blocking XREADGROUP whose BLOCK is longer than the timeout. Every cl
 states its timeouts instead: the socket timeout is always above the longest BLOCK the
 caller uses, and a connection attempt fails fast so callers can answer UNAVAILABLE.
 
+Each process keeps at most `max_connections` connections (`TASKMUX_REDIS_MAX_CONNECTIONS`).
+A command that finds them all busy waits for one to be released, however many calls are
+in flight: redis-py's default pool raises `MaxConnectionsError` instead, which a caller
+cannot tell from a Redis that is down. The wait has no timeout of its own (redis-py's
+`BlockingConnectionPool` would raise a `ConnectionError` on it, the same confusion): it
+is bounded by the commands ahead of it, each bounded by the socket timeout, and a gRPC
+call's wait ends with the call's deadline, which cancels it.
+
 Credentials come from the URL (`redis://user:password@host`) or from
 `TASKMUX_REDIS_USERNAME` and `TASKMUX_REDIS_PASSWORD` / `TASKMUX_REDIS_PASSWORD_FILE`;
 `RedisSettings` takes them out of the URL, so the URL it keeps is safe to print and the
@@ -25,7 +33,7 @@ import redis.asyncio as aioredis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from taskmux.config import Secret, SettingsError, env_secret, env_str, redact_url
+from taskmux.config import Secret, SettingsError, env_int, env_secret, env_str, redact_url
 
 CONNECT_TIMEOUT_S = 1.0
 SCHEMES = ("redis", "rediss", "unix")
@@ -48,6 +56,9 @@ class RedisSettings:
     # PEM client certificate and its key, for servers that require mutual TLS.
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    # Most connections this process opens; commands beyond them wait for a free one.
+    # Raise it if Redis round trips are slow (a distant Redis) and calls queue for one.
+    max_connections: int = 64
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> RedisSettings:
@@ -69,6 +80,7 @@ class RedisSettings:
             tls_ca_file=env_str(env, "REDIS_TLS_CA_FILE", ""),
             tls_cert_file=env_str(env, "REDIS_TLS_CERT_FILE", ""),
             tls_key_file=env_str(env, "REDIS_TLS_KEY_FILE", ""),
+            max_connections=env_int(env, "REDIS_MAX_CONNECTIONS", cls.max_connections, minimum=2),
         )
         settings._check_tls()
         return settings
@@ -135,9 +147,12 @@ def _split_credentials(url: str) -> tuple[str, str, Secret]:
 def connect(
     settings: RedisSettings, *, block_ms: int = 0, command_timeout_s: float = 2.0
 ) -> aioredis.Redis:
-    """A Redis client whose socket timeout exceeds `block_ms` by `command_timeout_s`."""
-    return aioredis.Redis.from_url(
+    """A Redis client whose socket timeout exceeds `block_ms` by `command_timeout_s`, and
+    whose commands wait for a free connection when all `max_connections` are busy."""
+    pool = aioredis.BlockingConnectionPool.from_url(
         settings.url,
+        max_connections=settings.max_connections,
+        timeout=None,  # the wait is bounded by the caller (see the module docstring)
         decode_responses=False,
         protocol=2,  # router.messages parses RESP2 stream replies
         socket_timeout=block_ms / 1000 + command_timeout_s,
@@ -152,3 +167,4 @@ def connect(
         driver_info=None,
         **settings.client_options(),
     )
+    return aioredis.Redis.from_pool(pool)  # closing the client closes the pool

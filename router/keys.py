@@ -44,18 +44,29 @@ Reply streams: `taskmux:v1:replies:<gateway id>` (one per gateway process)
     reply for a gateway that is gone creates nothing, and with an approximate
     `MAXLEN` of `REPLY_STREAM_MAXLEN` as a bound if a gateway stops reading. The
     gateway's single reader task `XREAD`s and `XDEL`s them. The gateway creates the
-    stream at start and refreshes its TTL (`reply_ttl_s`, default 60 s) every second
-    or so; the stream of a dead gateway expires on its own.
+    stream at start and refreshes its TTL (`reply_ttl_s`, default 60 s) every
+    `monitor_interval_ms` (default 1 s), in a loop of its own; the stream of a dead
+    gateway expires on its own.
 
 Catalogs: `taskmux:v1:catalog:<worker id>` and `taskmux:v1:catalog` (strings)
     The JSON model manifest (encoder and heads, without checksums) a worker serves.
     Each worker `SET`s its own key with a TTL of 3 x `catalog_refresh_s`, at start,
-    every `catalog_refresh_s` and right after a hot reload, and deletes it on exit.
-    Gateways serve the union of the live workers' heads, so a head that only some
-    workers have loaded is still accepted and waits in its stream for one of them.
+    every `catalog_refresh_s` and right after a hot reload, and deletes it on exit: the
+    key is the worker's heartbeat. Gateways find the keys through the worker registry
+    (below), never by scanning, and serve the union of the live workers' heads, so a
+    head that only some workers have loaded is still accepted and waits in its stream
+    for one of them.
     The worker also `SET`s the plain `taskmux:v1:catalog` (no TTL): gateways fall
     back to it when no worker is alive, so requests still queue while workers are
     scaled to zero.
+
+Worker registry: `taskmux:v1:workers` (a set of worker ids)
+    Each worker `SADD`s its id whenever it sets its catalog key (right after it) and
+    `SREM`s it on exit. Every `monitor_interval_ms` each gateway reads it (`SMEMBERS`),
+    then the members' catalog keys (one `MGET`), and `SREM`s the ids whose key has
+    expired: workers killed before they could remove themselves. No TTL; it holds at
+    most the live workers plus those that died since a gateway last looked
+    (`router.registry`).
 
 Worker counters: `taskmux:v1:stats:<worker id>` (a hash)
     Running totals per worker process: batches, jobs, encoder_rows (distinct texts
@@ -100,6 +111,7 @@ import hashlib
 PREFIX = "taskmux:v1:"
 WORKER_GROUP = "taskmux-workers"
 CATALOG_KEY = PREFIX + "catalog"
+WORKERS_KEY = PREFIX + "workers"
 DEAD_LETTER_STREAM = PREFIX + "dead"
 DEAD_LETTER_MAXLEN = 10_000
 REPLY_STREAM_MAXLEN = 100_000

@@ -124,7 +124,8 @@ def _run(
     return tally
 
 
-PERSISTENT = (keys.task_stream(""), keys.CATALOG_KEY, keys.DEAD_LETTER_STREAM)
+# The worker registry has no TTL either: gateways remove dead workers' ids from it.
+PERSISTENT = (keys.task_stream(""), keys.CATALOG_KEY, keys.WORKERS_KEY, keys.DEAD_LETTER_STREAM)
 
 
 def _assert_bounded(cluster: Cluster) -> None:

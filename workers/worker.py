@@ -36,7 +36,7 @@ import grpc
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from router import keys
+from router import registry
 from router.messages import ANALYZE_STREAM_HEAD, Reply
 from taskmux.health import Health
 from taskmux.tracing import Tracing
@@ -457,15 +457,12 @@ class Worker:
             self._catalog_changed.set()
 
     async def _catalog_loop(self, stop: asyncio.Event) -> None:
-        own_key = keys.worker_catalog(self.settings.worker_id)
+        worker_id = self.settings.worker_id
         ttl_s = 3 * self.settings.catalog_refresh_s
         while not stop.is_set():
             catalog = self.model.manifest.to_json(with_checksums=False)
             try:
-                pipe = self._redis.pipeline(transaction=False)
-                pipe.set(own_key, catalog, ex=ttl_s)
-                pipe.set(keys.CATALOG_KEY, catalog)
-                await pipe.execute()
+                await registry.publish(self._redis, worker_id, catalog, ttl_s)
             except RedisError as err:
                 self.stats.redis_errors += 1
                 log.warning("publishing the catalog failed: %s", err)
@@ -480,7 +477,7 @@ class Worker:
             changed.cancel()
             stopped.cancel()
         with contextlib.suppress(RedisError):
-            await self._redis.delete(own_key)  # this worker no longer serves anything
+            await registry.withdraw(self._redis, worker_id)  # it no longer serves anything
 
     def _count(self, batch: list[Pulled], result: BatchResult) -> None:
         s = self.stats
