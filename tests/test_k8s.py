@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S_PY = ROOT / ".venv-k8s" / "bin" / "python"
@@ -58,7 +59,7 @@ def changed(rendered: dict[str, str], tmp_path: Path, overlay: str, old: str, ne
 def test_the_manifests_and_dockerfiles_pass_every_check(tmp_path: Path) -> None:
     result = validate("all", "--out", tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "7/7 checks passed" in result.stdout
+    assert "8/8 checks passed" in result.stdout
     assert {p.name for p in tmp_path.glob("*.yaml")} == {"dev.yaml", "gpu.yaml"}
 
 
@@ -71,11 +72,20 @@ def test_the_manifests_and_dockerfiles_pass_every_check(tmp_path: Path) -> None:
         ("schema", "gpu", "containerPort: 50051", "containerPort: grpc", "'grpc' is not of type 'integer'"),
         # KEDA CRD schema: unknown field, metadata value not a string; trigger sanity.
         ("keda", "gpu", "minReplicaCount: 1", "minReplicas: 1", "'minReplicas' was unexpected"),
-        ("keda", "gpu", 'lagCount: "64"', "lagCount: 64", "64 is not of type 'string'"),
+        ("keda", "gpu", 'lagCount: "1"', "lagCount: 1", "1 is not of type 'string'"),
         ("keda", "gpu", "consumerGroup: taskmux-workers", "consumerGroup: workers", "is not 'taskmux-workers'"),
         ("keda", "gpu", "stream: taskmux:v1:tasks:sentiment", "stream: taskmux:v1:tasks:sentimnt", "head 'sentiment' has no lagCount trigger"),
         ("keda", "gpu", "pendingEntriesCount:", "pendingEntries:", "unknown redis-streams metadata key 'pendingEntries'"),
         ("keda", "gpu", "  - key: username\n    name: taskmux-redis-keda\n    parameter: username\n", "", "no Redis username"),
+        # One scaling figure: the formula sums every trigger, per-worker target, AverageValue.
+        ("keda", "gpu", "zero_shot_pending\n        + analyze_lag + analyze_pending", "zero_shot_pending\n        + analyze_lag", "scalingModifiers.formula leaves out the trigger analyze_pending"),
+        ("keda", "gpu", "formula: embed_lag + embed_pending", "formula: embed_lag + embed_lag", "scalingModifiers.formula adds embed_lag 2 times"),
+        ("keda", "gpu", "formula: embed_lag + embed_pending", "formula: max(embed_lag, embed_pending)", "is not a sum of trigger names"),
+        ("keda", "gpu", "name: zero_shot_lag", "name: zero-shot-lag", "name 'zero-shot-lag' is not an identifier"),
+        ("keda", "gpu", "name: zero_shot_lag", "name: zero-shot-lag", "scalingModifiers.formula adds zero_shot_lag, which is not a trigger"),
+        ("keda", "gpu", 'target: "400"', 'target: "0"', "scalingModifiers.target '0' is not a number above 0"),
+        ("keda", "gpu", "metricType: AverageValue", "metricType: Value", "scalingModifiers.metricType is 'Value', not 'AverageValue'"),
+        ("keda", "gpu", 'pendingEntriesCount: "1"', 'pendingEntriesCount: "192"', "the formula's target scales, not this"),
         # Settings, ports and probes against the code.
         ("settings", "dev", "TASKMUX_REDIS_URL: redis:", "TASKMUX_REDIS_URI: redis:", "TASKMUX_REDIS_URI is not a setting the gateway reads"),
         ("settings", "dev", "TASKMUX_REDIS_URL: redis:", "TASKMUX_REDIS_URI: redis:", "required setting TASKMUX_REDIS_URL is not set"),
@@ -84,7 +94,6 @@ def test_the_manifests_and_dockerfiles_pass_every_check(tmp_path: Path) -> None:
         ("settings", "dev", "  TASKMUX_HEALTH_ADDR: '[::]:50052'\n  TASKMUX_LISTEN_ADDR", "  TASKMUX_LISTEN_ADDR", "kubelet's gRPC probes cannot speak TLS"),
         ("settings", "dev", "  TASKMUX_HEALTH_ADDR: '[::]:50052'\n  TASKMUX_LISTEN_ADDR", "  TASKMUX_LISTEN_ADDR", "readinessProbe port 50052 is not 50051"),
         ("settings", "dev", "TASKMUX_INTRA_OP_THREADS: \"1\"", "TASKMUX_INTRA_OP_THREADS: \"4\"", "exceeds the CPU limit"),
-        ("settings", "dev", "terminationGracePeriodSeconds: 120", "terminationGracePeriodSeconds: 30", "is not longer than one XREADGROUP block"),
         ("settings", "dev", "maxmemory-policy noeviction", "maxmemory-policy allkeys-lru", "maxmemory-policy is not noeviction"),
         ("settings", "dev", "appendonly yes", "appendonly no", "appendonly is not yes"),
         # Redis logins: own ACL users, passwords only from mounted Secrets, default user off.
@@ -95,6 +104,11 @@ def test_the_manifests_and_dockerfiles_pass_every_check(tmp_path: Path) -> None:
         ("settings", "dev", "    aclfile /etc/valkey-acl/users.acl\n", "    aclfile /etc/valkey-acl/users.acl\n    requirepass shared\n", "requirepass sets a password for the default user"),
         ("settings", "dev", "valkey-cli -p 6379 --user taskmux-admin ping", "valkey-cli -p 6379 ping", "readinessProbe runs a Redis CLI without --user"),
         ("settings", "gpu", "taskmux/worker-gpu:", "taskmux/worker-cpu:", "not a GPU one"),
+        # Grace periods against the drain timeouts actually set.
+        ("drain", "dev", 'TASKMUX_DRAIN_TIMEOUT_S: "20"', 'TASKMUX_DRAIN_TIMEOUT_S: "28"', "Deployment/taskmux-worker container worker: terminationGracePeriodSeconds 30 is less than preStop sleep 0s + TASKMUX_DRAIN_TIMEOUT_S 28s + 5s margin = 33s"),
+        ("drain", "gpu", "seconds: 5", "seconds: 20", "Deployment/taskmux-gateway container gateway: terminationGracePeriodSeconds 30 is less than preStop sleep 20s + TASKMUX_DRAIN_TIMEOUT_S 10s"),
+        ("drain", "dev", 'TASKMUX_DRAIN_TIMEOUT_S: "10"', 'TASKMUX_DRAIN_TIMEOUT_S: 10s', "TASKMUX_DRAIN_TIMEOUT_S='10s' is not a whole number of seconds"),
+        ("drain", "dev", "sleep:\n              seconds: 5", "exec:\n              command: [sleep, '5']", "preStop is not a plain sleep"),
         # taskmux's own hardening rules.
         ("hardening", "dev", "privileged: false", "privileged: true", "privileged"),
         ("hardening", "dev", "readOnlyRootFilesystem: true", "readOnlyRootFilesystem: false", "readOnlyRootFilesystem is not true"),
@@ -113,6 +127,44 @@ def test_each_check_rejects_a_bad_manifest(
     result = validate(check, changed(rendered, tmp_path, overlay, old, new))
     assert result.returncode == 1, result.stdout + result.stderr
     assert expected in result.stdout, result.stdout
+
+
+@needs_tools
+@pytest.mark.parametrize("component", ["gateway", "worker"])
+def test_drain_check_holds_an_unset_timeout_to_the_codes_default(
+    rendered: dict[str, str], tmp_path: Path, component: str
+) -> None:
+    """Without TASKMUX_DRAIN_TIMEOUT_S a process drains for its settings dataclass's
+    default, so the grace period must outlast that: one second short fails, exact passes."""
+    from gateway.settings import GatewaySettings
+    from workers.settings import WorkerSettings
+
+    default = {
+        "gateway": GatewaySettings().drain_timeout_s,
+        "worker": WorkerSettings().drain_timeout_s,
+    }[component]
+    docs = [doc for doc in yaml.safe_load_all(rendered["dev"]) if doc]
+    for doc in docs:
+        if doc["kind"] == "ConfigMap" and doc["metadata"]["name"].startswith(
+            f"taskmux-{component}-"
+        ):
+            del doc["data"]["TASKMUX_DRAIN_TIMEOUT_S"]
+    (workload,) = (
+        d
+        for d in docs
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == f"taskmux-{component}"
+    )
+    pod = workload["spec"]["template"]["spec"]
+    (container,) = (c for c in pod["containers"] if c["name"] == component)
+    sleep_s = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+    path = tmp_path / "dev.yaml"
+    for grace, fails in ((sleep_s + default + 4, True), (sleep_s + default + 5, False)):
+        pod["terminationGracePeriodSeconds"] = grace
+        path.write_text(yaml.safe_dump_all(docs))
+        result = validate("drain", path)
+        assert result.returncode == int(fails), result.stdout
+        if fails:
+            assert f"TASKMUX_DRAIN_TIMEOUT_S {default}s + 5s margin" in result.stdout
 
 
 @needs_tools

@@ -201,8 +201,15 @@ def redis_keys() -> tuple[str, str]:
 
 
 def shipped_heads() -> list[str]:
-    """Heads every model repository has: embed, plus each committed trained head."""
+    """Heads every model repository has: the built-in ones (each HeadSpec(name=...) of
+    taskmux/modelrepo/build.py: embed, similarity, zero-shot), plus each committed
+    trained head."""
     heads = {"embed"}
+    for node in ast.walk(_parse("taskmux/modelrepo/build.py")):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "HeadSpec":
+            for keyword in node.keywords:
+                if keyword.arg == "name" and isinstance(keyword.value, ast.Constant):
+                    heads.add(str(keyword.value.value))
     for head_json in (ROOT / "taskmux" / "modelrepo" / "trained").glob("*/head.json"):
         data = json.loads(head_json.read_text(encoding="utf-8"))
         heads.add(str(data.get("name") or head_json.parent.name))

@@ -36,9 +36,6 @@ REQUIRED = {
 PORT_SETTING = {"gateway": "TASKMUX_LISTEN_ADDR", "worker": "TASKMUX_HEALTH_ADDR"}
 READINESS_SERVICE = ""  # taskmux/health.py: "" = ready, "liveness" = alive
 LIVENESS_SERVICE = "liveness"
-# Until workers have a drain timeout of their own: the longest a worker may need after
-# SIGTERM to finish and acknowledge the batches it pulled, on top of one XREADGROUP block.
-WORKER_DRAIN_BUDGET_S = 60
 LOGICAL_IMAGES = ("taskmux-gateway", "taskmux-worker", "taskmux-model")
 GPU_RESOURCE = "nvidia.com/gpu"
 # The router/acl.py user each component logs in as.
@@ -53,7 +50,6 @@ def check(objs: list[Obj]) -> Report:
         env = container_env(container, objs, report, where)
         _check_names(name, env, report, where)
         _check_ports_and_probes(workload, name, container, env, objs, report, where)
-        _check_grace(workload, name, container, env, report, where)
         _check_files(workload, container, env, report, where)
         _check_redis_login(name, env, report, where)
         if name == "worker":
@@ -233,32 +229,6 @@ def _check_redis_login(name: str, env: dict[str, Any], report: Report, where: st
         )
     elif not ({"TASKMUX_REDIS_PASSWORD", "TASKMUX_REDIS_PASSWORD_FILE"} & set(env)):
         report.add(where, f"the {name} logs in to Redis as {user} without a password")
-
-
-def _seconds(value: Any, default: int) -> float:
-    return float(value) if isinstance(value, (int, str)) and str(value).isdigit() else default
-
-
-def _check_grace(
-    workload: Obj, name: str, container: Obj, env: dict[str, Any], report: Report, where: str
-) -> None:
-    spec = pod_spec(workload) or {}
-    grace = spec.get("terminationGracePeriodSeconds", 30)
-    pre_stop = (container.get("lifecycle") or {}).get("preStop") or {}
-    sleep_s = (pre_stop.get("sleep") or {}).get("seconds", 0)
-    known = settings_names(name)
-    if name == "gateway":
-        drain = _seconds(
-            env.get("TASKMUX_DRAIN_TIMEOUT_S"), int(known["TASKMUX_DRAIN_TIMEOUT_S"] or 0)
-        )
-        needed = sleep_s + drain
-        what = f"preStop sleep {sleep_s}s + TASKMUX_DRAIN_TIMEOUT_S {drain:g}s"
-    else:
-        block = _seconds(env.get("TASKMUX_BLOCK_MS"), int(known["TASKMUX_BLOCK_MS"] or 0)) / 1000
-        needed = sleep_s + block + WORKER_DRAIN_BUDGET_S
-        what = f"one XREADGROUP block {block:g}s + {WORKER_DRAIN_BUDGET_S}s to finish pulled work"
-    if grace <= needed:
-        report.add(where, f"terminationGracePeriodSeconds {grace} is not longer than {what}")
 
 
 def _cpu(value: Any) -> float | None:

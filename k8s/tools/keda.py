@@ -9,11 +9,18 @@ and does not preserve unknown fields is closed with additionalProperties: false.
 Trigger metadata is a free string map in the CRD, so the redis-streams triggers are
 checked here too: known keys only, the streams and group of router/keys.py, a lag and a
 pending trigger for every job stream the workers read (each head's, and analyze's).
+
+One worker serves every stream, so the workers scale on one figure, the sum of them all:
+advanced.scalingModifiers with a formula that adds up exactly the ScaledObject's triggers
+(each named, an identifier, and marked as an input with a count of "1"), a target per
+worker, and metricType AverageValue.
 """
 
 from __future__ import annotations
 
 import copy
+import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +37,13 @@ REDIS_STREAMS_KEYS = {
     "streamLength", "lagCount", "activationLagCount", "enableTLS", "unsafeSsl", "databaseIndex",
 }  # fmt: skip
 COUNT_KEYS = ("pendingEntriesCount", "streamLength", "lagCount", "activationLagCount")
+# Under scalingModifiers the HPA gets one metric, the formula's value against its target. A
+# trigger's count key still picks what the scaler reads (lag, pending), but is no target:
+# "1" marks the trigger as an input of the formula, so nobody reads it as one.
+TARGET_KEYS = ("pendingEntriesCount", "streamLength", "lagCount")
+INPUT_MARK = "1"
+# A trigger's name is a variable of the formula (expr-lang): "embed-lag" would subtract.
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def load_schemas(folder: Path) -> dict[tuple[str, str], Obj]:
@@ -111,8 +125,15 @@ def _check_scaled_object(obj: Obj, objs: list[Obj], report: Report) -> None:
     stream_prefix, group = redis_keys()
     lag_heads: set[str] = set()
     pending_heads: set[str] = set()
+    names: list[str] = []
     for i, trigger in enumerate(spec.get("triggers") or []):
         at = f"{where} trigger {trigger.get('name') or i}"
+        name = str(trigger.get("name") or "")
+        names.append(name)
+        if not IDENTIFIER.fullmatch(name):
+            report.add(
+                at, f"name {name!r} is not an identifier the scalingModifiers formula can use"
+            )
         auth = trigger.get("authenticationRef") or {}
         auth_obj = None
         if auth:
@@ -127,6 +148,17 @@ def _check_scaled_object(obj: Obj, objs: list[Obj], report: Report) -> None:
         for key in COUNT_KEYS:
             if key in meta and not str(meta[key]).isdigit():
                 report.add(at, f"{key}={meta[key]!r} is not a whole number")
+        for key in TARGET_KEYS:
+            if key in meta and str(meta[key]) != INPUT_MARK:
+                report.add(
+                    at,
+                    f"{key}={meta[key]!r}: the formula's target scales, not this; set "
+                    f"{INPUT_MARK!r} to mark the trigger as an input of the formula",
+                )
+        if "activationLagCount" in meta:
+            report.add(
+                at, "activationLagCount is ignored under scalingModifiers (activationTarget)"
+            )
         params = {
             p.get("parameter")
             for p in (auth_obj or {}).get("spec", {}).get("secretTargetRef") or []
@@ -158,3 +190,52 @@ def _check_scaled_object(obj: Obj, objs: list[Obj], report: Report) -> None:
             report.add(where, f"head {head!r} has no lagCount trigger (scaling from zero)")
         if head not in pending_heads:
             report.add(where, f"head {head!r} has no pendingEntriesCount trigger (work in flight)")
+    _check_scaling_modifiers(spec, names, report, where)
+
+
+def _check_scaling_modifiers(spec: Obj, names: list[str], report: Report, where: str) -> None:
+    """One figure for the HPA: the sum of every trigger, against a per-worker target."""
+    modifiers = (spec.get("advanced") or {}).get("scalingModifiers")
+    if not modifiers:
+        report.add(
+            where,
+            "no advanced.scalingModifiers: the HPA would follow the largest trigger, "
+            "not the whole backlog one worker serves",
+        )
+        return
+    formula = str(modifiers.get("formula") or "")
+    terms = [term.strip() for term in formula.split("+")]
+    if not all(IDENTIFIER.fullmatch(term) for term in terms):
+        report.add(where, f"scalingModifiers.formula {formula!r} is not a sum of trigger names")
+    else:
+        for term, count in sorted(Counter(terms).items()):
+            if count > 1:
+                report.add(where, f"scalingModifiers.formula adds {term} {count} times")
+        for term in sorted(set(terms) - set(names)):
+            report.add(where, f"scalingModifiers.formula adds {term}, which is not a trigger")
+        for name in sorted(set(names) - set(terms)):
+            report.add(where, f"scalingModifiers.formula leaves out the trigger {name}")
+    target = _number(modifiers.get("target"))
+    if target is None or target <= 0:
+        report.add(
+            where,
+            f"scalingModifiers.target {modifiers.get('target')!r} is not a number above 0 "
+            "(jobs per worker)",
+        )
+    if modifiers.get("metricType") != "AverageValue":
+        report.add(
+            where,
+            f"scalingModifiers.metricType is {modifiers.get('metricType')!r}, not "
+            "'AverageValue': the target must be per worker (KEDA's fallback needs it too)",
+        )
+    activation = modifiers.get("activationTarget")
+    low = _number(activation) if activation is not None else 0.0
+    if low is None or low < 0:
+        report.add(where, f"scalingModifiers.activationTarget {activation!r} is not a number >= 0")
+
+
+def _number(value: object) -> float | None:
+    try:
+        return float(str(value))
+    except ValueError:
+        return None

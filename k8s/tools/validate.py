@@ -6,9 +6,10 @@ Run with the interpreter of .venv-k8s (the tools live next to it):
     .venv-k8s/bin/python k8s/tools/validate.py render     # rendered overlays into build/k8s
     .venv-k8s/bin/python k8s/tools/validate.py CHECK FILE...   # one check on given files
 
-Checks: schema (kubernetes-validate --strict, per Kubernetes version), keda (CRD schemas
-and trigger sanity), settings (manifests against the code's settings, ports and probes),
-hardening (taskmux's pod and NetworkPolicy rules), checkov (with k8s/policy/waivers.yaml),
+Checks: schema (kubernetes-validate --strict, per Kubernetes version), keda (CRD schemas,
+trigger sanity, one summed scaling figure), settings (manifests against the code's
+settings, ports and probes), drain (grace periods against the drain timeouts), hardening
+(taskmux's pod and NetworkPolicy rules), checkov (with k8s/policy/waivers.yaml),
 dockerfiles (paths, ports, entry points) and hadolint. Exit status 1 if any fails.
 """
 
@@ -23,11 +24,14 @@ from pathlib import Path
 
 import consistency
 import dockerfiles
+import drain
 import keda
 import policy
 from common import OVERLAYS, ROOT, Obj, Report, load_objects, ref
 
-CHECKS = ("schema", "keda", "settings", "hardening", "checkov", "dockerfiles", "hadolint")
+CHECKS = (
+    "schema", "keda", "settings", "drain", "hardening", "checkov", "dockerfiles", "hadolint",
+)  # fmt: skip
 DEFAULT_VERSIONS = ["1.33.0", "1.37.0"]
 DOCKERFILES = sorted((ROOT / "docker").glob("*.Dockerfile"))
 HADOLINT_CONFIG = ROOT / "docker" / "hadolint.yaml"
@@ -131,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         "schema": lambda: schema(manifests, versions),
         "keda": lambda: _per_file(manifests, lambda objs: keda.check(objs, args.keda_schemas)),
         "settings": lambda: _per_file(manifests, consistency.check),
+        "drain": lambda: _per_file(manifests, drain.check),
         "hardening": lambda: _per_file(manifests, policy.hardening),
         "checkov": lambda: policy.checkov(manifests, args.waivers),
         "dockerfiles": lambda: dockerfiles.check(docker),
