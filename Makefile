@@ -56,7 +56,8 @@ bench: $(MODEL_REPO)/manifest.json ## Full system vs raw ONNX Runtime vs one enc
 NODE_CLIENT := tests/interop/node
 $(NODE_CLIENT)/node_modules/.package-lock.json: $(NODE_CLIENT)/package-lock.json
 	@if command -v npm >/dev/null; then cd $(NODE_CLIENT) && npm ci --no-audit --no-fund --silent; \
-	else echo "npm not found: the grpc-js interop test will be skipped"; fi
+	elif [ -n "$(filter true 1,$(CI))" ]; then echo "npm not found: apt-get install nodejs npm (.ci/run does)"; exit 1; \
+	else echo "npm not found: the grpc-js interop tests will be skipped"; fi
 
 interop-deps: $(NODE_CLIENT)/node_modules/.package-lock.json ## Install the Node.js interop client (grpc-js)
 

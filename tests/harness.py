@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from taskmux.local import (
@@ -167,3 +171,62 @@ def wait_for_catalog(target: str, model_repo: Path, timeout_s: float = 60) -> No
     """Wait until the gateway at `target` lists every head of `model_repo`."""
     expected = {h.name for h in load_manifest(model_repo, verify=False).heads}
     wait_until(lambda: listed_heads(target) == expected, timeout_s, f"catalog {sorted(expected)}")
+
+
+class Background:
+    """Runs `target(stop)` in a thread for the body of a `with`. On exit it sets `stop`,
+    joins the thread and re-raises what the thread raised, so a failure there fails the
+    test instead of vanishing with the thread."""
+
+    def __init__(
+        self, target: Callable[[threading.Event], None], *, name: str, join_timeout_s: float = 90
+    ) -> None:
+        self.done = threading.Event()
+        self._target = target
+        self._join_timeout_s = join_timeout_s
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name)
+
+    def _run(self) -> None:
+        try:
+            self._target(self.done)
+        except BaseException as err:  # re-raised in the test's thread by __exit__
+            self._error = err
+
+    def __enter__(self) -> Background:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.done.set()
+        self._thread.join(self._join_timeout_s)
+        if self._thread.is_alive():
+            raise AssertionError(f"{self._thread.name} still runs {self._join_timeout_s}s on")
+        if self._error is not None:
+            raise self._error
+
+
+def in_ci() -> bool:
+    """True under CI=true (as CI services and .ci/run set it)."""
+    return os.environ.get("CI", "").lower() in ("true", "1")
+
+
+def missing(prerequisite: str) -> NoReturn:
+    """A prerequisite is not installed: a skip on a laptop, a failure under CI=true, whose
+    job is to install everything. `prerequisite` says what to install and how."""
+    message = f"missing prerequisite: {prerequisite}"
+    if in_ci():
+        pytest.fail(f"{message} (CI=true: nothing may be skipped)")
+    pytest.skip(message)
+
+
+NODE_CLIENT = Path(__file__).parent / "interop" / "node"
+
+
+def require_node_client() -> Path:
+    """The grpc-js interop client's folder, once node and its packages are installed."""
+    if shutil.which("node") is None:
+        missing("node: apt-get install nodejs npm (.ci/run does), then make interop-deps")
+    if not (NODE_CLIENT / "node_modules").is_dir():
+        missing("tests/interop/node/node_modules: run `make interop-deps` (npm ci there)")
+    return NODE_CLIENT

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -30,7 +28,7 @@ from taskmux_client import (
     UnauthenticatedError,
 )
 from tests.certs import Pki, make_pki
-from tests.harness import Cluster, wait_until
+from tests.harness import Cluster, require_node_client, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -274,15 +272,11 @@ def test_loadtest_with_a_key_and_mtls(
 
 # --- another language ----------------------------------------------------------------------
 
-NODE_CLIENT = Path(__file__).parent / "interop" / "node"
 
-
-@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
 def test_a_grpc_js_client_with_mtls_keys_and_retry_hints(target: str, pki: Pki) -> None:
     """grpc-js, from protos/ alone: mutual TLS, bearer keys, and the retry hint of a
     rate-limited call, read from the trailers as any gRPC client can."""
-    if not (NODE_CLIENT / "node_modules").is_dir():
-        pytest.fail("run `make interop-deps` (npm ci in tests/interop/node) first")
+    node_client = require_node_client()
     env = {
         **os.environ,
         "TASKMUX_API_KEY": ALL_KEY,
@@ -290,7 +284,7 @@ def test_a_grpc_js_client_with_mtls_keys_and_retry_hints(target: str, pki: Pki) 
         "TASKMUX_LIMITED_KEY": LIMITED_KEY,
     }
     run = subprocess.run(
-        ["node", str(NODE_CLIENT / "client.mjs"), target, "--secure", str(pki.dir)],
+        ["node", str(node_client / "client.mjs"), target, "--secure", str(pki.dir)],
         capture_output=True,
         text=True,
         timeout=120,

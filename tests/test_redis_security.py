@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -29,7 +28,15 @@ from taskmux.modelrepo.manifest import load_manifest
 from taskmux.v1 import taskmux_pb2 as pb
 from taskmux.v1 import taskmux_pb2_grpc
 from tests.certs import make_pki
-from tests.harness import Cluster, Proc, health_status, serving, wait_for_catalog, wait_until
+from tests.harness import (
+    Cluster,
+    Proc,
+    health_status,
+    missing,
+    serving,
+    wait_for_catalog,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -310,10 +317,7 @@ def _tls_redis_binary(workdir: Path) -> str:
     name it is started by contains redis-server."""
     found = shutil.which("redis-check-rdb")
     if not found:
-        message = "no TLS-capable Redis: apt-get install redis-tools (.ci/run does)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing("a TLS-capable Redis: apt-get install redis-tools (.ci/run does)")
     link = workdir / "redis-server"
     link.symlink_to(found)
     return str(link)

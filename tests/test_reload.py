@@ -22,7 +22,7 @@ from taskmux.modelrepo.manifest import (
 )
 from taskmux.v1 import taskmux_pb2 as pb
 from taskmux.v1 import taskmux_pb2_grpc
-from tests.harness import Cluster, serving, wait_until
+from tests.harness import Background, Cluster, serving, wait_until
 from workers.model import LoadedModel
 from workers.reload import reload_heads
 from workers.settings import WorkerSettings
@@ -75,7 +75,6 @@ def test_reload_swaps_in_a_new_object_and_refuses_broken_heads(repo: Path) -> No
 @pytest.mark.integration
 def test_heads_hot_reload_under_live_traffic(repo: Path, tmp_path: Path) -> None:
     cluster = Cluster(repo, tmp_path)
-    stop = threading.Event()
     errors: list[str] = []
     answered = 0
     try:
@@ -86,7 +85,7 @@ def test_heads_hot_reload_under_live_traffic(repo: Path, tmp_path: Path) -> None
         stub = taskmux_pb2_grpc.TaskMuxStub(grpc.insecure_channel(target))
         wait_until(lambda: _heads(stub) >= {SOURCE_HEAD}, 60, "catalog")
 
-        def traffic() -> None:
+        def traffic(stop: threading.Event) -> None:
             nonlocal answered
             while not stop.is_set():
                 try:
@@ -97,25 +96,26 @@ def test_heads_hot_reload_under_live_traffic(repo: Path, tmp_path: Path) -> None
                 except grpc.RpcError as err:
                     errors.append(f"{err.code()}: {err.details()}")
 
-        thread = threading.Thread(target=traffic)
-        thread.start()
+        with Background(traffic, name="traffic"):
+            publish_head(repo, "mood", "1", ("sad", "happy"))
+            wait_until(lambda: "mood" in _heads(stub), 20, "the new head in ListTasks")
+            assert _classify(stub, "mood").head_version == "1"
 
-        publish_head(repo, "mood", "1", ("sad", "happy"))
-        wait_until(lambda: "mood" in _heads(stub), 20, "the new head in ListTasks")
-        assert _classify(stub, "mood").head_version == "1"
+            publish_head(repo, "mood", "2", ("gloomy", "cheerful"))
+            wait_until(lambda: _classify(stub, "mood").head_version == "2", 20, "version 2 served")
+            assert _classify(stub, "mood").results[0].label in {"gloomy", "cheerful"}
 
-        publish_head(repo, "mood", "2", ("gloomy", "cheerful"))
-        wait_until(lambda: _classify(stub, "mood").head_version == "2", 20, "version 2 served")
-        assert _classify(stub, "mood").results[0].label in {"gloomy", "cheerful"}
-
-        publish_head(repo, "mood", "3", ("x", "y"), checksum="0" * 64)
-        wait_until(lambda: "refusing head mood version 3" in worker.output(), 20, "refusal logged")
-        publish_head(repo, "mood", "4", ("x", "y"), weight=np.zeros((2, 100), np.float32))
-        wait_until(lambda: "refusing head mood version 4" in worker.output(), 20, "refusal logged")
-        assert _classify(stub, "mood").head_version == "2"
-        assert worker.popen.poll() is None
+            publish_head(repo, "mood", "3", ("x", "y"), checksum="0" * 64)
+            wait_until(
+                lambda: "refusing head mood version 3" in worker.output(), 20, "refusal logged"
+            )
+            publish_head(repo, "mood", "4", ("x", "y"), weight=np.zeros((2, 100), np.float32))
+            wait_until(
+                lambda: "refusing head mood version 4" in worker.output(), 20, "refusal logged"
+            )
+            assert _classify(stub, "mood").head_version == "2"
+            assert worker.popen.poll() is None
     finally:
-        stop.set()
         cluster.stop_all()
     assert not errors, errors[:5]
     assert answered > 0
