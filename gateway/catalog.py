@@ -22,6 +22,8 @@ from taskmux.modelrepo.manifest import HeadSpec, Manifest, ModelRepoError
 
 log = logging.getLogger(__name__)
 
+RECHECK_DOWN_S = 0.1
+
 
 class CatalogWatcher:
     """Owns the monitor task; exposes the latest catalog and Redis reachability."""
@@ -102,7 +104,8 @@ class CatalogWatcher:
         while True:
             await self.check()
             self._first_check.set()
-            await asyncio.sleep(self._interval_s)
+            # While Redis is lost, look again soon: calls are refused until it is seen back.
+            await asyncio.sleep(self._interval_s if self.redis_ok else RECHECK_DOWN_S)
 
     async def _set_health(self, ok: bool) -> None:
         self.redis_ok = ok

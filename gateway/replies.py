@@ -103,7 +103,8 @@ class ReplyRouter:
             except RedisError as err:
                 log.warning("reading replies failed (%s); retrying in %.1fs", err, backoff)
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                # Capped low: calls in flight wait for this reader once Redis is back.
+                backoff = min(backoff * 2, 0.5)
                 continue
             for _, entries in stream_entries(response):
                 if not entries:

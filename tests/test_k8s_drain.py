@@ -9,7 +9,6 @@ import signal
 from pathlib import Path
 
 import grpc
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from taskmux.v1 import taskmux_pb2 as pb
@@ -91,11 +90,6 @@ def test_a_worker_gives_up_its_drain_after_the_timeout(model_repo: Path, tmp_pat
         assert "drain took over 1s" in log or "worker stopped" in log, log[-2000:]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="workers/__main__.py keeps readiness SERVING until the drain ends; it should "
-    "call health.stop() when `stop` is set, as the gateway does",
-)
 def test_a_draining_worker_reports_not_serving(model_repo: Path, tmp_path: Path) -> None:
     with Cluster(model_repo, tmp_path) as cluster:
         target, worker = _busy_cluster(cluster, model_repo, drain_timeout_s="20")
