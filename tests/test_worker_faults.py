@@ -225,10 +225,18 @@ def test_calls_in_flight_across_a_redis_restart_are_answered_without_a_retry(
     stub = taskmux_pb2_grpc.TaskMuxStub(channel)
     stub.Embed(pb.EmbedRequest(texts=["warm up"]), timeout=30)
     texts = [f"a long text in flight across a restart {i} " * 40 for i in range(24)]
+    stream = keys.task_stream("embed")
     with ThreadPoolExecutor(len(texts)) as pool:
         # A plain stub: no client retry, one attempt with a 60 s deadline each.
-        calls = [pool.submit(stub.Embed, pb.EmbedRequest(texts=[t]), timeout=60) for t in texts]
-        wait_until(lambda: r.xlen(keys.task_stream("embed")) >= len(texts) // 2, 20, "calls queued")
+        # Every call queued first (the worker paused), then some of them pulled: the
+        # restart catches jobs both queued and held by the worker.
+        worker.popen.send_signal(signal.SIGSTOP)
+        try:
+            calls = [pool.submit(stub.Embed, pb.EmbedRequest(texts=[t]), timeout=60) for t in texts]
+            wait_until(lambda: r.xlen(stream) == len(texts), 20, "every call queued")
+        finally:
+            worker.popen.send_signal(signal.SIGCONT)
+        wait_until(lambda: _pending(r, stream) > 0, 20, "jobs held by the worker")
         redis_proc.popen.send_signal(signal.SIGKILL)
         redis_proc.popen.wait()
         time.sleep(3)
@@ -240,6 +248,10 @@ def test_calls_in_flight_across_a_redis_restart_are_answered_without_a_retry(
     assert all(len(res.embeddings[0].values) == 384 for res in results)
     print(f"redis restart: {len(texts)} calls in flight answered {took:.1f}s after its return")
     assert took < 30, f"calls in flight took {took:.1f}s after Redis returned"
+
+
+def _pending(r: redis.Redis, stream: str) -> int:
+    return int(r.xpending(stream, keys.WORKER_GROUP)["pending"])
 
 
 # --- item 7: drain ---------------------------------------------------------------------
