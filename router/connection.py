@@ -8,10 +8,14 @@ caller uses, and a connection attempt fails fast so callers can answer UNAVAILAB
 Each process keeps at most `max_connections` connections (`TASKMUX_REDIS_MAX_CONNECTIONS`).
 A command that finds them all busy waits for one to be released, however many calls are
 in flight: redis-py's default pool raises `MaxConnectionsError` instead, which a caller
-cannot tell from a Redis that is down. The wait has no timeout of its own (redis-py's
-`BlockingConnectionPool` would raise a `ConnectionError` on it, the same confusion): it
-is bounded by the commands ahead of it, each bounded by the socket timeout, and a gRPC
-call's wait ends with the call's deadline, which cancels it.
+cannot tell from a Redis that is down. Waiters are served in arrival order
+(`FairConnectionPool`, a fair `asyncio.Semaphore` in front of the pool): redis-py's
+`BlockingConnectionPool` wakes waiters through an `asyncio.Condition`, where a newcomer
+can take the released connection first and, on Python 3.11, a cancelled waiter swallows
+its wake-up, so one call could wait forever under load (seen: 2 of 5,592 calls stuck
+until their 120 s client deadline). The wait has no timeout of its own: it is bounded by
+the commands ahead of it, each bounded by the socket timeout, and a gRPC call's wait ends
+with the call's deadline, which cancels it.
 
 Credentials come from the URL (`redis://user:password@host`) or from
 `TASKMUX_REDIS_USERNAME` and `TASKMUX_REDIS_PASSWORD` / `TASKMUX_REDIS_PASSWORD_FILE`;
@@ -23,6 +27,7 @@ worker are in `router.acl`.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,15 +149,38 @@ def _split_credentials(url: str) -> tuple[str, str, Secret]:
     return bare, unquote(parts.username or ""), Secret(unquote(parts.password or ""))
 
 
+class FairConnectionPool(aioredis.ConnectionPool):
+    """A connection pool whose callers wait, first come first served, while all
+    `max_connections` are busy (see the module docstring)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._slots = asyncio.Semaphore(self.max_connections)
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        await self._slots.acquire()
+        try:
+            # redis-py leaves this method unannotated.
+            return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+        except BaseException:
+            self._slots.release()
+            raise
+
+    async def release(self, connection: Any) -> None:
+        try:
+            await super().release(connection)
+        finally:
+            self._slots.release()
+
+
 def connect(
     settings: RedisSettings, *, block_ms: int = 0, command_timeout_s: float = 2.0
 ) -> aioredis.Redis:
     """A Redis client whose socket timeout exceeds `block_ms` by `command_timeout_s`, and
     whose commands wait for a free connection when all `max_connections` are busy."""
-    pool = aioredis.BlockingConnectionPool.from_url(
+    pool = FairConnectionPool.from_url(
         settings.url,
         max_connections=settings.max_connections,
-        timeout=None,  # the wait is bounded by the caller (see the module docstring)
         decode_responses=False,
         protocol=2,  # router.messages parses RESP2 stream replies
         socket_timeout=block_ms / 1000 + command_timeout_s,
