@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ from redis.retry import Retry
 from taskmux.config import Secret, SettingsError, env_int, env_secret, env_str, redact_url
 
 CONNECT_TIMEOUT_S = 1.0
+# Set while this task is inside FairConnectionPool.get_connection.
+_ACQUIRING: ContextVar[bool] = ContextVar("acquiring_redis_connection", default=False)
 SCHEMES = ("redis", "rediss", "unix")
 
 
@@ -159,18 +162,25 @@ class FairConnectionPool(aioredis.ConnectionPool):
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         await self._slots.acquire()
+        token = _ACQUIRING.set(True)
         try:
             # redis-py leaves this method unannotated.
             return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
         except BaseException:
             self._slots.release()
             raise
+        finally:
+            _ACQUIRING.reset(token)
 
     async def release(self, connection: Any) -> None:
+        # Only a connection handed out holds a slot; one that failed while being handed
+        # out (redis-py releases it inside get_connection) gives its slot back there.
+        holds_slot = connection in self._in_use_connections and not _ACQUIRING.get()
         try:
             await super().release(connection)
         finally:
-            self._slots.release()
+            if holds_slot:
+                self._slots.release()
 
 
 def connect(
