@@ -36,7 +36,6 @@ from redis.exceptions import RedisError
 from gateway.errors import DeadlineExceeded, InvalidArgument, from_redis
 from router import keys
 from router.messages import IdempotencyRecord, MalformedMessage
-from taskmux.lifecycle import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +94,7 @@ class Claim:
         self._store = store
         self._release = release
         self._renewer: asyncio.Task[None] | None = None
+        self._done = asyncio.Event()
 
     async def store(self, body: bytes) -> None:
         """Keep the result for later calls with the same key and request, if Redis allows."""
@@ -103,7 +103,7 @@ class Claim:
 
     async def __aenter__(self) -> Claim:
         if self._renew is not None:
-            self._renewer = asyncio.create_task(self._keep_renewing(self._renew))
+            self._renewer = asyncio.create_task(self._keep_renewing(self._renew, self._done))
         return self
 
     async def __aexit__(
@@ -112,18 +112,25 @@ class Claim:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await cancel_and_wait(self._renewer)
+        # Stopped, not cancelled: a renewal command in flight is let finish (within the
+        # socket timeout). Cancelling one inside redis-py could leave the renewer running:
+        # seen as calls answered only at their client deadline under a soak.
+        self._done.set()
+        if self._renewer is not None:
+            await asyncio.shield(self._renewer)
         if self._release is not None:  # not stored: the call failed or was cancelled
             release, self._release = self._release, None
             with contextlib.suppress(RedisError):  # if not, it lapses with the call
                 await asyncio.shield(release())
 
     @staticmethod
-    async def _keep_renewing(renew: Callable[[], Awaitable[None]]) -> None:
-        """Hold the pending claim in short leases while computing: if this gateway dies,
-        the claim lapses within one lease and a retry elsewhere can take the key."""
+    async def _keep_renewing(renew: Callable[[], Awaitable[None]], done: asyncio.Event) -> None:
+        """Hold the pending claim in short leases until `done`: if this gateway dies, the
+        claim lapses within one lease and a retry elsewhere can take the key."""
         while True:
-            await asyncio.sleep(keys.IDEMPOTENCY_LEASE_MS / 3000)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), keys.IDEMPOTENCY_LEASE_MS / 3000)
+                return
             with contextlib.suppress(RedisError):
                 await renew()
 
