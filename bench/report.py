@@ -358,7 +358,10 @@ def workers_lines(run: WorkersRun, provenance: str) -> list[str]:
         f"| {'-' if s.growth_ratio is None else f'{s.growth_ratio:.2f}'} "
         f"| {'yes' if s.plateau else '**no**'} |",
         "",
-        f"At the end Redis held {s.idempotency_records_end} idempotency records, "
+        f"Over the second half used_memory stayed between {_mb(s.second_half_min)} and "
+        f"{_mb(s.second_half_max)} (expiry frees records in waves, so end minus mid-run "
+        f"depends on where the two samples fall). At the end Redis held "
+        f"{s.idempotency_records_end} idempotency records, "
         + (
             f"{s.bytes_per_record:,.0f} bytes each by the growth since the start: at the "
             f"plateau Redis holds about calls/s x TTL x that "

@@ -193,6 +193,8 @@ class Steady:
     growth_first_half: int
     growth_second_half: int
     growth_ratio: float | None  # second half / first half; None if the first did not grow
+    second_half_min: int  # used_memory's range over the second half: how much it swings
+    second_half_max: int  # about its plateau, which end minus mid alone does not show
     idempotency_records_end: int
     bytes_per_record: float | None  # (end - start) / records live at the end
     memory: list[tuple[float, int]]  # (s, used_memory) every MEMORY_SAMPLE_S
@@ -228,6 +230,7 @@ def steady(target: str, url: str, callers: int, soak_s: float, ttl_s: int) -> St
     start, end = series[0][1], series[-1][1]
     mid = next(m for t, m in series if t >= series[-1][0] / 2)
     first, second = mid - start, end - mid
+    second_half = [m for t, m in series if t >= series[-1][0] / 2]
     with redis.Redis.from_url(url) as r:
         records = sum(1 for _ in r.scan_iter(f"{keys.PREFIX}idem:*", count=1000))
     return Steady(
@@ -244,6 +247,8 @@ def steady(target: str, url: str, callers: int, soak_s: float, ttl_s: int) -> St
         growth_first_half=first,
         growth_second_half=second,
         growth_ratio=second / first if first > 0 else None,
+        second_half_min=min(second_half),
+        second_half_max=max(second_half),
         idempotency_records_end=records,
         bytes_per_record=(end - start) / records if records else None,
         memory=series,

@@ -114,6 +114,7 @@ def test_the_workers_part_merges_its_section_and_figures(model_repo: Path, tmp_p
     # Keyed calls: every one left its record (none can have expired in a 4 s run).
     assert steady["idempotency_records_end"] >= steady["ok"]
     assert steady["bytes_per_record"] > 0 and "plateau" in steady
+    assert steady["second_half_min"] <= steady["second_half_max"]
     for figure in (f"{steady['ok']} calls", f"{burst['ok']} calls answered"):
         assert figure in report
     assert (tmp_path / "workers_memory.png").read_bytes()[:4] == b"\x89PNG"
