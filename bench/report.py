@@ -22,12 +22,23 @@ from bench.security import (
     VariantFigures,
     figures,
 )
+from bench.workers import (
+    HELD_SAMPLE_S,
+    MEMORY_SAMPLE_S,
+    STREAM,
+    TEXTS_PER_CALL,
+    WORDS_PER_TEXT,
+    WorkersRun,
+)
 from taskmux.loadtest.report import LoadReport
 
 # Why the ratios are what they are; figures from an instrumented worker on 2026-11-28
 # (one-word Embed, c=1), not from this run.
 NOTES = [
     "## Reading the ratios",
+    "",
+    "Written by hand from earlier runs and an instrumented worker (2026-11-28), not",
+    "recomputed by this run: the figures in this section are not this run's.",
     "",
     "- **Latency at c=1** is the floor closest to failing (+2.8 to +4.1 ms over five",
     "  runs before the gateway left gRPC's EventEngine; see the README). One request",
@@ -298,3 +309,92 @@ def _delta(value: float | None, base: float | None) -> str:
 
 def _ratio(value: float | None, base: float | None) -> str:
     return "-" if value is None or not base else f"{value / base:.2f}x"
+
+
+WORKERS_HEADING = "## Three workers under the default client's load"
+
+
+def workers_lines(run: WorkersRun, provenance: str) -> list[str]:
+    """The report section for bench/workers.py's run."""
+    b, s = run.burst, run.steady
+    lines = [
+        WORKERS_HEADING,
+        "",
+        f"Valkey, {len(run.workers)} workers and one gateway with default settings "
+        f"(`taskmux up --workers {len(run.workers)}`), called through the default Python "
+        f"client (`AsyncTaskMuxClient`: a fresh idempotency key on every call, retries on "
+        f"UNAVAILABLE and hinted RESOURCE_EXHAUSTED) with Embeds of {TEXTS_PER_CALL} texts "
+        f"of {WORDS_PER_TEXT} words. Run on {run.when}, {run.machine}, nproc {run.nproc}; the load "
+        f"generator shares the cores. {provenance}",
+        "",
+        f"**Burst**: {b.callers} callers at once, {b.calls_per_caller} calls each: "
+        f"{b.ok} calls answered in {b.seconds:.1f} s, errors {_counts(b.errors)}, "
+        f"retried attempts {_counts(b.retries)}.",
+        "",
+        "| worker | jobs | share |",
+        "|---|---|---|",
+    ]
+    lines += [f"| `{w}` | {n} | {b.shares[w]:.1%} |" for w, n in sorted(b.jobs.items())]
+    lines += [
+        "",
+        f"Pending entries per worker (XPENDING on `{STREAM}`, every "
+        f"{HELD_SAMPLE_S * 1000:.0f} ms, {b.samples} samples): the most one worker held at "
+        f"once was {b.most_held} jobs, while up to {b.most_outstanding} were outstanding "
+        f"(queued or in flight); over the {b.busy_samples} samples with at least "
+        f"{b.callers // 2} outstanding, one worker held at most "
+        f"{b.worst_held_fraction:.0%} of them.",
+        "",
+        f"**Steady load**: {s.callers} callers back to back for {s.seconds:.0f} s, "
+        f"{s.ok} calls ({s.calls_per_s:.1f} calls/s, {s.calls_per_s * TEXTS_PER_CALL:.0f} "
+        f"texts/s), errors {_counts(s.errors)}, retried attempts {_counts(s.retries)}; "
+        f"idempotency TTL {s.idempotency_ttl_s} s (the gateway's setting). Redis "
+        f"`used_memory`, sampled every {MEMORY_SAMPLE_S:g} s:",
+        "",
+        "| start | mid-run | end | growth, first half | growth, second half "
+        "| second / first | under 15% |",
+        "|---|---|---|---|---|---|---|",
+        f"| {_mb(s.used_memory_start)} | {_mb(s.used_memory_mid)} | {_mb(s.used_memory_end)} "
+        f"| {_mb(s.growth_first_half, sign=True)} | {_mb(s.growth_second_half, sign=True)} "
+        f"| {'-' if s.growth_ratio is None else f'{s.growth_ratio:.2f}'} "
+        f"| {'yes' if s.plateau else '**no**'} |",
+        "",
+        f"Over the second half used_memory stayed between {_mb(s.second_half_min)} and "
+        f"{_mb(s.second_half_max)} (expiry frees records in waves, so end minus mid-run "
+        f"depends on where the two samples fall). At the end Redis held "
+        f"{s.idempotency_records_end} idempotency records, "
+        + (
+            f"{s.bytes_per_record:,.0f} bytes each by the growth since the start: at the "
+            f"plateau Redis holds about calls/s x TTL x that "
+            f"({s.calls_per_s * s.idempotency_ttl_s * s.bytes_per_record / 1e6:.1f} MB here)."
+            if s.bytes_per_record is not None
+            else "so no size per record."
+        ),
+        "",
+        "![used_memory under the steady load](workers_memory.png)",
+        "",
+    ]
+    return lines
+
+
+def write_memory_plot(run: WorkersRun, path: Path) -> None:
+    """used_memory over the steady run, with the idempotency TTL marked."""
+    s = run.steady
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.plot([t for t, _ in s.memory], [m / 1e6 for _, m in s.memory], marker=".")
+    ax.axvline(s.idempotency_ttl_s, ls="--", color="grey", label="idempotency TTL")
+    ax.set_xlabel("seconds into the steady load")
+    ax.set_ylabel("used_memory (MB)")
+    ax.set_title(f"Redis memory, {s.callers} callers, {s.calls_per_s:.0f} calls/s")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _mb(value: int, *, sign: bool = False) -> str:
+    return f"{value / 1e6:+.2f} MB" if sign else f"{value / 1e6:.2f} MB"
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{code} {n}" for code, n in sorted(counts.items())) or "none"

@@ -9,9 +9,13 @@ warm-up excluded:
      1, 8 and 64: `embed` alone, then the same four-head mix through Analyze,
      with the gateway profiled by py-spy during the heaviest run;
   4. what TLS, API keys, per-tenant limits and tracing add to one Embed call, four
-     configurations side by side (bench/security.py).
-`--only security` runs part 4 alone and merges its section into the existing report;
-`--skip security` leaves it out. Only ratios measured in the same run are compared.
+     configurations side by side (bench/security.py);
+  5. three workers behind one gateway under the default client's keyed load: each
+     worker's share of a burst, and Redis memory under a steady load (bench/workers.py).
+Every load sends a fresh idempotency key per call, as the default client does.
+`--only security` (or `--only workers`) runs that part alone and merges its section into
+the existing report; `--skip security` leaves it out. Only ratios measured in the same
+run are compared.
 Timing never decides a test.
 """
 
@@ -27,9 +31,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.raw import RawResult, measure_raw, measure_separate_encoders
-from bench.report import Floors, merge_section, security_lines, write_plot, write_report
+from bench.report import (
+    Floors,
+    merge_section,
+    security_lines,
+    workers_lines,
+    write_memory_plot,
+    write_plot,
+    write_report,
+)
 from bench.security import VARIANTS, figures, run_security
 from bench.system import child_pid, load, profile, running_system, top_frames
+from bench.workers import BURST_CALLERS, BURST_CALLS, SOAK_S, STEADY_CALLERS, run_workers
 from taskmux.loadtest.report import LoadReport
 from taskmux.loadtest.texts import TextGenerator
 from workers.model import LoadedModel
@@ -39,7 +52,7 @@ CONCURRENCY = (1, 8, 64)
 MIX_HEADS = ("embed", "sentiment", "topic", "intent")
 LENGTHS = "6,24,96"  # words: about 8 to 128 tokens
 BATCH_SIZES = (1, 8, 16, 32, 64)
-PARTS = ("system", "security")  # "system": parts 1 to 3, which write a new report
+PARTS = ("system", "security", "workers")  # "system": parts 1 to 3, which write a new report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=PARTS, help="run one part; merge its report section")
     parser.add_argument("--skip", choices=PARTS, action="append", default=[])
     parser.add_argument("--security-rounds", type=int, default=6, metavar="N")
+    parser.add_argument(
+        "--soak-s", type=float, default=SOAK_S, help="workers: seconds of steady load"
+    )
+    parser.add_argument("--steady-callers", type=int, default=STEADY_CALLERS, metavar="N")
+    parser.add_argument("--burst-callers", type=int, default=BURST_CALLERS, metavar="N")
+    parser.add_argument("--burst-calls", type=int, default=BURST_CALLS, metavar="N")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     parts = [args.only] if args.only else [p for p in PARTS if p not in args.skip]
@@ -61,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             return status
     if "security" in parts:
         _security(args, merged=args.only == "security")
+    if "workers" in parts:
+        _workers(args, merged=args.only == "workers")
     print((args.out / "report.md").read_text())
     return 0
 
@@ -142,6 +163,34 @@ def _security(args: argparse.Namespace, *, merged: bool) -> None:
         "spans_gateway_worker": runs.spans,
     }
     results.write_text(json.dumps(data, indent=2, default=str))
+
+
+def _workers(args: argparse.Namespace, *, merged: bool) -> None:
+    """Part 5; its section replaces the report's, and its figures go into results.json."""
+    print("bench: three workers under the default client's keyed load", file=sys.stderr)
+    run = run_workers(
+        args.repo,
+        args.out,
+        soak_s=args.soak_s,
+        steady_callers=args.steady_callers,
+        burst_callers=args.burst_callers,
+        burst_calls=args.burst_calls,
+    )
+    provenance = (
+        "Measured by `python -m bench.run --only workers` and merged into the report of an "
+        "earlier full run: the other sections are not from this run."
+        if merged
+        else "Measured in the same run as the sections above, after them."
+    )
+    write_memory_plot(run, args.out / "workers_memory.png")
+    merge_section(args.out / "report.md", workers_lines(run, provenance))
+    _merge_results(args.out / "results.json", "workers", run.to_dict())
+
+
+def _merge_results(path: Path, key: str, value: object) -> None:
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[key] = value
+    path.write_text(json.dumps(data, indent=2, default=str))
 
 
 def _texts(n: int) -> list[str]:

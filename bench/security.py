@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import secrets
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -35,14 +34,13 @@ from pathlib import Path
 import numpy as np
 import redis
 
-from bench.system import load, running_system
+from bench.system import load, running_system, valkey
 from gateway.auth import hash_key
 from router import keys
 from taskmux.clientargs import ClientSecurity
 from taskmux.devcerts import issue, pem
 from taskmux.loadtest.report import LoadReport
 from taskmux.loadtest.stats import LatencySummary, summarize
-from taskmux.local import free_port, redis_command, wait_for_redis
 from taskmux_client.channel import TLSConfig
 
 TENANT = "bench"
@@ -133,7 +131,7 @@ def deployments(repo: Path, logs: Path, work: Path) -> Iterator[list[Deployment]
     with ExitStack() as stack:
         running = []
         for variant in VARIANTS:
-            url = stack.enter_context(_valkey(work / f"valkey-{variant.name}"))
+            url = stack.enter_context(valkey(work / f"valkey-{variant.name}"))
             security = found.client(variant)
             spans = work / f"stdout-{variant.name}.txt"
             target, _ = stack.enter_context(
@@ -147,22 +145,6 @@ def deployments(repo: Path, logs: Path, work: Path) -> Iterator[list[Deployment]
             )
             running.append(Deployment(variant, target, url, security, spans))
         yield running
-
-
-@contextmanager
-def _valkey(data_dir: Path) -> Iterator[str]:
-    """A Valkey of our own, as `taskmux up` would start, so the bench can read its keys."""
-    data_dir.mkdir()
-    port = free_port()
-    # Fixed argv (the bundled Valkey binary), no shell.
-    server = subprocess.Popen(redis_command(port, data_dir, appendonly=True))  # nosec B603
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        wait_for_redis(url)
-        yield url
-    finally:
-        server.terminate()
-        server.wait(30)
 
 
 @dataclass

@@ -19,10 +19,26 @@ from taskmux.clientargs import ClientSecurity
 from taskmux.loadtest.config import LoadConfig, parse_lengths, parse_mix
 from taskmux.loadtest.report import LoadReport
 from taskmux.loadtest.runner import run_load
-from taskmux.local import free_port
+from taskmux.local import free_port, redis_command, wait_for_redis
 from taskmux.v1 import taskmux_pb2 as pb
 from taskmux.v1 import taskmux_pb2_grpc
 from taskmux_client.channel import auth_metadata, open_channel
+
+
+@contextmanager
+def valkey(data_dir: Path) -> Iterator[str]:
+    """A Valkey of our own, as `taskmux up` would start, so the bench can read its keys."""
+    data_dir.mkdir()
+    port = free_port()
+    # Fixed argv (the bundled Valkey binary), no shell.
+    server = subprocess.Popen(redis_command(port, data_dir, appendonly=True))  # nosec B603
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        wait_for_redis(url)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(30)
 
 
 @contextmanager
@@ -33,12 +49,15 @@ def running_system(
     env: Mapping[str, str] | None = None,
     security: ClientSecurity | None = None,
     stdout: Path | None = None,
+    workers: int = 1,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Valkey, one gateway and one worker, as `make run` starts them; (target, process).
+    """Valkey, one gateway and `workers` workers, as `make run` (`taskmux up --workers N`)
+    starts them; (target, process).
 
     `env` configures them (an existing Valkey, TLS, keys, tracing); `security` is what a
     client needs to reach the gateway then. `stdout`, when given, takes the processes'
-    stdout (where the console trace exporter writes) apart from the log.
+    stdout (where the console trace exporter writes) apart from the log. Ready once the
+    gateway answers an Embed, which takes one worker: wait for the others apart.
     """
     port = free_port()
     child_env = {k: v for k, v in os.environ.items() if k != "TASKMUX_REDIS_URL"}
@@ -55,6 +74,8 @@ def running_system(
                 str(repo),
                 "--port",
                 str(port),
+                "--workers",
+                str(workers),
             ],
             env=child_env,
             stdout=out,
@@ -101,7 +122,8 @@ def load(
     warmup_s: float,
     security: ClientSecurity | None = None,
 ) -> LoadReport:
-    """One closed-loop run."""
+    """One closed-loop run; every call carries a fresh idempotency key, as the default
+    client sends (LoadConfig's default)."""
     security = security or ClientSecurity()
     config = LoadConfig(
         target=target,

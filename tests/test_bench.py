@@ -1,16 +1,19 @@
 """The security bench (bench/security.py) exercises what its report claims, on a tiny run:
 b to d refuse a wrong key, c and d charge the limiter in Redis, d exports spans, a stays
-open; and its section merges into the report without touching the others. No timing."""
+open; and its section merges into the report without touching the others. The workers
+bench (bench/workers.py) runs in miniature and merges its section and figures. No timing."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import grpc
 import pytest
 import redis
 
-from bench.report import merge_section
+from bench.report import WORKERS_HEADING, merge_section
+from bench.run import main as bench_main
 from bench.security import (
     TENANT,
     Deployment,
@@ -84,3 +87,34 @@ def test_a_merged_section_replaces_its_own_and_keeps_the_rest(tmp_path: Path) ->
     report.write_text("# bench\n\n## Security\n\nold\n\n## Profile\n\nkept\n")
     merge_section(report, ["## Security", "", "new", ""])
     assert report.read_text() == "# bench\n\n## Security\n\nnew\n\n## Profile\n\nkept\n"
+
+
+@pytest.mark.integration
+def test_the_workers_part_merges_its_section_and_figures(model_repo: Path, tmp_path: Path) -> None:
+    (tmp_path / "report.md").write_text("# taskmux bench\n\n## Ratios\n\nkept\n")
+    (tmp_path / "results.json").write_text(json.dumps({"raw": {"kept": True}}))
+    code = bench_main([
+        "--repo", str(model_repo), "--out", str(tmp_path), "--only", "workers",
+        "--soak-s", "4", "--steady-callers", "4", "--burst-callers", "12", "--burst-calls", "2",
+    ])  # fmt: skip
+    assert code == 0
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith("# taskmux bench\n\n## Ratios\n\nkept\n\n" + WORKERS_HEADING)
+    assert "--only workers" in report and "nproc" in report
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["raw"] == {"kept": True}
+    workers = results["workers"]
+    burst, steady = workers["burst"], workers["steady"]
+    assert len(workers["workers"]) == 3 and set(burst["shares"]) == set(workers["workers"])
+    assert sum(burst["shares"].values()) == pytest.approx(1.0)
+    assert burst["ok"] == 24 and not burst["errors"] and sum(burst["jobs"].values()) >= 24
+    assert burst["samples"] > 0 and burst["most_outstanding"] >= burst["most_held"]
+    assert steady["ok"] > 0 and not steady["errors"] and steady["calls_per_s"] > 0
+    assert steady["idempotency_ttl_s"] == 60 and len(steady["memory"]) >= 2
+    # Keyed calls: every one left its record (none can have expired in a 4 s run).
+    assert steady["idempotency_records_end"] >= steady["ok"]
+    assert steady["bytes_per_record"] > 0 and "plateau" in steady
+    assert steady["second_half_min"] <= steady["second_half_max"]
+    for figure in (f"{steady['ok']} calls", f"{burst['ok']} calls answered"):
+        assert figure in report
+    assert (tmp_path / "workers_memory.png").read_bytes()[:4] == b"\x89PNG"

@@ -11,11 +11,14 @@ import socket
 import statistics
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 
+from router import keys
 from taskmux.cli import _parser
 from taskmux.cli import main as taskmux_main
 from taskmux.loadtest import (
@@ -140,6 +143,8 @@ def test_cli_options_make_the_config() -> None:
     opened = config_from_args(_args("--rate", "50", "--requests", "100", "--connections", "3"))
     assert (opened.mode, opened.rate, opened.requests, opened.duration_s) == ("open", 50, 100, None)
     assert opened.connections == 3
+    assert closed.idempotency_keys and closed.to_dict()["idempotency_keys"] is True
+    assert not config_from_args(_args("--no-idempotency-keys")).idempotency_keys
     with pytest.raises(ConfigError, match="--rate is for the open loop"):
         config_from_args(_args("--mode", "closed", "--rate", "5"))
 
@@ -279,7 +284,10 @@ def test_progress_redraws_on_a_terminal_and_logs_lines_otherwise() -> None:
 
 
 @pytest.fixture(scope="module")
-def target(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def deployment(
+    model_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str]]:
+    """(gateway address, Redis URL) of a Valkey, one worker and one gateway."""
     cluster = Cluster(model_repo, tmp_path_factory.mktemp("loadtest"))
     try:
         cluster.start_redis()
@@ -287,9 +295,14 @@ def target(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         _, address = cluster.start_gateway()
         wait_until(lambda: serving(address), 30, "gateway SERVING")
         wait_for_catalog(address, model_repo)
-        yield address
+        yield address, cluster.redis_url
     finally:
         cluster.stop_all()
+
+
+@pytest.fixture(scope="module")
+def target(deployment: tuple[str, str]) -> str:
+    return deployment[0]
 
 
 @pytest.mark.integration
@@ -332,6 +345,33 @@ def test_a_request_budget_sends_exactly_that_many(target: str) -> None:
     )  # fmt: skip
     report = asyncio.run(run_load(config))
     assert (report.sent, report.ok) == (30, 30)
+
+
+def _idempotency_records(redis_url: str) -> set[str]:
+    with redis.Redis.from_url(redis_url, decode_responses=True) as client:
+        return set(client.scan_iter(f"{keys.PREFIX}idem:*", count=1000))
+
+
+@pytest.mark.integration
+def test_keyed_load_leaves_one_idempotency_record_per_call_and_unkeyed_none(
+    deployment: tuple[str, str],
+) -> None:
+    target, redis_url = deployment
+    before = _idempotency_records(redis_url)
+    unkeyed = LoadConfig(
+        target=target, concurrency=4, duration_s=None, requests=12, warmup_s=0.0,
+        lengths=parse_lengths("8"), texts_per_request=2, idempotency_keys=False,
+    )  # fmt: skip
+    report = asyncio.run(run_load(unkeyed))
+    assert (report.sent, report.ok) == (12, 12)
+    assert _idempotency_records(redis_url) - before == set()
+    keyed = replace(unkeyed, idempotency_keys=True)
+    assert LoadConfig().idempotency_keys, "keys are the default, as in taskmux_client"
+    report = asyncio.run(run_load(keyed))
+    assert (report.sent, report.ok) == (12, 12)
+    # A fresh key per call, though the 12 calls reuse prebuilt requests: one record each.
+    added = _idempotency_records(redis_url) - before
+    assert len(added) == 12 and all(k.startswith(f"{keys.PREFIX}idem:embed:") for k in added)
 
 
 def test_a_closed_port_gives_unavailable_and_the_run_still_ends() -> None:

@@ -18,6 +18,7 @@ Library use (e.g. from `make bench`)::
         connections=8,              # gRPC channels, one HTTP/2 connection each
         deadline_s=10.0,
         seed=0,
+        idempotency_keys=True,      # a fresh key per call, as taskmux_client sends
     )
     report = asyncio.run(run_load(config))
     print(report.requests_per_s, report.latency.p99_ms, report.errors_by_code)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import random
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -117,6 +118,14 @@ def bind(
     if metadata:
         methods = [functools.partial(method, metadata=metadata) for method in methods]
     return tuple(methods)
+
+
+def keyed(request: Message) -> Message:
+    """A copy of `request` with a fresh idempotency key: one logical call, as the default
+    client (taskmux_client) makes every call. The prebuilt request is left as it is."""
+    copy = type(request)(idempotency_key=uuid.uuid4().hex)
+    copy.MergeFrom(request)  # the prebuilt request has no key, so the fresh one stays
+    return copy
 
 
 async def invoke(method: Method, request: Message, streaming: bool, deadline_s: float) -> None:

@@ -86,6 +86,12 @@ def add_loadtest_command(sub: Any) -> None:
         "--max-outstanding", type=int, default=1024, metavar="N", help="open loop cap (1024)"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--idempotency-keys",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a fresh idempotency key per call, as the Python client sends (on)",
+    )
     p.add_argument("--json", metavar="FILE", help="write the report as JSON ('-': stdout)")
     p.add_argument("--plot", type=Path, metavar="FILE", help="write a PNG of the run")
     p.add_argument("--quiet", action="store_true", help="no progress line")
@@ -132,6 +138,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         deadline_s=args.deadline,
         max_outstanding=args.max_outstanding,
         seed=args.seed,
+        idempotency_keys=args.idempotency_keys,
         tls=security.tls,
         api_key=security.api_key,
     )

@@ -202,6 +202,10 @@ class LoadConfig:
     seed: int = 0
     # Prebuilt requests per mix entry, reused in turn; raise it for less text reuse.
     distinct_requests: int = 256
+    # A fresh idempotency key on every call, as taskmux_client sends by default (the
+    # gateway then keeps each response in Redis for its idempotency TTL); turn it off to
+    # measure calls without that record.
+    idempotency_keys: bool = True
     # TLS to the gateway (a private CA, a client certificate for mutual TLS); None: plaintext.
     tls: TLSConfig | None = None
     # Sent as `authorization: Bearer` on every call when the gateway has a keys file;
@@ -262,6 +266,7 @@ class LoadConfig:
             "max_outstanding": self.max_outstanding if self.mode == "open" else None,
             "seed": self.seed,
             "distinct_requests": self.distinct_requests,
+            "idempotency_keys": self.idempotency_keys,
             "tls": self.tls is not None,
             "api_key_set": self.api_key is not None,
         }

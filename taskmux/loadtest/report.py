@@ -229,7 +229,8 @@ def format_text(report: LoadReport) -> str:
     c = report.config
     who = f"{c.concurrency} callers" if c.mode == "closed" else f"Poisson {c.rate:g} req/s"
     lines = [
-        f"taskmux loadtest: {c.mode} loop, {who}, {c.connections} connection(s) to {c.target}",
+        f"taskmux loadtest: {c.mode} loop, {who}, {c.connections} connection(s) to {c.target}, "
+        f"idempotency keys {'on' if c.idempotency_keys else 'off'}",
         f"measured {report.measured_s:.2f} s after a {c.warmup_s:g} s warm-up "
         f"({report.warmup_calls} warm-up calls left out)"
         + (" - interrupted" if report.interrupted else ""),

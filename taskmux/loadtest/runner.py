@@ -13,6 +13,7 @@ from taskmux.loadtest.calls import (
     Method,
     PreparedTask,
     bind,
+    keyed,
     outcome,
     prepare_tasks,
 )
@@ -112,9 +113,12 @@ class _Run:
     async def call(self, channel: int, task: int, request: int, start: float) -> None:
         """Send one call already counted by `begin`, and record how it ended."""
         prepared = self.tasks[task]
+        message = prepared.requests[request]
+        if self.config.idempotency_keys:
+            message = keyed(message)
         code, details = await outcome(
             self.methods[channel][task],
-            prepared.requests[request],
+            message,
             prepared.streaming,
             self.config.deadline_s,
         )
