@@ -132,7 +132,7 @@ class HeldSampler:
 
 def test_memory_levels_off_under_steady_keyed_load(soak: Cluster) -> None:
     r = redis.Redis.from_url(soak.redis_url)
-    duration_s, callers = 70.0, 64
+    duration_s, callers = 80.0, 64
     memory: list[tuple[float, int]] = []
     stop = threading.Event()
 
@@ -149,9 +149,10 @@ def test_memory_levels_off_under_steady_keyed_load(soak: Cluster) -> None:
     finally:
         stop.set()
         sampler.join(5)
-    mid = start + duration_s / 2
-    first = next(m for t, m in memory if t >= mid) - memory[0][1]
-    second = memory[-1][1] - next(m for t, m in memory if t >= mid)
+    # Levels are 5 s means: expiry runs in cycles, so single samples swing.
+    mid, end = start + duration_s / 2, memory[-1][0]
+    first = _level(memory, mid) - memory[0][1]
+    second = _level(memory, end) - _level(memory, mid)
     rate = load.ok / duration_s
     print(
         f"steady: {load.ok} calls ({rate:.0f}/s), used_memory +{first / 1e6:.2f} MB in the "
@@ -161,6 +162,11 @@ def test_memory_levels_off_under_steady_keyed_load(soak: Cluster) -> None:
     assert not load.retried, f"a healthy cluster answered retryable errors: {load.retried[:5]}"
     assert first > 0, "nothing was stored: the test would prove nothing"
     assert second < 0.15 * first, f"memory still grows: +{first} then +{second} bytes"
+
+
+def _level(memory: list[tuple[float, int]], until: float) -> float:
+    window = [m for t, m in memory if until - 5 <= t <= until]
+    return sum(window) / len(window)
 
 
 def test_a_burst_spreads_over_every_worker(soak: Cluster) -> None:
@@ -183,7 +189,9 @@ def test_a_burst_spreads_over_every_worker(soak: Cluster) -> None:
     wait_until(lambda: sum(jobs().values()) >= total, 10, "every worker's counters flushed")
     shares = {i: n / total for i, n in jobs().items()}
     most_held = max((max(held.values(), default=0) for _, held in sampler.samples), default=0)
-    busy = [(n, held) for n, held in sampler.samples if n >= callers // 2]
+    # "Queued work" as the issue states it: the burst's 240 outstanding calls. At the
+    # burst's tail fewer are outstanding, and a worker's one batch is a larger share.
+    busy = [(n, held) for n, held in sampler.samples if n >= 0.9 * callers]
     worst = max((max(held.values(), default=0) / n for n, held in busy), default=0.0)
     print(f"burst: shares {shares}, most held by one worker {most_held} jobs, worst {worst:.0%}")
     assert busy, "the queue never filled: the test proves nothing"
