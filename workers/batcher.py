@@ -5,7 +5,8 @@ Pulled jobs wait in one queue per head. A batch closes when any of these is reac
 
     token budget   padded tokens (longest text x rows) would pass `max_batch_tokens`
     row cap        texts would pass `max_batch_rows`
-    wait           `max_wait_ms` since the oldest waiting job arrived
+    wait           `max_wait_ms` since the oldest waiting job arrived (default 0: the
+                   worker cuts a batch as soon as its encoder is free)
 
 Heads take turns filling a batch, each taking up to its weight in jobs per turn
 (`task_weights`, default 1), and the head that goes first rotates: a flood of one head
