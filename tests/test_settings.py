@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -93,5 +94,54 @@ def test_bad_redis_settings_name_the_variable_not_the_secret(
     env: dict[str, str], message: str
 ) -> None:
     with pytest.raises(SettingsError, match=message) as info:
+        GatewaySettings.from_env(env)
+    assert "hunter2" not in str(info.value)
+
+
+def test_redis_sentinels_replace_the_url(tmp_path: Path) -> None:
+    secret = tmp_path / "sentinel-password"
+    secret.write_text("s3ntinel\n")
+    env = {
+        "TASKMUX_REDIS_SENTINELS": "10.0.0.5:26379, [::1]:26380,sentinel-2:26381",
+        "TASKMUX_REDIS_USERNAME": "taskmux-worker",
+        "TASKMUX_REDIS_PASSWORD": "hunter2",
+        "TASKMUX_REDIS_SENTINEL_PASSWORD_FILE": str(secret),
+        "TASKMUX_REDIS_TLS": "true",
+    }
+    redis = WorkerSettings.from_env(env).redis
+    assert redis.sentinels == (("10.0.0.5", 26379), ("::1", 26380), ("sentinel-2", 26381))
+    assert redis.master_name == "taskmux"
+    assert redis.sentinel_options()["password"] == "s3ntinel"
+    assert redis.sentinel_options()["ssl"] is True
+    assert redis.client_options()["password"] == "hunter2"
+    assert redis.client_options()["ssl_cert_reqs"] == "required"
+    text = redis.describe()
+    assert text.startswith("sentinel://10.0.0.5:26379,::1:26380,sentinel-2:26381/taskmux ")
+    assert "tls=tls" in text
+    assert "hunter2" not in text + repr(redis) and "s3ntinel" not in text + repr(redis)
+    assert GatewaySettings.from_env({}).redis.sentinels == ()  # the default: a URL
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"TASKMUX_REDIS_SENTINELS": "h:26379", "TASKMUX_REDIS_URL": "redis://h/0"},
+            "TASKMUX_REDIS_URL or TASKMUX_REDIS_SENTINELS, not both",
+        ),
+        ({"TASKMUX_REDIS_SENTINELS": "h"}, "'h' is not host:port"),
+        ({"TASKMUX_REDIS_SENTINELS": "h:0"}, "'h:0' is not host:port"),
+        ({"TASKMUX_REDIS_SENTINELS": "h:port"}, "'h:port' is not host:port"),
+        ({"TASKMUX_REDIS_SENTINELS": "h:1", "TASKMUX_REDIS_TLS": "maybe"}, "must be true or false"),
+        ({"TASKMUX_REDIS_TLS": "true"}, "use a rediss:// URL"),
+        ({"TASKMUX_REDIS_SENTINEL_PASSWORD": "hunter2"}, "need TASKMUX_REDIS_SENTINELS"),
+        (
+            {"TASKMUX_REDIS_SENTINELS": "h:1", "TASKMUX_REDIS_TLS_CA_FILE": __file__},
+            "TASKMUX_REDIS_TLS=true with TASKMUX_REDIS_SENTINELS",
+        ),
+    ],
+)
+def test_bad_sentinel_settings_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=re.escape(message)) as info:
         GatewaySettings.from_env(env)
     assert "hunter2" not in str(info.value)
