@@ -10,7 +10,8 @@ PROTO_OUT := taskmux/v1/taskmux_pb2.py taskmux/v1/taskmux_pb2.pyi taskmux/v1/tas
 	taskmux/v1/taskmux_pb2_grpc.pyi
 
 .DEFAULT_GOAL := help
-.PHONY: help venv proto proto-check model run test lint audit train-heads eval bench interop-deps clean
+.PHONY: help venv proto proto-check model run test lint audit train-heads eval bench interop-deps \
+	images images-smoke clean
 
 help: ## List the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -73,6 +74,13 @@ lint: $(BIN)/.installed ## ruff, mypy, bandit and the dependency audit
 
 audit: $(BIN)/.installed ## pip-audit, failing on anything it could not audit
 	$(BIN)/python -m tools.dependency_audit --strict
+
+# Images without a Docker engine: buildah as root (apt-get install buildah podman debootstrap).
+images: ## Build the gateway and CPU worker images with buildah (README: Images)
+	tools/images.sh build
+
+images-smoke: ## Embed and Classify through the built images and a Valkey (needs make model)
+	MODEL_REPO=$(MODEL_REPO) CLIENT_PYTHON=$(BIN)/python tools/images.sh smoke
 
 clean: ## Remove the venv and the model repository
 	rm -rf $(VENV) $(MODEL_REPO) .mypy_cache .ruff_cache .pytest_cache

@@ -3,7 +3,9 @@
 FROM python:3.11.14-slim-bookworm AS deps
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY docker/requirements/gateway.txt /tmp/requirements.txt
-RUN python -m venv /opt/venv \
+# redis 8 imports async_timeout, which is not installed, on Python below 3.11.3.
+RUN python -c 'import sys; sys.exit(sys.version_info < (3, 11, 3))' \
+    && python -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-deps --require-virtualenv -r /tmp/requirements.txt \
     && /opt/venv/bin/pip uninstall --yes pip
 
