@@ -13,6 +13,12 @@ limits are explained in gateway/limits.py). Tenant names are 1-64 letters, digit
 `_` or `-`: they appear in Redis keys and logs. Keys are never stored or logged in clear;
 `taskmux keys new` makes a key and its line for the file. Health and reflection stay open.
 
+The file is re-read when it changes (`KeysFile`), without a restart: a call checks it at
+most once per `RELOAD_CHECK_S`, so an added tenant's key works, and a removed one's is
+refused, from the first call after that. A file that does not load (malformed, half
+written, deleted) is reported in the log and the last good keys stay in force: a broken
+keys file never turns authentication off.
+
 The interceptor makes the caller's `Tenant` visible to the servicer through `caller()`,
 a context variable scoped to the one call, which the servicer uses to charge limits and
 to keep each tenant's idempotency keys apart.
@@ -26,7 +32,9 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import re
+import time
 import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -48,6 +56,8 @@ PROTECTED_PREFIX = "/taskmux.v1.TaskMux/"
 AUTH_METADATA = "authorization"
 BEARER = "bearer "
 TENANT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# Longest a changed keys file goes unnoticed; each check is one stat() of the file.
+RELOAD_CHECK_S = 1.0
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -89,6 +99,10 @@ class KeyRing:
     def __len__(self) -> int:
         return len(self._tenants)
 
+    def names(self) -> set[str]:
+        """The tenants' names."""
+        return {t.name for t in self._tenants}
+
     def tenant(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Tenant:
         """The tenant whose key the call's metadata carries; Unauthenticated otherwise."""
         value = next((v for k, v in metadata or () if k == AUTH_METADATA), None)
@@ -110,8 +124,16 @@ def load_keys(path: Path) -> KeyRing:
     """Read a JSON or TOML keys file; SettingsError names what is wrong."""
     try:
         text = path.read_text(encoding="utf-8")
-        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
     except (OSError, ValueError) as err:
+        raise SettingsError(f"cannot read API keys file {path}: {err}") from None
+    return parse_keys(path, text)
+
+
+def parse_keys(path: Path, text: str) -> KeyRing:
+    """The keys of `text`, the content of `path` (whose suffix tells TOML from JSON)."""
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except ValueError as err:
         raise SettingsError(f"cannot read API keys file {path}: {err}") from None
     tenants = data.get("tenants") if isinstance(data, dict) else None
     if not isinstance(tenants, dict) or not tenants:
@@ -194,10 +216,79 @@ def request_heads(request: object) -> list[str]:
     return []
 
 
+class KeysFile:
+    """A keys file's KeyRing, re-read when the file changes; the last good one otherwise."""
+
+    def __init__(self, path: Path, *, check_interval_s: float = RELOAD_CHECK_S) -> None:
+        """Load the file; SettingsError if it cannot be (at start, a bad file is fatal)."""
+        self.path = path
+        self._interval_s = check_interval_s
+        try:
+            self._signature: tuple[int, int, int, int] | None = self._stat()
+            self._text = self._read_text()
+        except (OSError, ValueError) as err:
+            raise SettingsError(f"cannot read API keys file {path}: {err}") from None
+        self._keys = parse_keys(path, self._text)
+        self._next_check = time.monotonic() + check_interval_s
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def current(self) -> KeyRing:
+        """The keys in force, after re-reading the file if it changed since the last check."""
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + self._interval_s
+            self._check()
+        return self._keys
+
+    def _check(self) -> None:
+        signature: tuple[int, int, int, int] | None
+        try:
+            signature = self._stat()
+        except OSError as err:
+            signature = None
+            if self._signature is not None:
+                log.error("API keys file: %s; keeping the last good keys", err)
+        if signature is None or signature == self._signature:
+            self._signature = signature
+            return
+        self._signature = signature
+        try:
+            text = self._read_text()
+        except (OSError, ValueError) as err:
+            log.error("API keys file: %s; keeping the last good keys", err)
+            return
+        if text == self._text:
+            return
+        self._text = text
+        try:
+            keys = parse_keys(self.path, text)
+        except SettingsError as err:
+            log.error("API keys not reloaded, keeping the last good keys: %s", err)
+            return
+        old, new = self._keys.names(), keys.names()
+        self._keys = keys
+        log.info(
+            "API keys: %d tenants reloaded from %s (added %s, removed %s)",
+            len(keys),
+            self.path,
+            sorted(new - old) or "none",
+            sorted(old - new) or "none",
+        )
+
+    def _stat(self) -> tuple[int, int, int, int]:
+        st = os.stat(self.path)  # follows symlinks: the file a Secret volume points to now
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _read_text(self) -> str:
+        return self.path.read_text(encoding="utf-8")
+
+
 class ApiKeyInterceptor(_Interceptor):
     """Authenticate every TaskMux call by its key, and check each request's heads."""
 
-    def __init__(self, keys: KeyRing) -> None:
+    def __init__(self, keys: KeysFile) -> None:
         self._keys = keys
 
     async def intercept_service(
@@ -215,7 +306,8 @@ class ApiKeyInterceptor(_Interceptor):
 
         async def authorize(request: object, context: Ctx) -> Tenant:
             try:
-                tenant = keys.tenant(metadata)
+                # The keys in force now: a Pipeline stream of a removed tenant stops too.
+                tenant = keys.current().tenant(metadata)
                 if not isinstance(request, Undecodable):
                     tenant.check_heads(request_heads(request))
             except TaskmuxError as err:
@@ -279,6 +371,6 @@ def auth_interceptors(keys_file: str) -> list[grpc.aio.ServerInterceptor[Any, An
             "head. Set it (and TLS) before exposing this gateway beyond localhost."
         )
         return []
-    keys = load_keys(Path(keys_file))
-    log.info("API keys: %d tenants loaded from %s", len(keys), keys_file)
+    keys = KeysFile(Path(keys_file))
+    log.info("API keys: %d tenants loaded from %s (reloaded when it changes)", len(keys), keys_file)
     return [ApiKeyInterceptor(keys)]

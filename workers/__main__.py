@@ -17,6 +17,7 @@ from taskmux.logs import configure_from_env
 from taskmux.metrics import metrics_endpoint
 from taskmux.modelrepo.manifest import ModelRepoError
 from taskmux.tracing import Tracing
+from workers.encoder import ProviderError
 from workers.metrics import BacklogSampler
 from workers.model import LoadedModel
 from workers.settings import WorkerSettings, settings_from_environ
@@ -89,6 +90,9 @@ def main() -> int:
         asyncio.run(run())
     except ModelRepoError as err:
         log.error("cannot load the model repository: %s", err)
+        return 2
+    except ProviderError as err:
+        log.error("cannot run the encoder on the providers asked for: %s", err)
         return 2
     return 0
 

@@ -4,6 +4,13 @@ The session runs one variant of the encoder (fp32, int8 or fp16, chosen by
 `taskmux.modelrepo.variants.select_variant`); all variants take and give the same tensors,
 so nothing after the session depends on the variant. On CUDA, inputs and outputs go
 through an I/O binding; on CPU the plain `run` is used.
+
+ONNX Runtime lists CUDA whenever the GPU wheel is installed, and a session whose CUDA
+provider cannot start (no driver, a missing cuDNN) quietly runs on CPU. So the providers
+the session really runs are checked against the request (`check_providers`): when the
+settings ask for a GPU (TASKMUX_PROVIDERS naming it, or the fp16 variant) and it is not
+what runs, the worker refuses to start (ProviderError); with "auto" it runs on CPU and
+says so.
 """
 
 from __future__ import annotations
@@ -19,7 +26,15 @@ import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
 from taskmux.modelrepo.manifest import EncoderSpec
-from taskmux.modelrepo.variants import FP32, GPU_PROVIDERS, select_variant
+from taskmux.modelrepo.variants import (
+    AUTO,
+    CPU,
+    FP16,
+    FP32,
+    GPU_PROVIDERS,
+    Selection,
+    select_variant,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +44,57 @@ MIN_PADDING_EFFICIENCY = 0.8
 Floats = npt.NDArray[np.float32]
 
 
+class ProviderError(RuntimeError):
+    """The ONNX Runtime providers the settings ask for are not what runs the session."""
+
+
+def is_auto(requested: Sequence[str]) -> bool:
+    """Whether `requested` leaves the providers to the worker ("auto" or nothing)."""
+    return list(requested) in ([], [AUTO])
+
+
 def choose_providers(requested: Sequence[str]) -> list[str]:
-    """Execution providers to ask ONNX Runtime for; "auto" means CUDA if present, else CPU."""
+    """Execution providers to ask ONNX Runtime for; "auto" means CUDA if present, else CPU.
+
+    Raises ProviderError when a provider named explicitly is not in this ONNX Runtime.
+    """
     available = ort.get_available_providers()
-    if list(requested) in ([], ["auto"]):
-        wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if is_auto(requested):
+        wanted = ["CUDAExecutionProvider", CPU]
         return [p for p in wanted if p in available]
     missing = [p for p in requested if p not in available]
     if missing:
-        raise ValueError(f"ONNX Runtime providers {missing} are not available here: {available}")
+        raise ProviderError(
+            f"TASKMUX_PROVIDERS asks for {missing}, which this ONNX Runtime "
+            f"{ort.__version__} does not have (it has {available}): install the GPU wheel "
+            "(onnxruntime-gpu) and its CUDA libraries, or set TASKMUX_PROVIDERS=auto "
+            "to run on CPU"
+        )
     return list(requested)
+
+
+def check_providers(
+    requested: Sequence[str], variant: str, selection: Selection, active: Sequence[str]
+) -> bool:
+    """Whether the session runs the provider the selection asked for first.
+
+    Raises ProviderError when it does not and the settings require it: providers named
+    explicitly (not "auto"), or the fp16 variant, which needs a GPU. False means "auto"
+    asked for a GPU that did not start: the caller falls back to CPU.
+    """
+    wanted = selection.providers[0]
+    if active and active[0] == wanted:
+        return True
+    if is_auto(requested) and variant != FP16:
+        return False
+    why = "TASKMUX_PROVIDERS names it" if not is_auto(requested) else "encoder variant fp16"
+    raise ProviderError(
+        f"ONNX Runtime was asked for {selection.providers} ({why}) but runs the session on "
+        f"{list(active)}: the {wanted} provider did not start (for CUDA: check the driver, "
+        "the CUDA and cuDNN libraries onnxruntime-gpu needs, and that a GPU is visible to "
+        "the container). Fix that, or set TASKMUX_PROVIDERS=auto and "
+        "TASKMUX_ENCODER_VARIANT=auto to run on CPU"
+    )
 
 
 @dataclass(frozen=True)
@@ -75,22 +131,36 @@ class Encoder:
     ) -> None:
         """Load `variant` ("auto", "fp32", "int8" or "fp16") of the encoder.
 
-        Raises VariantError (a ModelRepoError) when that variant cannot run here.
+        Raises VariantError (a ModelRepoError) when that variant cannot run here, and
+        ProviderError when the providers the settings require are not what runs it.
         """
         self.spec = spec
         self.tokenizer = Tokenizer.from_file(str(repo / spec.tokenizer_file))
         # The packaged tokenizer pads every text to a fixed length; we pad per batch.
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=spec.max_sequence_length)
-        selection = select_variant(variant, spec, choose_providers(providers))
         options = ort.SessionOptions()
         # 0: ONNX Runtime's default, one thread per physical core.
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        selection = select_variant(variant, spec, choose_providers(providers))
         self.session = ort.InferenceSession(
             str(repo / selection.file), options, providers=selection.providers
         )
+        active = self.session.get_providers()
+        if not check_providers(providers, variant, selection, active):
+            log.warning(
+                "the %s provider did not start (ONNX Runtime runs %s): falling back to CPU",
+                selection.providers[0],
+                active,
+            )
+            cpu = select_variant(variant, spec, [CPU])
+            if cpu.file != selection.file:
+                self.session = ort.InferenceSession(
+                    str(repo / cpu.file), options, providers=cpu.providers
+                )
+            selection = cpu
         self._input_names = {i.name for i in self.session.get_inputs()}
         self.provider = self.session.get_providers()[0]
         self.variant = selection.variant

@@ -49,7 +49,8 @@ class LoadedModel:
     @classmethod
     def load(cls, settings: WorkerSettings) -> LoadedModel:
         """Verify checksums, then load the encoder and every head; raises ModelRepoError
-        (VariantError when `settings.encoder_variant` cannot run here)."""
+        (VariantError when `settings.encoder_variant` cannot run here), or ProviderError
+        when the ONNX Runtime providers the settings require do not run the session."""
         repo = Path(settings.model_repo)
         manifest = load_manifest(repo, verify=True)
         encoder = Encoder(
