@@ -165,7 +165,38 @@ KEDA = AclUser(
 # For people, not processes: kubectl exec ... valkey-cli, and Valkey's readiness probe.
 ADMIN = AclUser(name="taskmux-admin", keyless=("@all",), grants=(), patterns=("~*", "&*"))
 
+# Valkey replicas log in to their primary as this user (`masteruser`, k8s/overlays/ha):
+# PSYNC and REPLCONF to replicate, PING to keep the link alive. No keys, no channels.
+REPLICA = AclUser(name="taskmux-replica", keyless=("psync", "replconf", "ping"), grants=())
+
+# Sentinel logs in to every Valkey as this user (`sentinel auth-user`, k8s/overlays/ha):
+# the commands Sentinel's documentation lists, to watch (INFO, ROLE, PING), to talk to the
+# other Sentinels (hello messages on one channel) and to fail over (REPLICAOF in
+# MULTI/EXEC, CONFIG REWRITE, CLIENT KILL of the old primary's clients). No keys.
+SENTINEL = AclUser(
+    name="taskmux-sentinel",
+    keyless=(
+        *CONNECTION_COMMANDS,
+        "info",
+        "role",
+        "multi",
+        "exec",
+        "slaveof",
+        "replicaof",
+        "config|rewrite",
+        "client|setname",
+        "client|kill",
+        "script|kill",
+        "subscribe",
+        "publish",
+    ),
+    grants=(),
+    patterns=("&__sentinel__:hello",),
+)
+
 USERS = (GATEWAY, WORKER, KEDA, ADMIN)
+# The users a replicated set with Sentinel needs on top (k8s/overlays/ha).
+HA_USERS = (REPLICA, SENTINEL)
 # The user a connection is before AUTH: off, so that nothing runs unauthenticated.
 DEFAULT_USER = "default"
 DEFAULT_USER_RULES = ("reset", "off")

@@ -65,8 +65,8 @@ def changed(rendered: dict[str, str], tmp_path: Path, overlay: str, old: str, ne
 def test_the_manifests_and_dockerfiles_pass_every_check(tmp_path: Path) -> None:
     result = validate("all", "--out", tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "8/8 checks passed" in result.stdout
-    assert {p.name for p in tmp_path.glob("*.yaml")} == {"dev.yaml", "gpu.yaml"}
+    assert "10/10 checks passed" in result.stdout
+    assert {p.name for p in tmp_path.glob("*.yaml")} == {"dev.yaml", "gpu.yaml", "ha.yaml"}
 
 
 @needs_tools
@@ -110,6 +110,27 @@ def test_the_manifests_and_dockerfiles_pass_every_check(tmp_path: Path) -> None:
         ("settings", "dev", "    aclfile /etc/valkey-acl/users.acl\n", "    aclfile /etc/valkey-acl/users.acl\n    requirepass shared\n", "requirepass sets a password for the default user"),
         ("settings", "dev", "valkey-cli -p 6379 --user taskmux-admin ping", "valkey-cli -p 6379 ping", "readinessProbe runs a Redis CLI without --user"),
         ("settings", "gpu", "taskmux/worker-gpu:", "taskmux/worker-cpu:", "not a GPU one"),
+        # A worker's startup probe must not wait for Redis (readiness).
+        ("settings", "dev", "startupProbe:\n          failureThreshold: 60\n          grpc:\n            port: 50052\n            service: liveness", "startupProbe:\n          failureThreshold: 60\n          grpc:\n            port: 50052\n            service: ''", "startupProbe asks for health service '', not 'liveness' (readiness needs Redis"),
+        # Valkey: replicas with Sentinel, one disruption at a time, apart, first in line, memory.
+        ("availability", "ha", "replicas: 3", "replicas: 2", "StatefulSet/taskmux-redis: replicas 2 < 3"),
+        ("availability", "gpu", "taskmux.io/single-valkey:", "taskmux.io/other:", "without an annotation taskmux.io/single-valkey"),
+        ("availability", "ha", "containerPort: 26379", "containerPort: 26380", "3 replicas but no Sentinel"),
+        ("availability", "ha", "  maxUnavailable: 1\n  selector:\n    matchLabels:\n      app.kubernetes.io/component: redis", "  maxUnavailable: 2\n  selector:\n    matchLabels:\n      app.kubernetes.io/component: redis", "PodDisruptionBudget/taskmux-redis: maxUnavailable is 2, not 1"),
+        ("availability", "ha", "  maxUnavailable: 1\n  selector:\n    matchLabels:\n      app.kubernetes.io/component: redis", "  maxUnavailable: 1\n  selector:\n    matchLabels:\n      app.kubernetes.io/component: redis-old", "no PodDisruptionBudget selects its pods"),
+        ("availability", "ha", "topologyKey: kubernetes.io/hostname", "topologyKey: example.com/rack", "no pod anti-affinity on kubernetes.io/hostname"),
+        ("availability", "gpu", "topologyKey: topology.kubernetes.io/zone", "topologyKey: example.com/room", "no spread across zones"),
+        ("availability", "gpu", "priorityClassName: taskmux-gateway", "priorityClassName: taskmux-gw", "priorityClassName 'taskmux-gw' is not a PriorityClass here"),
+        ("availability", "dev", "value: 10000\n", "value: 60000\n", "PriorityClass of the gateway: value 50000 is not above the workers' 60000"),
+        ("availability", "gpu", "memory: 1536Mi", "memory: 1Gi", "memory limit 1Gi is not at least twice valkey.conf maxmemory 768mb"),
+        ("availability", "ha", "limits:\n            memory: 1536Mi", "limits:\n            cpu: \"1\"\n            memory: 1536Mi", "CPU limit 1: a throttled single-threaded server"),
+        # Metrics scraped from the monitoring namespace; DNS and OTLP egress.
+        ("monitoring", "dev", "    - port: 9101\n      protocol: TCP", "    - port: 9102\n      protocol: TCP", "worker: no NetworkPolicy admits the monitoring namespace to metrics port 9101"),
+        ("monitoring", "gpu", "port: metrics", "port: http-metrics", "no PodMonitor scrapes its port metrics at /metrics"),
+        ("monitoring", "gpu", "podMetricsEndpoints:", "podMetricEndpoints:", "spec.podMetricEndpoints is not a PodMonitor field"),
+        ("monitoring", "ha", "    - port: 53\n      protocol: UDP", "    - port: 54\n      protocol: UDP", "no egress for DNS (UDP 53)"),
+        ("monitoring", "dev", 'TASKMUX_RELOAD_INTERVAL_MS: "0"', 'TASKMUX_RELOAD_INTERVAL_MS: "0"\n  TASKMUX_TRACE_EXPORTER: otlp\n  TASKMUX_TRACE_ENDPOINT: http://collector.monitoring:4319', "traces over OTLP to port 4319, which no egress rule allows"),
+        ("monitoring", "dev", "    to:\n    - namespaceSelector:\n        matchExpressions:", "    to:\n    - ipBlock:\n        cidr: 0.0.0.0/0\n    - namespaceSelector:\n        matchExpressions:", "OTLP egress [4317, 4318] is open beyond named namespaces"),
         # Grace periods against the drain timeouts actually set.
         ("drain", "dev", 'TASKMUX_DRAIN_TIMEOUT_S: "20"', 'TASKMUX_DRAIN_TIMEOUT_S: "28"', "Deployment/taskmux-worker container worker: terminationGracePeriodSeconds 30 is less than preStop sleep 0s + TASKMUX_DRAIN_TIMEOUT_S 28s + 5s margin = 33s"),
         ("drain", "gpu", "seconds: 5", "seconds: 20", "Deployment/taskmux-gateway container gateway: terminationGracePeriodSeconds 30 is less than preStop sleep 20s + TASKMUX_DRAIN_TIMEOUT_S 10s"),
@@ -119,6 +140,8 @@ def test_the_manifests_and_dockerfiles_pass_every_check(tmp_path: Path) -> None:
         ("hardening", "dev", "privileged: false", "privileged: true", "privileged"),
         ("hardening", "dev", "readOnlyRootFilesystem: true", "readOnlyRootFilesystem: false", "readOnlyRootFilesystem is not true"),
         ("hardening", "dev", "type: RuntimeDefault", "type: Unconfined", "seccompProfile is not RuntimeDefault"),
+        # The monitoring namespace may reach the metrics port, nothing else.
+        ("hardening", "dev", "    - port: 9101\n      protocol: TCP", "    - port: 50052\n      protocol: TCP", "lets traffic from outside the namespace into worker"),
     ],
 )  # fmt: skip
 def test_each_check_rejects_a_bad_manifest(

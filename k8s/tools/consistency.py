@@ -36,6 +36,8 @@ REQUIRED = {
 PORT_SETTING = {"gateway": "TASKMUX_LISTEN_ADDR", "worker": "TASKMUX_HEALTH_ADDR"}
 READINESS_SERVICE = ""  # taskmux/health.py: "" = ready, "liveness" = alive
 LIVENESS_SERVICE = "liveness"
+# A worker's startup probe: SERVING once the process serves health, whatever Redis does.
+STARTUP_SERVICE = LIVENESS_SERVICE
 LOGICAL_IMAGES = ("taskmux-gateway", "taskmux-worker", "taskmux-model")
 GPU_RESOURCE = "nvidia.com/gpu"
 # The router/acl.py user each component logs in as.
@@ -118,7 +120,9 @@ def _check_ports_and_probes(
         "livenessProbe": LIVENESS_SERVICE,
     }
     if name == "worker":
-        wanted["startupProbe"] = READINESS_SERVICE  # covers loading the model
+        # Until the health server answers. Never readiness: it needs Redis, and kubelet
+        # would kill every starting worker while Redis is down.
+        wanted["startupProbe"] = STARTUP_SERVICE
     for probe_name, service in wanted.items():
         probe = container.get(probe_name)
         if probe is None:
@@ -131,10 +135,13 @@ def _check_ports_and_probes(
         if grpc.get("port") != probe_port:
             report.add(where, f"{probe_name} port {grpc.get('port')} is not {probe_port}")
         if grpc.get("service", "") != service:
+            why = ""
+            if probe_name == "startupProbe" and grpc.get("service", "") == READINESS_SERVICE:
+                why = " (readiness needs Redis: a Redis outage would kill starting workers)"
             report.add(
                 where,
                 f"{probe_name} asks for health service {grpc.get('service', '')!r}, "
-                f"not {service!r}",
+                f"not {service!r}{why}",
             )
     labels = pod_labels(workload)
     named_ports = {p.get("name"): p.get("containerPort") for p in container.get("ports") or []}

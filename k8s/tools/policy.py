@@ -22,6 +22,11 @@ WAIVERS = ROOT / "k8s" / "policy" / "waivers.yaml"
 MIN_REASON_CHARS = 20
 # Ingress from outside the namespace: only gateways take it; Redis takes the KEDA operator.
 OUTSIDE_INGRESS = {"gateway": None, "redis": {"kubernetes.io/metadata.name": "keda"}}
+# Prometheus in this namespace may reach a pod's metrics port (its containerPort "metrics").
+MONITORING = {"kubernetes.io/metadata.name": "monitoring"}
+# Containers without a CPU limit by design: the single-threaded Valkey server (check
+# availability requires it to have none).
+NO_CPU_LIMIT = {("redis", "valkey")}
 
 
 def tool(name: str) -> str:
@@ -132,6 +137,9 @@ def hardening(objs: list[Obj]) -> Report:
             resources = container.get("resources") or {}
             for section in ("requests", "limits"):
                 for res in ("cpu", "memory"):
+                    exempt = (component(obj), container.get("name")) in NO_CPU_LIMIT
+                    if section == "limits" and res == "cpu" and exempt:
+                        continue
                     if res not in (resources.get(section) or {}):
                         report.add(at, f"no {res} {section}")
         if obj.get("kind") == "Deployment" and not spec.get("topologySpreadConstraints"):
@@ -155,10 +163,15 @@ def _network(objs: list[Obj], report: Report) -> None:
         if not selecting:
             report.add(ref(obj), "no NetworkPolicy of its own (only the default deny)")
         allowed_outside = OUTSIDE_INGRESS.get(component(obj), False)
+        metrics = _metrics_ports(pod_spec(obj) or {})
         for policy in selecting:
             for rule in policy["spec"].get("ingress") or []:
                 peers = rule.get("from") or [{}]  # no "from" = anyone
+                ports = {p.get("port") for p in rule.get("ports") or []}
                 for peer in peers:
+                    ns_labels = (peer.get("namespaceSelector") or {}).get("matchLabels")
+                    if ns_labels == MONITORING and ports and ports <= metrics:
+                        continue  # Prometheus, to the metrics port only
                     if (
                         "podSelector" in peer
                         and "namespaceSelector" not in peer
@@ -172,6 +185,16 @@ def _network(objs: list[Obj], report: Report) -> None:
                     report.add(
                         ref(policy), f"lets traffic from outside the namespace into {target}"
                     )
+
+
+def _metrics_ports(spec: Obj) -> set[Any]:
+    """Numbers of the containerPorts named "metrics"."""
+    return {
+        p.get("containerPort")
+        for c in spec.get("containers") or []
+        for p in c.get("ports") or []
+        if p.get("name") == "metrics"
+    }
 
 
 def _denies_all(spec: Obj) -> bool:

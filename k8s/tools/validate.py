@@ -8,7 +8,9 @@ Run with the interpreter of .venv-k8s (the tools live next to it):
 
 Checks: schema (kubernetes-validate --strict, per Kubernetes version), keda (CRD schemas,
 trigger sanity, one summed scaling figure), settings (manifests against the code's
-settings, ports and probes), drain (grace periods against the drain timeouts), hardening
+settings, ports and probes), drain (grace periods against the drain timeouts), availability
+(Valkey replicas, PDB, anti-affinity, priorities, memory), monitoring (metrics ingress and
+PodMonitors, DNS and OTLP egress), hardening
 (taskmux's pod and NetworkPolicy rules), checkov (with k8s/policy/waivers.yaml),
 dockerfiles (paths, ports, entry points) and hadolint. Exit status 1 if any fails.
 """
@@ -22,15 +24,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import availability
 import consistency
 import dockerfiles
 import drain
 import keda
+import monitoring
 import policy
 from common import OVERLAYS, ROOT, Obj, Report, load_objects, ref
 
 CHECKS = (
-    "schema", "keda", "settings", "drain", "hardening", "checkov", "dockerfiles", "hadolint",
+    "schema", "keda", "settings", "drain", "availability", "monitoring", "hardening", "checkov",
+    "dockerfiles", "hadolint",
 )  # fmt: skip
 DEFAULT_VERSIONS = ["1.33.0", "1.37.0"]
 DOCKERFILES = sorted((ROOT / "docker").glob("*.Dockerfile"))
@@ -136,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         "keda": lambda: _per_file(manifests, lambda objs: keda.check(objs, args.keda_schemas)),
         "settings": lambda: _per_file(manifests, consistency.check),
         "drain": lambda: _per_file(manifests, drain.check),
+        "availability": lambda: _per_file(manifests, availability.check),
+        "monitoring": lambda: _per_file(manifests, monitoring.check),
         "hardening": lambda: _per_file(manifests, policy.hardening),
         "checkov": lambda: policy.checkov(manifests, args.waivers),
         "dockerfiles": lambda: dockerfiles.check(docker),
