@@ -117,8 +117,12 @@ class RedisSettings:
     def from_env(cls, env: Mapping[str, str]) -> RedisSettings:
         """Settings from `TASKMUX_REDIS_*`; credentials in the URL move out of it."""
         sentinels = _parse_sentinels(env_list(env, "REDIS_SENTINELS", ()))
-        if sentinels and env_str(env, "REDIS_URL", ""):
-            raise SettingsError("set TASKMUX_REDIS_URL or TASKMUX_REDIS_SENTINELS, not both")
+        # With sentinels a URL may still give the user, password and TLS (rediss://); its
+        # host comes from the sentinels instead, and only database 0 is served.
+        if sentinels and urlsplit(env_str(env, "REDIS_URL", "")).path not in ("", "/", "/0"):
+            raise SettingsError(
+                "with TASKMUX_REDIS_SENTINELS, TASKMUX_REDIS_URL must name database 0 or none"
+            )
         tls = _env_bool(env, "REDIS_TLS")
         if tls is not None and not sentinels:
             raise SettingsError(
@@ -158,9 +162,7 @@ class RedisSettings:
 
     @property
     def tls(self) -> bool:
-        if self.sentinels:
-            return self.sentinel_tls
-        return self.url.startswith("rediss://")
+        return self.sentinel_tls or self.url.startswith("rediss://")
 
     @property
     def where(self) -> str:

@@ -122,12 +122,25 @@ def test_redis_sentinels_replace_the_url(tmp_path: Path) -> None:
     assert GatewaySettings.from_env({}).redis.sentinels == ()  # the default: a URL
 
 
+def test_with_sentinels_a_url_still_gives_user_password_and_tls() -> None:
+    """As the k8s `ha` overlay sets it: the base URL stays, the sentinels give the host."""
+    env = {
+        "TASKMUX_REDIS_SENTINELS": "taskmux-redis-sentinel:26379",
+        "TASKMUX_REDIS_URL": "rediss://taskmux-worker:hunter2@taskmux-redis:6379/0",
+    }
+    redis = GatewaySettings.from_env(env).redis
+    assert redis.sentinels == (("taskmux-redis-sentinel", 26379),)
+    assert redis.username == "taskmux-worker" and redis.tls
+    assert redis.client_options()["password"] == "hunter2"
+    assert "hunter2" not in redis.describe()
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [
         (
-            {"TASKMUX_REDIS_SENTINELS": "h:26379", "TASKMUX_REDIS_URL": "redis://h/0"},
-            "TASKMUX_REDIS_URL or TASKMUX_REDIS_SENTINELS, not both",
+            {"TASKMUX_REDIS_SENTINELS": "h:26379", "TASKMUX_REDIS_URL": "redis://h/3"},
+            "TASKMUX_REDIS_URL must name database 0 or none",
         ),
         ({"TASKMUX_REDIS_SENTINELS": "h"}, "'h' is not host:port"),
         ({"TASKMUX_REDIS_SENTINELS": "h:0"}, "'h:0' is not host:port"),
