@@ -9,7 +9,10 @@ from pathlib import Path
 from router.acl import (
     ADMIN,
     GATEWAY,
+    HA_USERS,
     KEDA,
+    REPLICA,
+    SENTINEL,
     USERS,
     WORKER,
     AclUser,
@@ -28,6 +31,8 @@ PASSWORD_OPTIONS = {
     WORKER.name: "--worker-password-file",
     KEDA.name: "--keda-password-file",
     ADMIN.name: "--admin-password-file",
+    REPLICA.name: "--replica-password-file",
+    SENTINEL.name: "--sentinel-password-file",
 }
 
 
@@ -43,13 +48,19 @@ def add_redis_acl_command(sub: argparse._SubParsersAction[argparse.ArgumentParse
         "Redis refuses until it is replaced.",
     )
     cmd.add_argument("--format", choices=("setuser", "aclfile"), default="setuser")
-    for user in USERS:
+    cmd.add_argument(
+        "--ha",
+        action="store_true",
+        help="also print taskmux-replica and taskmux-sentinel, the users a replicated "
+        "Valkey with Sentinel needs (k8s/overlays/ha)",
+    )
+    for user in (*USERS, *HA_USERS):
         cmd.add_argument(PASSWORD_OPTIONS[user.name], type=Path, metavar="FILE", dest=user.name)
     cmd.set_defaults(func=_print_users)
 
 
 def _print_users(args: argparse.Namespace) -> int:
-    for user in USERS:
+    for user in (*USERS, *HA_USERS) if args.ha else USERS:
         print(_line(user, _password_rule(vars(args)[user.name]), args.format))
     # Last, so that SETUSER lines piped to a redis-cli logged in as default all run.
     if args.format == "aclfile":

@@ -99,3 +99,22 @@ def test_readme_shows_the_users_as_the_cli_prints_them() -> None:
     for user in USERS:
         assert aclfile_line(user, "#<sha256-of-password>") in readme
     assert default_user_aclfile_line() in readme
+
+
+def test_cli_adds_the_replication_and_sentinel_users_only_with_ha(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["redis-acl", "--format", "aclfile"]) == 0
+    plain = capsys.readouterr().out
+    assert "taskmux-replica" not in plain and "taskmux-sentinel" not in plain
+    secret = tmp_path / "replica"
+    secret.write_text("r3plica-secret\n", encoding="utf-8")
+    args = ["redis-acl", "--format", "aclfile", "--ha", "--replica-password-file", str(secret)]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    replica = next(line for line in lines if line.startswith("user taskmux-replica "))
+    digest = hashlib.sha256(b"r3plica-secret").hexdigest()
+    assert digest in replica and "r3plica-secret" not in replica
+    assert "+psync" in replica and "~" not in replica  # replication only, no keys
+    assert any(line.startswith("user taskmux-sentinel ") for line in lines)
+    assert lines[-1] == "user default off"
