@@ -112,6 +112,7 @@ async def serve(
         )
         port = add_port(server, settings)
         await server.start()
+        await health.set_started()
         log.info("gateway %s listening on port %d", settings.gateway_id, port)
         await stop.wait()
         log.info("stopping: NOT_SERVING, draining for up to %ds", settings.drain_timeout_s)

@@ -5,6 +5,9 @@ Services a probe can ask for:
                  and for workers the model is loaded). Kubernetes readiness probes use it.
     "liveness"   SERVING while the process runs; it never depends on Redis, so a Redis
                  outage does not get healthy pods restarted. Liveness probes use it.
+    "started"    SERVING once start-up is done (a worker's model is loaded), whatever
+                 Redis does: startup probes use it, so a Redis outage never gets
+                 starting pods killed, and a model load that hangs does.
 Gateways also report readiness under their API's name, "taskmux.v1.TaskMux".
 """
 
@@ -21,6 +24,7 @@ from grpc_health.v1._async import HealthServicer
 log = logging.getLogger(__name__)
 
 LIVENESS = "liveness"
+STARTED = "started"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -36,7 +40,12 @@ class Health:
     async def start(self) -> None:
         """Alive, not yet ready."""
         await self.servicer.set(LIVENESS, SERVING)
+        await self.servicer.set(STARTED, NOT_SERVING)
         await self.set_ready(False)
+
+    async def set_started(self) -> None:
+        """Start-up is done: the startup probe passes from now on."""
+        await self.servicer.set(STARTED, SERVING)
 
     async def set_ready(self, ready: bool) -> None:
         """Publish readiness on every readiness service name."""

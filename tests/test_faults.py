@@ -99,6 +99,9 @@ def test_liveness_ignores_redis_but_readiness_follows_it(cluster: Cluster) -> No
     _, target = cluster.start_gateway()
     for address in (worker.address, target):
         wait_until(lambda a=address: health_status(a, "liveness") == SERVING, 60, "liveness")
+        # The startup probe's service: start-up done (the worker's model loaded), though
+        # Redis is down, so kubelet would not kill a starting pod for a Redis outage.
+        wait_until(lambda a=address: health_status(a, "started") == SERVING, 60, "started")
         assert health_status(address) == NOT_SERVING
     cluster.start_redis()
     for address in (worker.address, target):

@@ -111,7 +111,7 @@ def test_the_manifests_and_dockerfiles_pass_every_check(tmp_path: Path) -> None:
         ("settings", "dev", "valkey-cli -p 6379 --user taskmux-admin ping", "valkey-cli -p 6379 ping", "readinessProbe runs a Redis CLI without --user"),
         ("settings", "gpu", "taskmux/worker-gpu:", "taskmux/worker-cpu:", "not a GPU one"),
         # A worker's startup probe must not wait for Redis (readiness).
-        ("settings", "dev", "startupProbe:\n          failureThreshold: 60\n          grpc:\n            port: 50052\n            service: liveness", "startupProbe:\n          failureThreshold: 60\n          grpc:\n            port: 50052\n            service: ''", "startupProbe asks for health service '', not 'liveness' (readiness needs Redis"),
+        ("settings", "dev", "startupProbe:\n          failureThreshold: 60\n          grpc:\n            port: 50052\n            service: started", "startupProbe:\n          failureThreshold: 60\n          grpc:\n            port: 50052\n            service: ''", "startupProbe asks for health service '', not 'started' (readiness needs Redis"),
         # Valkey: replicas with Sentinel, one disruption at a time, apart, first in line, memory.
         ("availability", "ha", "replicas: 3", "replicas: 2", "StatefulSet/taskmux-redis: replicas 2 < 3"),
         ("availability", "gpu", "taskmux.io/single-valkey:", "taskmux.io/other:", "without an annotation taskmux.io/single-valkey"),

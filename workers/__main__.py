@@ -38,6 +38,7 @@ async def serve(
     async with health.serving_alone(settings.health_addr):
         try:
             model = await asyncio.to_thread(LoadedModel.load, settings)
+            await health.set_started()
             redis = connect(settings.redis, block_ms=settings.block_ms)
             try:
                 log.info("serving heads %s on %s", sorted(model.heads), model.encoder.provider)

@@ -36,8 +36,8 @@ REQUIRED = {
 PORT_SETTING = {"gateway": "TASKMUX_LISTEN_ADDR", "worker": "TASKMUX_HEALTH_ADDR"}
 READINESS_SERVICE = ""  # taskmux/health.py: "" = ready, "liveness" = alive
 LIVENESS_SERVICE = "liveness"
-# A worker's startup probe: SERVING once the process serves health, whatever Redis does.
-STARTUP_SERVICE = LIVENESS_SERVICE
+# A worker's startup probe: SERVING once its model is loaded, whatever Redis does.
+STARTUP_SERVICE = "started"
 LOGICAL_IMAGES = ("taskmux-gateway", "taskmux-worker", "taskmux-model")
 GPU_RESOURCE = "nvidia.com/gpu"
 # The router/acl.py user each component logs in as.
@@ -120,7 +120,7 @@ def _check_ports_and_probes(
         "livenessProbe": LIVENESS_SERVICE,
     }
     if name == "worker":
-        # Until the health server answers. Never readiness: it needs Redis, and kubelet
+        # Until the model is loaded ("started"). Never readiness: it needs Redis, and kubelet
         # would kill every starting worker while Redis is down.
         wanted["startupProbe"] = STARTUP_SERVICE
     for probe_name, service in wanted.items():
