@@ -9,12 +9,34 @@ import os
 import signal
 from typing import Any
 
+log = logging.getLogger(__name__)
 
-async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
-    """Cancel a task this component owns and wait until it has really ended."""
+
+# How often a task that outlives its cancellation is cancelled again, and for how long.
+RECANCEL_EVERY_S = 0.2
+STOP_WAIT_S = 10.0
+
+
+async def cancel_and_wait(task: asyncio.Task[Any] | None, *, wait_s: float = STOP_WAIT_S) -> None:
+    """Cancel a task this component owns and wait until it has really ended.
+
+    The cancellation is repeated until the task ends: a cancellation that lands inside a
+    redis-py command can be lost there (seen on Python 3.11: a loop around Redis calls
+    went on, and shutdown waited for it forever). After `wait_s` the task is left to
+    end on its own and an error is logged, so a stop is always bounded.
+    """
     if task is None:
         return
-    task.cancel()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while not task.done():
+        if loop.time() >= deadline:
+            log.error(
+                "task %s did not end within %.0fs of its cancellation", task.get_name(), wait_s
+            )
+            return
+        task.cancel()
+        await asyncio.wait([task], timeout=RECANCEL_EVERY_S)
     with contextlib.suppress(asyncio.CancelledError):
         await task
 

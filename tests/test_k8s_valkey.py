@@ -19,7 +19,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from router import keys
-from router.acl import ADMIN, GATEWAY, KEDA, USERS, WORKER
+from router.acl import ADMIN, GATEWAY, HA_USERS, KEDA, USERS, WORKER
 from taskmux.aclcli import PASSWORD_OPTIONS
 from taskmux.cli import main as taskmux_cli
 from taskmux.local import free_port, redis_binary, wait_for_redis
@@ -214,8 +214,12 @@ def test_the_k8s_readme_makes_this_aclfile_and_every_secret() -> None:
     readme = (ROOT / "k8s" / "README.md").read_text(encoding="utf-8")
     step = readme[readme.index("### 2. ") : readme.index("### 3. ")]
     assert "taskmux redis-acl --format aclfile" in step
-    for option in PASSWORD_OPTIONS.values():
-        assert option in step
+    for user in USERS:
+        assert PASSWORD_OPTIONS[user.name] in step
+    # The ha overlay's section makes the aclfile again with its two users.
+    ha = readme[readme.index("Three more Secrets") :]
+    for user in HA_USERS:
+        assert PASSWORD_OPTIONS[user.name] in ha
     manifests = [
         doc
         for path in sorted((ROOT / "k8s" / "base").glob("*.yaml"))
