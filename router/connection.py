@@ -44,7 +44,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Mapping
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,8 +67,7 @@ from taskmux.config import (
 )
 
 CONNECT_TIMEOUT_S = 1.0
-# Set while this task is inside FairConnectionPool.get_connection.
-_ACQUIRING: ContextVar[bool] = ContextVar("acquiring_redis_connection", default=False)
+
 SCHEMES = ("redis", "rediss", "unix")
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 # A sentinel answers from memory: a second is long, and a dead one is skipped for the next.
@@ -275,32 +273,31 @@ class _FairSlots:
     `max_connections` are busy (see the module docstring). Mixed in before the pool."""
 
     max_connections: int
-    _in_use_connections: set[Any]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._slots = asyncio.Semaphore(self.max_connections)
+        # The connections handed out, each holding one slot until it is released.
+        self._holding: set[Any] = set()
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         await self._slots.acquire()
-        token = _ACQUIRING.set(True)
         try:
             # redis-py leaves this method unannotated.
-            return await super().get_connection(*args, **kwargs)  # type: ignore[misc]
+            connection = await super().get_connection(*args, **kwargs)  # type: ignore[misc]
         except BaseException:
+            # redis-py releases a connection that fails here itself; it held no slot yet.
             self._slots.release()
             raise
-        finally:
-            _ACQUIRING.reset(token)
+        self._holding.add(connection)
+        return connection
 
     async def release(self, connection: Any) -> None:
-        # Only a connection handed out holds a slot; one that failed while being handed
-        # out (redis-py releases it inside get_connection) gives its slot back there.
-        holds_slot = connection in self._in_use_connections and not _ACQUIRING.get()
         try:
             await super().release(connection)  # type: ignore[misc]
         finally:
-            if holds_slot:
+            if connection in self._holding:
+                self._holding.discard(connection)
                 self._slots.release()
 
 
