@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import grpc
+import numpy as np
 
+from taskmux.v1 import taskmux_pb2 as pb
 from taskmux_client.errors import (
     DeadlineExceededError,
     ResourceExhaustedError,
@@ -224,3 +226,47 @@ class FaultInjector(Background):
     def __init__(self, fault: Callable[[threading.Event, Recovery], None]) -> None:
         self.recovery = Recovery()
         super().__init__(lambda done: fault(done, self.recovery), name="fault-injector")
+
+
+@dataclass(frozen=True)
+class FaultRun(Generic[T]):
+    """What a load driven through a fault saw: every call, when the fault's parts served
+    again (None if never), and how long the load under the fault took."""
+
+    calls: list[Call[T]]
+    recovered_at: float | None
+    elapsed_s: float
+
+
+def run_through_fault(
+    fault: Callable[[threading.Event, Recovery], None],
+    load: Callable[[int, int], Awaitable[list[Call[T]]]],
+    *,
+    requests: int,
+    probes: int,
+    settle_s: float,
+) -> FaultRun[T]:
+    """`load(requests, 0)` while `fault` runs; once it has recovered and `settle_s` has
+    passed, `load(probes, requests)` more, which must then succeed first time."""
+    started = time.monotonic()
+    with FaultInjector(fault) as injector:
+        calls = asyncio.run(load(requests, 0))
+    elapsed_s = time.monotonic() - started
+    recovered_at = injector.recovery.at
+    if recovered_at is not None:
+        time.sleep(max(0.0, recovered_at + settle_s - time.monotonic()))
+        calls += asyncio.run(load(probes, requests))
+    return FaultRun(calls, recovered_at, elapsed_s)
+
+
+def matches_embedding(
+    expected: dict[str, np.ndarray], texts: list[str]
+) -> Callable[[Call[pb.EmbedResponse]], bool]:
+    """A check that call i's embedding is the one computed directly for texts[i % n]."""
+
+    def correct(call: Call[pb.EmbedResponse]) -> bool:
+        assert call.result is not None
+        got = np.array(call.result.embeddings[0].values, dtype=np.float32)
+        return float(got @ expected[texts[call.index % len(texts)]]) >= 0.999
+
+    return correct

@@ -10,7 +10,6 @@ system is whole again succeed on their first attempt.
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import threading
 import time
@@ -31,10 +30,11 @@ from tests.chaos import (
     MAX_BACKOFF_S,
     AttemptRecord,
     Call,
-    FaultInjector,
     Recovery,
     Report,
     drive,
+    matches_embedding,
+    run_through_fault,
 )
 from tests.harness import Cluster, Proc, serving, wait_until
 from workers.encoder import Encoder, l2_normalize
@@ -105,23 +105,18 @@ def _run(
     *,
     max_retryable_fraction: float,
 ) -> None:
-    started = time.monotonic()
-    with FaultInjector(fault) as injector:
-        calls = asyncio.run(_drive(target, REQUESTS))
-    elapsed = time.monotonic() - started
+    run = run_through_fault(
+        fault,
+        lambda n, first: _drive(target, n, first),
+        requests=REQUESTS,
+        probes=PROBES,
+        settle_s=SETTLE_S,
+    )
+    elapsed = run.elapsed_s
     # The fault must land while calls are in flight, or the scenario proves nothing.
     assert elapsed > FAULT_AFTER_S + 1, f"the load was over after {elapsed:.1f}s"
-    recovered_at = injector.recovery.at
-    if recovered_at is not None:
-        time.sleep(max(0.0, recovered_at + SETTLE_S - time.monotonic()))
-        calls += asyncio.run(_drive(target, PROBES, first_index=REQUESTS))
-
-    def correct(call: Call[pb.EmbedResponse]) -> bool:
-        assert call.result is not None
-        got = np.array(call.result.embeddings[0].values, dtype=np.float32)
-        return float(got @ expected[TEXTS[call.index % len(TEXTS)]]) >= 0.999
-
-    report = Report(name, calls, recovered_at)
+    correct = matches_embedding(expected, TEXTS)
+    report = Report(name, run.calls, run.recovered_at)
     print(report.line() + f" in {elapsed:.1f}s")
     report.check(max_retryable_fraction=max_retryable_fraction, settle_s=SETTLE_S, correct=correct)
 

@@ -30,7 +30,15 @@ from taskmux.local import free_port, redis_binary, redis_command, wait_for_redis
 from taskmux.modelrepo.manifest import load_manifest
 from taskmux.v1 import taskmux_pb2 as pb
 from taskmux_client import AsyncTaskMuxClient, RetryPolicy
-from tests.chaos import MAX_BACKOFF_S, Call, FaultInjector, Recovery, Report, drive
+from tests.chaos import (
+    MAX_BACKOFF_S,
+    Call,
+    Recovery,
+    Report,
+    drive,
+    matches_embedding,
+    run_through_fault,
+)
 from tests.harness import Cluster, Proc, serving, wait_until
 from workers.encoder import Encoder, l2_normalize
 
@@ -183,21 +191,16 @@ def test_sigkill_primary_under_load_fails_over_without_loss(
         )
         recovery.mark()
 
-    started = time.monotonic()
-    with FaultInjector(fault) as injector:
-        calls = asyncio.run(_drive(target, REQUESTS))
-    elapsed = time.monotonic() - started
+    run = run_through_fault(
+        fault,
+        lambda n, first: _drive(target, n, first),
+        requests=REQUESTS,
+        probes=PROBES,
+        settle_s=SETTLE_S,
+    )
+    calls, recovered_at, elapsed = run.calls, run.recovered_at, run.elapsed_s
     assert fault_at, f"the load was over after {elapsed:.1f}s, before the fault"
-    recovered_at = injector.recovery.at
-    if recovered_at is not None:
-        time.sleep(max(0.0, recovered_at + SETTLE_S - time.monotonic()))
-        calls += asyncio.run(_drive(target, PROBES, first_index=REQUESTS))
-
-    def correct(call: Call[pb.EmbedResponse]) -> bool:
-        assert call.result is not None
-        got = np.array(call.result.embeddings[0].values, dtype=np.float32)
-        return float(got @ expected[TEXTS[call.index % len(TEXTS)]]) >= 0.999
-
+    correct = matches_embedding(expected, TEXTS)
     report = Report("sentinel failover", calls, recovered_at)
     retried = sum(len(c.attempts) > 1 for c in calls)
     lost = sum(bool(c.error) for c in calls)
