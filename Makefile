@@ -6,8 +6,7 @@ BIN := $(VENV)/bin
 MODEL_REPO ?= model-repo
 SHARED_DATA ?= ../shared/data
 PROTO_SRC := protos/taskmux/v1/taskmux.proto
-PROTO_OUT := taskmux/v1/taskmux_pb2.py taskmux/v1/taskmux_pb2.pyi taskmux/v1/taskmux_pb2_grpc.py \
-	taskmux/v1/taskmux_pb2_grpc.pyi
+PROTO_OUT := client/taskmux_api/v1
 
 .DEFAULT_GOAL := help
 .PHONY: help venv proto proto-check model run test lint audit train-heads eval bench interop-deps \
@@ -16,22 +15,18 @@ PROTO_OUT := taskmux/v1/taskmux_pb2.py taskmux/v1/taskmux_pb2.pyi taskmux/v1/tas
 help: ## List the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml client/pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.11 is needed (python3.11 on PATH)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch is pinned to the CPU build; any other pin pulls a multi-GB CUDA build.
-	$(BIN)/pip install -q -e '.[export,dev]'
+	$(BIN)/pip install -q -e ./client -e '.[export,dev]'
 	touch $@
 
 venv: $(BIN)/.installed ## Create .venv with every dependency
 
 proto: $(BIN)/.installed ## Regenerate the Python code for protos/
-	$(BIN)/python -m grpc_tools.protoc -Iprotos \
-		--python_out=. --grpc_python_out=. \
-		--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --mypy_out=. \
-		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=. \
-		$(PROTO_SRC)
+	$(BIN)/python -m tools.protogen
 
 proto-check: proto ## Fail if the committed generated code differs from `make proto`
 	@git diff --exit-code -- $(PROTO_OUT) || { echo "generated code is stale: run make proto and commit"; exit 1; }

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import cycle
 
-from workers.encoder import Encoder, l2_normalize
-from workers.heads import Head, LinearClassifierHead, TokenClassifierHead
+from model.encoder import Encoder, l2_normalize
+from model.heads import Head, LinearClassifierHead, TokenClassifierHead
 
 
 @dataclass(frozen=True)

@@ -43,10 +43,10 @@ from pathlib import Path
 
 import grpc
 import redis
+from taskmux_client import AsyncTaskMuxClient, Attempt
 
 from bench.system import running_system, valkey
 from taskmux.loadtest.texts import TextGenerator
-from taskmux_client import AsyncTaskMuxClient, Attempt
 
 CALLS = 300  # per window (keyed, unkeyed) and concurrency
 CONCURRENCY = (1, 16, 64)

@@ -43,9 +43,9 @@ from bench.report import (
 from bench.security import VARIANTS, figures, run_security
 from bench.system import child_pid, load, profile, running_system, top_frames
 from bench.workers import BURST_CALLERS, BURST_CALLS, SOAK_S, STEADY_CALLERS, run_workers
+from model.loaded import LoadedModel
 from taskmux.loadtest.report import LoadReport
 from taskmux.loadtest.texts import TextGenerator
-from workers.model import LoadedModel
 from workers.settings import WorkerSettings
 
 CONCURRENCY = (1, 8, 64)

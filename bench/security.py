@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import redis
+from taskmux_client.channel import TLSConfig
 
 from bench.system import load, running_system, valkey
 from gateway.auth import hash_key
@@ -41,7 +42,6 @@ from taskmux.clientargs import ClientSecurity
 from taskmux.devcerts import issue, pem
 from taskmux.loadtest.report import LoadReport
 from taskmux.loadtest.stats import LatencySummary, summarize
-from taskmux_client.channel import TLSConfig
 
 TENANT = "bench"
 WORDS = "6"  # one short text: about 8 tokens

@@ -14,15 +14,15 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import grpc
+from taskmux_api.v1 import taskmux_pb2 as pb
+from taskmux_api.v1 import taskmux_pb2_grpc
+from taskmux_client.channel import auth_metadata, open_channel
 
 from taskmux.clientargs import ClientSecurity
 from taskmux.loadtest.config import LoadConfig, parse_lengths, parse_mix
 from taskmux.loadtest.report import LoadReport
 from taskmux.loadtest.runner import run_load
 from taskmux.local import free_port, redis_command, wait_for_redis
-from taskmux.v1 import taskmux_pb2 as pb
-from taskmux.v1 import taskmux_pb2_grpc
-from taskmux_client.channel import auth_metadata, open_channel
 
 
 @contextmanager

@@ -35,12 +35,12 @@ from typing import Self
 
 import grpc
 import redis
+from taskmux_client import AsyncTaskMuxClient, Attempt
 
 from bench.system import running_system, valkey
 from gateway.settings import GatewaySettings
 from router import keys
 from taskmux.loadtest.texts import TextGenerator
-from taskmux_client import AsyncTaskMuxClient, Attempt
 
 WORKERS = 3
 TEXTS_PER_CALL = 8

@@ -20,6 +20,8 @@ WORKDIR /app
 COPY gateway /app/gateway
 COPY router /app/router
 COPY taskmux /app/taskmux
+COPY model /app/model
+COPY client/taskmux_api /app/taskmux_api
 # Compiled now: the root filesystem is read-only at run time.
 RUN python -m compileall -q /app
 USER 10001:10001

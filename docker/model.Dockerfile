@@ -14,8 +14,10 @@ COPY gateway /src/gateway
 COPY router /src/router
 COPY workers /src/workers
 COPY taskmux /src/taskmux
+COPY model /src/model
+COPY client /src/client
 RUN python -m venv /opt/build \
-    && /opt/build/bin/pip install --extra-index-url "${TORCH_INDEX_URL}" "/src[export]" \
+    && /opt/build/bin/pip install --extra-index-url "${TORCH_INDEX_URL}" /src/client "/src[export]" \
     && /opt/build/bin/taskmux model build --out /model-repo
 
 FROM busybox:1.37.0

@@ -30,6 +30,8 @@ WORKDIR /app
 COPY workers /app/workers
 COPY router /app/router
 COPY taskmux /app/taskmux
+COPY model /app/model
+COPY client/taskmux_api /app/taskmux_api
 # ldconfig finds libpython in /usr/local/lib. The import line fails the build, not the pod,
 # if the CUDA base lacks a library the interpreter or a wheel loads. Compiled now: the root
 # filesystem is read-only at run time.

@@ -42,13 +42,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from taskmux_api.v1 import taskmux_pb2 as pb
 
 from gateway.errors import PermissionDenied, TaskmuxError, Unauthenticated, Undecodable, abort
 from gateway.limits import TenantLimits
 from gateway.plans import EMBED_HEAD, ENTITIES_HEAD, SIMILARITY_HEAD, ZERO_SHOT_HEAD
 from taskmux.config import SettingsError
 from taskmux.logs import log_context
-from taskmux.v1 import taskmux_pb2 as pb
 
 log = logging.getLogger(__name__)
 

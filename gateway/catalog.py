@@ -15,10 +15,10 @@ from types import TracebackType
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from model.manifest import HeadSpec, Manifest, ModelRepoError
 from router import keys, registry
 from taskmux.health import Health
 from taskmux.lifecycle import cancel_and_wait
-from taskmux.modelrepo.manifest import HeadSpec, Manifest, ModelRepoError
 
 log = logging.getLogger(__name__)
 

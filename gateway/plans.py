@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf.message import Message
+from taskmux_api.v1 import taskmux_pb2 as pb
 
 from gateway.errors import InvalidArgument
 from gateway.settings import GatewaySettings
@@ -22,6 +23,14 @@ from gateway.validation import (
     check_texts,
     check_top_k,
 )
+from model.manifest import (
+    KIND_CLASSIFICATION,
+    KIND_EMBEDDING,
+    KIND_TOKEN,
+    Manifest,
+)
+from model.manifest import KIND_SIMILARITY as HEAD_SIMILARITY
+from model.manifest import KIND_ZERO_SHOT as HEAD_ZERO_SHOT
 from router.messages import (
     KIND_CLASSIFY,
     KIND_EMBED,
@@ -29,15 +38,6 @@ from router.messages import (
     KIND_SIMILARITY,
     KIND_ZERO_SHOT,
 )
-from taskmux.modelrepo.manifest import (
-    KIND_CLASSIFICATION,
-    KIND_EMBEDDING,
-    KIND_TOKEN,
-    Manifest,
-)
-from taskmux.modelrepo.manifest import KIND_SIMILARITY as HEAD_SIMILARITY
-from taskmux.modelrepo.manifest import KIND_ZERO_SHOT as HEAD_ZERO_SHOT
-from taskmux.v1 import taskmux_pb2 as pb
 
 EMBED_HEAD = "embed"
 ENTITIES_HEAD = "entities"

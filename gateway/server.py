@@ -10,6 +10,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace.export import SpanExporter
+from taskmux_api.v1 import taskmux_pb2
 
 from gateway.auth import auth_interceptors
 from gateway.catalog import CatalogWatcher
@@ -28,7 +29,6 @@ from router.connection import connect
 from taskmux.health import Health
 from taskmux.metrics import metrics_endpoint
 from taskmux.tracing import Tracing
-from taskmux.v1 import taskmux_pb2
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+from taskmux_api.v1 import taskmux_pb2 as pb
+from taskmux_api.v1 import taskmux_pb2_grpc
 
 from gateway.auth import caller
 from gateway.catalog import CatalogWatcher
@@ -35,9 +37,7 @@ from gateway.plans import (
 )
 from gateway.settings import GatewaySettings
 from gateway.validation import check_heads, check_request_meta, check_texts
-from router.messages import ANALYZE_STREAM_HEAD, KIND_ANALYZE, pack_messages, unpack_messages
-from taskmux.lifecycle import cancel_and_wait
-from taskmux.modelrepo.manifest import (
+from model.manifest import (
     KIND_CLASSIFICATION,
     KIND_EMBEDDING,
     KIND_SIMILARITY,
@@ -46,8 +46,8 @@ from taskmux.modelrepo.manifest import (
     HeadSpec,
     Manifest,
 )
-from taskmux.v1 import taskmux_pb2 as pb
-from taskmux.v1 import taskmux_pb2_grpc
+from router.messages import ANALYZE_STREAM_HEAD, KIND_ANALYZE, pack_messages, unpack_messages
+from taskmux.lifecycle import cancel_and_wait
 
 HEAD_KINDS = {
     KIND_EMBEDDING: pb.HEAD_KIND_EMBEDDING,

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from gateway.errors import META_MAX_CHARS, InvalidArgument, NotFound, Unavailable, is_metadata_safe
 from gateway.settings import GatewaySettings
-from taskmux.modelrepo.manifest import HeadSpec, Manifest
+from model.manifest import HeadSpec, Manifest
 
 
 def check_texts(texts: Sequence[str], settings: GatewaySettings) -> tuple[str, ...]:

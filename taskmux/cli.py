@@ -19,7 +19,6 @@ from taskmux.modelcli import add_model_commands
 
 if TYPE_CHECKING:
     from google.protobuf.message import Message
-
     from taskmux_client import TaskMuxClient
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -98,9 +97,9 @@ def _call(args: argparse.Namespace, call: Callable[[TaskMuxClient], Message]) ->
     A failure is one line on stderr (exit 1; 2 for unusable options), never a traceback.
     """
     from google.protobuf.json_format import MessageToDict
+    from taskmux_client import TaskMuxClient, TaskMuxError
 
     from taskmux.clientargs import ClientOptionsError, security_from_args
-    from taskmux_client import TaskMuxClient, TaskMuxError
 
     try:
         security = security_from_args(args)

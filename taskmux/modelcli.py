@@ -105,7 +105,7 @@ def _model_build(args: argparse.Namespace) -> int:
 
 
 def _model_bench(args: argparse.Namespace) -> int:
-    from taskmux.modelrepo.manifest import ModelRepoError
+    from model.manifest import ModelRepoError
     from taskmux.modelrepo.variant_bench import format_bench, measure
 
     try:
@@ -152,8 +152,8 @@ def _model_train(args: argparse.Namespace) -> int:
 
 
 def _model_eval(args: argparse.Namespace) -> int:
+    from model.manifest import ModelRepoError, load_manifest
     from taskmux.modelrepo.evaluate import evaluate, format_table
-    from taskmux.modelrepo.manifest import ModelRepoError, load_manifest
     from taskmux.modelrepo.model_card import render
     from taskmux.modelrepo.variant_eval import card_section, compare, format_comparison, store
 
@@ -180,8 +180,8 @@ def _model_eval(args: argparse.Namespace) -> int:
 
 
 def _head_train(args: argparse.Namespace) -> int:
+    from model.manifest import ModelRepoError
     from taskmux.modelrepo.custom import train_classification_head, train_token_head
-    from taskmux.modelrepo.manifest import ModelRepoError
 
     try:
         if args.kind == "token":
@@ -211,8 +211,8 @@ def _head_train(args: argparse.Namespace) -> int:
 
 
 def _head_list(args: argparse.Namespace) -> int:
+    from model.manifest import ModelRepoError, load_manifest
     from taskmux.modelrepo.headstore import format_heads
-    from taskmux.modelrepo.manifest import ModelRepoError, load_manifest
 
     try:
         manifest = load_manifest(args.repo, verify=False)

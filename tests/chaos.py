@@ -23,14 +23,14 @@ from typing import Generic, TypeVar
 
 import grpc
 import numpy as np
-
-from taskmux.v1 import taskmux_pb2 as pb
+from taskmux_api.v1 import taskmux_pb2 as pb
 from taskmux_client.errors import (
     DeadlineExceededError,
     ResourceExhaustedError,
     TaskMuxError,
     UnavailableError,
 )
+
 from tests.harness import Background
 
 T = TypeVar("T")

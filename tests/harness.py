@@ -15,7 +15,10 @@ from typing import NoReturn
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from taskmux_api.v1 import taskmux_pb2 as pb
+from taskmux_api.v1 import taskmux_pb2_grpc
 
+from model.manifest import load_manifest
 from taskmux.local import (
     component_command,
     component_env,
@@ -23,9 +26,6 @@ from taskmux.local import (
     redis_command,
     wait_for_redis,
 )
-from taskmux.modelrepo.manifest import load_manifest
-from taskmux.v1 import taskmux_pb2 as pb
-from taskmux.v1 import taskmux_pb2_grpc
 
 STOP_TIMEOUT_S = 15
 # Each process serves /metrics on a free port, so processes of a test do not collide on 9100.

@@ -11,13 +11,13 @@ import pytest
 import redis
 from google.rpc.error_details_pb2 import RetryInfo
 from grpc_status import rpc_status
+from taskmux_api.v1 import taskmux_pb2 as pb
+from taskmux_api.v1 import taskmux_pb2_grpc
+from taskmux_client import Attempt, ResourceExhaustedError, RetryPolicy, TaskMuxClient
 
 from gateway.errors import ResourceExhausted
+from model.manifest import load_manifest
 from router import keys
-from taskmux.modelrepo.manifest import load_manifest
-from taskmux.v1 import taskmux_pb2 as pb
-from taskmux.v1 import taskmux_pb2_grpc
-from taskmux_client import Attempt, ResourceExhaustedError, RetryPolicy, TaskMuxClient
 from tests.harness import Cluster, serving, wait_until
 
 pytestmark = pytest.mark.integration

@@ -11,6 +11,9 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
+from taskmux_api.v1 import taskmux_pb2 as pb
+from taskmux_api.v1 import taskmux_pb2_grpc
+from taskmux_client.channel import auth_metadata, open_channel
 
 from bench.report import WORKERS_HEADING, merge_section
 from bench.run import main as bench_main
@@ -22,9 +25,6 @@ from bench.security import (
     exported_spans,
     measure,
 )
-from taskmux.v1 import taskmux_pb2 as pb
-from taskmux.v1 import taskmux_pb2_grpc
-from taskmux_client.channel import auth_metadata, open_channel
 
 
 def _embed(d: Deployment, *, tls: bool, api_key: str | None) -> grpc.StatusCode:

@@ -20,12 +20,13 @@ import grpc
 import numpy as np
 import pytest
 import redis
+from taskmux_api.v1 import taskmux_pb2 as pb
+from taskmux_client import AsyncTaskMuxClient, RetryPolicy
 
+from model.encoder import Encoder, l2_normalize
+from model.manifest import load_manifest
 from router import keys
 from taskmux.local import free_port
-from taskmux.modelrepo.manifest import load_manifest
-from taskmux.v1 import taskmux_pb2 as pb
-from taskmux_client import AsyncTaskMuxClient, RetryPolicy
 from tests.chaos import (
     MAX_BACKOFF_S,
     AttemptRecord,
@@ -37,7 +38,6 @@ from tests.chaos import (
     run_through_fault,
 )
 from tests.harness import Cluster, Proc, serving, wait_until
-from workers.encoder import Encoder, l2_normalize
 
 pytestmark = pytest.mark.integration
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
+from taskmux_api.v1 import taskmux_pb2 as pb
+from taskmux_api.v1 import taskmux_pb2_grpc
 
 from gateway.auth import hash_key
+from model.manifest import load_manifest
 from router import keys
 from router.messages import IdempotencyRecord
-from taskmux.modelrepo.manifest import load_manifest
-from taskmux.v1 import taskmux_pb2 as pb
-from taskmux.v1 import taskmux_pb2_grpc
 from tests.harness import Cluster, Proc, serving, wait_until
 
 pytestmark = pytest.mark.integration

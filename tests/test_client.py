@@ -17,12 +17,8 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc.error_details_pb2 import RetryInfo
 from google.rpc.status_pb2 import Status
 from grpc_status import rpc_status
-
-from router import keys
-from taskmux.local import free_port
-from taskmux.modelrepo.manifest import load_manifest
-from taskmux.v1 import taskmux_pb2 as pb
-from taskmux.v1 import taskmux_pb2_grpc
+from taskmux_api.v1 import taskmux_pb2 as pb
+from taskmux_api.v1 import taskmux_pb2_grpc
 from taskmux_client import (
     AsyncTaskMuxClient,
     Attempt,
@@ -36,6 +32,10 @@ from taskmux_client import (
     UnavailableError,
     retry_hint_s,
 )
+
+from model.manifest import load_manifest
+from router import keys
+from taskmux.local import free_port
 from tests.harness import Cluster, serving, wait_until
 
 Code = grpc.StatusCode

@@ -11,11 +11,7 @@ import os
 import subprocess
 
 import pytest
-
-from gateway.auth import hash_key
-from taskmux.cli import main as cli_main
-from taskmux.loadtest import LoadConfig
-from taskmux.v1 import taskmux_pb2 as pb
+from taskmux_api.v1 import taskmux_pb2 as pb
 from taskmux_client import (
     AsyncTaskMuxClient,
     Attempt,
@@ -27,6 +23,10 @@ from taskmux_client import (
     TLSConfig,
     UnauthenticatedError,
 )
+
+from gateway.auth import hash_key
+from taskmux.cli import main as cli_main
+from taskmux.loadtest import LoadConfig
 from tests.certs import Pki, make_pki
 from tests.harness import Cluster, require_node_client, wait_until
 

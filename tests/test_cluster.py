@@ -13,11 +13,11 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
+from taskmux_api.v1 import taskmux_pb2, taskmux_pb2_grpc
 
 from router import keys
 from taskmux import local
 from taskmux.local import free_port, port_is_free
-from taskmux.v1 import taskmux_pb2, taskmux_pb2_grpc
 from tests.harness import health_status, serving, wait_until
 
 pytestmark = pytest.mark.integration

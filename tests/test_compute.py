@@ -8,11 +8,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from taskmux_api.v1 import taskmux_pb2 as pb
 
+from model.loaded import LoadedModel
 from router.messages import Job
-from taskmux.v1 import taskmux_pb2 as pb
 from workers.compute import compute
-from workers.model import LoadedModel
 from workers.settings import WorkerSettings
 
 
@@ -84,7 +84,7 @@ def test_batches_respect_the_token_budget(model: LoadedModel) -> None:
 
 
 def test_rejection_threshold_answers_the_fallback_label() -> None:
-    from taskmux.modelrepo.manifest import HeadSpec
+    from model.manifest import HeadSpec
     from workers.tasks import classification
 
     spec = HeadSpec(

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from taskmux_api.v1 import taskmux_pb2 as pb
+from taskmux_api.v1 import taskmux_pb2_grpc
 
 from router.connection import RedisSettings
-from taskmux.v1 import taskmux_pb2 as pb
-from taskmux.v1 import taskmux_pb2_grpc
 from tests.harness import Cluster, wait_for_catalog
 
 pytestmark = pytest.mark.integration

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from tokenizers import Encoding, Tokenizer
 
-from taskmux.modelrepo.manifest import load_manifest
-from workers.entities import decode_entities
+from model.entities import decode_entities
+from model.manifest import load_manifest
 
 BIO = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC")
 IO = ("O", "PER", "LOC")

@@ -10,11 +10,11 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
+from taskmux_api.v1 import taskmux_pb2 as pb
+from taskmux_api.v1 import taskmux_pb2_grpc
 
+from model.manifest import load_manifest
 from router import keys
-from taskmux.modelrepo.manifest import load_manifest
-from taskmux.v1 import taskmux_pb2 as pb
-from taskmux.v1 import taskmux_pb2_grpc
 from tests.harness import Cluster, health_status, serving, wait_until
 
 pytestmark = pytest.mark.integration

@@ -15,12 +15,12 @@ import pytest
 import redis
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from taskmux_api.v1 import taskmux_pb2 as pb
+from taskmux_api.v1 import taskmux_pb2_grpc
 
+from model.manifest import load_manifest
 from router import keys
 from router.messages import Job, MalformedMessage
-from taskmux.modelrepo.manifest import load_manifest
-from taskmux.v1 import taskmux_pb2 as pb
-from taskmux.v1 import taskmux_pb2_grpc
 from tests.harness import Cluster, Proc, serving, wait_for_catalog, wait_until
 
 pytestmark = pytest.mark.integration

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from taskmux.modelrepo.manifest import KIND_CLASSIFICATION, KIND_TOKEN, load_manifest
-from workers.heads import LinearClassifierHead, TokenClassifierHead, load_heads
+from model.heads import LinearClassifierHead, TokenClassifierHead, load_heads
+from model.manifest import KIND_CLASSIFICATION, KIND_TOKEN, load_manifest
 
 GOOD = ["great product, works well", "love it", "excellent quality", "fantastic value"]
 BAD = ["broke after a day", "terrible quality", "waste of money", "awful support"]

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import redis
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from taskmux_api.v1 import taskmux_pb2 as pb
+from taskmux_api.v1 import taskmux_pb2_grpc
 
+from model.encoder import Encoder, l2_normalize
+from model.manifest import load_manifest
 from router import keys
-from taskmux.modelrepo.manifest import load_manifest
-from taskmux.v1 import taskmux_pb2 as pb
-from taskmux.v1 import taskmux_pb2_grpc
 from tests.harness import Cluster, require_node_client, serving, wait_for_catalog, wait_until
-from workers.encoder import Encoder, l2_normalize
 
 pytestmark = pytest.mark.integration
 

@@ -282,7 +282,7 @@ IMPORTS = {
     "gateway": "import gateway.__main__, gateway.server",
     "worker": (
         "import sys, pathlib\nimport workers.__main__\n"
-        "from workers.model import LoadedModel\nfrom workers.settings import WorkerSettings\n"
+        "from model.loaded import LoadedModel\nfrom workers.settings import WorkerSettings\n"
         "LoadedModel.load(WorkerSettings(model_repo=pathlib.Path(sys.argv[1])))"
     ),
 }

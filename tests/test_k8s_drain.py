@@ -10,9 +10,9 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from taskmux_api.v1 import taskmux_pb2 as pb
+from taskmux_api.v1 import taskmux_pb2_grpc
 
-from taskmux.v1 import taskmux_pb2 as pb
-from taskmux.v1 import taskmux_pb2_grpc
 from tests.harness import Cluster, Proc, serving, wait_for_catalog, wait_until
 
 LOAD_CALLS = 48

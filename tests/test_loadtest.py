@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+from taskmux_api.v1 import taskmux_pb2 as pb
 
 from router import keys
 from taskmux.cli import _parser
@@ -41,7 +42,6 @@ from taskmux.loadtest.samples import LiveStatus, Recorder
 from taskmux.loadtest.schedule import Picker, poisson_arrivals
 from taskmux.loadtest.texts import TextGenerator
 from taskmux.local import free_port
-from taskmux.v1 import taskmux_pb2 as pb
 from tests.harness import Cluster, serving, wait_for_catalog, wait_until
 
 FULL_MIX = (

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import redis
+from taskmux_client import TaskMuxClient, TaskMuxError
+from taskmux_client.errors import ResourceExhaustedError, UnavailableError
 
 from taskmux.local import free_port, port_is_free, wait_for_redis
 from taskmux.supervisor import Backoff
-from taskmux_client import TaskMuxClient, TaskMuxError
-from taskmux_client.errors import ResourceExhaustedError, UnavailableError
 from tests.harness import health_status, serving, wait_until
 
 pytestmark = pytest.mark.integration

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from taskmux.modelrepo.build import BUILTIN_HEADS, trained_heads
-from taskmux.modelrepo.manifest import (
+from model.heads import EmbeddingHead, LinearClassifierHead, load_heads
+from model.manifest import (
     KIND_CLASSIFICATION,
     MANIFEST_FILE,
     Manifest,
@@ -20,7 +20,7 @@ from taskmux.modelrepo.manifest import (
     sha256_file,
     write_manifest,
 )
-from workers.heads import EmbeddingHead, LinearClassifierHead, load_heads
+from taskmux.modelrepo.build import BUILTIN_HEADS, trained_heads
 
 
 @pytest.fixture

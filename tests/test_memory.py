@@ -9,11 +9,11 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
+from taskmux_api.v1 import taskmux_pb2 as pb
+from taskmux_api.v1 import taskmux_pb2_grpc
+from taskmux_client import retry_hint_s
 
 from router import keys
-from taskmux.v1 import taskmux_pb2 as pb
-from taskmux.v1 import taskmux_pb2_grpc
-from taskmux_client import retry_hint_s
 from tests.harness import Cluster, wait_for_catalog, wait_until
 
 pytestmark = pytest.mark.integration

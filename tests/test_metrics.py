@@ -10,11 +10,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from taskmux_api.v1 import taskmux_pb2 as pb
+from taskmux_api.v1 import taskmux_pb2_grpc
 
+from model.manifest import KIND_CLASSIFICATION, load_manifest
 from taskmux.local import free_port
-from taskmux.modelrepo.manifest import KIND_CLASSIFICATION, load_manifest
-from taskmux.v1 import taskmux_pb2 as pb
-from taskmux.v1 import taskmux_pb2_grpc
 from tests.harness import Cluster, serving, wait_until
 
 pytestmark = pytest.mark.integration

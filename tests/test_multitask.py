@@ -10,11 +10,11 @@ import grpc
 import numpy as np
 import pytest
 import redis
+from taskmux_api.v1 import taskmux_pb2 as pb
+from taskmux_api.v1 import taskmux_pb2_grpc
 
+from model.manifest import KIND_TOKEN, load_manifest
 from router import keys
-from taskmux.modelrepo.manifest import KIND_TOKEN, load_manifest
-from taskmux.v1 import taskmux_pb2 as pb
-from taskmux.v1 import taskmux_pb2_grpc
 from tests.harness import Cluster, serving, wait_for_catalog, wait_until
 
 pytestmark = pytest.mark.integration

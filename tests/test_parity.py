@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from taskmux.modelrepo.manifest import load_manifest
+from model.encoder import Encoder, l2_normalize
+from model.manifest import load_manifest
 from tests.harness import missing
-from workers.encoder import Encoder, l2_normalize
 
 pytestmark = pytest.mark.export
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from model.encoder import ProviderError, check_providers, choose_providers
+from model.loaded import LoadedModel
+from model.variants import CPU, CUDA, TENSORRT, Selection
 from taskmux.local import component_command, component_env, free_port
-from taskmux.modelrepo.variants import CPU, CUDA, TENSORRT, Selection
-from workers.encoder import ProviderError, check_providers, choose_providers
-from workers.model import LoadedModel
 from workers.settings import WorkerSettings
 
 START_TIMEOUT_S = 120  # loading the model; the process exits as soon as that fails

@@ -10,10 +10,10 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
+from taskmux_api.v1 import taskmux_pb2 as pb
+from taskmux_api.v1 import taskmux_pb2_grpc
 
 from router import keys
-from taskmux.v1 import taskmux_pb2 as pb
-from taskmux.v1 import taskmux_pb2_grpc
 from tests.harness import Cluster, serving, wait_until
 
 pytestmark = pytest.mark.integration

@@ -18,15 +18,15 @@ import grpc
 import pytest
 import redis
 from grpc_health.v1 import health_pb2
+from taskmux_api.v1 import taskmux_pb2 as pb
+from taskmux_api.v1 import taskmux_pb2_grpc
 
 from gateway.auth import hash_key
+from model.manifest import load_manifest
 from router import keys
 from router.acl import GATEWAY, WORKER, password_hash
 from taskmux.cli import main as taskmux_cli
 from taskmux.local import free_port
-from taskmux.modelrepo.manifest import load_manifest
-from taskmux.v1 import taskmux_pb2 as pb
-from taskmux.v1 import taskmux_pb2_grpc
 from tests.certs import make_pki
 from tests.harness import (
     Cluster,

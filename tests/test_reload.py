@@ -12,18 +12,18 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from taskmux_api.v1 import taskmux_pb2 as pb
+from taskmux_api.v1 import taskmux_pb2_grpc
 
-from taskmux.modelrepo.manifest import (
+from model.loaded import LoadedModel
+from model.manifest import (
     KIND_CLASSIFICATION,
     HeadSpec,
     load_manifest,
     sha256_file,
     write_manifest,
 )
-from taskmux.v1 import taskmux_pb2 as pb
-from taskmux.v1 import taskmux_pb2_grpc
 from tests.harness import Background, Cluster, serving, wait_until
-from workers.model import LoadedModel
 from workers.reload import reload_heads
 from workers.settings import WorkerSettings
 

@@ -17,13 +17,13 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from taskmux_api.v1 import taskmux_pb2 as pb
+from taskmux_api.v1 import taskmux_pb2_grpc
 
 from gateway.auth import KeysFile, hash_key
 from gateway.tls import CertificateFiles
 from taskmux.config import SettingsError
 from taskmux.devcerts import Pem, issue, pem
-from taskmux.v1 import taskmux_pb2 as pb
-from taskmux.v1 import taskmux_pb2_grpc
 from tests.harness import Cluster, Proc, wait_until
 
 pytestmark = pytest.mark.integration

@@ -9,14 +9,14 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from taskmux_api.v1 import taskmux_pb2 as pb
+from taskmux_api.v1 import taskmux_pb2_grpc
 
 from gateway.auth import hash_key, load_keys
 from gateway.settings import GatewaySettings
 from taskmux.cli import main as cli_main
 from taskmux.config import SettingsError
 from taskmux.local import free_port
-from taskmux.v1 import taskmux_pb2 as pb
-from taskmux.v1 import taskmux_pb2_grpc
 from tests.certs import Pem, Pki, make_pki
 from tests.harness import Cluster, Proc, health_status, serving, wait_until
 

@@ -27,9 +27,9 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
+from taskmux_client import AsyncTaskMuxClient, Attempt
 
 from router import keys
-from taskmux_client import AsyncTaskMuxClient, Attempt
 from tests.harness import Cluster, serving, wait_until
 
 pytestmark = pytest.mark.integration

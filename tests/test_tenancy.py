@@ -12,13 +12,13 @@ import grpc
 import numpy as np
 import pytest
 import redis
+from taskmux_api.v1 import taskmux_pb2 as pb
+from taskmux_api.v1 import taskmux_pb2_grpc
+from taskmux_client import retry_hint_s
 
 from gateway.auth import hash_key, load_keys
 from router import keys
 from taskmux.config import SettingsError
-from taskmux.v1 import taskmux_pb2 as pb
-from taskmux.v1 import taskmux_pb2_grpc
-from taskmux_client import retry_hint_s
 from tests.harness import Cluster, Proc, wait_until
 
 pytestmark = pytest.mark.integration

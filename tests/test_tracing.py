@@ -24,18 +24,18 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import INVALID_SPAN, SpanKind, format_trace_id, get_current_span
+from taskmux_api.v1 import taskmux_pb2 as pb
+from taskmux_api.v1 import taskmux_pb2_grpc
 
 import taskmux.tracing
 from gateway.auth import hash_key
 from gateway.server import serve as serve_gateway
 from gateway.settings import GatewaySettings
+from model.manifest import load_manifest
 from router.messages import Fields, Job
 from taskmux.config import SettingsError
 from taskmux.local import free_port
-from taskmux.modelrepo.manifest import load_manifest
 from taskmux.tracing import TraceSettings, Tracing, parent_context
-from taskmux.v1 import taskmux_pb2 as pb
-from taskmux.v1 import taskmux_pb2_grpc
 from tests.harness import Cluster, wait_for_catalog
 from workers import consumer
 from workers import tracing as worker_tracing

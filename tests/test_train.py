@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from taskmux.modelrepo.manifest import KIND_CLASSIFICATION, HeadSpec
+from model.encoder import l2_normalize
+from model.heads import LinearClassifierHead
+from model.manifest import KIND_CLASSIFICATION, HeadSpec
 from taskmux.modelrepo.train import (
     TrainingDataError,
     accuracy,
@@ -18,8 +20,6 @@ from taskmux.modelrepo.train import (
     train_sentiment,
     whole_sentence_mask,
 )
-from workers.encoder import l2_normalize
-from workers.heads import LinearClassifierHead
 
 POSITIVE = ["wonderful", "moving", "brilliant", "delightful", "charming"]
 NEGATIVE = ["dull", "tedious", "awful", "boring", "clumsy"]

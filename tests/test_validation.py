@@ -14,7 +14,7 @@ from gateway.validation import (
     check_texts,
     check_top_k,
 )
-from taskmux.modelrepo.manifest import EncoderSpec, HeadSpec, Manifest
+from model.manifest import EncoderSpec, HeadSpec, Manifest
 
 SETTINGS = GatewaySettings(max_texts_per_request=3, max_text_chars=5)
 SENTIMENT = HeadSpec("sentiment", "classification", "1", ("neg", "pos"), "w.npz")

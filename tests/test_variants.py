@@ -13,8 +13,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from taskmux.modelrepo.headstore import add_head_version
-from taskmux.modelrepo.manifest import (
+from model.encoder import Encoder, l2_normalize, run_bound
+from model.loaded import LoadedModel
+from model.manifest import (
     KIND_CLASSIFICATION,
     MANIFEST_FILE,
     EncoderSpec,
@@ -24,8 +25,7 @@ from taskmux.modelrepo.manifest import (
     VariantSpec,
     load_manifest,
 )
-from taskmux.modelrepo.quantize import recorded_metrics
-from taskmux.modelrepo.variants import (
+from model.variants import (
     CPU,
     CUDA,
     FLOOR_FAILURES,
@@ -35,8 +35,8 @@ from taskmux.modelrepo.variants import (
     select_variant,
     variant_paths,
 )
-from workers.encoder import Encoder, l2_normalize, run_bound
-from workers.model import LoadedModel
+from taskmux.modelrepo.headstore import add_head_version
+from taskmux.modelrepo.quantize import recorded_metrics
 from workers.settings import WorkerSettings
 
 TEXTS = [

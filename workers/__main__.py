@@ -9,17 +9,17 @@ import sys
 
 from opentelemetry.sdk.trace.export import SpanExporter
 
+from model.encoder import ProviderError
+from model.loaded import LoadedModel
+from model.manifest import ModelRepoError
 from router.connection import connect
 from router.messages import ANALYZE_STREAM_HEAD
 from taskmux.health import Health
 from taskmux.lifecycle import cancel_and_wait, install_stop_signals
 from taskmux.logs import configure_from_env
 from taskmux.metrics import metrics_endpoint
-from taskmux.modelrepo.manifest import ModelRepoError
 from taskmux.tracing import Tracing
-from workers.encoder import ProviderError
 from workers.metrics import BacklogSampler
-from workers.model import LoadedModel
 from workers.settings import WorkerSettings, settings_from_environ
 from workers.worker import Worker
 

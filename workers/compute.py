@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import grpc
 from tokenizers import Encoding
 
+from model.encoder import EncodeStats, l2_normalize
+from model.loaded import LoadedModel
 from router.messages import ANALYZE_STREAM_HEAD, KIND_ANALYZE, Job, Reply
-from workers.encoder import EncodeStats, l2_normalize
-from workers.model import LoadedModel
 from workers.tasks import ANALYZABLE, KIND_OF_JOB, BatchView, Needs, answer, texts_needed
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,9 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from taskmux.modelrepo.manifest import (
+from model.heads import HEAD_TYPES, Head
+from model.loaded import LoadedModel
+from model.manifest import (
     MANIFEST_FILE,
     HeadSpec,
     Manifest,
@@ -21,8 +23,6 @@ from taskmux.modelrepo.manifest import (
     load_manifest,
     sha256_file,
 )
-from workers.heads import HEAD_TYPES, Head
-from workers.model import LoadedModel
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,30 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
+from taskmux_api.v1 import taskmux_pb2 as pb
 from tokenizers import Encoding
 
+from model.encoder import Encoded, Floats
+from model.heads import (
+    EmbeddingHead,
+    LinearClassifierHead,
+    SimilarityHead,
+    TokenClassifierHead,
+    ZeroShotHead,
+)
+from model.loaded import LoadedModel
+from model.manifest import (
+    KIND_CLASSIFICATION,
+    KIND_EMBEDDING,
+    KIND_TOKEN,
+    HeadSpec,
+)
+from model.manifest import (
+    KIND_SIMILARITY as HEAD_SIMILARITY,
+)
+from model.manifest import (
+    KIND_ZERO_SHOT as HEAD_ZERO_SHOT,
+)
 from router.messages import (
     KIND_ANALYZE,
     KIND_CLASSIFY,
@@ -24,28 +46,6 @@ from router.messages import (
     Job,
     pack_messages,
 )
-from taskmux.modelrepo.manifest import (
-    KIND_CLASSIFICATION,
-    KIND_EMBEDDING,
-    KIND_TOKEN,
-    HeadSpec,
-)
-from taskmux.modelrepo.manifest import (
-    KIND_SIMILARITY as HEAD_SIMILARITY,
-)
-from taskmux.modelrepo.manifest import (
-    KIND_ZERO_SHOT as HEAD_ZERO_SHOT,
-)
-from taskmux.v1 import taskmux_pb2 as pb
-from workers.encoder import Encoded, Floats
-from workers.heads import (
-    EmbeddingHead,
-    LinearClassifierHead,
-    SimilarityHead,
-    TokenClassifierHead,
-    ZeroShotHead,
-)
-from workers.model import LoadedModel
 
 log = logging.getLogger(__name__)
 

@@ -36,6 +36,7 @@ import grpc
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from model.loaded import LoadedModel
 from router import registry
 from router.messages import ANALYZE_STREAM_HEAD, Reply
 from taskmux.health import Health
@@ -45,7 +46,6 @@ from workers.compute import BatchResult, compute
 from workers.consumer import Finished, JobStreams, Pulled
 from workers.held import HeldWork
 from workers.metrics import WorkerMetrics
-from workers.model import LoadedModel
 from workers.reload import manifest_stamp, reload_heads
 from workers.settings import WorkerSettings
 from workers.tracing import JobSpans

@@ -15,6 +15,8 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import Message
+from taskmux_api.v1 import taskmux_pb2 as pb
+from taskmux_client.channel import Metadata
 
 from taskmux.loadtest.config import (
     DEFAULT_ENTITIES_HEAD,
@@ -24,8 +26,6 @@ from taskmux.loadtest.config import (
 )
 from taskmux.loadtest.schedule import cumulative
 from taskmux.loadtest.texts import TextGenerator
-from taskmux.v1 import taskmux_pb2 as pb
-from taskmux_client.channel import Metadata
 
 # Channel options: a local subchannel pool gives every channel its own TCP connection
 # (gRPC otherwise shares one between channels to the same target); no transparent
@@ -111,7 +111,7 @@ def bind(
     channel: grpc.aio.Channel, tasks: tuple[PreparedTask, ...], metadata: Metadata = ()
 ) -> tuple[Method, ...]:
     """Each task's stub method on `channel`, looked up once, sending `metadata` if any."""
-    from taskmux.v1 import taskmux_pb2_grpc
+    from taskmux_api.v1 import taskmux_pb2_grpc
 
     stub = taskmux_pb2_grpc.TaskMuxStub(channel)
     methods = [getattr(stub, task.rpc) for task in tasks]

@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 
+from taskmux_client.channel import auth_metadata, open_aio_channel
+
 from taskmux.loadtest.calls import (
     CHANNEL_OPTIONS,
     Method,
@@ -21,7 +23,6 @@ from taskmux.loadtest.config import LoadConfig
 from taskmux.loadtest.report import LoadReport, build_report
 from taskmux.loadtest.samples import LiveStatus, Recorder
 from taskmux.loadtest.schedule import Picker, poisson_arrivals
-from taskmux_client.channel import auth_metadata, open_aio_channel
 
 _STOP_POLL_S = 0.25  # longest an open-loop scheduler sleeps before looking at `stop` again
 

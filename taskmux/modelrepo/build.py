@@ -16,7 +16,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from taskmux.modelrepo.manifest import (
+from model.heads import load_mlp
+from model.manifest import (
     KIND_EMBEDDING,
     KIND_SIMILARITY,
     KIND_ZERO_SHOT,
@@ -28,7 +29,6 @@ from taskmux.modelrepo.manifest import (
     write_manifest,
 )
 from taskmux.modelrepo.quantize import VARIANT_FILES, build_variants
-from workers.heads import load_mlp
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from model.heads_math import mlp_logits, softmax
 from taskmux.modelrepo.datasets import TrainingDataError
 from taskmux.modelrepo.fit import FitOptions, Floats, Ints, Params, accuracy_of, fit_head
-from workers.heads_math import mlp_logits, softmax
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from model.manifest import KIND_CLASSIFICATION, KIND_TOKEN, HeadSpec, load_manifest
 from taskmux.modelrepo.classify_train import (
     SPLIT_SEED,
     class_probs,
@@ -32,7 +33,6 @@ from taskmux.modelrepo.entities_train import (
 )
 from taskmux.modelrepo.fit import FitOptions, fit_head
 from taskmux.modelrepo.headstore import add_head_version, check_head_name, next_version
-from taskmux.modelrepo.manifest import KIND_CLASSIFICATION, KIND_TOKEN, HeadSpec, load_manifest
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import numpy as np
 import numpy.typing as npt
 from tokenizers import Encoding
 
-from taskmux.modelrepo.manifest import Manifest, load_manifest
-from workers.encoder import Encoder, Floats, l2_normalize
+from model.encoder import Encoder, Floats, l2_normalize
+from model.manifest import Manifest, load_manifest
 
 log = logging.getLogger(__name__)
 

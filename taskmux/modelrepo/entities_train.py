@@ -10,7 +10,7 @@ decoding joins neighbouring words of one type: B/I mistakes can no longer split 
 two entities of one type that touch (70 of CoNLL-2003's 23,499). Special tokens get no target.
 
 Scoring is the serving path end to end: raw text, encoder token states,
-`workers.entities.token_probs`, `decode_entities`, then exact (start, end, type) matches
+`model.entities.token_probs`, `decode_entities`, then exact (start, end, type) matches
 against the gold spans of the words (micro precision, recall and F1).
 """
 
@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 from tokenizers import Encoding
 
+from model.encoder import l2_normalize
+from model.entities import decode_entities, token_probs
 from taskmux.modelrepo.classify_train import DistinctSplit, split_distinct
 from taskmux.modelrepo.datasets import TaggedSentence, TrainingDataError
 from taskmux.modelrepo.fit import FitOptions, Floats, Ints, Params, fit_head
-from workers.encoder import l2_normalize
-from workers.entities import decode_entities, token_probs
 
 SPLIT_SEED = 0
 HELDOUT_FRACTION = 0.1

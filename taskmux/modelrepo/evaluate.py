@@ -1,9 +1,9 @@
 """`taskmux model eval`: each shipped head's held-out figure, recomputed on the serving path.
 
-Heads are loaded from the model repository with `workers.heads.load_heads`, the classes a
+Heads are loaded from the model repository with `model.heads.load_heads`, the classes a
 worker serves them with; sentence heads read L2-normalised pooled vectors, the entities head
 reads the float32 token states of the raw text and decodes spans with
-`workers.entities.decode_entities`; a classification head's threshold is applied as the
+`model.entities.decode_entities`; a classification head's threshold is applied as the
 worker applies it. Each held-out split is rebuilt from the data with the trainer's seed.
 """
 
@@ -14,6 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.encoder import Encoder
+from model.heads import Head, LinearClassifierHead, TokenClassifierHead, load_heads
+from model.variants import FP32
 from taskmux.modelrepo.classify_train import hit_rate, served_labels
 from taskmux.modelrepo.datasets import LabelledRows
 from taskmux.modelrepo.embedding import Embedder
@@ -22,9 +25,6 @@ from taskmux.modelrepo.entities_train import score_entities
 from taskmux.modelrepo.intent import INTENT_FLOOR, intent_heldout
 from taskmux.modelrepo.topic import TOPIC_FLOOR, topic_heldout
 from taskmux.modelrepo.train import SENTIMENT_FLOOR, sentiment_heldout
-from taskmux.modelrepo.variants import FP32
-from workers.encoder import Encoder
-from workers.heads import Head, LinearClassifierHead, TokenClassifierHead, load_heads
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Fit head weights on frozen encoder vectors: softmax regression or a one-hidden-layer MLP.
 
 Both fitters standardise the features per dimension while fitting and fold the scaling back
-into the weights, so the result is a plain `workers.heads` parameter dict (`weight`, `bias`,
+into the weights, so the result is a plain `model.heads` parameter dict (`weight`, `bias`,
 and for an MLP `hidden_weight`, `hidden_bias`) that `mlp_logits` applies to raw features.
 Results depend only on the inputs and the seed.
 """
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from workers.heads_math import mlp_logits
+from model.heads_math import mlp_logits
 
 Floats = npt.NDArray[np.float32]
 Ints = npt.NDArray[np.int64]
@@ -172,7 +172,7 @@ def accuracy(features: npt.ArrayLike, labels: npt.ArrayLike, weight: Floats, bia
 
 
 def softmax64(logits: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
-    """Row-wise softmax in float64 (for fitting; serving uses `workers.heads.softmax`)."""
+    """Row-wise softmax in float64 (for fitting; serving uses `model.heads.softmax`)."""
     shifted = np.asarray(logits, dtype=np.float64)
     shifted = shifted - shifted.max(axis=1, keepdims=True)
     exp = np.exp(shifted)

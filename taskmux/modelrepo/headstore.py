@@ -22,9 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from taskmux.modelrepo.build import BUILTIN_HEADS
-from taskmux.modelrepo.fit import Params
-from taskmux.modelrepo.manifest import (
+from model.manifest import (
     TRAINED_KINDS,
     HeadSpec,
     Manifest,
@@ -33,6 +31,8 @@ from taskmux.modelrepo.manifest import (
     sha256_file,
     write_manifest,
 )
+from taskmux.modelrepo.build import BUILTIN_HEADS
+from taskmux.modelrepo.fit import Params
 
 HEAD_NAME = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 RESERVED_NAMES = frozenset({h.name for h in BUILTIN_HEADS} | {"zero_shot"})

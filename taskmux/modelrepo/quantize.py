@@ -17,8 +17,8 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from taskmux.modelrepo.manifest import ModelRepoError, VariantSpec, sha256_file
-from taskmux.modelrepo.variants import FP16, INT8
+from model.manifest import ModelRepoError, VariantSpec, sha256_file
+from model.variants import FP16, INT8
 
 log = logging.getLogger(__name__)
 

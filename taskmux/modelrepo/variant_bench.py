@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from taskmux.modelrepo.manifest import load_manifest
+from model.encoder import Encoder
+from model.manifest import load_manifest
 from taskmux.modelrepo.variant_eval import agreement_texts
-from workers.encoder import Encoder
 
 MIN_TOKENS, MAX_TOKENS = 8, 128  # word pieces, [CLS] and [SEP] included
 

@@ -21,22 +21,22 @@ from pathlib import Path
 
 import numpy as np
 
-from taskmux.modelrepo.embedding import Embedder
-from taskmux.modelrepo.entities_head import entities_heldout
-from taskmux.modelrepo.evaluate import Figure, VariantEmbedder, evaluate
-from taskmux.modelrepo.intent import intent_heldout
-from taskmux.modelrepo.manifest import Manifest, ModelRepoError, load_manifest, write_manifest
-from taskmux.modelrepo.quantize import record_metrics
-from taskmux.modelrepo.topic import topic_heldout
-from taskmux.modelrepo.train import sentiment_heldout
-from taskmux.modelrepo.variants import (
+from model.encoder import l2_normalize
+from model.manifest import Manifest, ModelRepoError, load_manifest, write_manifest
+from model.variants import (
     FLOOR_FAILURES,
     INT8,
     LOSS_PREFIX,
     MAX_HEAD_LOSS_POINTS,
     int8_verdict,
 )
-from workers.encoder import l2_normalize
+from taskmux.modelrepo.embedding import Embedder
+from taskmux.modelrepo.entities_head import entities_heldout
+from taskmux.modelrepo.evaluate import Figure, VariantEmbedder, evaluate
+from taskmux.modelrepo.intent import intent_heldout
+from taskmux.modelrepo.quantize import record_metrics
+from taskmux.modelrepo.topic import topic_heldout
+from taskmux.modelrepo.train import sentiment_heldout
 
 AGREEMENT_PER_SET = 100
 

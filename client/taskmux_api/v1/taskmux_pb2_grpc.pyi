@@ -42,7 +42,7 @@ Request metadata (fields 100-199 of every request but ListTasksRequest):
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from taskmux.v1 import taskmux_pb2 as _taskmux_pb2
+from taskmux_api.v1 import taskmux_pb2 as _taskmux_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

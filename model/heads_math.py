@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from workers.encoder import Floats
+from model.encoder import Floats
 
 
 def mlp_logits(x: Floats, params: dict[str, Floats]) -> Floats:

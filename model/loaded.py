@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
-from taskmux.modelrepo.manifest import Manifest, load_manifest
-from workers.encoder import Encoder, Floats
-from workers.heads import Head, load_heads
-from workers.settings import WorkerSettings
+from model.encoder import Encoder, Floats
+from model.heads import Head, load_heads
+from model.manifest import Manifest, load_manifest
+
+
+class LoadSettings(Protocol):
+    """What loading needs to know; a worker's settings object is one."""
+
+    @property
+    def model_repo(self) -> Path: ...
+    @property
+    def providers(self) -> Sequence[str]: ...
+    @property
+    def intra_op_threads(self) -> int: ...
+    @property
+    def encoder_variant(self) -> str: ...
 
 
 class LabelCache:
@@ -47,7 +61,7 @@ class LoadedModel:
     label_cache: LabelCache = field(default_factory=LabelCache)
 
     @classmethod
-    def load(cls, settings: WorkerSettings) -> LoadedModel:
+    def load(cls, settings: LoadSettings) -> LoadedModel:
         """Verify checksums, then load the encoder and every head; raises ModelRepoError
         (VariantError when `settings.encoder_variant` cannot run here), or ProviderError
         when the ONNX Runtime providers the settings require do not run the session."""

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Encoding
 
-from workers.encoder import Floats, l2_normalize
-from workers.heads_math import mlp_logits, softmax
+from model.encoder import Floats, l2_normalize
+from model.heads_math import mlp_logits, softmax
 
 OUTSIDE = "O"
 

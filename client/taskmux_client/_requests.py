@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Sequence
 from typing import TypeVar
 
-from taskmux.v1 import taskmux_pb2 as pb
+from taskmux_api.v1 import taskmux_pb2 as pb
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_S = 30.0

@@ -1,7 +1,7 @@
 """The shared encoder: tokenizer plus ONNX Runtime session, batched by token budget.
 
 The session runs one variant of the encoder (fp32, int8 or fp16, chosen by
-`taskmux.modelrepo.variants.select_variant`); all variants take and give the same tensors,
+`model.variants.select_variant`); all variants take and give the same tensors,
 so nothing after the session depends on the variant. On CUDA, inputs and outputs go
 through an I/O binding; on CPU the plain `run` is used.
 
@@ -25,8 +25,8 @@ import numpy.typing as npt
 import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
-from taskmux.modelrepo.manifest import EncoderSpec
-from taskmux.modelrepo.variants import (
+from model.manifest import EncoderSpec
+from model.variants import (
     AUTO,
     CPU,
     FP16,

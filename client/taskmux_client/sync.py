@@ -1,17 +1,17 @@
-"""The asyncio client: `AsyncTaskMuxClient`."""
+"""The blocking client: `TaskMuxClient`."""
 
 from __future__ import annotations
 
-import asyncio
 import random
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
+from taskmux_api.v1 import taskmux_pb2 as pb
+from taskmux_api.v1 import taskmux_pb2_grpc
 
-from taskmux.v1 import taskmux_pb2 as pb
-from taskmux.v1 import taskmux_pb2_grpc
 from taskmux_client._requests import (
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT_S,
@@ -25,18 +25,26 @@ from taskmux_client.channel import (
     auth_metadata,
     channel_credentials,
     channel_options,
-    open_aio_channel,
+    open_channel,
 )
 from taskmux_client.retry import AttemptHook, RetryLoop, RetryPolicy, final_error
 
+Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 
-class AsyncTaskMuxClient:
-    """The asyncio twin of `TaskMuxClient`: same methods, same deadlines and retries.
+class TaskMuxClient:
+    """A typed, blocking taskmux client with deadlines and safe retries.
 
-    Create it inside the event loop that uses it; close it with `await client.close()`
-    or `async with`.
+    Every call has a deadline (`timeout_s`, per call or from the constructor) that covers
+    all its attempts. UNAVAILABLE, and RESOURCE_EXHAUSTED with a retry hint, are retried
+    with jittered exponential backoff (`retry`); each retry sends the same request_id and
+    idempotency_key, generated when the caller passes none, so the server computes a
+    retried call once. Failures raise `taskmux_client.TaskMuxError` subclasses.
+
+    `api_key` is sent as `authorization: Bearer <key>` on every call. `tls=True` connects
+    with TLS trusting the system's CAs; a `TLSConfig` names a private CA and, for mutual
+    TLS, a client certificate; `credentials` takes ready gRPC channel credentials instead.
     """
 
     def __init__(
@@ -49,7 +57,7 @@ class AsyncTaskMuxClient:
         tls: bool | TLSConfig = False,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
-        channel: grpc.aio.Channel | None = None,
+        channel: grpc.Channel | None = None,
         auto_idempotency_key: bool = True,
         on_attempt: AttemptHook | None = None,
         rng: random.Random | None = None,
@@ -60,7 +68,7 @@ class AsyncTaskMuxClient:
         self._owns_channel = channel is None
         if channel is None:
             creds = channel_credentials(tls, credentials)
-            channel = open_aio_channel(target, creds, channel_options(self._retry, options))
+            channel = open_channel(target, creds, channel_options(self._retry, options))
         elif tls is not False or credentials is not None:
             raise ValueError("tls and credentials secure a channel the client opens, not yours")
         self._channel = channel
@@ -70,7 +78,7 @@ class AsyncTaskMuxClient:
         self._on_attempt = on_attempt
         self._rng = rng or random.Random()
 
-    async def embed(
+    def embed(
         self,
         texts: Sequence[str],
         *,
@@ -81,9 +89,9 @@ class AsyncTaskMuxClient:
         """One L2-normalised embedding per text."""
         request = pb.EmbedRequest(texts=texts_list(texts))
         request = with_ids(request, request_id, idempotency_key, auto_key=self._auto_key)
-        return await self._unary("Embed", self._stub.Embed, request, timeout_s)
+        return self._unary("Embed", self._stub.Embed, request, timeout_s)
 
-    async def classify(
+    def classify(
         self,
         head: str,
         texts: Sequence[str],
@@ -96,9 +104,9 @@ class AsyncTaskMuxClient:
         """Each text's label from one classification head, with the top_k best labels."""
         request = pb.ClassifyRequest(head=head, texts=texts_list(texts), top_k=top_k)
         request = with_ids(request, request_id, idempotency_key, auto_key=self._auto_key)
-        return await self._unary("Classify", self._stub.Classify, request, timeout_s)
+        return self._unary("Classify", self._stub.Classify, request, timeout_s)
 
-    async def extract_entities(
+    def extract_entities(
         self,
         texts: Sequence[str],
         *,
@@ -110,9 +118,9 @@ class AsyncTaskMuxClient:
         """The entities of each text (head "entities" unless named), with offsets."""
         request = pb.ExtractEntitiesRequest(head=head, texts=texts_list(texts))
         request = with_ids(request, request_id, idempotency_key, auto_key=self._auto_key)
-        return await self._unary("ExtractEntities", self._stub.ExtractEntities, request, timeout_s)
+        return self._unary("ExtractEntities", self._stub.ExtractEntities, request, timeout_s)
 
-    async def similarity(
+    def similarity(
         self,
         query: str,
         candidates: Sequence[str],
@@ -127,9 +135,9 @@ class AsyncTaskMuxClient:
             query=query, candidates=texts_list(candidates, "candidates"), top_k=top_k
         )
         request = with_ids(request, request_id, idempotency_key, auto_key=self._auto_key)
-        return await self._unary("Similarity", self._stub.Similarity, request, timeout_s)
+        return self._unary("Similarity", self._stub.Similarity, request, timeout_s)
 
-    async def zero_shot_classify(
+    def zero_shot_classify(
         self,
         texts: Sequence[str],
         labels: Sequence[str],
@@ -146,17 +154,13 @@ class AsyncTaskMuxClient:
             hypothesis_template=hypothesis_template,
         )
         request = with_ids(request, request_id, idempotency_key, auto_key=self._auto_key)
-        return await self._unary(
-            "ZeroShotClassify", self._stub.ZeroShotClassify, request, timeout_s
-        )
+        return self._unary("ZeroShotClassify", self._stub.ZeroShotClassify, request, timeout_s)
 
-    async def list_tasks(self, *, timeout_s: float | None = None) -> pb.ListTasksResponse:
+    def list_tasks(self, *, timeout_s: float | None = None) -> pb.ListTasksResponse:
         """The heads, the encoder and the request limits."""
-        return await self._unary(
-            "ListTasks", self._stub.ListTasks, pb.ListTasksRequest(), timeout_s
-        )
+        return self._unary("ListTasks", self._stub.ListTasks, pb.ListTasksRequest(), timeout_s)
 
-    async def analyze(
+    def analyze(
         self,
         texts: Sequence[str],
         heads: Sequence[str],
@@ -165,7 +169,7 @@ class AsyncTaskMuxClient:
         request_id: str | None = None,
         idempotency_key: str | None = None,
         timeout_s: float | None = None,
-    ) -> AsyncIterator[pb.AnalyzeResult]:
+    ) -> Iterator[pb.AnalyzeResult]:
         """One result per (text, head) as each text is done, len(texts) x len(heads) in all.
 
         The call is retried like a unary one until its first result has arrived, not after.
@@ -181,7 +185,7 @@ class AsyncTaskMuxClient:
             )
             started = False
             try:
-                async for result in call:
+                for result in call:
                     if not started:
                         started = True
                         loop.succeeded()
@@ -192,61 +196,61 @@ class AsyncTaskMuxClient:
             except grpc.RpcError as err:
                 if started:
                     raise final_error(err, request.request_id) from None
-                await asyncio.sleep(loop.failed(err))
+                time.sleep(loop.failed(err))
             finally:
-                call.cancel()
+                call.cancel()  # type: ignore[no-untyped-call]  # untyped in grpc-stubs
 
-    async def pipeline(
-        self, tasks: Iterable[Task] | AsyncIterable[Task], *, timeout_s: float | None = None
-    ) -> AsyncIterator[pb.PipelineResponse]:
+    def pipeline(
+        self, tasks: Iterable[Task], *, timeout_s: float | None = None
+    ) -> Iterator[pb.PipelineResponse]:
         """Send tasks on one stream; yield each PipelineResponse as it completes.
 
         `tasks` may be PipelineRequests or plain task messages (EmbedRequest, ...; their
         ids are their positions, "0", "1", ...). A failed task is a response whose
         `error` is set; it does not end the stream. The stream is not retried.
         """
+        requests = (pipeline_request(task, i) for i, task in enumerate(tasks))
         call = self._stub.Pipeline(
-            _requests(tasks), timeout=timeout_s or self._timeout_s, metadata=self._metadata
+            requests, timeout=timeout_s or self._timeout_s, metadata=self._metadata
         )
         try:
-            async for response in call:
-                yield response
+            yield from call
         except grpc.RpcError as err:
             raise final_error(err, "") from None
         finally:
-            call.cancel()
+            call.cancel()  # type: ignore[no-untyped-call]  # untyped in grpc-stubs
 
-    async def close(self) -> None:
+    def close(self) -> None:
         """Close the channel (unless it was passed in)."""
         if self._owns_channel:
-            await self._channel.close(None)
+            self._channel.close()
 
-    async def __aenter__(self) -> AsyncTaskMuxClient:
+    def __enter__(self) -> TaskMuxClient:
         return self
 
-    async def __aexit__(
+    def __exit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.close()
+        self.close()
 
-    async def _unary(
+    def _unary(
         self,
         method: str,
-        stub_method: Callable[..., Awaitable[Resp]],
+        stub_method: Callable[..., Resp],
         request: Any,
         timeout_s: float | None,
     ) -> Resp:
         loop = self._loop(method, getattr(request, "request_id", ""), timeout_s)
         while True:
             try:
-                response = await stub_method(
+                response = stub_method(
                     request, timeout=loop.attempt_timeout_s(), metadata=self._metadata
                 )
             except grpc.RpcError as err:
-                await asyncio.sleep(loop.failed(err))
+                time.sleep(loop.failed(err))
                 continue
             loop.succeeded()
             return response
@@ -260,16 +264,3 @@ class AsyncTaskMuxClient:
             rng=self._rng,
             on_attempt=self._on_attempt,
         )
-
-
-async def _requests(
-    tasks: Iterable[Task] | AsyncIterable[Task],
-) -> AsyncIterator[pb.PipelineRequest]:
-    if isinstance(tasks, AsyncIterable):
-        index = 0
-        async for task in tasks:
-            yield pipeline_request(task, index)
-            index += 1
-    else:
-        for index, task in enumerate(tasks):
-            yield pipeline_request(task, index)

@@ -13,7 +13,11 @@ from typing import Protocol
 import numpy as np
 from tokenizers import Encoding
 
-from taskmux.modelrepo.manifest import (
+from model.encoder import Floats
+from model.entities import EntitySpan, decode_entities, token_probs
+from model.heads_math import mlp_logits as mlp_logits  # re-exported for trainers
+from model.heads_math import softmax as softmax
+from model.manifest import (
     KIND_CLASSIFICATION,
     KIND_EMBEDDING,
     KIND_SIMILARITY,
@@ -23,10 +27,6 @@ from taskmux.modelrepo.manifest import (
     Manifest,
     ModelRepoError,
 )
-from workers.encoder import Floats
-from workers.entities import EntitySpan, decode_entities, token_probs
-from workers.heads_math import mlp_logits as mlp_logits  # re-exported for trainers
-from workers.heads_math import softmax as softmax
 
 
 class Head(Protocol):

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from taskmux.modelrepo.manifest import EncoderSpec, ModelRepoError, load_manifest
+from model.manifest import EncoderSpec, ModelRepoError, load_manifest
 
 AUTO = "auto"
 FP32 = "fp32"
