@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,8 +49,12 @@ def _run(argv: list[str], cwd: Path, timeout_s: float = 120) -> subprocess.Compl
 
 
 def _venv(python: str, path: Path) -> Path:
-    """A fresh venv at `path` (with pip, without the system's site packages); its python."""
-    result = _run([python, "-m", "venv", str(path)], path.parent)
+    """A fresh, empty venv at `path` (no system site packages); its python.
+
+    Without pip: the test's own pip installs into it (`pip --python`), which saves the
+    seconds of ensurepip and leaves in the venv only what the client brought.
+    """
+    result = _run([python, "-m", "venv", "--without-pip", str(path)], path.parent)
     if result.returncode != 0:
         pytest.fail(f"{python} -m venv {path} failed:\n{result.stderr[-2000:]}")
     return path / "bin" / "python"
@@ -93,9 +98,8 @@ def test_the_client_installs_alone_and_calls_a_gateway(
     )
     venv = tmp_path / "client-venv"
     python = _venv(base, venv)
-    install = _run(
-        [str(python), "-m", "pip", "install", "--no-input", str(source)], tmp_path, PIP_TIMEOUT_S
-    )
+    pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-input"]
+    install = _run([*pip, str(source)], tmp_path, PIP_TIMEOUT_S)
     if install.returncode != 0:
         pytest.fail(
             "pip install ./client into a fresh venv failed (grpcio, protobuf and grpcio-status "

@@ -38,7 +38,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from typing import Awaitable
 
 from taskmux_client._streams import async_enumerate, cancel
 

@@ -51,7 +51,7 @@ RULES: list[tuple[str, str]] = [
 ]
 # Inside names too (`open_aio_channel`): a name without a rule would call the async API.
 LEFTOVER = re.compile(r"(?<![A-Za-z])(async|await|asyncio|aio|Awaitable)(?![a-z])|\bAsync[A-Z]")
-FROM_IMPORT = re.compile(r"^from ([\w.]+) import (\(\n(?:    [^\n]*\n)+\)|[^\n(]+)$", re.M)
+FROM_IMPORT = re.compile(r"^from ([\w.]+) import (\(\n(?:    [^\n]*\n)+\)|[^\n(]+)\n", re.M)
 PLAIN_IMPORTS = re.compile(r"^(?:import [\w.]+\n)+", re.M)
 
 
@@ -84,14 +84,14 @@ def _from_import(module: str, names_text: str, body: str) -> str:
     if not kept:
         return ""
     if names_text.startswith("("):
-        return f"from {module} import (\n" + "".join(f"    {n},\n" for n in kept) + ")"
-    return f"from {module} import {', '.join(kept)}"
+        return f"from {module} import (\n" + "".join(f"    {n},\n" for n in kept) + ")\n"
+    return f"from {module} import {', '.join(kept)}\n"
 
 
 def _still_used(module: str, name: str, body: str) -> bool:
-    bound = name.split(" as ")[-1]
     if module == "__future__":
         return True
+    bound = name.split(" as ")[-1]
     return not hasattr(builtins, bound) and re.search(rf"\b{bound}\b", body) is not None
 
 
@@ -107,7 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         "--check", action="store_true", help="fail if sync.py differs from what aio.py generates"
     )
     args = parser.parse_args(argv)
-    generated = unasync(SOURCE.read_text(encoding="utf-8"))
+    try:
+        generated = unasync(SOURCE.read_text(encoding="utf-8"))
+    except ValueError as err:
+        print(f"{SOURCE.relative_to(ROOT)}: {err}")
+        return 1
     if not args.check:
         TARGET.write_text(generated, encoding="utf-8")
         return 0
