@@ -9,7 +9,7 @@ PROTO_SRC := protos/taskmux/v1/taskmux.proto
 PROTO_OUT := client/taskmux_api/v1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv proto proto-check model run test lint audit train-heads eval bench interop-deps \
+.PHONY: help venv proto proto-check client-sync model run test lint audit train-heads eval bench interop-deps \
 	images images-smoke clean
 
 help: ## List the targets
@@ -30,6 +30,9 @@ proto: $(BIN)/.installed ## Regenerate the Python code for protos/
 
 proto-check: proto ## Fail if the committed generated code differs from `make proto`
 	@git diff --exit-code -- $(PROTO_OUT) || { echo "generated code is stale: run make proto and commit"; exit 1; }
+
+client-sync: $(BIN)/.installed ## Regenerate the blocking client (sync.py) from the asyncio one (aio.py)
+	$(BIN)/python -m tools.unasync
 
 $(MODEL_REPO)/manifest.json: $(BIN)/.installed
 	$(BIN)/taskmux model build --out $(MODEL_REPO)
@@ -60,10 +63,11 @@ interop-deps: $(NODE_CLIENT)/node_modules/.package-lock.json ## Install the Node
 test: proto-check $(MODEL_REPO)/manifest.json interop-deps k8s-validate ## Unit and integration tests
 	TASKMUX_TEST_MODEL_REPO=$(MODEL_REPO) $(BIN)/pytest
 
-lint: $(BIN)/.installed ## ruff, mypy, bandit and the dependency audit
+lint: $(BIN)/.installed ## ruff, mypy, the generated sync client, bandit and the dependency audit
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/python -m tools.unasync --check
 	$(BIN)/bandit -q -c pyproject.toml -r .
 	$(BIN)/python -m tools.dependency_audit
 

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 import pytest
@@ -52,20 +53,35 @@ class Outcome:
     code: Code = Code.OK
     retry_info_ms: int | None = None  # a RetryInfo detail in the rich status
     retry_after_ms: str | None = None  # the plain trailing metadata entry
+    results_first: int = 0  # Analyze: the results streamed before the outcome
 
 
 @dataclass
 class Scripted(taskmux_pb2_grpc.TaskMuxServicer):
-    """Answers Embed with the scripted outcomes in turn (OK once they run out)."""
+    """Answers Embed and Analyze with the scripted outcomes in turn (OK once they run out)."""
 
     outcomes: list[Outcome] = field(default_factory=list)
-    seen: list[pb.EmbedRequest] = field(default_factory=list)
+    seen: list[pb.EmbedRequest | pb.AnalyzeRequest] = field(default_factory=list)
 
     def Embed(self, request: pb.EmbedRequest, context: grpc.ServicerContext) -> pb.EmbedResponse:
         self.seen.append(request)
         outcome = self.outcomes.pop(0) if self.outcomes else Outcome()
         if outcome.code == Code.OK:
             return pb.EmbedResponse(model="scripted")
+        self._abort(outcome, context)
+
+    def Analyze(
+        self, request: pb.AnalyzeRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.AnalyzeResult]:
+        """Streams `results_first` results, then ends or fails as scripted (2 results if OK)."""
+        self.seen.append(request)
+        outcome = self.outcomes.pop(0) if self.outcomes else Outcome(results_first=2)
+        for index in range(outcome.results_first):
+            yield pb.AnalyzeResult(text_index=index, head="embed")
+        if outcome.code != Code.OK:
+            self._abort(outcome, context)
+
+    def _abort(self, outcome: Outcome, context: grpc.ServicerContext) -> NoReturn:
         if outcome.retry_after_ms is not None:
             context.set_trailing_metadata((("retry-after-ms", outcome.retry_after_ms),))
         if outcome.retry_info_ms is not None:
@@ -189,6 +205,43 @@ def test_caller_ids_are_sent_as_given(scripted: tuple[Scripted, str]) -> None:
     assert servicer.seen[1].request_id and not servicer.seen[1].idempotency_key
     with TaskMuxClient(target) as client, pytest.raises(TypeError, match="not one string"):
         client.embed("a lone string")
+
+
+def test_analyze_is_retried_until_its_first_result(scripted: tuple[Scripted, str]) -> None:
+    servicer, target = scripted
+    servicer.outcomes = [Outcome(Code.UNAVAILABLE), Outcome(Code.OK, results_first=3)]
+    attempts: list[Attempt] = []
+    with TaskMuxClient(target, retry=FAST, on_attempt=attempts.append) as client:
+        results = list(client.analyze(["a", "b", "c"], ["embed"]))
+    assert [r.text_index for r in results] == [0, 1, 2]
+    assert [a.code for a in attempts] == [Code.UNAVAILABLE, Code.OK]
+    assert len({r.request_id for r in servicer.seen}) == 1 and len(servicer.seen) == 2
+
+
+def test_analyze_is_not_retried_after_a_result(scripted: tuple[Scripted, str]) -> None:
+    servicer, target = scripted
+    servicer.outcomes = [Outcome(Code.UNAVAILABLE, results_first=1)]
+    received: list[pb.AnalyzeResult] = []
+    with TaskMuxClient(target, retry=FAST) as client, pytest.raises(UnavailableError) as info:
+        received.extend(client.analyze(["a", "b"], ["embed"], request_id="r-7"))
+    assert len(received) == 1  # a retry would have sent it again
+    assert len(servicer.seen) == 1
+    assert info.value.request_id == "r-7"
+
+
+async def test_the_async_analyze_retries_the_same_way(scripted: tuple[Scripted, str]) -> None:
+    servicer, target = scripted
+    servicer.outcomes = [Outcome(Code.UNAVAILABLE), Outcome(Code.UNAVAILABLE, results_first=1)]
+    received: list[pb.AnalyzeResult] = []
+    async with AsyncTaskMuxClient(target, retry=FAST) as client:
+        with pytest.raises(UnavailableError):
+            async for result in client.analyze(["a", "b"], ["embed"]):
+                received.append(result)
+        assert len(servicer.seen) == 2 and len(received) == 1
+        empty = Outcome(Code.OK, results_first=0)  # an empty stream succeeds at once
+        servicer.outcomes = [empty]
+        assert [r async for r in client.analyze(["a"], ["embed"])] == []
+    assert len(servicer.seen) == 3
 
 
 async def test_the_async_client_retries_the_same_way(scripted: tuple[Scripted, str]) -> None:

@@ -20,6 +20,7 @@ from taskmux_client._requests import (
     texts_list,
     with_ids,
 )
+from taskmux_client._streams import async_enumerate, cancel
 from taskmux_client.channel import (
     TLSConfig,
     auth_metadata,
@@ -27,16 +28,26 @@ from taskmux_client.channel import (
     channel_options,
     open_aio_channel,
 )
-from taskmux_client.retry import AttemptHook, RetryLoop, RetryPolicy, final_error
+from taskmux_client.retry import AttemptHook, RetryLoop, RetryPolicy, StreamRetry, final_error
 
 Resp = TypeVar("Resp")
 
 
 class AsyncTaskMuxClient:
-    """The asyncio twin of `TaskMuxClient`: same methods, same deadlines and retries.
+    """A typed, asyncio taskmux client with deadlines and safe retries.
 
-    Create it inside the event loop that uses it; close it with `await client.close()`
-    or `async with`.
+    Every call has a deadline (`timeout_s`, per call or from the constructor) that covers
+    all its attempts. UNAVAILABLE, and RESOURCE_EXHAUSTED with a retry hint, are retried
+    with jittered exponential backoff (`retry`); each retry sends the same request_id and
+    idempotency_key, generated when the caller passes none, so the server computes a
+    retried call once. Failures raise `taskmux_client.TaskMuxError` subclasses.
+
+    `api_key` is sent as `authorization: Bearer <key>` on every call. `tls=True` connects
+    with TLS trusting the system's CAs; a `TLSConfig` names a private CA and, for mutual
+    TLS, a client certificate; `credentials` takes ready gRPC channel credentials instead.
+
+    Close it with `await client.close()` or `async with`. (asyncio only: create it inside
+    the event loop that uses it.)
     """
 
     def __init__(
@@ -147,14 +158,16 @@ class AsyncTaskMuxClient:
         )
         request = with_ids(request, request_id, idempotency_key, auto_key=self._auto_key)
         return await self._unary(
-            "ZeroShotClassify", self._stub.ZeroShotClassify, request, timeout_s
+            "ZeroShotClassify",
+            self._stub.ZeroShotClassify,
+            request,
+            timeout_s,
         )
 
     async def list_tasks(self, *, timeout_s: float | None = None) -> pb.ListTasksResponse:
         """The heads, the encoder and the request limits."""
-        return await self._unary(
-            "ListTasks", self._stub.ListTasks, pb.ListTasksRequest(), timeout_s
-        )
+        request = pb.ListTasksRequest()
+        return await self._unary("ListTasks", self._stub.ListTasks, request, timeout_s)
 
     async def analyze(
         self,
@@ -174,27 +187,21 @@ class AsyncTaskMuxClient:
             texts=texts_list(texts), heads=texts_list(heads, "heads"), top_k=top_k
         )
         request = with_ids(request, request_id, idempotency_key, auto_key=self._auto_key)
-        loop = self._loop("Analyze", request.request_id, timeout_s)
+        stream = StreamRetry(self._loop("Analyze", request.request_id, timeout_s))
         while True:
             call = self._stub.Analyze(
-                request, timeout=loop.attempt_timeout_s(), metadata=self._metadata
+                request, timeout=stream.attempt_timeout_s(), metadata=self._metadata
             )
-            started = False
             try:
                 async for result in call:
-                    if not started:
-                        started = True
-                        loop.succeeded()
+                    stream.succeeded()
                     yield result
-                if not started:
-                    loop.succeeded()
+                stream.succeeded()
                 return
             except grpc.RpcError as err:
-                if started:
-                    raise final_error(err, request.request_id) from None
-                await asyncio.sleep(loop.failed(err))
+                await asyncio.sleep(stream.failed(err))
             finally:
-                call.cancel()
+                cancel(call)
 
     async def pipeline(
         self, tasks: Iterable[Task] | AsyncIterable[Task], *, timeout_s: float | None = None
@@ -214,7 +221,7 @@ class AsyncTaskMuxClient:
         except grpc.RpcError as err:
             raise final_error(err, "") from None
         finally:
-            call.cancel()
+            cancel(call)
 
     async def close(self) -> None:
         """Close the channel (unless it was passed in)."""
@@ -265,11 +272,5 @@ class AsyncTaskMuxClient:
 async def _requests(
     tasks: Iterable[Task] | AsyncIterable[Task],
 ) -> AsyncIterator[pb.PipelineRequest]:
-    if isinstance(tasks, AsyncIterable):
-        index = 0
-        async for task in tasks:
-            yield pipeline_request(task, index)
-            index += 1
-    else:
-        for index, task in enumerate(tasks):
-            yield pipeline_request(task, index)
+    async for index, task in async_enumerate(tasks):
+        yield pipeline_request(task, index)

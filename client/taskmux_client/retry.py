@@ -119,6 +119,11 @@ class RetryLoop:
         self._deadline = clock() + timeout_s
         self.attempts = 0
 
+    @property
+    def request_id(self) -> str:
+        """The id every attempt of the call sends."""
+        return self._request_id
+
     def attempt_timeout_s(self) -> float:
         """The time left for the next attempt: what remains of the call's deadline."""
         self.attempts += 1
@@ -158,6 +163,34 @@ class RetryLoop:
             self._on_attempt(
                 Attempt(self._method, self.attempts, self._request_id, code, retry_in_s)
             )
+
+
+class StreamRetry:
+    """A server-streaming call's retries: like a unary call's until its first result, then none.
+
+    A retry after a result has reached the caller would send that result again, so a
+    failure then is final.
+    """
+
+    def __init__(self, loop: RetryLoop) -> None:
+        self._loop = loop
+        self._started = False
+
+    def attempt_timeout_s(self) -> float:
+        """The time left for the next attempt (see `RetryLoop.attempt_timeout_s`)."""
+        return self._loop.attempt_timeout_s()
+
+    def succeeded(self) -> None:
+        """Record a result, or the end of the stream: the first of them ends the retries."""
+        if not self._started:
+            self._started = True
+            self._loop.succeeded()
+
+    def failed(self, error: grpc.RpcError) -> float:
+        """The wait before retrying `error`; raises the TaskMuxError when it is final."""
+        if self._started:
+            raise final_error(error, self._loop.request_id) from None
+        return self._loop.failed(error)
 
 
 def final_error(error: grpc.RpcError, request_id: str) -> TaskMuxError:

@@ -1,3 +1,4 @@
+# Generated from aio.py by tools/unasync.py (make client-sync): edit aio.py, not this file.
 """The blocking client: `TaskMuxClient`."""
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from taskmux_client._requests import (
     texts_list,
     with_ids,
 )
+from taskmux_client._streams import cancel
 from taskmux_client.channel import (
     TLSConfig,
     auth_metadata,
@@ -27,9 +29,8 @@ from taskmux_client.channel import (
     channel_options,
     open_channel,
 )
-from taskmux_client.retry import AttemptHook, RetryLoop, RetryPolicy, final_error
+from taskmux_client.retry import AttemptHook, RetryLoop, RetryPolicy, StreamRetry, final_error
 
-Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 
@@ -45,6 +46,8 @@ class TaskMuxClient:
     `api_key` is sent as `authorization: Bearer <key>` on every call. `tls=True` connects
     with TLS trusting the system's CAs; a `TLSConfig` names a private CA and, for mutual
     TLS, a client certificate; `credentials` takes ready gRPC channel credentials instead.
+
+    Close it with `client.close()` or `with`.
     """
 
     def __init__(
@@ -154,11 +157,17 @@ class TaskMuxClient:
             hypothesis_template=hypothesis_template,
         )
         request = with_ids(request, request_id, idempotency_key, auto_key=self._auto_key)
-        return self._unary("ZeroShotClassify", self._stub.ZeroShotClassify, request, timeout_s)
+        return self._unary(
+            "ZeroShotClassify",
+            self._stub.ZeroShotClassify,
+            request,
+            timeout_s,
+        )
 
     def list_tasks(self, *, timeout_s: float | None = None) -> pb.ListTasksResponse:
         """The heads, the encoder and the request limits."""
-        return self._unary("ListTasks", self._stub.ListTasks, pb.ListTasksRequest(), timeout_s)
+        request = pb.ListTasksRequest()
+        return self._unary("ListTasks", self._stub.ListTasks, request, timeout_s)
 
     def analyze(
         self,
@@ -178,27 +187,21 @@ class TaskMuxClient:
             texts=texts_list(texts), heads=texts_list(heads, "heads"), top_k=top_k
         )
         request = with_ids(request, request_id, idempotency_key, auto_key=self._auto_key)
-        loop = self._loop("Analyze", request.request_id, timeout_s)
+        stream = StreamRetry(self._loop("Analyze", request.request_id, timeout_s))
         while True:
             call = self._stub.Analyze(
-                request, timeout=loop.attempt_timeout_s(), metadata=self._metadata
+                request, timeout=stream.attempt_timeout_s(), metadata=self._metadata
             )
-            started = False
             try:
                 for result in call:
-                    if not started:
-                        started = True
-                        loop.succeeded()
+                    stream.succeeded()
                     yield result
-                if not started:
-                    loop.succeeded()
+                stream.succeeded()
                 return
             except grpc.RpcError as err:
-                if started:
-                    raise final_error(err, request.request_id) from None
-                time.sleep(loop.failed(err))
+                time.sleep(stream.failed(err))
             finally:
-                call.cancel()  # type: ignore[no-untyped-call]  # untyped in grpc-stubs
+                cancel(call)
 
     def pipeline(
         self, tasks: Iterable[Task], *, timeout_s: float | None = None
@@ -209,16 +212,15 @@ class TaskMuxClient:
         ids are their positions, "0", "1", ...). A failed task is a response whose
         `error` is set; it does not end the stream. The stream is not retried.
         """
-        requests = (pipeline_request(task, i) for i, task in enumerate(tasks))
         call = self._stub.Pipeline(
-            requests, timeout=timeout_s or self._timeout_s, metadata=self._metadata
+            _requests(tasks), timeout=timeout_s or self._timeout_s, metadata=self._metadata
         )
         try:
             yield from call
         except grpc.RpcError as err:
             raise final_error(err, "") from None
         finally:
-            call.cancel()  # type: ignore[no-untyped-call]  # untyped in grpc-stubs
+            cancel(call)
 
     def close(self) -> None:
         """Close the channel (unless it was passed in)."""
@@ -264,3 +266,10 @@ class TaskMuxClient:
             rng=self._rng,
             on_attempt=self._on_attempt,
         )
+
+
+def _requests(
+    tasks: Iterable[Task],
+) -> Iterator[pb.PipelineRequest]:
+    for index, task in enumerate(tasks):
+        yield pipeline_request(task, index)
