@@ -42,11 +42,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from taskmux_api.kinds import task_of_request
 from taskmux_api.v1 import taskmux_pb2 as pb
 
 from gateway.errors import PermissionDenied, TaskmuxError, Unauthenticated, Undecodable, abort
 from gateway.limits import TenantLimits
-from gateway.plans import EMBED_HEAD, ENTITIES_HEAD, SIMILARITY_HEAD, ZERO_SHOT_HEAD
 from taskmux.config import SettingsError
 from taskmux.logs import log_context
 
@@ -197,23 +197,16 @@ def caller() -> Tenant | None:
 
 def request_heads(request: object) -> list[str]:
     """The heads a TaskMux request would use (none for ListTasks or an unparsed request)."""
-    match request:
-        case pb.EmbedRequest():
-            return [EMBED_HEAD]
-        case pb.ClassifyRequest():
-            return [request.head]
-        case pb.ExtractEntitiesRequest():
-            return [request.head or ENTITIES_HEAD]
-        case pb.SimilarityRequest():
-            return [SIMILARITY_HEAD]
-        case pb.ZeroShotClassifyRequest():
-            return [ZERO_SHOT_HEAD]
-        case pb.AnalyzeRequest():
-            return list(request.heads)
-        case pb.PipelineRequest():
-            task = request.WhichOneof("task")
-            return request_heads(getattr(request, task)) if task else []
-    return []
+    if isinstance(request, pb.PipelineRequest):
+        which = request.WhichOneof("task")
+        return request_heads(getattr(request, which)) if which else []
+    task = task_of_request(request)
+    if task is None:
+        return []
+    named = getattr(request, task.head_field) if task.head_field else ""
+    if isinstance(named, str):  # one head, or the task's default one
+        return [named or task.default_head]
+    return list(named)
 
 
 class KeysFile:

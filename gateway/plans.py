@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf.message import Message
+from taskmux_api.kinds import TASKS, TaskKind, TaskSpec, head_kinds_of
 from taskmux_api.v1 import taskmux_pb2 as pb
 
 from gateway.errors import InvalidArgument
@@ -23,33 +24,14 @@ from gateway.validation import (
     check_texts,
     check_top_k,
 )
-from model.manifest import (
-    KIND_CLASSIFICATION,
-    KIND_EMBEDDING,
-    KIND_TOKEN,
-    Manifest,
-)
-from model.manifest import KIND_SIMILARITY as HEAD_SIMILARITY
-from model.manifest import KIND_ZERO_SHOT as HEAD_ZERO_SHOT
-from router.messages import (
-    KIND_CLASSIFY,
-    KIND_EMBED,
-    KIND_ENTITIES,
-    KIND_SIMILARITY,
-    KIND_ZERO_SHOT,
-)
-
-EMBED_HEAD = "embed"
-ENTITIES_HEAD = "entities"
-SIMILARITY_HEAD = "similarity"
-ZERO_SHOT_HEAD = "zero-shot"
+from model.manifest import HeadSpec, Manifest
 
 
 @dataclass(frozen=True)
 class Plan:
     """A validated request: the job to queue and the decoder of its reply body."""
 
-    kind: str
+    kind: TaskKind
     head: str
     texts: tuple[str, ...]
     decode: Callable[[bytes], Message]
@@ -57,54 +39,85 @@ class Plan:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+Planner = Callable[[Any, GatewaySettings, Manifest | None], Plan]
+
+
 def plan_embed(
     request: pb.EmbedRequest, settings: GatewaySettings, catalog: Manifest | None
 ) -> Plan:
     """Embed: the built-in embedding head, which every worker serves."""
+    task = TASKS[TaskKind.EMBED]
     texts = check_texts(request.texts, settings)
     if catalog is not None:
-        check_head(EMBED_HEAD, KIND_EMBEDDING, catalog, "Embed")
-    return Plan(KIND_EMBED, EMBED_HEAD, texts, pb.EmbedResponse.FromString)
+        _head(task, "", catalog)
+    return _plan(task, task.default_head, texts)
 
 
 def plan_classify(
     request: pb.ClassifyRequest, settings: GatewaySettings, catalog: Manifest | None
 ) -> Plan:
     """Classify: one classification head."""
+    task = TASKS[TaskKind.CLASSIFY]
     texts = check_texts(request.texts, settings)
-    head = check_head(request.head, KIND_CLASSIFICATION, catalog, "Classify")
-    top_k = check_top_k(request.top_k, head)
-    return Plan(KIND_CLASSIFY, head.name, texts, pb.ClassifyResponse.FromString, top_k)
+    head = _head(task, request.head, catalog)
+    return _plan(task, head.name, texts, check_top_k(request.top_k, head))
 
 
 def plan_entities(
     request: pb.ExtractEntitiesRequest, settings: GatewaySettings, catalog: Manifest | None
 ) -> Plan:
     """ExtractEntities: one token-classification head ("entities" by default)."""
+    task = TASKS[TaskKind.ENTITIES]
     texts = check_texts(request.texts, settings)
-    head = check_head(request.head or ENTITIES_HEAD, KIND_TOKEN, catalog, "ExtractEntities")
-    return Plan(KIND_ENTITIES, head.name, texts, pb.ExtractEntitiesResponse.FromString)
+    head = _head(task, request.head, catalog)
+    return _plan(task, head.name, texts)
 
 
 def plan_similarity(
     request: pb.SimilarityRequest, settings: GatewaySettings, catalog: Manifest | None
 ) -> Plan:
     """Similarity: the query and candidates go through one encoder pass."""
+    task = TASKS[TaskKind.SIMILARITY]
     texts = check_candidates(request.query, request.candidates, settings)
     if request.top_k < 0:
         raise InvalidArgument(f"top_k is {request.top_k}; it must be 0 (no ranking) or more")
-    head = check_head(SIMILARITY_HEAD, HEAD_SIMILARITY, catalog, "Similarity")
-    top_k = min(request.top_k, len(texts) - 1)
-    return Plan(KIND_SIMILARITY, head.name, texts, pb.SimilarityResponse.FromString, top_k)
+    head = _head(task, "", catalog)
+    return _plan(task, head.name, texts, min(request.top_k, len(texts) - 1))
 
 
 def plan_zero_shot(
     request: pb.ZeroShotClassifyRequest, settings: GatewaySettings, catalog: Manifest | None
 ) -> Plan:
     """ZeroShotClassify: texts plus the caller's labels (label sentences are cached)."""
+    task = TASKS[TaskKind.ZERO_SHOT]
     texts = check_texts(request.texts, settings)
     labels = check_labels(request.labels, request.hypothesis_template, settings)
-    head = check_head(ZERO_SHOT_HEAD, HEAD_ZERO_SHOT, catalog, "ZeroShotClassify")
+    head = _head(task, "", catalog)
     params = {"labels": labels, "template": request.hypothesis_template}
-    decode = pb.ZeroShotClassifyResponse.FromString
-    return Plan(KIND_ZERO_SHOT, head.name, texts, decode, len(labels), params)
+    return _plan(task, head.name, texts, len(labels), params)
+
+
+# One planner per task kind but Analyze, which the servicer plans: it streams its results.
+PLANNERS: dict[TaskKind, Planner] = {
+    TaskKind.EMBED: plan_embed,
+    TaskKind.CLASSIFY: plan_classify,
+    TaskKind.ENTITIES: plan_entities,
+    TaskKind.SIMILARITY: plan_similarity,
+    TaskKind.ZERO_SHOT: plan_zero_shot,
+}
+
+
+def _head(task: TaskSpec, name: str, catalog: Manifest | None) -> HeadSpec:
+    """The named head (the task's default head when empty), served and of the task's kind."""
+    (kind,) = head_kinds_of(task.kind)
+    return check_head(name or task.default_head, kind, catalog, task.rpc)
+
+
+def _plan(
+    task: TaskSpec,
+    head: str,
+    texts: tuple[str, ...],
+    top_k: int = 1,
+    params: dict[str, Any] | None = None,
+) -> Plan:
+    return Plan(task.kind, head, texts, task.response.FromString, top_k, params or {})

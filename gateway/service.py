@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from taskmux_api.kinds import ANALYZABLE, PIPELINE_TASKS, TaskKind, head_kind_proto
 from taskmux_api.v1 import taskmux_pb2 as pb
 from taskmux_api.v1 import taskmux_pb2_grpc
 
@@ -28,7 +29,8 @@ from gateway.idempotency import NO_KEY, Idempotency
 from gateway.limits import Limiter
 from gateway.memory import MemoryGuard
 from gateway.plans import (
-    Plan,
+    PLANNERS,
+    Planner,
     plan_classify,
     plan_embed,
     plan_entities,
@@ -37,34 +39,9 @@ from gateway.plans import (
 )
 from gateway.settings import GatewaySettings
 from gateway.validation import check_heads, check_request_meta, check_texts
-from model.manifest import (
-    KIND_CLASSIFICATION,
-    KIND_EMBEDDING,
-    KIND_SIMILARITY,
-    KIND_TOKEN,
-    KIND_ZERO_SHOT,
-    HeadSpec,
-    Manifest,
-)
-from router.messages import ANALYZE_STREAM_HEAD, KIND_ANALYZE, pack_messages, unpack_messages
+from model.manifest import HeadSpec
+from router.messages import ANALYZE_STREAM_HEAD, pack_messages, unpack_messages
 from taskmux.lifecycle import cancel_and_wait
-
-HEAD_KINDS = {
-    KIND_EMBEDDING: pb.HEAD_KIND_EMBEDDING,
-    KIND_CLASSIFICATION: pb.HEAD_KIND_CLASSIFICATION,
-    KIND_TOKEN: pb.HEAD_KIND_TOKEN_CLASSIFICATION,
-    KIND_SIMILARITY: pb.HEAD_KIND_SIMILARITY,
-    KIND_ZERO_SHOT: pb.HEAD_KIND_ZERO_SHOT,
-}
-ANALYZABLE = (KIND_EMBEDDING, KIND_CLASSIFICATION, KIND_TOKEN)
-Planner = Callable[[Any, GatewaySettings, Manifest | None], Plan]
-PIPELINE_PLANNERS: dict[str, Planner] = {
-    "embed": plan_embed,
-    "classify": plan_classify,
-    "extract_entities": plan_entities,
-    "similarity": plan_similarity,
-    "zero_shot_classify": plan_zero_shot,
-}
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -165,7 +142,7 @@ class TaskMuxService(taskmux_pb2_grpc.TaskMuxServicer):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         claim = await self._idempotency.claim(
-            _scope(), KIND_ANALYZE, request.idempotency_key, request, timeout_s
+            _scope(), TaskKind.ANALYZE, request.idempotency_key, request, timeout_s
         )
         if claim.cached is not None:
             for raw in unpack_messages(claim.cached):
@@ -176,7 +153,7 @@ class TaskMuxService(taskmux_pb2_grpc.TaskMuxServicer):
             refund = await self._charge(len(texts) * len(heads))
             # One job per distinct text: its results stream back as soon as it is done.
             results = self._dispatcher.run_many(
-                kind=KIND_ANALYZE,
+                kind=TaskKind.ANALYZE,
                 head=ANALYZE_STREAM_HEAD,
                 texts_per_job=[(text,) for text in distinct],
                 top_k=request.top_k,
@@ -248,7 +225,8 @@ class TaskMuxService(taskmux_pb2_grpc.TaskMuxServicer):
         try:
             if which is None:
                 raise InvalidArgument("task is empty: set one of embed, classify, ...")
-            message = await self._unary(PIPELINE_PLANNERS[which], getattr(request, which), context)
+            planner = PLANNERS[PIPELINE_TASKS[which].kind]
+            message = await self._unary(planner, getattr(request, which), context)
             response = pb.PipelineResponse(id=request.id)
             getattr(response, which).CopyFrom(message)
             return response
@@ -323,7 +301,7 @@ def _task_error(err: TaskmuxError) -> pb.TaskError:
 def _head_info(head: HeadSpec) -> pb.HeadInfo:
     return pb.HeadInfo(
         name=head.name,
-        kind=HEAD_KINDS.get(head.kind, pb.HEAD_KIND_UNSPECIFIED),
+        kind=head_kind_proto(head.kind),
         labels=list(head.labels),
         version=head.version,
         metrics=head.metrics,

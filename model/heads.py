@@ -1,8 +1,8 @@
 """Task heads: small computations on top of the shared encoder's output.
 
 Sentence-level heads read the batch's L2-normalised sentence vectors; token heads read the
-per-token states of the same encoder pass. New kinds plug in by adding a class and an
-entry in `HEAD_TYPES`; the worker never special-cases a head by name.
+per-token states of the same encoder pass. A new head kind (taskmux_api/kinds.py) plugs in
+by adding a class and an entry in `HEAD_TYPES`; the worker never special-cases a head by name.
 """
 
 from __future__ import annotations
@@ -11,22 +11,14 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+from taskmux_api.kinds import HeadKind
 from tokenizers import Encoding
 
 from model.encoder import Floats
 from model.entities import EntitySpan, decode_entities, token_probs
 from model.heads_math import mlp_logits as mlp_logits  # re-exported for trainers
 from model.heads_math import softmax as softmax
-from model.manifest import (
-    KIND_CLASSIFICATION,
-    KIND_EMBEDDING,
-    KIND_SIMILARITY,
-    KIND_TOKEN,
-    KIND_ZERO_SHOT,
-    HeadSpec,
-    Manifest,
-    ModelRepoError,
-)
+from model.manifest import HeadSpec, Manifest, ModelRepoError
 
 
 class Head(Protocol):
@@ -130,12 +122,12 @@ class TokenClassifierHead:
 HeadType = type[
     EmbeddingHead | SimilarityHead | ZeroShotHead | LinearClassifierHead | TokenClassifierHead
 ]
-HEAD_TYPES: dict[str, HeadType] = {
-    KIND_EMBEDDING: EmbeddingHead,
-    KIND_SIMILARITY: SimilarityHead,
-    KIND_ZERO_SHOT: ZeroShotHead,
-    KIND_CLASSIFICATION: LinearClassifierHead,
-    KIND_TOKEN: TokenClassifierHead,
+HEAD_TYPES: dict[HeadKind, HeadType] = {
+    HeadKind.EMBEDDING: EmbeddingHead,
+    HeadKind.SIMILARITY: SimilarityHead,
+    HeadKind.ZERO_SHOT: ZeroShotHead,
+    HeadKind.CLASSIFICATION: LinearClassifierHead,
+    HeadKind.TOKEN_CLASSIFICATION: TokenClassifierHead,
 }
 
 

@@ -24,16 +24,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from taskmux_api.kinds import HEAD_KINDS, HeadKind
+
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
-KIND_EMBEDDING = "embedding"  # the sentence vector itself
-KIND_CLASSIFICATION = "classification"  # one label per text (weights on the sentence vector)
-# Entity spans (weights on per-token states).
-KIND_TOKEN = "token_classification"  # nosec B105
-KIND_SIMILARITY = "similarity"  # cosine of query and candidates; no weights
-KIND_ZERO_SHOT = "zero_shot"  # caller-named labels, compared by embedding; no weights
-HEAD_KINDS = (KIND_EMBEDDING, KIND_CLASSIFICATION, KIND_TOKEN, KIND_SIMILARITY, KIND_ZERO_SHOT)
-TRAINED_KINDS = (KIND_CLASSIFICATION, KIND_TOKEN)
 
 
 class ModelRepoError(Exception):
@@ -75,7 +69,7 @@ class HeadSpec:
     """One task head on top of the encoder."""
 
     name: str
-    kind: str
+    kind: HeadKind
     version: str
     labels: tuple[str, ...] = ()
     weights_file: str = ""
@@ -160,7 +154,7 @@ def _parse_encoder(data: dict[str, Any]) -> EncoderSpec:
 def _parse_head(data: dict[str, Any]) -> HeadSpec:
     head = HeadSpec(
         name=str(data["name"]),
-        kind=str(data["kind"]),
+        kind=_head_kind(data),
         version=str(data["version"]),
         labels=tuple(str(label) for label in data.get("labels", ())),
         weights_file=str(data.get("weights_file", "")),
@@ -169,13 +163,19 @@ def _parse_head(data: dict[str, Any]) -> HeadSpec:
         threshold=float(data.get("threshold", 0.0)),
         fallback_label=str(data.get("fallback_label", "")),
     )
-    if head.kind not in HEAD_KINDS:
-        raise ModelRepoError(f"head {head.name!r} has unknown kind {head.kind!r}")
-    if head.kind in TRAINED_KINDS and (len(head.labels) < 2 or not head.weights_file):
+    if HEAD_KINDS[head.kind].trained and (len(head.labels) < 2 or not head.weights_file):
         raise ModelRepoError(f"{head.kind} head {head.name!r} needs 2+ labels and weights")
     if head.fallback_label and head.fallback_label not in head.labels:
         raise ModelRepoError(f"head {head.name!r}: fallback label is not one of its labels")
     return head
+
+
+def _head_kind(data: dict[str, Any]) -> HeadKind:
+    name, kind = str(data["name"]), str(data["kind"])
+    try:
+        return HeadKind(kind)
+    except ValueError:
+        raise ModelRepoError(f"head {name!r} has unknown kind {kind!r}") from None
 
 
 def sha256_file(path: Path) -> str:

@@ -9,7 +9,8 @@ Job (a request for one head, in a job stream):
     id           request id, unique per client call (hex)
     reply_to     the reply stream of the gateway waiting for it
     deadline_ms  absolute deadline, Unix epoch milliseconds; workers drop late jobs
-    kind         what to compute: embed, classify, entities, similarity, zero_shot, analyze
+    kind         what to compute, a task kind (taskmux_api/kinds.py): embed, classify,
+                 entities, similarity, zero_shot, analyze
     head         the head name (also the job stream's name; ANALYZE_STREAM_HEAD for analyze)
     texts        JSON array of strings (similarity: the query, then the candidates)
     top_k        labels (classify, analyze) or candidates (similarity) to rank, >= 0
@@ -42,23 +43,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from taskmux_api.kinds import TaskKind
+
 from router import keys
 
 SCHEMA_VERSION: Final = "1"
-KIND_EMBED: Final = "embed"
-KIND_CLASSIFY: Final = "classify"
-KIND_ENTITIES: Final = "entities"
-KIND_SIMILARITY: Final = "similarity"
-KIND_ZERO_SHOT: Final = "zero_shot"
-KIND_ANALYZE: Final = "analyze"
-JOB_KINDS: Final = (
-    KIND_EMBED,
-    KIND_CLASSIFY,
-    KIND_ENTITIES,
-    KIND_SIMILARITY,
-    KIND_ZERO_SHOT,
-    KIND_ANALYZE,
-)
 HASH_BYTES: Final = 32
 IDEM_PENDING: Final = b"1P"
 IDEM_DONE: Final = b"1D"
@@ -79,7 +68,7 @@ class Job:
     id: str
     reply_to: str
     deadline_ms: int
-    kind: str
+    kind: str  # a TaskKind; decode gives the member itself
     head: str
     texts: tuple[str, ...]
     top_k: int = 1
@@ -122,7 +111,7 @@ class Job:
             id=_text(fields, "id"),
             reply_to=_text(fields, "reply_to"),
             deadline_ms=_int(fields, "deadline_ms"),
-            kind=_text(fields, "kind"),
+            kind=_kind(fields),
             head=_text(fields, "head"),
             texts=tuple(texts),
             top_k=_int(fields, "top_k"),
@@ -131,8 +120,6 @@ class Job:
             request_id=_text(fields, "request_id") if b"request_id" in fields else "",
             traceparent=_text(fields, "traceparent") if b"traceparent" in fields else "",
         )
-        if job.kind not in JOB_KINDS:
-            raise MalformedMessage(f"unknown job kind {job.kind!r}")
         if not job.texts or job.top_k < 0 or not job.id or not job.reply_to:
             raise MalformedMessage("job needs an id, a reply_to, texts and top_k >= 0")
         if not is_reply_stream(job.reply_to):
@@ -273,17 +260,25 @@ def _params(fields: Fields) -> dict[str, Any]:
     return params
 
 
+def _kind(fields: Fields) -> TaskKind:
+    kind = _text(fields, "kind")
+    try:
+        return TaskKind(kind)
+    except ValueError:
+        raise MalformedMessage(f"unknown job kind {kind!r}") from None
+
+
 def _check_params(job: Job) -> None:
     """The parameters each kind needs (see the Job fields above), so that a job that
     decodes can be computed."""
-    if job.kind == KIND_ZERO_SHOT:
+    if job.kind == TaskKind.ZERO_SHOT:
         if not _strings(job.params.get("labels")):
             raise MalformedMessage("a zero_shot job needs params.labels, a list of strings")
         if not isinstance(job.params.get("template", ""), str):
             raise MalformedMessage("params.template of a zero_shot job must be a string")
-    elif job.kind == KIND_ANALYZE and not _strings(job.params.get("heads")):
+    elif job.kind == TaskKind.ANALYZE and not _strings(job.params.get("heads")):
         raise MalformedMessage("an analyze job needs params.heads, a list of strings")
-    elif job.kind == KIND_SIMILARITY and len(job.texts) < 2:
+    elif job.kind == TaskKind.SIMILARITY and len(job.texts) < 2:
         raise MalformedMessage("a similarity job needs a query and at least one candidate")
 
 

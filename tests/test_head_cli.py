@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from taskmux_api.kinds import HeadKind
 
 from model.heads import LinearClassifierHead, TokenClassifierHead, load_heads
-from model.manifest import KIND_CLASSIFICATION, KIND_TOKEN, load_manifest
+from model.manifest import load_manifest
 
 GOOD = ["great product, works well", "love it", "excellent quality", "fantastic value"]
 BAD = ["broke after a day", "terrible quality", "waste of money", "awful support"]
@@ -61,7 +62,7 @@ def test_train_writes_a_versioned_head_the_worker_loads(
         assert json.loads(run.stdout)["metrics"]["heldout_accuracy"] >= 0.5
         manifest = load_manifest(repo)  # verifies every checksum
         head = manifest.head("review")
-        assert head is not None and head.kind == KIND_CLASSIFICATION and head.version == version
+        assert head is not None and head.kind == HeadKind.CLASSIFICATION and head.version == version
         assert set(head.labels) == {"good", "bad"}
     loaded = load_heads(repo, manifest)["review"]
     assert isinstance(loaded, LinearClassifierHead)
@@ -91,7 +92,7 @@ def test_token_head_from_conll(repo: Path, tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     manifest = load_manifest(repo)
     head = manifest.head("places")
-    assert head is not None and head.kind == KIND_TOKEN
+    assert head is not None and head.kind == HeadKind.TOKEN_CLASSIFICATION
     assert isinstance(load_heads(repo, manifest)["places"], TokenClassifierHead)
 
 
@@ -131,4 +132,4 @@ def test_bad_names_and_kind_changes_are_refused(
     )
     assert run.returncode == 2, run.stdout
     assert message in run.stderr
-    assert load_manifest(repo).head("sentiment").kind == KIND_CLASSIFICATION  # type: ignore[union-attr]
+    assert load_manifest(repo).head("sentiment").kind == HeadKind.CLASSIFICATION  # type: ignore[union-attr]

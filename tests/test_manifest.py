@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from taskmux_api.kinds import HeadKind
 
 from model.heads import EmbeddingHead, LinearClassifierHead, load_heads
 from model.manifest import (
-    KIND_CLASSIFICATION,
     MANIFEST_FILE,
     Manifest,
     ModelRepoError,
@@ -44,7 +44,7 @@ def flip_byte(path: Path, offset: int = 100) -> None:
 
 
 def classification_head_file(manifest: Manifest) -> str:
-    files = [h.weights_file for h in manifest.heads if h.kind == KIND_CLASSIFICATION]
+    files = [h.weights_file for h in manifest.heads if h.kind == HeadKind.CLASSIFICATION]
     assert files, "the built repository has no classification head (make model builds one)"
     return files[0]
 
@@ -60,7 +60,7 @@ def test_built_repository_loads_with_every_head(repo: Path) -> None:
             continue
         out = head.apply(vectors)
         assert out.shape[0] == 3, name
-        if head.spec.kind == KIND_CLASSIFICATION:
+        if head.spec.kind == HeadKind.CLASSIFICATION:
             assert out.shape[1] == len(head.spec.labels)
             np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-5)
 

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from taskmux_api.kinds import HeadKind
 from taskmux_api.v1 import taskmux_pb2 as pb
 from taskmux_api.v1 import taskmux_pb2_grpc
 
-from model.manifest import KIND_CLASSIFICATION, load_manifest
+from model.manifest import load_manifest
 from taskmux.local import free_port
 from tests.harness import Cluster, serving, wait_until
 
@@ -58,7 +59,7 @@ def test_counters_move_by_exactly_the_calls_made(cluster: Cluster, model_repo: P
     head = next(
         h.name
         for h in load_manifest(model_repo, verify=False).heads
-        if h.kind == KIND_CLASSIFICATION
+        if h.kind == HeadKind.CLASSIFICATION
     )
     stub = taskmux_pb2_grpc.TaskMuxStub(grpc.insecure_channel(gateway.address))
 

@@ -10,10 +10,11 @@ import grpc
 import numpy as np
 import pytest
 import redis
+from taskmux_api.kinds import HeadKind
 from taskmux_api.v1 import taskmux_pb2 as pb
 from taskmux_api.v1 import taskmux_pb2_grpc
 
-from model.manifest import KIND_TOKEN, load_manifest
+from model.manifest import load_manifest
 from router import keys
 from tests.harness import Cluster, serving, wait_for_catalog, wait_until
 
@@ -92,7 +93,9 @@ def test_analyze_streams_one_result_per_text_and_head(
 ) -> None:
     manifest = load_manifest(model_repo, verify=False)
     heads = [
-        h.name for h in manifest.heads if h.kind in ("embedding", "classification", KIND_TOKEN)
+        h.name
+        for h in manifest.heads
+        if h.kind in ("embedding", "classification", HeadKind.TOKEN_CLASSIFICATION)
     ]
     texts = ["I loved this film.", "Paris is in France.", "I loved this film.", "Terrible service."]
     results = list(stub.Analyze(pb.AnalyzeRequest(texts=texts, heads=heads, top_k=2), timeout=60))

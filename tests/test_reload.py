@@ -12,12 +12,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from taskmux_api.kinds import HeadKind
 from taskmux_api.v1 import taskmux_pb2 as pb
 from taskmux_api.v1 import taskmux_pb2_grpc
 
 from model.loaded import LoadedModel
 from model.manifest import (
-    KIND_CLASSIFICATION,
     HeadSpec,
     load_manifest,
     sha256_file,
@@ -51,7 +51,7 @@ def publish_head(
     rel = f"heads/{name}/{version}/weights.npz"
     (repo / rel).parent.mkdir(parents=True, exist_ok=True)
     np.savez(repo / rel, **arrays)
-    spec = HeadSpec(name, KIND_CLASSIFICATION, version, labels, rel)
+    spec = HeadSpec(name, HeadKind.CLASSIFICATION, version, labels, rel)
     heads = (*[h for h in manifest.heads if h.name != name], spec)
     checksums = {**manifest.checksums, rel: checksum or sha256_file(repo / rel)}
     write_manifest(repo, dataclasses.replace(manifest, heads=heads, checksums=checksums))

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from taskmux_api.kinds import HeadKind
 
 from model.encoder import l2_normalize
 from model.heads import LinearClassifierHead
-from model.manifest import KIND_CLASSIFICATION, HeadSpec
+from model.manifest import HeadSpec
 from taskmux.modelrepo.train import (
     TrainingDataError,
     accuracy,
@@ -148,14 +149,14 @@ def test_train_sentiment_writes_a_head_the_worker_loads(
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
     meta = json.loads((tmp_path / "a" / "head.json").read_text(encoding="utf-8"))
-    assert meta["name"] == "sentiment" and meta["kind"] == KIND_CLASSIFICATION
+    assert meta["name"] == "sentiment" and meta["kind"] == HeadKind.CLASSIFICATION
     assert meta["labels"] == ["negative", "positive"]
     assert meta["metrics"]["heldout_examples"] == 8
     assert all(type(v) in (int, float) for v in meta["metrics"].values())
     assert meta["metrics"]["heldout_accuracy"] >= 0.75
     spec = HeadSpec(
         name="sentiment",
-        kind=KIND_CLASSIFICATION,
+        kind=HeadKind.CLASSIFICATION,
         version="1",
         labels=tuple(meta["labels"]),
         weights_file="weights.npz",

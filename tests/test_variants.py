@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from taskmux_api.kinds import HeadKind
 
 from model.encoder import Encoder, l2_normalize, run_bound
 from model.loaded import LoadedModel
 from model.manifest import (
-    KIND_CLASSIFICATION,
     MANIFEST_FILE,
     EncoderSpec,
     HeadSpec,
@@ -262,7 +262,9 @@ def test_missing_variant_file_is_refused(repo: Path) -> None:
 def test_head_train_keeps_variants(repo: Path) -> None:
     """`head train` rewrites `checksums` knowing only the fp32 files; variants survive."""
     before = load_manifest(repo).encoder.variants
-    head = HeadSpec(name="ticket-type", kind=KIND_CLASSIFICATION, version="0", labels=("a", "b"))
+    head = HeadSpec(
+        name="ticket-type", kind=HeadKind.CLASSIFICATION, version="0", labels=("a", "b")
+    )
     params = {"weight": np.zeros((2, 384), np.float32), "bias": np.zeros(2, np.float32)}
     add_head_version(repo, head, params)
     after = load_manifest(repo)  # verifies every file, variants included

@@ -12,12 +12,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import grpc
+from taskmux_api.kinds import TaskKind, head_kinds_of
 from tokenizers import Encoding
 
 from model.encoder import EncodeStats, l2_normalize
 from model.loaded import LoadedModel
-from router.messages import ANALYZE_STREAM_HEAD, KIND_ANALYZE, Job, Reply
-from workers.tasks import ANALYZABLE, KIND_OF_JOB, BatchView, Needs, answer, texts_needed
+from router.messages import ANALYZE_STREAM_HEAD, Job, Reply
+from workers.tasks import BatchView, Needs, answer, texts_needed
 
 log = logging.getLogger(__name__)
 
@@ -119,15 +120,14 @@ def _answer(model: LoadedModel, job: Job, view: BatchView) -> tuple[Reply, int, 
 def _refusal(model: LoadedModel, job: Job, now_ms: int) -> Reply | None:
     if job.deadline_ms <= now_ms:
         return _error(job, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while queued")
-    names = job.params.get("heads", []) if job.kind == KIND_ANALYZE else [job.head]
+    names = job.params.get("heads", []) if job.kind == TaskKind.ANALYZE else [job.head]
     if not isinstance(names, list) or not names:
         return _error(job, grpc.StatusCode.INVALID_ARGUMENT, "analyze needs a list of heads")
     for name in names:
         head = model.heads.get(name) if isinstance(name, str) else None
         if head is None or name == ANALYZE_STREAM_HEAD:
             return _error(job, grpc.StatusCode.NOT_FOUND, f"head {name!r} is not served")
-        allowed = ANALYZABLE if job.kind == KIND_ANALYZE else (KIND_OF_JOB[job.kind],)
-        if head.spec.kind not in allowed:
+        if head.spec.kind not in head_kinds_of(job.kind):
             return _error(
                 job,
                 grpc.StatusCode.INVALID_ARGUMENT,

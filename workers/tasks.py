@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
+from taskmux_api.kinds import HeadKind, TaskKind
 from taskmux_api.v1 import taskmux_pb2 as pb
 from tokenizers import Encoding
 
@@ -24,41 +25,12 @@ from model.heads import (
     ZeroShotHead,
 )
 from model.loaded import LoadedModel
-from model.manifest import (
-    KIND_CLASSIFICATION,
-    KIND_EMBEDDING,
-    KIND_TOKEN,
-    HeadSpec,
-)
-from model.manifest import (
-    KIND_SIMILARITY as HEAD_SIMILARITY,
-)
-from model.manifest import (
-    KIND_ZERO_SHOT as HEAD_ZERO_SHOT,
-)
-from router.messages import (
-    KIND_ANALYZE,
-    KIND_CLASSIFY,
-    KIND_EMBED,
-    KIND_ENTITIES,
-    KIND_SIMILARITY,
-    KIND_ZERO_SHOT,
-    Job,
-    pack_messages,
-)
+from model.manifest import HeadSpec
+from router.messages import Job, pack_messages
 
 log = logging.getLogger(__name__)
 
 H = TypeVar("H")
-
-KIND_OF_JOB = {
-    KIND_EMBED: KIND_EMBEDDING,
-    KIND_CLASSIFY: KIND_CLASSIFICATION,
-    KIND_ENTITIES: KIND_TOKEN,
-    KIND_SIMILARITY: HEAD_SIMILARITY,
-    KIND_ZERO_SHOT: HEAD_ZERO_SHOT,
-}
-ANALYZABLE = (KIND_EMBEDDING, KIND_CLASSIFICATION, KIND_TOKEN)
 
 
 @dataclass(frozen=True)
@@ -89,18 +61,18 @@ class BatchView:
 
 def texts_needed(model: LoadedModel, job: Job) -> Needs:
     """The texts to encode for `job` (and those whose token states it reads)."""
-    if job.kind == KIND_ZERO_SHOT:
+    if job.kind == TaskKind.ZERO_SHOT:
         missing = [h for h in _hypotheses(job) if h not in model.label_cache]
         return Needs(job.texts + tuple(missing))
-    heads = job.params.get("heads", []) if job.kind == KIND_ANALYZE else [job.head]
-    wants_tokens = any(model.heads[h].spec.kind == KIND_TOKEN for h in heads)
+    heads = job.params.get("heads", []) if job.kind == TaskKind.ANALYZE else [job.head]
+    wants_tokens = any(model.heads[h].spec.kind == HeadKind.TOKEN_CLASSIFICATION for h in heads)
     return Needs(job.texts, job.texts if wants_tokens else ())
 
 
 def answer(model: LoadedModel, job: Job, view: BatchView) -> tuple[bytes, int]:
     """The job's serialized response and how many head results it carries; raises if
     its head cannot compute it (the caller fails this job only)."""
-    return _BUILDERS[job.kind](model, job, view)
+    return BUILDERS[job.kind](model, job, view)
 
 
 def _embed(model: LoadedModel, job: Job, view: BatchView) -> tuple[bytes, int]:
@@ -236,11 +208,13 @@ def _head(model: LoadedModel, name: str, kind: type[H]) -> H:
     return head
 
 
-_BUILDERS: dict[str, Callable[[LoadedModel, Job, BatchView], tuple[bytes, int]]] = {
-    KIND_EMBED: _embed,
-    KIND_CLASSIFY: _classify,
-    KIND_ENTITIES: _entities,
-    KIND_SIMILARITY: _similarity,
-    KIND_ZERO_SHOT: _zero_shot,
-    KIND_ANALYZE: _analyze,
+Builder = Callable[[LoadedModel, Job, BatchView], tuple[bytes, int]]
+# One builder per task kind.
+BUILDERS: dict[str, Builder] = {
+    TaskKind.EMBED: _embed,
+    TaskKind.CLASSIFY: _classify,
+    TaskKind.ENTITIES: _entities,
+    TaskKind.SIMILARITY: _similarity,
+    TaskKind.ZERO_SHOT: _zero_shot,
+    TaskKind.ANALYZE: _analyze,
 }

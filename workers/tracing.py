@@ -25,8 +25,9 @@ from typing import Final
 import grpc
 from opentelemetry.trace import Span, SpanKind, set_span_in_context
 from opentelemetry.util.types import Attributes
+from taskmux_api.kinds import TaskKind
 
-from router.messages import KIND_ANALYZE, Job, Reply
+from router.messages import Job, Reply
 from taskmux.tracing import Tracing, parent_context, status_of
 from workers.compute import BatchResult
 from workers.consumer import Pulled
@@ -137,7 +138,7 @@ class JobSpans:
             "taskmux.texts": len(job.texts),
             "taskmux.worker_id": self._worker_id,
         }
-        if job.kind == KIND_ANALYZE and isinstance(heads := job.params.get("heads"), list):
+        if job.kind == TaskKind.ANALYZE and isinstance(heads := job.params.get("heads"), list):
             attributes["taskmux.heads"] = [str(h) for h in heads]
         if job.request_id:
             attributes["taskmux.request_id"] = job.request_id

@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Sequence
 from typing import TypeVar
 
+from taskmux_api.kinds import task_of_request
 from taskmux_api.v1 import taskmux_pb2 as pb
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -21,14 +22,6 @@ TaskRequest = (
 # What `pipeline` accepts: a full PipelineRequest, or a task message (its id is then
 # its position in the stream, "0", "1", ...).
 Task = pb.PipelineRequest | TaskRequest
-
-_TASK_FIELDS: dict[type[TaskRequest], str] = {
-    pb.EmbedRequest: "embed",
-    pb.ClassifyRequest: "classify",
-    pb.ExtractEntitiesRequest: "extract_entities",
-    pb.SimilarityRequest: "similarity",
-    pb.ZeroShotClassifyRequest: "zero_shot_classify",
-}
 
 R = TypeVar(
     "R",
@@ -60,11 +53,11 @@ def pipeline_request(task: Task, index: int) -> pb.PipelineRequest:
     """A PipelineRequest for `task`; a plain task message gets the id str(index)."""
     if isinstance(task, pb.PipelineRequest):
         return task
-    field = _TASK_FIELDS.get(type(task))
-    if field is None:
+    spec = task_of_request(task)
+    if spec is None or not spec.pipeline_field:
         raise TypeError(f"not a pipeline task: {type(task).__name__}")
     request = pb.PipelineRequest(id=str(index))
-    getattr(request, field).CopyFrom(task)
+    getattr(request, spec.pipeline_field).CopyFrom(task)
     return request
 
 

@@ -16,11 +16,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from taskmux_api.kinds import HeadKind
+
 from model.heads import load_mlp
 from model.manifest import (
-    KIND_EMBEDDING,
-    KIND_SIMILARITY,
-    KIND_ZERO_SHOT,
     EncoderSpec,
     HeadSpec,
     Manifest,
@@ -40,7 +39,7 @@ OPSET = 17
 
 EMBED_HEAD = HeadSpec(
     name="embed",
-    kind=KIND_EMBEDDING,
+    kind=HeadKind.EMBEDDING,
     version="1",
     description="Sentence embeddings: mean pooling over the attention mask, L2-normalised.",
 )
@@ -48,13 +47,13 @@ BUILTIN_HEADS = (
     EMBED_HEAD,
     HeadSpec(
         name="similarity",
-        kind=KIND_SIMILARITY,
+        kind=HeadKind.SIMILARITY,
         version="1",
         description="Cosine similarity of a query's embedding with each candidate's.",
     ),
     HeadSpec(
         name="zero-shot",
-        kind=KIND_ZERO_SHOT,
+        kind=HeadKind.ZERO_SHOT,
         version="1",
         description="Caller-named labels: softmax over cosines with label-sentence embeddings.",
     ),

@@ -14,7 +14,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from model.manifest import KIND_CLASSIFICATION, KIND_TOKEN, HeadSpec, load_manifest
+from taskmux_api.kinds import HeadKind
+
+from model.manifest import HeadSpec, load_manifest
 from taskmux.modelrepo.classify_train import (
     SPLIT_SEED,
     class_probs,
@@ -63,7 +65,7 @@ def train_classification_head(
     """Fit a sentence-classification head on `data` and add it to `repo`; report."""
     check_head_name(name)
     rows = read_table(data, text_column=text_column, label_column=label_column)
-    next_version(load_manifest(repo), name, KIND_CLASSIFICATION)
+    next_version(load_manifest(repo), name, HeadKind.CLASSIFICATION)
     labels = rows.label_set()
     split = split_distinct(rows.texts, seed=seed)
     x = Embedder(repo).sentence_vectors(rows.texts)
@@ -79,7 +81,7 @@ def train_classification_head(
     }
     spec = HeadSpec(
         name=name,
-        kind=KIND_CLASSIFICATION,
+        kind=HeadKind.CLASSIFICATION,
         version="0",
         labels=labels,
         metrics={k: float(v) for k, v in metrics.items()},
@@ -103,7 +105,7 @@ def train_token_head(
     check_head_name(name)
     sentences = read_conll(data)
     labels = scheme_labels(entity_types(sentences), scheme)
-    next_version(load_manifest(repo), name, KIND_TOKEN)
+    next_version(load_manifest(repo), name, HeadKind.TOKEN_CLASSIFICATION)
     split = split_sentences(sentences, seed=seed)
     encoded = Embedder(repo).token_states([s.text for s in sentences], cached=False)
     train = [sentences[i] for i in split.train]
@@ -125,7 +127,7 @@ def train_token_head(
     }
     spec = HeadSpec(
         name=name,
-        kind=KIND_TOKEN,
+        kind=HeadKind.TOKEN_CLASSIFICATION,
         version="0",
         labels=labels,
         metrics={k: float(v) for k, v in metrics.items()},

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from taskmux_api.kinds import TRAINED
 
 from model.manifest import (
-    TRAINED_KINDS,
     HeadSpec,
     Manifest,
     ModelRepoError,
@@ -98,8 +98,9 @@ def add_head_version(repo: Path, head: HeadSpec, params: Params) -> HeadSpec:
     again (verified) just before writing, so the version is the latest one.
     """
     manifest = load_manifest(repo)
-    if head.kind not in TRAINED_KINDS:
-        raise HeadNameError(f"only {TRAINED_KINDS} heads are trained, not {head.kind!r}")
+    if head.kind not in TRAINED:
+        trained = ", ".join(TRAINED)
+        raise HeadNameError(f"only {trained} heads are trained, not {str(head.kind)!r}")
     version = next_version(manifest, head.name, head.kind)
     rel = f"heads/{head.name}/{version}/weights.npz"
     save_params(repo / rel, params)
