@@ -10,7 +10,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace.export import SpanExporter
-from taskmux_api.v1 import taskmux_pb2
+from taskmux_api.v1 import taskmux_pb2, taskmux_pb2_grpc
 
 from gateway.auth import ApiKeys, api_keys
 from gateway.catalog import CatalogWatcher
@@ -138,7 +138,9 @@ def handler_stack(metrics: GatewayMetrics, tracing: Tracing, keys: ApiKeys | Non
     return [layer for layer in layers if layer is not None]
 
 
-def add_service(service: TaskMuxService, server: grpc.aio.Server, layers: list[Layer]) -> None:
+def add_service(
+    service: taskmux_pb2_grpc.TaskMuxServicer, server: grpc.aio.Server, layers: list[Layer]
+) -> None:
     """Register every TaskMux method inside `layers`, as the generated code does, but with
     requests that fail to parse handed on (`deferred_decode`) to answer INVALID_ARGUMENT."""
     handlers = {}
