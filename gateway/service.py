@@ -1,4 +1,8 @@
-"""The TaskMux gRPC servicer: validate (plans), dispatch, decode. Nothing else lives here."""
+"""The TaskMux gRPC servicer: validate (plans), dispatch, decode. Nothing else lives here.
+
+Errors, metrics, tracing and authentication wrap every method from outside, once, when
+the service is added to the server (gateway/handlers.py).
+"""
 
 from __future__ import annotations
 
@@ -21,9 +25,7 @@ from gateway.errors import (
     TaskmuxError,
     Unavailable,
     Undecodable,
-    grpc_status,
-    grpc_status_stream,
-    internal_ref,
+    as_status,
 )
 from gateway.idempotency import NO_KEY, Idempotency
 from gateway.limits import Limiter
@@ -65,38 +67,32 @@ class TaskMuxService(taskmux_pb2_grpc.TaskMuxServicer):
         self._limiter = limiter
         self._memory = memory
 
-    @grpc_status
     async def Embed(self, request: pb.EmbedRequest, context: Ctx) -> pb.EmbedResponse:
         response: pb.EmbedResponse = await self._unary(plan_embed, request, context)
         return response
 
-    @grpc_status
     async def Classify(self, request: pb.ClassifyRequest, context: Ctx) -> pb.ClassifyResponse:
         response: pb.ClassifyResponse = await self._unary(plan_classify, request, context)
         return response
 
-    @grpc_status
     async def ExtractEntities(
         self, request: pb.ExtractEntitiesRequest, context: Ctx
     ) -> pb.ExtractEntitiesResponse:
         response: pb.ExtractEntitiesResponse = await self._unary(plan_entities, request, context)
         return response
 
-    @grpc_status
     async def Similarity(
         self, request: pb.SimilarityRequest, context: Ctx
     ) -> pb.SimilarityResponse:
         response: pb.SimilarityResponse = await self._unary(plan_similarity, request, context)
         return response
 
-    @grpc_status
     async def ZeroShotClassify(
         self, request: pb.ZeroShotClassifyRequest, context: Ctx
     ) -> pb.ZeroShotClassifyResponse:
         response: pb.ZeroShotClassifyResponse = await self._unary(plan_zero_shot, request, context)
         return response
 
-    @grpc_status
     async def ListTasks(self, request: pb.ListTasksRequest, context: Ctx) -> pb.ListTasksResponse:
         self._require_redis()
         catalog = self._watcher.catalog
@@ -123,7 +119,6 @@ class TaskMuxService(taskmux_pb2_grpc.TaskMuxServicer):
             ),
         )
 
-    @grpc_status_stream
     async def Analyze(
         self, request: pb.AnalyzeRequest, context: Ctx
     ) -> AsyncIterator[pb.AnalyzeResult]:
@@ -230,14 +225,8 @@ class TaskMuxService(taskmux_pb2_grpc.TaskMuxServicer):
             response = pb.PipelineResponse(id=request.id)
             getattr(response, which).CopyFrom(message)
             return response
-        except TaskmuxError as err:
-            error = _task_error(err)
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            error = pb.TaskError(
-                code=code.value[0], status=code.name, message=internal_ref("Pipeline")
-            )
-        return pb.PipelineResponse(id=request.id, error=error)
+        except Exception as err:  # one task's failure is its answer, not the stream's end
+            return pb.PipelineResponse(id=request.id, error=_task_error(as_status(err, "Pipeline")))
 
     async def _unary(self, planner: Planner, request: Any, context: Ctx) -> Any:
         check_request_meta(request.request_id, request.idempotency_key)
