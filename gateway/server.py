@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import AsyncExitStack
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -138,8 +139,17 @@ def handler_stack(metrics: GatewayMetrics, tracing: Tracing, keys: ApiKeys | Non
     return [layer for layer in layers if layer is not None]
 
 
+def _method(service: TaskMuxService | taskmux_pb2_grpc.TaskMuxServicer, rpc: str) -> Any:
+    """The servicer's handler for `rpc`: TaskMuxService maps unary tasks to planners."""
+    if isinstance(service, TaskMuxService):
+        return service.method(rpc)
+    return getattr(service, rpc)
+
+
 def add_service(
-    service: taskmux_pb2_grpc.TaskMuxServicer, server: grpc.aio.Server, layers: list[Layer]
+    service: TaskMuxService | taskmux_pb2_grpc.TaskMuxServicer,
+    server: grpc.aio.Server,
+    layers: list[Layer],
 ) -> None:
     """Register every TaskMux method inside `layers`, as the generated code does, but with
     requests that fail to parse handed on (`deferred_decode`) to answer INVALID_ARGUMENT."""
@@ -149,7 +159,7 @@ def add_service(
         request_type = getattr(taskmux_pb2, method.input_type.name)
         response_type = getattr(taskmux_pb2, method.output_type.name)
         handlers[method.name] = factory(
-            stacked(method, getattr(service, method.name), layers),
+            stacked(method, _method(service, method.name), layers),
             request_deserializer=deferred_decode(request_type),
             response_serializer=response_type.SerializeToString,
         )

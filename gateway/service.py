@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
-from taskmux_api.kinds import ANALYZABLE, PIPELINE_TASKS, TaskKind, head_kind_proto
+from taskmux_api.kinds import ANALYZABLE, PIPELINE_TASKS, TaskKind, head_kind_proto, task_of_rpc
 from taskmux_api.v1 import taskmux_pb2 as pb
-from taskmux_api.v1 import taskmux_pb2_grpc
 
 from gateway.auth import caller
 from gateway.catalog import CatalogWatcher
@@ -30,15 +30,7 @@ from gateway.errors import (
 from gateway.idempotency import NO_KEY, Idempotency
 from gateway.limits import Limiter
 from gateway.memory import MemoryGuard
-from gateway.plans import (
-    PLANNERS,
-    Planner,
-    plan_classify,
-    plan_embed,
-    plan_entities,
-    plan_similarity,
-    plan_zero_shot,
-)
+from gateway.plans import PLANNERS, Planner
 from gateway.settings import GatewaySettings
 from gateway.validation import check_heads, check_request_meta, check_texts
 from model.manifest import HeadSpec
@@ -48,8 +40,11 @@ from taskmux.lifecycle import cancel_and_wait
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
-class TaskMuxService(taskmux_pb2_grpc.TaskMuxServicer):
-    """Implements taskmux.v1.TaskMux on top of the dispatcher and the catalog."""
+class TaskMuxService:
+    """Implements taskmux.v1.TaskMux on top of the dispatcher and the catalog.
+
+    Not a subclass of the generated servicer: the unary tasks have no methods here
+    (see `method`), and the generated base declares each RPC abstract."""
 
     def __init__(
         self,
@@ -67,31 +62,15 @@ class TaskMuxService(taskmux_pb2_grpc.TaskMuxServicer):
         self._limiter = limiter
         self._memory = memory
 
-    async def Embed(self, request: pb.EmbedRequest, context: Ctx) -> pb.EmbedResponse:
-        response: pb.EmbedResponse = await self._unary(plan_embed, request, context)
-        return response
-
-    async def Classify(self, request: pb.ClassifyRequest, context: Ctx) -> pb.ClassifyResponse:
-        response: pb.ClassifyResponse = await self._unary(plan_classify, request, context)
-        return response
-
-    async def ExtractEntities(
-        self, request: pb.ExtractEntitiesRequest, context: Ctx
-    ) -> pb.ExtractEntitiesResponse:
-        response: pb.ExtractEntitiesResponse = await self._unary(plan_entities, request, context)
-        return response
-
-    async def Similarity(
-        self, request: pb.SimilarityRequest, context: Ctx
-    ) -> pb.SimilarityResponse:
-        response: pb.SimilarityResponse = await self._unary(plan_similarity, request, context)
-        return response
-
-    async def ZeroShotClassify(
-        self, request: pb.ZeroShotClassifyRequest, context: Ctx
-    ) -> pb.ZeroShotClassifyResponse:
-        response: pb.ZeroShotClassifyResponse = await self._unary(plan_zero_shot, request, context)
-        return response
+    def method(self, rpc: str) -> Callable[..., Any]:
+        """What serves the RPC named `rpc`. A unary task is its planner run through
+        `_unary`, so a new task needs a row in the task table and a planner, no method
+        here; ListTasks, Analyze and Pipeline are methods of their own."""
+        task = task_of_rpc(rpc)
+        if task is not None and task.kind in PLANNERS:
+            return functools.partial(self._unary, PLANNERS[task.kind])
+        method: Callable[..., Any] = getattr(self, rpc)
+        return method
 
     async def ListTasks(self, request: pb.ListTasksRequest, context: Ctx) -> pb.ListTasksResponse:
         self._require_redis()
