@@ -119,8 +119,7 @@ async def _run(
     from taskmux_client import AsyncTaskMuxClient, TaskMuxError
 
     output = output_for(command, args, sys.stdout)
-    total = len(args.texts) if args.input is None else count_texts(args.input, args.input_format)
-    progress = ProgressBar(sys.stderr, total, enabled=sys.stderr.isatty())
+    progress = _progress(args)
     client = AsyncTaskMuxClient(
         args.target, timeout_s=args.timeout, api_key=security.api_key, tls=security.tls or False
     )
@@ -145,6 +144,14 @@ async def _run(
             progress.close()
     output.finish()
     return 0
+
+
+def _progress(args: argparse.Namespace) -> ProgressBar:
+    """A bar on stderr if it is a terminal; its total counted first where that is cheap."""
+    if not sys.stderr.isatty():
+        return ProgressBar(sys.stderr, None, enabled=False)
+    total = len(args.texts) if args.input is None else count_texts(args.input, args.input_format)
+    return ProgressBar(sys.stderr, total, enabled=True)
 
 
 async def run_in_order(

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from bench.cli import main as bench_cli
 from taskmux.cli import main as cli_main
 from taskmux.cliinput import Batch, InputError, batches, parse_line
 from taskmux.clioutput import ProgressBar, shorten
@@ -246,6 +247,18 @@ def test_an_invalid_text_names_its_batch(
 def test_texts_and_input_together_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["embed", "--input", "-", "hello"]) == 2
     assert capsys.readouterr().err == "error: give texts as arguments or --input, not both\n"
+
+
+def test_bench_cli_reports_the_cli_and_the_load_tester(
+    target: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = tmp_path / "cli.json"
+    argv = ["--target", target, "--lines", "40", "--loadtest-s", "1", "--json", str(report)]
+    assert bench_cli(argv) == 0
+    figures = json.loads(report.read_text())
+    assert figures["cli"]["texts"] == 40 and figures["cli"]["texts_per_s"] > 0
+    assert figures["loadtest"]["texts_per_s"] > 0
+    assert "taskmux classify --head sentiment --input" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- pieces
