@@ -80,7 +80,7 @@ proto-baseline: $(BUF_DIR)/node_modules/.package-lock.json ## Record protos/ as 
 	$(BUF) breaking --against $(PROTO_BASELINE)
 	$(BUF) build --exclude-source-info -o $(PROTO_BASELINE)
 
-test: proto-check $(MODEL_REPO)/manifest.json interop-deps k8s-validate ## Unit and integration tests
+test: proto-check $(MODEL_REPO)/manifest.json interop-deps $(BUF_DIR)/node_modules/.package-lock.json k8s-validate ## Unit and integration tests
 	TASKMUX_TEST_MODEL_REPO=$(MODEL_REPO) $(BIN)/pytest
 
 lint: $(BIN)/.installed ## ruff, mypy, the generated sync client, bandit and the dependency audit
