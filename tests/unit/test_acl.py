@@ -1,4 +1,4 @@
-"""The ACL users' rules and `taskmux redis-acl`; tests/test_redis_security.py applies them."""
+"""The ACL users' rules and `taskmux redis-acl`; tests/integration/test_redis_security.py applies them."""
 
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def test_cli_setuser_turns_the_default_user_off_last(capsys: pytest.CaptureFixtu
 
 
 def test_readme_shows_the_users_as_the_cli_prints_them() -> None:
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     for user in USERS:
         assert aclfile_line(user, "#<sha256-of-password>") in readme
     assert default_user_aclfile_line() in readme

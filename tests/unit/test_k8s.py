@@ -19,7 +19,7 @@ import yaml
 
 from tests.harness import missing
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 K8S_PY = ROOT / ".venv-k8s" / "bin" / "python"
 VALIDATE = ROOT / "k8s" / "tools" / "validate.py"
 DOCKER = ROOT / "docker"

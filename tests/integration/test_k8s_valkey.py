@@ -27,7 +27,7 @@ from tests.harness import Proc
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VALKEY_CONF = ROOT / "k8s" / "base" / "valkey.conf"
 # Directives of valkey.conf that cannot apply here, replaced on the command line: `dir`
 # (/data, the pod's volume) is entered while the file is read, so it must go.
@@ -183,7 +183,7 @@ def test_keda_can_do_nothing_else(server: Server, command: tuple[str, ...]) -> N
 
 
 def test_gateway_and_worker_users_stay_as_they_were(server: Server) -> None:
-    # The aclfile path changes nothing of theirs (tests/test_redis_security.py runs them).
+    # The aclfile path changes nothing of theirs (tests/integration/test_redis_security.py runs them).
     gateway, worker = server.login(GATEWAY.name), server.login(WORKER.name)
     with pytest.raises(DENIED):
         worker.xadd(STREAM, {"job": "forged"})

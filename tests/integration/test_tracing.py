@@ -81,7 +81,7 @@ TRACE_NAMES = ("TASKMUX_TRACE_EXPORTER", "TASKMUX_TRACE_ENDPOINT", "TASKMUX_TRAC
 
 def k8s_settings_names(component: str) -> dict[str, str | None]:
     """`settings_names` of the k8s checks, loaded from its file (k8s/tools is no package)."""
-    path = Path(__file__).resolve().parent.parent / "k8s" / "tools" / "common.py"
+    path = Path(__file__).resolve().parents[2] / "k8s" / "tools" / "common.py"
     spec = importlib.util.spec_from_file_location("k8s_tools_common", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -100,7 +100,7 @@ def _write_aclfile(workdir: Path, passwords: dict[str, str]) -> Path:
             ]
         )
     # The gateway and worker lines only: this test brings its own default user and admin
-    # (tests/test_k8s_valkey.py loads the whole file, default user off).
+    # (tests/integration/test_k8s_valkey.py loads the whole file, default user off).
     ours = [line for line in out.getvalue().splitlines() if line.split()[1] in files]
     aclfile = workdir / "users.acl"
     aclfile.write_text(

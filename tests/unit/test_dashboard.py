@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ("gateway/metrics.py", "workers/metrics.py", "taskmux/metrics.py")
 SUFFIXES = ("_bucket", "_count", "_sum", "_total")
 
