@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -16,9 +15,9 @@ from taskmux_api.v1 import taskmux_pb2_grpc
 from taskmux_client import Attempt, ResourceExhaustedError, RetryPolicy, TaskMuxClient
 
 from gateway.errors import ResourceExhausted
-from model.manifest import load_manifest
 from router import keys
-from tests.harness import Cluster, serving, wait_until
+from tests.clusters import ClusterFactory
+from tests.harness import Cluster
 
 pytestmark = pytest.mark.integration
 
@@ -28,25 +27,16 @@ EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 @pytest.fixture(scope="module")
-def cluster(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """Valkey with a catalog but no worker, so queued jobs stay queued."""
-    with Cluster(model_repo, tmp_path_factory.mktemp("backpressure")) as c:
-        c.start_redis()
-        catalog = load_manifest(model_repo, verify=False).to_json(with_checksums=False)
-        redis.Redis.from_url(c.redis_url).set(keys.CATALOG_KEY, catalog)
-        _, address = c.start_gateway(
-            max_backlog=str(MAX_BACKLOG), backlog_retry_after_ms=str(RETRY_AFTER_MS)
-        )
-        wait_until(lambda: serving(address), 30, "gateway SERVING")
-        yield c
+def cluster(make_shared_cluster: ClusterFactory) -> Cluster:
+    """Valkey with a catalog but no worker, so queued jobs stay queued (and the clean
+    keyspace empties the queues before each test)."""
+    gateway = {"max_backlog": str(MAX_BACKLOG), "backlog_retry_after_ms": str(RETRY_AFTER_MS)}
+    return make_shared_cluster(workers=0, catalog=True, gateways=[gateway])
 
 
 @pytest.fixture
 def target(cluster: Cluster) -> str:
-    r = redis.Redis.from_url(cluster.redis_url)
-    for stream in r.scan_iter(match=keys.task_stream("*")):
-        r.delete(stream)  # each test starts with empty queues
-    return next(p.address for p in cluster.procs if p.name == "gateway")
+    return cluster.gateways[0].address
 
 
 @pytest.fixture

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -15,6 +13,7 @@ from taskmux_api.v1 import taskmux_pb2_grpc
 
 from router import keys
 from router.messages import Job
+from tests.clusters import ClusterFactory
 from tests.harness import Cluster, serving, wait_until
 from workers.batcher import Item, Scheduler
 from workers.consumer import Pulled
@@ -100,9 +99,8 @@ def test_weights_share_rows_under_contention() -> None:
 
 
 @pytest.fixture
-def cluster(model_repo: Path, tmp_path: Path) -> Iterator[Cluster]:
-    with Cluster(model_repo, tmp_path) as c:
-        yield c
+def cluster(make_cluster: ClusterFactory) -> Cluster:
+    return make_cluster(start_redis=False)
 
 
 @pytest.mark.integration

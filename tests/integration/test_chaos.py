@@ -13,7 +13,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -37,6 +37,7 @@ from tests.chaos import (
     matches_embedding,
     run_through_fault,
 )
+from tests.clusters import ClusterFactory
 from tests.harness import Cluster, Proc, serving, wait_until
 
 pytestmark = pytest.mark.integration
@@ -64,9 +65,8 @@ def expected(model_repo: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture
-def cluster(model_repo: Path, tmp_path: Path) -> Iterator[Cluster]:
-    with Cluster(model_repo, tmp_path) as c:
-        yield c
+def cluster(make_cluster: ClusterFactory) -> Cluster:
+    return make_cluster(start_redis=False)
 
 
 async def _drive(target: str, calls: int, first_index: int = 0) -> list[Call[pb.EmbedResponse]]:

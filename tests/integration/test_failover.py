@@ -17,7 +17,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -40,6 +39,7 @@ from tests.chaos import (
     matches_embedding,
     run_through_fault,
 )
+from tests.clusters import ClusterFactory
 from tests.harness import Cluster, Proc, serving, wait_until
 
 pytestmark = pytest.mark.integration
@@ -134,9 +134,8 @@ class Sentinels:
 
 
 @pytest.fixture
-def cluster(model_repo: Path, tmp_path: Path) -> Iterator[Cluster]:
-    with Cluster(model_repo, tmp_path) as c:
-        yield c
+def cluster(make_cluster: ClusterFactory) -> Cluster:
+    return make_cluster(start_redis=False)
 
 
 async def _drive(target: str, calls: int, first_index: int = 0) -> list[Call[pb.EmbedResponse]]:

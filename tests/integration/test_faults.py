@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-import redis
 from taskmux_api.v1 import taskmux_pb2 as pb
 from taskmux_api.v1 import taskmux_pb2_grpc
 
 from model.manifest import load_manifest
-from router import keys
+from tests.clusters import ClusterFactory, seed_catalog
 from tests.harness import Cluster, health_status, serving, wait_until
 
 pytestmark = pytest.mark.integration
@@ -24,9 +22,8 @@ NOT_SERVING = 2
 
 
 @pytest.fixture
-def cluster(model_repo: Path, tmp_path: Path) -> Iterator[Cluster]:
-    with Cluster(model_repo, tmp_path) as c:
-        yield c
+def cluster(make_cluster: ClusterFactory) -> Cluster:
+    return make_cluster(start_redis=False)
 
 
 def _stub(target: str) -> taskmux_pb2_grpc.TaskMuxStub:
@@ -35,9 +32,7 @@ def _stub(target: str) -> taskmux_pb2_grpc.TaskMuxStub:
 
 def test_no_worker_call_ends_at_its_deadline(cluster: Cluster, model_repo: Path) -> None:
     cluster.start_redis()
-    # The catalog as a worker that has since gone away would have left it.
-    catalog = load_manifest(model_repo, verify=False).to_json(with_checksums=False)
-    redis.Redis.from_url(cluster.redis_url).set(keys.CATALOG_KEY, catalog)
+    seed_catalog(cluster)  # as a worker that has since gone away would have left it
     _, target = cluster.start_gateway()
     wait_until(lambda: serving(target), 30, "gateway SERVING")
     stub = _stub(target)

@@ -21,7 +21,8 @@ from taskmux_api.v1 import taskmux_pb2_grpc
 from model.manifest import load_manifest
 from router import keys
 from router.messages import Job, MalformedMessage
-from tests.harness import Cluster, Proc, serving, wait_for_catalog, wait_until
+from tests.clusters import ClusterFactory
+from tests.harness import Cluster, Proc
 
 pytestmark = pytest.mark.integration
 
@@ -79,31 +80,27 @@ class Target:
 
 
 @pytest.fixture(scope="module")
-def target(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    with Cluster(model_repo, tmp_path_factory.mktemp("fuzz")) as c:
-        c.start_redis()
-        c.start_worker()
-        _, address = c.start_gateway(
-            max_texts_per_request=str(MAX_TEXTS),
-            max_text_chars=str(MAX_CHARS),
-            max_candidates=str(MAX_TEXTS),
-            max_labels=str(MAX_TEXTS),
-            max_heads_per_request="5",
-            max_message_bytes=str(MAX_MESSAGE_BYTES),
-        )
-        wait_until(lambda: serving(address), 30, "gateway SERVING")
-        heads = [h.name for h in load_manifest(model_repo, verify=False).heads]
-        wait_for_catalog(address, model_repo)
-        with grpc.insecure_channel(address) as channel:
-            stub = taskmux_pb2_grpc.TaskMuxStub(channel)
-            t = Target(c, channel, stub, heads)
-            yield t
-            print("\nfuzz outcomes:")
-            for rpc, counts in sorted(t.outcomes.items()):
-                print(f"  {rpc}: {sum(counts.values())} calls, {dict(sorted(counts.items()))}")
-            for proc in t.procs():
-                assert proc.popen.poll() is None, f"{proc.name} died:\n{proc.output()[-3000:]}"
-            assert "internal error" not in c.logs()
+def target(make_shared_cluster: ClusterFactory, model_repo: Path) -> Iterator[Target]:
+    gateway = {
+        "max_texts_per_request": str(MAX_TEXTS),
+        "max_text_chars": str(MAX_CHARS),
+        "max_candidates": str(MAX_TEXTS),
+        "max_labels": str(MAX_TEXTS),
+        "max_heads_per_request": "5",
+        "max_message_bytes": str(MAX_MESSAGE_BYTES),
+    }
+    c = make_shared_cluster(gateways=[gateway], ready="catalog")
+    heads = [h.name for h in load_manifest(model_repo, verify=False).heads]
+    with grpc.insecure_channel(c.gateways[0].address) as channel:
+        stub = taskmux_pb2_grpc.TaskMuxStub(channel)
+        t = Target(c, channel, stub, heads)
+        yield t
+        print("\nfuzz outcomes:")
+        for rpc, counts in sorted(t.outcomes.items()):
+            print(f"  {rpc}: {sum(counts.values())} calls, {dict(sorted(counts.items()))}")
+        for proc in t.procs():
+            assert proc.popen.poll() is None, f"{proc.name} died:\n{proc.output()[-3000:]}"
+        assert "internal error" not in c.logs()
 
 
 # --- strategies ---------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import pytest
@@ -13,9 +12,9 @@ from taskmux_api.v1 import taskmux_pb2 as pb
 from taskmux_api.v1 import taskmux_pb2_grpc
 
 from gateway.idempotency import request_hash
-from model.manifest import load_manifest
 from router import keys
 from router.messages import IdempotencyRecord
+from tests.clusters import ClusterFactory
 from tests.harness import Cluster, Proc, serving, wait_until
 
 pytestmark = pytest.mark.integration
@@ -25,22 +24,15 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
 @pytest.fixture(scope="module")
-def cluster(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(make_shared_cluster: ClusterFactory) -> Cluster:
     """Valkey, the catalog a worker would leave, two gateways; the worker comes later."""
-    with Cluster(model_repo, tmp_path_factory.mktemp("idempotency")) as c:
-        c.start_redis()
-        catalog = load_manifest(model_repo, verify=False).to_json(with_checksums=False)
-        redis.Redis.from_url(c.redis_url).set(keys.CATALOG_KEY, catalog)
-        for _ in range(2):
-            _, address = c.start_gateway(idempotency_ttl_s=str(TTL_S))
-            wait_until(lambda a=address: serving(a), 30, "gateway SERVING")
-        yield c
+    gateway = {"idempotency_ttl_s": str(TTL_S)}
+    return make_shared_cluster(workers=0, catalog=True, gateways=[gateway, gateway])
 
 
 @pytest.fixture(scope="module")
 def stubs(cluster: Cluster) -> Iterator[list[taskmux_pb2_grpc.TaskMuxStub]]:
-    gateways = [p for p in cluster.procs if p.name == "gateway"]
-    channels = [grpc.insecure_channel(p.address) for p in gateways]
+    channels = [grpc.insecure_channel(p.address) for p in cluster.gateways]
     yield [taskmux_pb2_grpc.TaskMuxStub(c) for c in channels]
     for channel in channels:
         channel.close()

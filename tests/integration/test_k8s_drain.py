@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from taskmux_api.v1 import taskmux_pb2 as pb
 from taskmux_api.v1 import taskmux_pb2_grpc
 
-from tests.harness import Cluster, Proc, serving, wait_for_catalog, wait_until
+from tests.clusters import ClusterFactory
+from tests.harness import Cluster, Proc, serving, wait_until
 
 LOAD_CALLS = 48
 
@@ -57,43 +57,39 @@ async def _sigterm_under_load(target: str, worker: Proc) -> list[int]:
     return answers
 
 
-def _busy_cluster(cluster: Cluster, model_repo: Path, **worker_env: str) -> tuple[str, Proc]:
-    cluster.start_redis()
-    worker = cluster.start_worker(reload_interval_ms="0", **worker_env)
-    _, target = cluster.start_gateway()
-    wait_until(lambda: serving(target), 60, "gateway")
-    wait_for_catalog(target, model_repo)
+def _busy_cluster(make_cluster: ClusterFactory, **worker_env: str) -> tuple[Cluster, str, Proc]:
+    worker_env = {"reload_interval_ms": "0", **worker_env}
+    cluster = make_cluster(workers=[worker_env], gateways=1, ready="catalog")
+    worker = cluster.workers[0]
     wait_until(lambda: serving(worker.address), 60, "worker")
-    return target, worker
+    return cluster, cluster.gateways[0].address, worker
 
 
-def test_a_worker_gives_up_its_drain_after_the_timeout(model_repo: Path, tmp_path: Path) -> None:
+def test_a_worker_gives_up_its_drain_after_the_timeout(make_cluster: ClusterFactory) -> None:
     """With more pulled than it can finish in TASKMUX_DRAIN_TIMEOUT_S=1, the worker stops
     at the timeout and exits cleanly (how fast is measured in k8s/README.md, "Draining";
     the 60 s wait only keeps a hang from stalling the run)."""
-    with Cluster(model_repo, tmp_path) as cluster:
-        target, worker = _busy_cluster(cluster, model_repo, drain_timeout_s="1", read_count="256")
-        stop = asyncio.Event()
+    cluster, target, worker = _busy_cluster(make_cluster, drain_timeout_s="1", read_count="256")
+    stop = asyncio.Event()
 
-        async def run() -> None:
-            load = asyncio.create_task(_embed_forever(target, stop))
-            await asyncio.sleep(3)
-            worker.popen.send_signal(signal.SIGTERM)
-            await asyncio.to_thread(worker.popen.wait, 60)
-            stop.set()
-            load.cancel()
+    async def run() -> None:
+        load = asyncio.create_task(_embed_forever(target, stop))
+        await asyncio.sleep(3)
+        worker.popen.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(worker.popen.wait, 60)
+        stop.set()
+        load.cancel()
 
-        asyncio.run(run())
-        assert worker.popen.returncode == 0, cluster.logs()
-        log = worker.output()
-        assert "signal received" in log
-        assert "drain took over 1s" in log or "worker stopped" in log, log[-2000:]
+    asyncio.run(run())
+    assert worker.popen.returncode == 0, cluster.logs()
+    log = worker.output()
+    assert "signal received" in log
+    assert "drain took over 1s" in log or "worker stopped" in log, log[-2000:]
 
 
-def test_a_draining_worker_reports_not_serving(model_repo: Path, tmp_path: Path) -> None:
-    with Cluster(model_repo, tmp_path) as cluster:
-        target, worker = _busy_cluster(cluster, model_repo, drain_timeout_s="20")
-        answers = asyncio.run(_sigterm_under_load(target, worker))
-        assert worker.popen.returncode == 0, cluster.logs()
-        assert answers, "the worker exited before its health answered"
-        assert health_pb2.HealthCheckResponse.SERVING not in answers, answers
+def test_a_draining_worker_reports_not_serving(make_cluster: ClusterFactory) -> None:
+    cluster, target, worker = _busy_cluster(make_cluster, drain_timeout_s="20")
+    answers = asyncio.run(_sigterm_under_load(target, worker))
+    assert worker.popen.returncode == 0, cluster.logs()
+    assert answers, "the worker exited before its health answered"
+    assert health_pb2.HealthCheckResponse.SERVING not in answers, answers

@@ -42,7 +42,7 @@ from taskmux.loadtest.samples import LiveStatus, Recorder
 from taskmux.loadtest.schedule import Picker, poisson_arrivals
 from taskmux.loadtest.texts import TextGenerator
 from taskmux.local import free_port
-from tests.harness import Cluster, serving, wait_for_catalog, wait_until
+from tests.clusters import ClusterFactory
 
 FULL_MIX = (
     "embed=2,classify:sentiment=1,analyze:embed+sentiment+topic+intent=1,entities=1,"
@@ -284,20 +284,10 @@ def test_progress_redraws_on_a_terminal_and_logs_lines_otherwise() -> None:
 
 
 @pytest.fixture(scope="module")
-def deployment(
-    model_repo: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[str, str]]:
+def deployment(make_shared_cluster: ClusterFactory) -> tuple[str, str]:
     """(gateway address, Redis URL) of a Valkey, one worker and one gateway."""
-    cluster = Cluster(model_repo, tmp_path_factory.mktemp("loadtest"))
-    try:
-        cluster.start_redis()
-        cluster.start_worker()
-        _, address = cluster.start_gateway()
-        wait_until(lambda: serving(address), 30, "gateway SERVING")
-        wait_for_catalog(address, model_repo)
-        yield address, cluster.redis_url
-    finally:
-        cluster.stop_all()
+    cluster = make_shared_cluster(gateways=1, ready="catalog")
+    return cluster.gateways[0].address, cluster.redis_url
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -15,6 +14,7 @@ from taskmux_api.v1 import taskmux_pb2_grpc
 
 from model.manifest import KIND_CLASSIFICATION, load_manifest
 from taskmux.local import free_port
+from tests.clusters import ClusterFactory
 from tests.harness import Cluster, serving, wait_until
 
 pytestmark = pytest.mark.integration
@@ -24,13 +24,11 @@ CLASSIFIES = 2
 
 
 @pytest.fixture(scope="module")
-def cluster(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with Cluster(model_repo, tmp_path_factory.mktemp("metrics")) as c:
-        c.start_redis()
-        c.start_worker(metrics_addr=f"127.0.0.1:{free_port()}")
-        _, address = c.start_gateway(metrics_addr=f"127.0.0.1:{free_port()}")
-        wait_until(lambda: serving(address), 30, "gateway SERVING")
-        yield c
+def cluster(make_shared_cluster: ClusterFactory) -> Cluster:
+    return make_shared_cluster(
+        workers=[{"metrics_addr": f"127.0.0.1:{free_port()}"}],
+        gateways=[{"metrics_addr": f"127.0.0.1:{free_port()}"}],
+    )
 
 
 def _metrics_port(proc_env_log: str) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -15,7 +14,8 @@ from taskmux_api.v1 import taskmux_pb2_grpc
 
 from model.manifest import KIND_TOKEN, load_manifest
 from router import keys
-from tests.harness import Cluster, serving, wait_for_catalog, wait_until
+from tests.clusters import ClusterFactory
+from tests.harness import Cluster, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -25,22 +25,14 @@ IN_FLIGHT = 4
 
 
 @pytest.fixture(scope="module")
-def cluster(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with Cluster(model_repo, tmp_path_factory.mktemp("multitask")) as c:
-        c.start_redis()
-        c.start_worker()
-        _, address = c.start_gateway(
-            max_candidates=str(MAX_CANDIDATES), max_pipeline_in_flight=str(IN_FLIGHT)
-        )
-        wait_until(lambda: serving(address), 30, "gateway SERVING")
-        c.procs[-1].address = address
-        yield c
+def cluster(make_shared_cluster: ClusterFactory) -> Cluster:
+    gateway = {"max_candidates": str(MAX_CANDIDATES), "max_pipeline_in_flight": str(IN_FLIGHT)}
+    return make_shared_cluster(gateways=[gateway], ready="catalog")
 
 
 @pytest.fixture(scope="module")
 def stub(cluster: Cluster, model_repo: Path) -> taskmux_pb2_grpc.TaskMuxStub:
-    wait_for_catalog(cluster.procs[-1].address, model_repo)
-    return taskmux_pb2_grpc.TaskMuxStub(grpc.insecure_channel(cluster.procs[-1].address))
+    return taskmux_pb2_grpc.TaskMuxStub(grpc.insecure_channel(cluster.gateways[0].address))
 
 
 def _embed(stub: taskmux_pb2_grpc.TaskMuxStub, texts: list[str]) -> np.ndarray:
@@ -186,7 +178,7 @@ def test_pipeline_stops_reading_when_the_client_stops_reading(
     )
     # No BDP probing: the client's receive window stays at its 64 KiB default.
     options = [("grpc.http2.bdp_probe", 0)]
-    with grpc.insecure_channel(cluster.procs[-1].address, options=options) as channel:
+    with grpc.insecure_channel(cluster.gateways[0].address, options=options) as channel:
         call = taskmux_pb2_grpc.TaskMuxStub(channel).Pipeline(requests, timeout=120)
         start = added()
         first = next(call)

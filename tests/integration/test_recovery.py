@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import pytest
@@ -14,6 +12,7 @@ from taskmux_api.v1 import taskmux_pb2 as pb
 from taskmux_api.v1 import taskmux_pb2_grpc
 
 from router import keys
+from tests.clusters import ClusterFactory
 from tests.harness import Cluster, serving, wait_until
 
 pytestmark = pytest.mark.integration
@@ -23,13 +22,12 @@ STREAM = keys.task_stream("embed")
 
 
 @pytest.fixture
-def cluster(model_repo: Path, tmp_path: Path) -> Iterator[Cluster]:
-    with Cluster(model_repo, tmp_path) as c:
-        c.start_redis()
-        redis.Redis.from_url(c.redis_url).xgroup_create(
-            STREAM, keys.WORKER_GROUP, id="0", mkstream=True
-        )
-        yield c
+def cluster(make_cluster: ClusterFactory) -> Cluster:
+    c = make_cluster(workers=0)
+    redis.Redis.from_url(c.redis_url).xgroup_create(
+        STREAM, keys.WORKER_GROUP, id="0", mkstream=True
+    )
+    return c
 
 
 def _gateway(cluster: Cluster) -> taskmux_pb2_grpc.TaskMuxStub:

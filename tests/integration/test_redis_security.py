@@ -9,7 +9,6 @@ import io
 import json
 import secrets
 import shutil
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from router.acl import GATEWAY, WORKER, password_hash
 from taskmux.cli import main as taskmux_cli
 from taskmux.local import free_port
 from tests.certs import make_pki
+from tests.clusters import ClusterFactory
 from tests.harness import (
     Cluster,
     Proc,
@@ -119,32 +119,33 @@ def _keys_file(workdir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def secured(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
+def secured(
+    make_shared_cluster: ClusterFactory, model_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Secured:
     workdir = tmp_path_factory.mktemp("redis-security")
-    c = Cluster(model_repo, workdir)
     passwords = _passwords()
-    try:
-        c.start_redis(args=["--aclfile", str(_write_aclfile(workdir, passwords))])
-        admin = redis.Redis.from_url(c.redis_url, username="admin", password=passwords["admin"])
-        _prepare_recovery_work(admin, model_repo)
-        gateway, address = c.start_gateway(
-            redis_username=GATEWAY.name,
-            redis_password=passwords[GATEWAY.name],
-            api_keys_file=str(_keys_file(workdir)),
+    aclfile = ["--aclfile", str(_write_aclfile(workdir, passwords))]
+    # No reset between tests: they read what this set-up left (the dead letter, the work
+    # reclaimed from the orphaned calls), and the default user, which a reset uses, is off.
+    c = make_shared_cluster(workers=0, redis_args=aclfile, reset=False)
+    admin = redis.Redis.from_url(c.redis_url, username="admin", password=passwords["admin"])
+    _prepare_recovery_work(admin, model_repo)
+    gateway, address = c.start_gateway(
+        redis_username=GATEWAY.name,
+        redis_password=passwords[GATEWAY.name],
+        api_keys_file=str(_keys_file(workdir)),
+    )
+    wait_until(lambda: serving(address), 30, "gateway SERVING")
+    stub = taskmux_pb2_grpc.TaskMuxStub(grpc.insecure_channel(address))
+    with ThreadPoolExecutor(2) as pool:
+        orphaned = _orphan_two_embeds(pool, stub, admin)
+        worker = c.start_worker(
+            redis_username=WORKER.name,
+            redis_password_file=str(workdir / f"{WORKER.name}.password"),
+            claim_idle_ms="500",
         )
-        wait_until(lambda: serving(address), 30, "gateway SERVING")
-        stub = taskmux_pb2_grpc.TaskMuxStub(grpc.insecure_channel(address))
-        with ThreadPoolExecutor(2) as pool:
-            orphaned = _orphan_two_embeds(pool, stub, admin)
-            worker = c.start_worker(
-                redis_username=WORKER.name,
-                redis_password_file=str(workdir / f"{WORKER.name}.password"),
-                claim_idle_ms="500",
-            )
-            orphans = [f.result() for f in orphaned]
-        yield Secured(c, admin, passwords, gateway, worker, stub, orphans)
-    finally:
-        c.stop_all()
+        orphans = [f.result() for f in orphaned]
+    return Secured(c, admin, passwords, gateway, worker, stub, orphans)
 
 
 def _prepare_recovery_work(admin: redis.Redis, model_repo: Path) -> None:

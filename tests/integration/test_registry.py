@@ -4,13 +4,11 @@ alive on a clock of its own."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 import redis
 
 from router import keys
+from tests.clusters import ClusterFactory
 from tests.harness import Cluster, listed_heads, serving, wait_for_catalog, wait_until
 
 pytestmark = pytest.mark.integration
@@ -21,18 +19,18 @@ WORKER_ID = "worker-live"
 
 
 @pytest.fixture(scope="module")
-def cluster(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """Valkey holding 20,000 keys that are not taskmux's, one worker, one gateway that
-    checks the catalog ten times a second."""
-    with Cluster(model_repo, tmp_path_factory.mktemp("registry")) as c:
-        c.start_redis()
-        r = redis.Redis.from_url(c.redis_url)
+def cluster(make_shared_cluster: ClusterFactory) -> Cluster:
+    """Valkey holding 20,000 keys that are not taskmux's (the clean keyspace leaves them),
+    one worker, one gateway that checks the catalog ten times a second."""
+    c = make_shared_cluster(
+        workers=[{"worker_id": WORKER_ID, "reload_interval_ms": "0"}],
+        gateways=[{"gateway_id": GATEWAY_ID, "monitor_interval_ms": "100"}],
+        ready="catalog",
+    )
+    with redis.Redis.from_url(c.redis_url) as r:
         for start in range(0, UNRELATED_KEYS, 1000):
             r.mset({f"other-app:{i}": "x" for i in range(start, start + 1000)})
-        c.start_worker(worker_id=WORKER_ID, reload_interval_ms="0")
-        _, address = c.start_gateway(gateway_id=GATEWAY_ID, monitor_interval_ms="100")
-        wait_for_catalog(address, model_repo)
-        yield c
+    return c
 
 
 @pytest.fixture

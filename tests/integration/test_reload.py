@@ -23,7 +23,8 @@ from model.manifest import (
     sha256_file,
     write_manifest,
 )
-from tests.harness import Background, Cluster, serving, wait_until
+from tests.clusters import ClusterFactory
+from tests.harness import Background, serving, wait_until
 from workers.reload import reload_heads
 from workers.settings import WorkerSettings
 
@@ -73,50 +74,43 @@ def test_reload_swaps_in_a_new_object_and_refuses_broken_heads(repo: Path) -> No
 
 
 @pytest.mark.integration
-def test_heads_hot_reload_under_live_traffic(repo: Path, tmp_path: Path) -> None:
-    cluster = Cluster(repo, tmp_path)
+def test_heads_hot_reload_under_live_traffic(repo: Path, make_cluster: ClusterFactory) -> None:
+    cluster = make_cluster(start_redis=False, model_repo=repo)
     errors: list[str] = []
     answered = 0
-    try:
-        cluster.start_redis()
-        worker = cluster.start_worker(reload_interval_ms="200", catalog_refresh_s="1")
-        _, target = cluster.start_gateway(monitor_interval_ms="200")
-        wait_until(lambda: serving(target), 30, "gateway SERVING")
-        stub = taskmux_pb2_grpc.TaskMuxStub(grpc.insecure_channel(target))
-        wait_until(lambda: _heads(stub) >= {SOURCE_HEAD}, 60, "catalog")
+    cluster.start_redis()
+    worker = cluster.start_worker(reload_interval_ms="200", catalog_refresh_s="1")
+    _, target = cluster.start_gateway(monitor_interval_ms="200")
+    wait_until(lambda: serving(target), 30, "gateway SERVING")
+    stub = taskmux_pb2_grpc.TaskMuxStub(grpc.insecure_channel(target))
+    wait_until(lambda: _heads(stub) >= {SOURCE_HEAD}, 60, "catalog")
 
-        def traffic(stop: threading.Event) -> None:
-            nonlocal answered
-            while not stop.is_set():
-                try:
-                    stub.Classify(
-                        pb.ClassifyRequest(head=SOURCE_HEAD, texts=["a lovely day"]), timeout=10
-                    )
-                    answered += 1
-                except grpc.RpcError as err:
-                    errors.append(f"{err.code()}: {err.details()}")
+    def traffic(stop: threading.Event) -> None:
+        nonlocal answered
+        while not stop.is_set():
+            try:
+                stub.Classify(
+                    pb.ClassifyRequest(head=SOURCE_HEAD, texts=["a lovely day"]), timeout=10
+                )
+                answered += 1
+            except grpc.RpcError as err:
+                errors.append(f"{err.code()}: {err.details()}")
 
-        with Background(traffic, name="traffic"):
-            publish_head(repo, "mood", "1", ("sad", "happy"))
-            wait_until(lambda: "mood" in _heads(stub), 20, "the new head in ListTasks")
-            assert _classify(stub, "mood").head_version == "1"
+    with Background(traffic, name="traffic"):
+        publish_head(repo, "mood", "1", ("sad", "happy"))
+        wait_until(lambda: "mood" in _heads(stub), 20, "the new head in ListTasks")
+        assert _classify(stub, "mood").head_version == "1"
 
-            publish_head(repo, "mood", "2", ("gloomy", "cheerful"))
-            wait_until(lambda: _classify(stub, "mood").head_version == "2", 20, "version 2 served")
-            assert _classify(stub, "mood").results[0].label in {"gloomy", "cheerful"}
+        publish_head(repo, "mood", "2", ("gloomy", "cheerful"))
+        wait_until(lambda: _classify(stub, "mood").head_version == "2", 20, "version 2 served")
+        assert _classify(stub, "mood").results[0].label in {"gloomy", "cheerful"}
 
-            publish_head(repo, "mood", "3", ("x", "y"), checksum="0" * 64)
-            wait_until(
-                lambda: "refusing head mood version 3" in worker.output(), 20, "refusal logged"
-            )
-            publish_head(repo, "mood", "4", ("x", "y"), weight=np.zeros((2, 100), np.float32))
-            wait_until(
-                lambda: "refusing head mood version 4" in worker.output(), 20, "refusal logged"
-            )
-            assert _classify(stub, "mood").head_version == "2"
-            assert worker.popen.poll() is None
-    finally:
-        cluster.stop_all()
+        publish_head(repo, "mood", "3", ("x", "y"), checksum="0" * 64)
+        wait_until(lambda: "refusing head mood version 3" in worker.output(), 20, "refusal logged")
+        publish_head(repo, "mood", "4", ("x", "y"), weight=np.zeros((2, 100), np.float32))
+        wait_until(lambda: "refusing head mood version 4" in worker.output(), 20, "refusal logged")
+        assert _classify(stub, "mood").head_version == "2"
+        assert worker.popen.poll() is None
     assert not errors, errors[:5]
     assert answered > 0
 
@@ -134,51 +128,47 @@ def _classify(stub: taskmux_pb2_grpc.TaskMuxStub, head: str) -> pb.ClassifyRespo
 
 @pytest.mark.integration
 def test_a_head_only_some_workers_serve_never_fails(
-    repo: Path, model_repo: Path, tmp_path: Path
+    repo: Path, model_repo: Path, make_cluster: ClusterFactory
 ) -> None:
     publish_head(repo, "mood", "1", ("sad", "happy"))
-    cluster = Cluster(repo, tmp_path)
-    try:
-        cluster.start_redis()
-        cluster.start_worker()  # serves mood
-        cluster.model_repo = model_repo
-        cluster.start_worker()  # does not
-        _, target = cluster.start_gateway(monitor_interval_ms="200")
-        wait_until(lambda: serving(target), 30, "gateway SERVING")
-        stub = taskmux_pb2_grpc.TaskMuxStub(grpc.insecure_channel(target))
-        wait_until(lambda: "mood" in _heads(stub), 60, "the union of both catalogs")
-        for _ in range(20):
-            assert _classify(stub, "mood").head == "mood"
-            assert _classify(stub, SOURCE_HEAD).head == SOURCE_HEAD
-    finally:
-        cluster.stop_all()
+    cluster = make_cluster(start_redis=False, model_repo=repo)
+    cluster.start_redis()
+    cluster.start_worker()  # serves mood
+    cluster.model_repo = model_repo
+    cluster.start_worker()  # does not
+    _, target = cluster.start_gateway(monitor_interval_ms="200")
+    wait_until(lambda: serving(target), 30, "gateway SERVING")
+    stub = taskmux_pb2_grpc.TaskMuxStub(grpc.insecure_channel(target))
+    wait_until(lambda: "mood" in _heads(stub), 60, "the union of both catalogs")
+    for _ in range(20):
+        assert _classify(stub, "mood").head == "mood"
+        assert _classify(stub, SOURCE_HEAD).head == SOURCE_HEAD
 
 
 @pytest.mark.integration
-def test_a_head_trained_by_the_cli_is_served_without_a_restart(repo: Path, tmp_path: Path) -> None:
+def test_a_head_trained_by_the_cli_is_served_without_a_restart(
+    repo: Path, tmp_path: Path, make_cluster: ClusterFactory
+) -> None:
     data = tmp_path / "tickets.jsonl"
     rows = [("the app crashes when I log in", "bug"), ("please add a dark mode", "feature")] * 20
     data.write_text(
         "".join(f'{{"text": "{t} {i}", "label": "{lab}"}}\n' for i, (t, lab) in enumerate(rows))
     )
-    cluster = Cluster(repo, tmp_path)
-    try:
-        cluster.start_redis()
-        worker = cluster.start_worker(reload_interval_ms="200", catalog_refresh_s="1")
-        _, target = cluster.start_gateway(monitor_interval_ms="200")
-        wait_until(lambda: serving(target), 30, "gateway SERVING")
-        stub = taskmux_pb2_grpc.TaskMuxStub(grpc.insecure_channel(target))
-        wait_until(lambda: SOURCE_HEAD in _heads(stub), 60, "catalog")
-        run = subprocess.run(
-            [sys.executable, "-m", "taskmux.cli", "head", "train", "--name", "ticket", "--data", str(data), "--repo", str(repo)],
-            capture_output=True, text=True, timeout=300, check=False,
-        )  # fmt: skip
-        assert run.returncode == 0, run.stderr
-        wait_until(lambda: "ticket" in _heads(stub), 20, "the trained head in ListTasks")
-        response = stub.Classify(
-            pb.ClassifyRequest(head="ticket", texts=["it crashes on startup"]), timeout=10
-        )
-        assert response.results[0].label == "bug"
-        assert worker.popen.poll() is None
-    finally:
-        cluster.stop_all()
+    cluster = make_cluster(start_redis=False, model_repo=repo)
+    cluster.start_redis()
+    worker = cluster.start_worker(reload_interval_ms="200", catalog_refresh_s="1")
+    _, target = cluster.start_gateway(monitor_interval_ms="200")
+    wait_until(lambda: serving(target), 30, "gateway SERVING")
+    stub = taskmux_pb2_grpc.TaskMuxStub(grpc.insecure_channel(target))
+    wait_until(lambda: SOURCE_HEAD in _heads(stub), 60, "catalog")
+    run = subprocess.run(
+        [sys.executable, "-m", "taskmux.cli", "head", "train", "--name", "ticket", "--data", str(data), "--repo", str(repo)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    wait_until(lambda: "ticket" in _heads(stub), 20, "the trained head in ListTasks")
+    response = stub.Classify(
+        pb.ClassifyRequest(head="ticket", texts=["it crashes on startup"]), timeout=10
+    )
+    assert response.results[0].label == "bug"
+    assert worker.popen.poll() is None

@@ -20,9 +20,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 import pytest
@@ -30,7 +28,8 @@ import redis
 from taskmux_client import AsyncTaskMuxClient, Attempt
 
 from router import keys
-from tests.harness import Cluster, serving, wait_until
+from tests.clusters import ClusterFactory
+from tests.harness import Cluster, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -41,24 +40,22 @@ STREAM = keys.task_stream("embed")
 
 
 @pytest.fixture(scope="module")
-def soak(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with Cluster(model_repo, tmp_path_factory.mktemp("soak")) as c:
-        c.start_redis()
-        for i in range(WORKERS):
-            c.start_worker(worker_id=f"soak-w{i}")
-        _, target = c.start_gateway(idempotency_ttl_s=str(IDEMPOTENCY_TTL_S))
-        r = redis.Redis.from_url(c.redis_url)
+def soak(make_shared_cluster: ClusterFactory) -> Cluster:
+    c = make_shared_cluster(
+        workers=[{"worker_id": f"soak-w{i}"} for i in range(WORKERS)],
+        gateways=[{"idempotency_ttl_s": str(IDEMPOTENCY_TTL_S)}],
+    )
+    with redis.Redis.from_url(c.redis_url) as r:
         wait_until(
             lambda: all(r.exists(keys.worker_catalog(f"soak-w{i}")) for i in range(WORKERS)),
             90,
             "three workers up",
         )
-        wait_until(lambda: serving(target), 30, "gateway SERVING")
-        yield c
+    return c
 
 
 def _target(c: Cluster) -> str:
-    return next(p.address for p in c.procs if p.name == "gateway")
+    return c.gateways[0].address
 
 
 @dataclass

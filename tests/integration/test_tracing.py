@@ -36,6 +36,7 @@ from router.messages import Fields, Job
 from taskmux.config import SettingsError
 from taskmux.local import free_port
 from taskmux.tracing import TraceSettings, Tracing, parent_context
+from tests.clusters import ClusterFactory
 from tests.harness import Cluster, wait_for_catalog
 from workers import consumer
 from workers import tracing as worker_tracing
@@ -157,10 +158,9 @@ def test_off_costs_next_to_nothing() -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with Cluster(model_repo, tmp_path_factory.mktemp("tracing")) as c:
-        c.start_redis()
-        yield c
+def cluster(make_shared_cluster: ClusterFactory) -> Cluster:
+    """Valkey alone: each test runs its gateway and worker in process."""
+    return make_shared_cluster(workers=0)
 
 
 @pytest.fixture

@@ -18,9 +18,7 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import pytest
@@ -32,6 +30,7 @@ from taskmux_api.v1 import taskmux_pb2_grpc
 
 from router import keys
 from router.messages import Job
+from tests.clusters import ClusterFactory
 from tests.harness import Cluster, Proc, health_status, serving, wait_until
 
 pytestmark = pytest.mark.integration
@@ -42,9 +41,8 @@ OK = grpc.StatusCode.OK.value[0]
 
 
 @pytest.fixture
-def cluster(model_repo: Path, tmp_path: Path) -> Iterator[Cluster]:
-    with Cluster(model_repo, tmp_path) as c:
-        yield c
+def cluster(make_cluster: ClusterFactory) -> Cluster:
+    return make_cluster(start_redis=False)
 
 
 def _worker_up(r: redis.Redis, worker: Proc) -> None:
@@ -91,14 +89,13 @@ KINDS = st.sampled_from(
 
 
 @pytest.fixture(scope="module")
-def fuzz_cluster(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with Cluster(model_repo, tmp_path_factory.mktemp("worker-fuzz")) as c:
-        c.start_redis()
-        r = redis.Redis.from_url(c.redis_url)
-        _sink(r)
-        worker = c.start_worker(claim_idle_ms="1000")
-        _worker_up(r, worker)
-        yield c
+def fuzz_cluster(make_shared_cluster: ClusterFactory) -> Cluster:
+    c = make_shared_cluster(workers=0)
+    r = redis.Redis.from_url(c.redis_url)
+    _sink(r)  # before the worker: it writes replies only to a stream that exists
+    worker = c.start_worker(claim_idle_ms="1000")
+    _worker_up(r, worker)
+    return c
 
 
 @settings(
