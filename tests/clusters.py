@@ -31,7 +31,10 @@ Env = Mapping[str, str]
 Ready = Literal["serving", "catalog"]
 
 # Keys that only calls write (idempotency records, tenant limits, dead letters): deleted.
-PER_CALL_PATTERNS = (f"{keys.PREFIX}idem:*", f"{keys.PREFIX}limit:*", keys.DEAD_LETTER_STREAM)
+PER_CALL_PREFIXES = (f"{keys.PREFIX}idem:", f"{keys.PREFIX}limit:")
+PER_CALL_STREAM = keys.DEAD_LETTER_STREAM
+JOB_STREAMS = keys.task_stream("")
+SCAN_COUNT = 1000
 GATEWAY_READY_S = 30
 CATALOG_READY_S = 60
 
@@ -103,15 +106,17 @@ def reset_keyspace(redis_url: str) -> None:
     the keys calls leave. Catalogs, the worker registry, reply streams, worker counters and
     keys outside taskmux's prefix stay: the processes and the module's set-up own them."""
     with redis.Redis.from_url(redis_url) as r:
-        for stream in r.scan_iter(match=keys.task_stream("*"), _type="stream"):
+        # One pass, big pages: a module's set-up may fill the keyspace (test_registry).
+        found = [k.decode() for k in r.scan_iter(match=f"{keys.PREFIX}*", count=SCAN_COUNT)]
+        for stream in (k for k in found if k.startswith(JOB_STREAMS)):
             r.xtrim(stream, maxlen=0, approximate=False)
             _forget_pending(r, stream)
-        doomed = [key for pattern in PER_CALL_PATTERNS for key in r.scan_iter(match=pattern)]
+        doomed = [k for k in found if k.startswith(PER_CALL_PREFIXES) or k == PER_CALL_STREAM]
         if doomed:
             r.delete(*doomed)
 
 
-def _forget_pending(r: redis.Redis, stream: bytes) -> None:
+def _forget_pending(r: redis.Redis, stream: str) -> None:
     groups = {g["name"] for g in r.xinfo_groups(stream)}
     if keys.WORKER_GROUP.encode() not in groups:
         return
