@@ -19,6 +19,7 @@ from taskmux_client import retry_hint_s
 from gateway.auth import hash_key, load_keys
 from router import keys
 from taskmux.config import SettingsError
+from tests.clusters import ClusterFactory
 from tests.harness import Cluster, Proc, wait_until
 
 pytestmark = pytest.mark.integration
@@ -34,6 +35,15 @@ TENANTS = {
     "piped": ("piped-key-0123456789", {"rate_per_s": 0.01, "burst": 2}),
 }
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+@pytest.fixture(scope="module")
+def cluster(make_shared_cluster: ClusterFactory) -> Cluster:
+    """Valkey and one worker, without the reset between tests: later tests build on the
+    limit state of earlier ones (test_a_refused_request_is_not_queued needs the "shared"
+    burst that test_limits_are_shared_by_every_gateway_replica spent, and
+    test_unlimited_tenants_keep_no_limit_state the "rated" key of the first test)."""
+    return make_shared_cluster(reset=False)
 
 
 @pytest.fixture(scope="module")
