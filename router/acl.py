@@ -22,7 +22,7 @@ connection is until it authenticates, is switched off (an aclfile that does not 
 would leave it on, without a password, allowed everything).
 
 `taskmux redis-acl` prints these users as `ACL SETUSER` commands or aclfile lines. The
-grants must change with the code: tests/test_redis_security.py runs every RPC as these
+grants must change with the code: tests/integration/test_redis_security.py runs every RPC as these
 users against a real server and fails on any ACL denial.
 """
 

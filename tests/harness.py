@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
@@ -105,6 +106,14 @@ class Cluster:
         proc.address = f"127.0.0.1:{port}"
         return proc, proc.address
 
+    @property
+    def gateways(self) -> list[Proc]:
+        return [p for p in self.procs if p.name == "gateway"]
+
+    @property
+    def workers(self) -> list[Proc]:
+        return [p for p in self.procs if p.name == "worker"]
+
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
             proc.stop()
@@ -138,6 +147,18 @@ def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
         time.sleep(0.05)
+
+
+async def wait_until_async(
+    check: Callable[[], Awaitable[bool]], timeout_s: float, what: str
+) -> None:
+    """`wait_until` for a test's event loop: await `check` until it holds."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not await check():  # noqa: ASYNC110 (polls Redis state: no event to await)
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout_s}s waiting for {what}") from None
 
 
 def health_status(target: str, service: str = "") -> int | None:

@@ -13,7 +13,7 @@ A task runs on heads of one head kind; Analyze runs on several, those with an
 `AnalyzeResult` field. Each layer looks itself up here rather than keeping its own list:
 the gateway's planners (gateway/plans.py) and auth (the heads a request names), the
 worker's builders (workers/tasks.py), the manifest and head classes (model/), and the
-client (Pipeline fields). tests/test_kinds.py checks this table against the proto and
+client (Pipeline fields). tests/unit/test_kinds.py checks this table against the proto and
 that every row has its planner, builder and head class. To add a task, see the README's
 "Adding a task".
 """
