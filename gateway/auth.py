@@ -367,3 +367,17 @@ def auth_interceptors(keys_file: str) -> list[grpc.aio.ServerInterceptor[Any, An
     keys = KeysFile(Path(keys_file))
     log.info("API keys: %d tenants loaded from %s (reloaded when it changes)", len(keys), keys_file)
     return [ApiKeyInterceptor(keys)]
+
+
+def authenticate_http(keys: KeysFile, authorization: str | None, heads: Iterable[str]) -> Tenant:
+    """The tenant whose key an HTTP `Authorization` header carries, if it may use `heads`:
+    the interceptor's check, for the OpenAI-compatible endpoint (gateway/openai_http.py)."""
+    metadata = () if authorization is None else ((AUTH_METADATA, authorization),)
+    tenant = keys.current().tenant(metadata)
+    tenant.check_heads(heads)
+    return tenant
+
+
+def calling_as(tenant: Tenant | None) -> contextlib.AbstractContextManager[None]:
+    """`tenant` as the caller (`caller()`, log lines) in the block; nothing for None."""
+    return contextlib.nullcontext() if tenant is None else _calling_as(tenant)

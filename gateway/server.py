@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -12,7 +13,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace.export import SpanExporter
 from taskmux_api.v1 import taskmux_pb2
 
-from gateway.auth import auth_interceptors
+from gateway.auth import KeysFile, auth_interceptors
 from gateway.catalog import CatalogWatcher
 from gateway.dispatch import Dispatcher
 from gateway.errors import deferred_decode
@@ -20,6 +21,7 @@ from gateway.idempotency import Idempotency
 from gateway.limits import Limiter
 from gateway.memory import MemoryGuard
 from gateway.metrics import GatewayMetrics
+from gateway.openai_http import OpenAIEmbeddings, OpenAIHttp
 from gateway.replies import READ_BLOCK_MS, ReplyRouter
 from gateway.service import TaskMuxService
 from gateway.settings import GatewaySettings
@@ -112,12 +114,15 @@ async def serve(
         )
         port = add_port(server, settings)
         await server.start()
+        keys = KeysFile(Path(settings.api_keys_file)) if settings.api_keys_file else None
+        openai = OpenAIEmbeddings(service, watcher, keys, metrics, tracing)
+        http = await stack.enter_async_context(OpenAIHttp(settings, openai))
         await health.set_started()
         log.info("gateway %s listening on port %d", settings.gateway_id, port)
         await stop.wait()
         log.info("stopping: NOT_SERVING, draining for up to %ds", settings.drain_timeout_s)
         await health.stop()
-        await server.stop(settings.drain_timeout_s)
+        await asyncio.gather(server.stop(settings.drain_timeout_s), http.drain())
 
 
 HANDLER_FACTORIES = {
