@@ -22,6 +22,7 @@ from taskmux_api.v1 import taskmux_pb2_grpc
 
 from gateway.auth import hash_key
 from model.manifest import load_manifest
+from taskmux import local
 from taskmux.local import free_port
 from tests.harness import Cluster, Proc, wait_until
 
@@ -111,7 +112,9 @@ def _grpc_vectors(stub: taskmux_pb2_grpc.TaskMuxStub, texts: list[str]) -> np.nd
 def _assert_same(got: list[list[float]], want: np.ndarray) -> None:
     vectors = np.array(got)
     assert vectors.shape == want.shape
-    cosines = (vectors * want).sum(1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(want, axis=1)
+    cosines = (
+        (vectors * want).sum(1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(want, axis=1)
+    )
     assert (cosines > 0.9999).all(), cosines
 
 
@@ -285,3 +288,13 @@ def test_redis_unreachable_is_503_and_the_gateway_drains_cleanly(cluster: Cluste
     assert status == 503
     assert error["error"]["code"] == "unavailable"
     assert gw.proc.stop() == 0, gw.proc.output()
+
+
+def test_taskmux_up_gives_each_gateway_the_http_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    for balanced in (True, False):
+        monkeypatch.setattr(local, "reuse_port_balances", lambda b=balanced: b)
+        layout = local.plan_layout(50051, gateways=2, workers=1, http_port=8080)
+        commands = local.cluster_commands(layout, "redis://127.0.0.1:1/0", Path("repo"))
+        addrs = [env["TASKMUX_HTTP_ADDR"] for name, _, env in commands if "gateway" in name]
+        assert addrs[0] == "127.0.0.1:8080"
+        assert len(set(addrs)) == (1 if balanced else 2)
