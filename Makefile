@@ -60,7 +60,27 @@ $(NODE_CLIENT)/node_modules/.package-lock.json: $(NODE_CLIENT)/package-lock.json
 
 interop-deps: $(NODE_CLIENT)/node_modules/.package-lock.json ## Install the Node.js interop client (grpc-js)
 
-test: proto-check $(MODEL_REPO)/manifest.json interop-deps k8s-validate ## Unit and integration tests
+# buf, pinned by tools/buf/package-lock.json. The baseline is the API as last recorded by
+# `make proto-baseline`: a committed image, so the check needs no git history or branch.
+BUF_DIR := tools/buf
+BUF := $(BUF_DIR)/node_modules/.bin/buf
+PROTO_BASELINE := protos/taskmux.v1.binpb
+.PHONY: proto-lint proto-baseline
+$(BUF_DIR)/node_modules/.package-lock.json: $(BUF_DIR)/package-lock.json
+	@command -v npm >/dev/null || { echo "npm not found: apt-get install nodejs npm (.ci/run does)"; exit 1; }
+	cd $(BUF_DIR) && npm ci --no-audit --no-fund --silent
+
+proto-lint: $(BUF_DIR)/node_modules/.package-lock.json ## buf lint, and buf breaking against the recorded API
+	$(BUF) lint
+	$(BUF) breaking --against $(PROTO_BASELINE)
+	@$(BUF) build --exclude-source-info -o - | cmp -s - $(PROTO_BASELINE) || { \
+		echo "protos/ changed compatibly since $(PROTO_BASELINE): run make proto-baseline and commit it"; exit 1; }
+
+proto-baseline: $(BUF_DIR)/node_modules/.package-lock.json ## Record protos/ as the API baseline (after a compatible change)
+	$(BUF) breaking --against $(PROTO_BASELINE)
+	$(BUF) build --exclude-source-info -o $(PROTO_BASELINE)
+
+test: proto-check $(MODEL_REPO)/manifest.json interop-deps $(BUF_DIR)/node_modules/.package-lock.json k8s-validate ## Unit and integration tests
 	TASKMUX_TEST_MODEL_REPO=$(MODEL_REPO) $(BIN)/pytest
 
 lint: $(BIN)/.installed ## ruff, mypy, the generated sync client, bandit and the dependency audit
@@ -70,6 +90,7 @@ lint: $(BIN)/.installed ## ruff, mypy, the generated sync client, bandit and the
 	$(BIN)/python -m tools.unasync --check
 	$(BIN)/bandit -q -c pyproject.toml -r .
 	$(BIN)/python -m tools.dependency_audit
+lint: proto-lint  # a line of its own: other checks join lint on theirs
 
 audit: $(BIN)/.installed ## pip-audit, failing on anything it could not audit
 	$(BIN)/python -m tools.dependency_audit --strict

@@ -19,9 +19,11 @@ refused, from the first call after that. A file that does not load (malformed, h
 written, deleted) is reported in the log and the last good keys stay in force: a broken
 keys file never turns authentication off.
 
-The interceptor makes the caller's `Tenant` visible to the servicer through `caller()`,
-a context variable scoped to the one call, which the servicer uses to charge limits and
-to keep each tenant's idempotency keys apart.
+`ApiKeys` is a layer of the handler stack (gateway/handlers.py), inside the metrics and
+statuses layers: a refusal is raised here, answered there and counted like any other
+status. It makes the caller's `Tenant` visible to the servicer through `caller()`, a
+context variable scoped to the one call, which the servicer uses to charge limits and to
+keep each tenant's idempotency keys apart.
 """
 
 from __future__ import annotations
@@ -36,35 +38,27 @@ import os
 import re
 import time
 import tomllib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import grpc
 from taskmux_api.kinds import task_of_request
 from taskmux_api.v1 import taskmux_pb2 as pb
 
-from gateway.errors import PermissionDenied, TaskmuxError, Unauthenticated, Undecodable, abort
+from gateway.errors import PermissionDenied, Unauthenticated, Undecodable
+from gateway.handlers import Call
 from gateway.limits import TenantLimits
 from taskmux.config import SettingsError
 from taskmux.logs import log_context
 
 log = logging.getLogger(__name__)
 
-PROTECTED_PREFIX = "/taskmux.v1.TaskMux/"
 AUTH_METADATA = "authorization"
 BEARER = "bearer "
 TENANT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Longest a changed keys file goes unnoticed; each check is one stat() of the file.
 RELOAD_CHECK_S = 1.0
-
-Ctx = grpc.aio.ServicerContext[Any, Any]
-
-if TYPE_CHECKING:
-    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
-else:  # not subscriptable at run time
-    _Interceptor = grpc.aio.ServerInterceptor
 
 
 def hash_key(key: str) -> str:
@@ -278,68 +272,31 @@ class KeysFile:
         return self.path.read_text(encoding="utf-8")
 
 
-class ApiKeyInterceptor(_Interceptor):
-    """Authenticate every TaskMux call by its key, and check each request's heads."""
+class ApiKeys:
+    """The handler-stack layer that authenticates every TaskMux call by its key and
+    checks each of its requests' heads (a Pipeline's, one by one, as they arrive)."""
 
     def __init__(self, keys: KeysFile) -> None:
         self._keys = keys
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
-        ],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(details)
-        if handler is None or not details.method.startswith(PROTECTED_PREFIX):
-            return handler
-        keys = self._keys
-        metadata: Any = details.invocation_metadata
+    @contextlib.asynccontextmanager
+    async def __call__(self, call: Call) -> AsyncIterator[None]:
+        metadata: Any = call.context.invocation_metadata()
+        tenant = self._keys.current().tenant(metadata)
+        call.tenant = tenant.name  # for the outer layers, even if a head is refused next
+        _check_heads(tenant, call.request)
+        call.request_checks.append(lambda request: self._authorize(metadata, request))
+        with _calling_as(tenant):
+            yield
 
-        async def authorize(request: object, context: Ctx) -> Tenant:
-            try:
-                # The keys in force now: a Pipeline stream of a removed tenant stops too.
-                tenant = keys.current().tenant(metadata)
-                if not isinstance(request, Undecodable):
-                    tenant.check_heads(request_heads(request))
-            except TaskmuxError as err:
-                await abort(context, err)
-            return tenant
+    def _authorize(self, metadata: Any, request: object) -> None:
+        # The keys in force now: a Pipeline stream of a removed tenant stops too.
+        _check_heads(self._keys.current().tenant(metadata), request)
 
-        if handler.unary_unary is not None:
-            inner_uu: Any = handler.unary_unary
 
-            async def unary_unary(request: object, context: Ctx) -> Any:
-                with _calling_as(await authorize(request, context)):
-                    return await inner_uu(request, context)
-
-            return handler._replace(unary_unary=unary_unary)  # type: ignore[attr-defined,no-any-return]
-        if handler.unary_stream is not None:
-            inner_us: Any = handler.unary_stream
-
-            async def unary_stream(request: object, context: Ctx) -> AsyncIterator[Any]:
-                with _calling_as(await authorize(request, context)):
-                    async for item in inner_us(request, context):
-                        yield item
-
-            return handler._replace(unary_stream=unary_stream)  # type: ignore[attr-defined,no-any-return]
-        inner_ss: Any = handler.stream_stream
-        assert inner_ss is not None, "TaskMux has no client-streaming-only methods"
-
-        async def stream_stream(requests: AsyncIterator[Any], context: Ctx) -> AsyncIterator[Any]:
-            tenant = await authorize(None, context)
-
-            async def checked() -> AsyncIterator[Any]:
-                async for request in requests:
-                    await authorize(request, context)
-                    yield request
-
-            with _calling_as(tenant):
-                async for item in inner_ss(checked(), context):
-                    yield item
-
-        return handler._replace(stream_stream=stream_stream)  # type: ignore[attr-defined,no-any-return]
+def _check_heads(tenant: Tenant, request: object) -> None:
+    if not isinstance(request, Undecodable):  # it has no heads to check
+        tenant.check_heads(request_heads(request))
 
 
 @contextlib.contextmanager
@@ -356,28 +313,14 @@ def _calling_as(tenant: Tenant) -> Iterator[None]:
             _caller.reset(token)
 
 
-def auth_interceptors(keys_file: str) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
-    """The interceptors for this keys file; none, with a loud warning, when it is unset."""
+def api_keys(keys_file: str) -> ApiKeys | None:
+    """The API-key layer for this keys file; None, with a loud warning, when it is unset."""
     if not keys_file:
         log.warning(
             "NO AUTHENTICATION: TASKMUX_API_KEYS_FILE is unset, so any client can call every "
             "head. Set it (and TLS) before exposing this gateway beyond localhost."
         )
-        return []
+        return None
     keys = KeysFile(Path(keys_file))
     log.info("API keys: %d tenants loaded from %s (reloaded when it changes)", len(keys), keys_file)
-    return [ApiKeyInterceptor(keys)]
-
-
-def authenticate_http(keys: KeysFile, authorization: str | None, heads: Iterable[str]) -> Tenant:
-    """The tenant whose key an HTTP `Authorization` header carries, if it may use `heads`:
-    the interceptor's check, for the OpenAI-compatible endpoint (gateway/openai_http.py)."""
-    metadata = () if authorization is None else ((AUTH_METADATA, authorization),)
-    tenant = keys.current().tenant(metadata)
-    tenant.check_heads(heads)
-    return tenant
-
-
-def calling_as(tenant: Tenant | None) -> contextlib.AbstractContextManager[None]:
-    """`tenant` as the caller (`caller()`, log lines) in the block; nothing for None."""
-    return contextlib.nullcontext() if tenant is None else _calling_as(tenant)
+    return ApiKeys(keys)

@@ -12,17 +12,16 @@ from typing import Any
 import grpc
 import redis.asyncio as aioredis
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind
-from redis.exceptions import RedisError
 
 from gateway.errors import (
     DeadlineExceeded,
     ResourceExhausted,
     TaskmuxError,
-    from_redis,
+    redis_errors,
     worker_error,
 )
 from gateway.replies import ReplyRouter
-from router import keys
+from router import keys, scripts
 from router.messages import ANALYZE_STREAM_HEAD, Job, Reply
 from taskmux.tracing import Tracing, status_of
 
@@ -32,22 +31,6 @@ DEADLINE_MARGIN_S = 0.02
 NotQueued = Callable[[], Awaitable[None]]
 # What the await-reply span is when tracing is off: reusable, and free to enter.
 NO_SPAN = contextlib.nullcontext(INVALID_SPAN)
-
-# Add jobs to a stream only while it holds fewer than ARGV[1] entries: the check and
-# the XADDs are one atomic step and one round trip (measured: about as fast as a plain
-# XADD, where a separate XLEN costs a second round trip). Returns {added, length}.
-# ARGV: max backlog, job count, then per job its field count and its fields.
-ENQUEUE_SCRIPT = """
-local backlog = redis.call('XLEN', KEYS[1])
-if backlog >= tonumber(ARGV[1]) then return {0, backlog} end
-local pos, jobs = 3, tonumber(ARGV[2])
-for _ = 1, jobs do
-  local n = tonumber(ARGV[pos])
-  redis.call('XADD', KEYS[1], '*', unpack(ARGV, pos + 1, pos + n))
-  pos = pos + n + 1
-end
-return {1, backlog + jobs}
-"""
 
 
 class Dispatcher:
@@ -69,7 +52,7 @@ class Dispatcher:
         self._default_timeout_s = default_timeout_ms / 1000
         self._max_backlog = max_backlog
         self._retry_after_ms = retry_after_ms
-        self._enqueue_script = redis.register_script(ENQUEUE_SCRIPT)
+        self._enqueue_script = redis.register_script(scripts.ENQUEUE)
 
     def timeout_s(self, time_remaining_s: float | None) -> float:
         """The time a call may take: its deadline, capped by the default timeout."""
@@ -231,13 +214,15 @@ class Dispatcher:
             fields = [x for pair in job.encode().items() for x in pair]
             args += [len(fields), *fields]
         try:
-            added, backlog = await self._enqueue_script(keys=[keys.task_stream(head)], args=args)
-        except RedisError as err:
-            error = from_redis(err, "the task queue")
-            _end_enqueue(span, error.code)
+            with redis_errors("the task queue"):
+                added, backlog = await self._enqueue_script(
+                    keys=[keys.task_stream(head)], args=args
+                )
+        except TaskmuxError as err:
+            _end_enqueue(span, err.code)
             if not_queued is not None:
                 await not_queued()
-            raise error from err
+            raise
         except BaseException:  # cancelled: the jobs may or may not be queued
             span.end()
             raise

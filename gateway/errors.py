@@ -10,10 +10,15 @@
     │                            after the hint (none: not retryable)
     ├── Unauthenticated          UNAUTHENTICATED: no API key, or an unknown one
     ├── PermissionDenied         PERMISSION_DENIED: the tenant may not use that head
-    └── WorkerError              whatever status a worker answered with
+    ├── WorkerError              whatever status a worker answered with
+    └── Internal                 INTERNAL: a bug; a fixed message with a log reference
 
-Redis errors become one of these in one place, `from_redis`: out of memory is
-RESOURCE_EXHAUSTED with a retry hint, anything else UNAVAILABLE.
+Redis errors become one of these in one place, `redis_errors` (`from_redis`): out of
+memory is RESOURCE_EXHAUSTED with a retry hint, anything else UNAVAILABLE.
+
+Every TaskMux call, unary or streaming, runs inside `statuses` (one layer of the handler
+stack, gateway/handlers.py): the one place where an exception becomes the call's status.
+A Pipeline task's in-band error is built by the same `as_status`.
 
 A request whose bytes do not parse (invalid UTF-8 in a string field, a truncated or
 foreign message) reaches its handler as `Undecodable` (see `deferred_decode`) and is
@@ -21,7 +26,7 @@ answered INVALID_ARGUMENT here, instead of the INTERNAL that grpcio sends when i
 deserializer raises.
 
 Anything else raised in a handler is a bug: the client gets INTERNAL with a fixed
-message and a reference, and the traceback is logged under that reference.
+message and a reference, and the traceback is logged under that reference (`Internal`).
 
 Every status carries the request's `request_id`, when it has one, in the trailing
 metadata entry `x-request-id`.
@@ -29,12 +34,12 @@ metadata entry `x-request-id`.
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -42,6 +47,9 @@ from google.protobuf.message import DecodeError, Message
 from google.rpc.error_details_pb2 import RetryInfo
 from google.rpc.status_pb2 import Status
 from redis.exceptions import OutOfMemoryError, RedisError
+
+if TYPE_CHECKING:
+    from gateway.handlers import Call
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +154,21 @@ class WorkerError(TaskmuxError):
         self.code = code
 
 
+class Internal(TaskmuxError):
+    """An unexpected exception: its traceback is logged, never sent (see `as_status`)."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+@contextlib.contextmanager
+def redis_errors(what: str) -> Iterator[None]:
+    """Raise a failed Redis command of `what` ("the task queue", say) as `from_redis`'s error."""
+    try:
+        yield
+    except RedisError as err:
+        raise from_redis(err, what) from err
+
+
 def from_redis(err: RedisError, what: str) -> TaskmuxError:
     """The error for a failed Redis command of `what` ("the task queue", say): Redis out
     of memory (maxmemory reached, noeviction) is RESOURCE_EXHAUSTED with a retry hint,
@@ -173,7 +196,7 @@ class Undecodable:
 
     type_name: str
 
-    def error(self) -> InvalidArgument:
+    def error(self) -> TaskmuxError:
         """The status the caller gets for it."""
         return InvalidArgument(
             f"the request is not a valid {self.type_name}: a string field holds bytes that "
@@ -194,11 +217,8 @@ def deferred_decode(message_type: type[Message]) -> Callable[[bytes], Message | 
     return decode
 
 
-Svc = TypeVar("Svc")
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
 Ctx = grpc.aio.ServicerContext[Any, Any]
-Handler = Callable[[Svc, Req, Ctx], Awaitable[Resp]]
+Req = TypeVar("Req")
 
 
 async def abort(context: Ctx, err: TaskmuxError, echo: Metadata = ()) -> NoReturn:
@@ -207,51 +227,31 @@ async def abort(context: Ctx, err: TaskmuxError, echo: Metadata = ()) -> NoRetur
     raise AssertionError("unreachable: context.abort raises")
 
 
-def grpc_status(handler: Handler[Svc, Req, Resp]) -> Handler[Svc, Req, Resp]:
-    """Turn a handler's TaskmuxError (or unexpected exception) into its gRPC status."""
-
-    @functools.wraps(handler)
-    async def wrapper(self: Svc, request: Req, context: Ctx) -> Resp:
-        echo = _echo_request_id(request, context)
-        try:
-            if isinstance(request, Undecodable):
-                raise request.error()
-            return await handler(self, request, context)
-        except TaskmuxError as err:
-            await abort(context, err, echo)
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            message = internal_ref(handler.__name__, request)
-            await context.abort(grpc.StatusCode.INTERNAL, message, echo)
-        raise AssertionError("unreachable: context.abort raises")
-
-    return wrapper
+def as_status(err: Exception, where: str, request: object = None) -> TaskmuxError:
+    """The status for `err`, raised in `where`: its own for a TaskmuxError; otherwise
+    INTERNAL with a fixed message, the traceback logged under its reference."""
+    if isinstance(err, TaskmuxError):
+        return err
+    return Internal(internal_ref(where, request))
 
 
-StreamHandler = Callable[[Svc, Req, Ctx], AsyncIterator[Resp]]
+@contextlib.asynccontextmanager
+async def statuses(call: Call) -> AsyncIterator[None]:
+    """The handler-stack layer that ends a call with the status of what it raised."""
+    echo = _echo_request_id(call.request, call.context)
+    try:
+        yield
+    except grpc.aio.AbortError:
+        raise
+    except Exception as err:
+        await abort(call.context, as_status(err, call.rpc, call.request), echo)
 
 
-def grpc_status_stream(handler: StreamHandler[Svc, Req, Resp]) -> StreamHandler[Svc, Req, Resp]:
-    """`grpc_status` for server-streaming handlers (async generators)."""
-
-    @functools.wraps(handler)
-    async def wrapper(self: Svc, request: Req, context: Ctx) -> AsyncIterator[Resp]:
-        echo = _echo_request_id(request, context)
-        try:
-            if isinstance(request, Undecodable):
-                raise request.error()
-            async for item in handler(self, request, context):
-                yield item
-        except TaskmuxError as err:
-            await abort(context, err, echo)
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            message = internal_ref(handler.__name__, request)
-            await context.abort(grpc.StatusCode.INTERNAL, message, echo)
-
-    return wrapper
+def decoded(request: Req) -> Req:
+    """`request`, if it parsed; the INVALID_ARGUMENT for it otherwise (see `deferred_decode`)."""
+    if isinstance(request, Undecodable):
+        raise request.error()
+    return request
 
 
 def internal_ref(where: str, request: object = None) -> str:

@@ -33,32 +33,15 @@ import redis.asyncio as aioredis
 from google.protobuf.message import Message
 from redis.exceptions import RedisError
 
-from gateway.errors import DeadlineExceeded, InvalidArgument, from_redis
-from router import keys
+from gateway.errors import DeadlineExceeded, InvalidArgument, redis_errors
+from router import keys, scripts
 from router.messages import IdempotencyRecord, MalformedMessage
+from taskmux.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
 POLL_START_S = 0.005
 POLL_MAX_S = 0.1
-
-# Delete the key only if it still holds this call's pending record.
-RELEASE_SCRIPT = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-# Extend this call's pending claim, if it still holds the key.
-RENEW_SCRIPT = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-# Store the result unless the key now belongs to a different request.
-STORE_SCRIPT = """
-local v = redis.call('GET', KEYS[1])
-if v and string.sub(v, 3, 34) ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-return 1
-"""
 
 
 def request_hash(request: Message) -> bytes:
@@ -144,9 +127,9 @@ class Idempotency:
     def __init__(self, redis: aioredis.Redis, *, ttl_s: int) -> None:
         self._redis = redis
         self._ttl_ms = ttl_s * 1000
-        self._release_script = redis.register_script(RELEASE_SCRIPT)
-        self._store_script = redis.register_script(STORE_SCRIPT)
-        self._renew_script = redis.register_script(RENEW_SCRIPT)
+        self._release_script = redis.register_script(scripts.IDEMPOTENCY_RELEASE)
+        self._store_script = redis.register_script(scripts.IDEMPOTENCY_STORE)
+        self._renew_script = redis.register_script(scripts.IDEMPOTENCY_RENEW)
 
     async def run(
         self,
@@ -184,8 +167,8 @@ class Idempotency:
         pending_ms = keys.IDEMPOTENCY_LEASE_MS
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        poll_s = POLL_START_S
-        try:
+        poll = Backoff(POLL_START_S, POLL_MAX_S)
+        with redis_errors("the idempotency store"):
             while True:
                 if await self._redis.set(name, mine, nx=True, px=pending_ms):
                     return Claim(
@@ -204,15 +187,13 @@ class Idempotency:
                         )
                     if record.body is not None:
                         return Claim(cached=record.body)
-                if loop.time() + poll_s >= deadline:
+                wait_s = poll.next_s()
+                if loop.time() + wait_s >= deadline:
                     raise DeadlineExceeded(
                         "an identical request with this idempotency_key is still running "
                         f"and did not finish within {timeout_s:.3f}s; retry with the same key"
                     )
-                await asyncio.sleep(poll_s)
-                poll_s = min(poll_s * 2, POLL_MAX_S)
-        except RedisError as err:
-            raise from_redis(err, "the idempotency store") from err
+                await asyncio.sleep(wait_s)
 
     async def _store(self, name: str, wanted: bytes, body: bytes) -> bool:
         """True once stored; a failure only means a later duplicate computes again."""

@@ -9,11 +9,11 @@ Each tenant of the keys file (gateway/auth.py) may carry:
 
 The rate is a GCRA (generic cell rate algorithm) bucket: one timestamp per tenant, the
 "theoretical arrival time" of its next request. The quota is a counter per fixed window.
-Both are checked and updated by one Lua script, so concurrent calls on many gateways see
-one consistent state, and the clock is Redis's own (`TIME`), so gateway clock skew does
-not matter. A refused request changes nothing. Over a limit the caller gets
-RESOURCE_EXHAUSTED with a retry hint: when the bucket admits the next request, or when
-the quota window ends.
+Both are checked and updated by one Lua script (`router.scripts.LIMIT_CHARGE`), so
+concurrent calls on many gateways see one consistent state, and the clock is Redis's own
+(`TIME`), so gateway clock skew does not matter. A refused request changes nothing. Over
+a limit the caller gets RESOURCE_EXHAUSTED with a retry hint: when the bucket admits the
+next request, or when the quota window ends.
 
 A tenant pays only for work queued for a worker. The gateway charges a call right before
 it queues the call's jobs, after its idempotency claim, so a replayed result is free; if
@@ -31,68 +31,12 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from gateway.errors import ResourceExhausted, from_redis
-from router import keys
+from gateway.errors import ResourceExhausted, redis_errors
+from router import keys, scripts
 
 log = logging.getLogger(__name__)
 
-# ARGV: ms between requests at the sustained rate (0: no rate limit), burst, quota units
-# per window (0: no quota), window ms, this request's units.
-# Returns {verdict, retry_after_ms, units left}: verdict 0 admitted, 1 over the rate,
-# 2 over the quota, 3 bigger than the whole quota.
-CHARGE_SCRIPT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local interval, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
-local quota, window, units = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local new_tat = nil
-if interval > 0 then
-  local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-  if tat < now then tat = now end
-  new_tat = tat + interval
-  local wait = new_tat - now - burst * interval
-  if wait > 0 then return {1, math.ceil(wait), -1} end
-end
-local index, used = nil, 0
-if quota > 0 then
-  if units > quota then return {3, 0, quota} end
-  index = math.floor(now / window)
-  local state = redis.call('HMGET', KEYS[2], 'window', 'used')
-  if tonumber(state[1]) == index then used = tonumber(state[2]) end
-  if used + units > quota then return {2, (index + 1) * window - now, quota - used} end
-end
-if new_tat then
-  redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil((burst + 1) * interval))
-end
-if index then
-  redis.call('HSET', KEYS[2], 'window', index, 'used', used + units)
-  redis.call('PEXPIRE', KEYS[2], window)
-end
-return {0, 0, quota - used - units}
-"""
-
-# Undo one admitted charge (same ARGV as CHARGE_SCRIPT): the GCRA time goes back one
-# interval (never before now, which is what an absent key means) and the units go back to
-# the quota if its window has not ended since. Keys keep their TTLs. allow-oom: it never
-# adds memory, and a refund must not fail because Redis refused the enqueue for memory.
-REFUND_SCRIPT = """#!lua flags=allow-oom
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local interval, quota = tonumber(ARGV[1]), tonumber(ARGV[3])
-local window, units = tonumber(ARGV[4]), tonumber(ARGV[5])
-if interval > 0 then
-  local tat = tonumber(redis.call('GET', KEYS[1]))
-  if tat then redis.call('SET', KEYS[1], tostring(math.max(tat - interval, now)), 'KEEPTTL') end
-end
-if quota > 0 then
-  local state = redis.call('HMGET', KEYS[2], 'window', 'used')
-  if tonumber(state[1]) == math.floor(now / window) and state[2] then
-    redis.call('HSET', KEYS[2], 'used', math.max(tonumber(state[2]) - units, 0))
-  end
-end
-return 0
-"""
-
+# Verdicts of `scripts.LIMIT_CHARGE`.
 ADMITTED, OVER_RATE, OVER_QUOTA, OVER_WHOLE_QUOTA = 0, 1, 2, 3
 
 
@@ -118,20 +62,18 @@ class Limiter:
     """Charges each call to its tenant's rate and quota in Redis."""
 
     def __init__(self, redis: aioredis.Redis) -> None:
-        self._charge = redis.register_script(CHARGE_SCRIPT)
-        self._refund = redis.register_script(REFUND_SCRIPT)
+        self._charge = redis.register_script(scripts.LIMIT_CHARGE)
+        self._refund = redis.register_script(scripts.LIMIT_REFUND)
 
     async def charge(self, tenant: str, limits: TenantLimits, units: int) -> None:
         """Admit one request of `units` text units, or raise ResourceExhausted."""
         if limits.unlimited:
             return
-        try:
+        with redis_errors("the rate limiter"):
             verdict, retry_ms, left = await self._charge(
                 keys=[keys.tenant_rate(tenant), keys.tenant_quota(tenant)],
                 args=_args(limits, units),
             )
-        except RedisError as err:
-            raise from_redis(err, "the rate limiter") from err
         if verdict == OVER_RATE:
             raise ResourceExhausted(
                 f"tenant {tenant!r} is over its rate limit of {limits.rate_per_s:g} requests/s "

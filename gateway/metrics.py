@@ -4,12 +4,13 @@ Labels stay bounded: `head` is a head the catalog serves, "" when the request na
 or "unknown"; request ids and tenants are never labels.
 
 Each finished call also writes an access-log line (rpc, status, milliseconds) carrying the
-request id and tenant from the log context.
+request id and tenant. Both sit outside authentication in the handler stack
+(gateway/handlers.py): a refused key or head is counted and logged like any other status.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Collection
@@ -20,12 +21,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gateway.handlers import Call
 from taskmux.logs import log_context
 
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
 class GatewayMetrics:
@@ -51,54 +52,36 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
-    def instrument(self, rpc: str, handler: Any, *, streaming: bool) -> Any:
-        """`handler` (unary or server-streaming), counted and timed."""
-        if streaming:
+    @contextlib.asynccontextmanager
+    async def observe(self, call: Call) -> AsyncIterator[None]:
+        """The handler-stack layer that counts and times the call, and logs its outcome."""
+        start = time.perf_counter()
+        returned = False
+        with log_context(request_id=_request_id(call.request)):
+            try:
+                yield
+                returned = True
+            finally:
+                self._observe(call, call.status(returned=returned), start)
 
-            @functools.wraps(handler)
-            async def stream_wrapper(request: Any, context: Ctx) -> AsyncIterator[Any]:
-                start = time.perf_counter()
-                code = grpc.StatusCode.UNKNOWN
-                with log_context(request_id=_request_id(request)):
-                    try:
-                        async for item in handler(request, context):
-                            yield item
-                        code = grpc.StatusCode.OK
-                    finally:
-                        self._observe(rpc, request, context, code, start)
-
-            return stream_wrapper
-
-        @functools.wraps(handler)
-        async def wrapper(request: Any, context: Ctx) -> Any:
-            start = time.perf_counter()
-            code = grpc.StatusCode.UNKNOWN
-            with log_context(request_id=_request_id(request)):
-                try:
-                    response = await handler(request, context)
-                    code = grpc.StatusCode.OK
-                    return response
-                finally:
-                    self._observe(rpc, request, context, code, start)
-
-        return wrapper
-
-    def _observe(
-        self, rpc: str, request: Any, context: Ctx, code: grpc.StatusCode, start: float
-    ) -> None:
-        set_code = context.code()
-        if isinstance(set_code, grpc.StatusCode):
-            code = set_code
-        elif code is grpc.StatusCode.UNKNOWN and context.cancelled():
-            code = grpc.StatusCode.CANCELLED
-        head = self._head(request)
+    def _observe(self, call: Call, code: grpc.StatusCode, start: float) -> None:
+        head = self._head(call.request)
         elapsed_s = time.perf_counter() - start
-        self.requests.labels(rpc, head, code.name).inc()
-        self.latency.labels(rpc).observe(elapsed_s)
+        self.requests.labels(call.rpc, head, code.name).inc()
+        self.latency.labels(call.rpc).observe(elapsed_s)
         # The access log: failures at INFO, so they are seen by default; successes at
         # DEBUG, since a line per call costs real time at thousands of calls a second.
+        # The tenant comes from the call: the API-key layer's log context, inside this
+        # one, has ended by now.
         level = logging.DEBUG if code is grpc.StatusCode.OK else logging.INFO
-        log.log(level, "%s %s %.1f ms", rpc, code.name, elapsed_s * 1000, extra={"head": head})
+        log.log(
+            level,
+            "%s %s %.1f ms",
+            call.rpc,
+            code.name,
+            elapsed_s * 1000,
+            extra={"head": head, "tenant": call.tenant},
+        )
 
     def _head(self, request: Any) -> str:
         head = getattr(request, "head", "")

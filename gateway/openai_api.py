@@ -30,7 +30,14 @@ import grpc
 from taskmux_api.kinds import TASKS, TaskKind
 from taskmux_api.v1 import taskmux_pb2 as pb
 
-from gateway.errors import InvalidArgument, NotFound, TaskmuxError, Unavailable, http_status
+from gateway.errors import (
+    InvalidArgument,
+    NotFound,
+    TaskmuxError,
+    Unavailable,
+    Undecodable,
+    http_status,
+)
 from model.manifest import EncoderSpec, Manifest
 
 ENCODING_FORMATS = ("float", "base64")
@@ -69,6 +76,20 @@ class EmbeddingsRequest:
     model: str
     encoding_format: str
     dimensions: int | None
+
+
+@dataclass(frozen=True)
+class Unservable(Undecodable):
+    """A body the endpoint cannot serve (bad JSON or fields, an unknown model), handed to
+    the handler stack as gRPC hands it a request that does not parse: the stack raises
+    `problem` inside the API-key layer, so the caller is authenticated first, then
+    answered and counted as for any other status."""
+
+    problem: TaskmuxError
+    request_id: str = ""  # the X-Request-Id header, for the access log
+
+    def error(self) -> TaskmuxError:
+        return self.problem
 
 
 def parse_embeddings(raw: bytes) -> EmbeddingsRequest:

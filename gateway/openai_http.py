@@ -1,12 +1,16 @@
 """The OpenAI-compatible HTTP API (aiohttp), on TASKMUX_HTTP_ADDR beside the gRPC port.
 
 A POST /v1/embeddings is a gRPC Embed by another road: its body becomes an EmbedRequest
-that goes to the servicer's own `Embed` (the same validation, limits, tenant charges,
-idempotency-free dispatch, deadline and errors), under the same API keys (`Authorization:
-Bearer <key>`, the keys file of gateway/auth.py, the embedding head's permission) and the
-same TLS files as the gRPC port. `HttpCall` stands in for the gRPC servicer context, so
-the servicer's error decorator, the request metrics (rpc "OpenAI.Embeddings") and the
-server span see an HTTP call as they see a gRPC one. JSON in and out is gateway/openai_api.py.
+that runs through the gRPC server's own handler stack (gateway/handlers.py: metrics and
+access log, server span, statuses, API keys) around the servicer's own Embed, so it gets
+the same validation, limits, tenant charges, deadline, errors and counting, named
+rpc "OpenAI.Embeddings". `HttpCall` stands in for the gRPC servicer context: it carries
+the `Authorization` header as the metadata the API-key layer reads, and turns the
+statuses layer's abort into `CallEnded`, which becomes OpenAI's error body. A body that
+cannot be served enters the stack as `Unservable` (gateway/openai_api.py), so the caller
+is authenticated before hearing what is wrong with it. GET /v1/models runs through the
+same stack (rpc "OpenAI.Models"): any valid key may list the models. The same TLS files
+as the gRPC port. JSON in and out is gateway/openai_api.py.
 
 Calls carry no deadline of their own: each gets TASKMUX_DEFAULT_TIMEOUT_MS. A client that
 disconnects cancels its call, as a cancelled gRPC call does. On drain the port stops
@@ -27,19 +31,13 @@ import grpc
 from aiohttp import web
 from taskmux_api.v1 import taskmux_pb2 as pb
 
-from gateway.auth import KeysFile, Tenant, authenticate_http, calling_as
+from gateway.auth import AUTH_METADATA
 from gateway.catalog import CatalogWatcher
-from gateway.errors import (
-    RETRY_AFTER_METADATA,
-    InvalidArgument,
-    Metadata,
-    TaskmuxError,
-    is_metadata_safe,
-)
-from gateway.metrics import GatewayMetrics
+from gateway.errors import RETRY_AFTER_METADATA, Metadata, TaskmuxError, is_metadata_safe
+from gateway.handlers import Layer, stacked
 from gateway.openai_api import (
     EmbeddingsRequest,
-    embedding_head,
+    Unservable,
     embeddings_body,
     error_body,
     model_body,
@@ -50,35 +48,43 @@ from gateway.openai_api import (
 )
 from gateway.service import TaskMuxService
 from gateway.settings import GatewaySettings
-from gateway.tracing import traced
 from taskmux.config import SettingsError
-from taskmux.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
-RPC = "OpenAI.Embeddings"  # the rpc label of these calls in metrics, logs and spans
+EMBEDDINGS_RPC = "OpenAI.Embeddings"  # the rpc label of these calls in metrics, logs and spans
+MODELS_RPC = "OpenAI.Models"
 REQUEST_ID_HEADER = "X-Request-Id"
 Ctx = grpc.aio.ServicerContext[Any, Any]
+_METHODS = pb.DESCRIPTOR.services_by_name["TaskMux"].methods_by_name
 
 
 class CallEnded(Exception):
-    """An HTTP call ended with a non-OK status, by `HttpCall.abort` or `HttpCall.fail`."""
+    """An HTTP call ended with a non-OK status, by the statuses layer's `HttpCall.abort`."""
 
-    def __init__(
-        self, code: grpc.StatusCode, message: str, metadata: Metadata, error: TaskmuxError | None
-    ) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, metadata: Metadata) -> None:
         super().__init__(message)
-        self.code, self.message, self.metadata, self.error = code, message, metadata, error
+        self.code, self.message, self.metadata = code, message, metadata
+
+    def error(self) -> TaskmuxError | None:
+        """The gateway's error the call ended with, for OpenAI's `param`: the statuses
+        layer aborts while handling it, so it is this exception's context."""
+        cause = self.__context__
+        return cause if isinstance(cause, TaskmuxError) and cause.code == self.code else None
 
 
 class HttpCall:
-    """What the servicer and its wrappers use of a gRPC servicer context, for one HTTP call:
-    time_remaining and abort (the servicer), set_trailing_metadata (its error decorator),
-    code and cancelled (metrics and tracing)."""
+    """What the handler stack and the servicer use of a gRPC servicer context, for one
+    HTTP call: invocation_metadata (API keys), set_trailing_metadata and abort
+    (statuses), code and cancelled (metrics and tracing), time_remaining (the servicer)."""
 
     def __init__(self, request: web.Request) -> None:
         self._request = request
         self._code: grpc.StatusCode | None = None
+
+    def invocation_metadata(self) -> Metadata:
+        authorization = self._request.headers.get("Authorization")
+        return () if authorization is None else ((AUTH_METADATA, authorization),)
 
     def time_remaining(self) -> float | None:
         return None  # no deadline: the dispatcher applies the default timeout
@@ -88,12 +94,7 @@ class HttpCall:
 
     async def abort(self, code: grpc.StatusCode, details: str, metadata: Metadata = ()) -> NoReturn:
         self._code = code
-        raise CallEnded(code, details, metadata, None)
-
-    def fail(self, error: TaskmuxError) -> NoReturn:
-        """End the call with `error`, keeping it for the OpenAI body (its `param`)."""
-        self._code = error.code
-        raise CallEnded(error.code, error.message, error.trailing_metadata(), error)
+        raise CallEnded(code, details, metadata)
 
     def code(self) -> grpc.StatusCode | None:
         return self._code
@@ -103,42 +104,43 @@ class HttpCall:
         return transport is None or transport.is_closing()
 
     def as_context(self) -> Ctx:
-        """This call where the servicer's API wants a gRPC context (see the class docstring)."""
+        """This call where the stack wants a gRPC context (see the class docstring)."""
         return cast(Ctx, self)
 
 
 @dataclass(frozen=True)
-class EmbeddingsCall:
-    """A POST /v1/embeddings as the metrics and tracing wrappers see a request."""
+class Reply:
+    """How an embeddings call's EmbedResponse is written back."""
 
-    body: bytes
-    request_id: str  # the X-Request-Id header: the log context's request_id
+    model: str
+    encoding_format: str
+
+    def body(self, response: pb.EmbedResponse) -> dict[str, Any]:
+        return embeddings_body(response, self.model, self.encoding_format)
 
 
-Handler = Callable[[EmbeddingsCall, HttpCall], Awaitable[dict[str, Any]]]
+NO_REPLY = Reply("", "float")  # an Unservable call always ends in its error
+
+
+@dataclass(frozen=True)
+class ModelsQuery:
+    """A GET /v1/models (`model` "") or /v1/models/{model}, as the handler stack's request."""
+
+    model: str
 
 
 class OpenAIEmbeddings:
-    """The endpoint's handlers, on top of the gRPC servicer."""
+    """The endpoint's handlers: the servicer's Embed inside the gRPC server's layers."""
 
     def __init__(
-        self,
-        service: TaskMuxService,
-        watcher: CatalogWatcher,
-        keys: KeysFile | None,
-        metrics: GatewayMetrics | None = None,
-        tracing: Tracing | None = None,
+        self, service: TaskMuxService, watcher: CatalogWatcher, layers: list[Layer]
     ) -> None:
-        self._service = service
         self._watcher = watcher
-        self._keys = keys
-        # The wrappers server.add_service puts around each gRPC method, in the same order.
-        embed: Any = self._embed
-        if metrics is not None:
-            embed = metrics.instrument(RPC, embed, streaming=False)
-        if tracing is not None:
-            embed = traced(tracing, RPC, embed, streaming=False)
-        self._embed_call: Handler = embed
+        self._embed = stacked(
+            _METHODS["Embed"], service.method("Embed"), layers, rpc=EMBEDDINGS_RPC
+        )
+        # Unary and without heads, as ListTasks: any key that authenticates may list.
+        self._models = stacked(_METHODS["ListTasks"], self._list_models, layers, rpc=MODELS_RPC)
 
     def app(self, *, max_body_bytes: int) -> web.Application:
         """The aiohttp application: the routes, and OpenAI error bodies for HTTP errors."""
@@ -152,64 +154,49 @@ class OpenAIEmbeddings:
         """POST /v1/embeddings."""
         request_id = request.headers.get(REQUEST_ID_HEADER, "")
         headers = {REQUEST_ID_HEADER: request_id} if is_metadata_safe(request_id) else {}
+        embed, reply = self._embed_request(await request.read(), request_id)
         try:
-            tenant = self._authenticate(request, [embedding_head()])
-            call = EmbeddingsCall(await request.read(), request_id)
-            with calling_as(tenant):
-                body = await self._embed_call(call, HttpCall(request))
-        except TaskmuxError as err:  # authentication, before the call is counted
-            return _error(err.code, err.message, err.trailing_metadata(), err, headers)
+            response = await self._embed(embed, HttpCall(request).as_context())
         except CallEnded as end:
-            return _error(end.code, end.message, end.metadata, end.error, headers)
-        return web.json_response(body, headers=headers)
+            return _error(end, headers)
+        return web.json_response(reply.body(response), headers=headers)
 
-    async def _embed(self, request: EmbeddingsCall, call: HttpCall) -> dict[str, Any]:
-        """The counted, traced part of a call: check the OpenAI fields, then Embed."""
+    def _embed_request(self, body: bytes, request_id: str) -> tuple[object, Reply]:
+        """The Embed request a body stands for and how to write its reply; `Unservable`
+        with its error for a body that cannot be served."""
         try:
-            if request.request_id and not is_metadata_safe(request.request_id):
-                raise InvalidArgument(f"{REQUEST_ID_HEADER} must be 1-128 printable ASCII")
-            parsed = parse_embeddings(request.body)
+            parsed = parse_embeddings(body)
             encoder = resolve_model(parsed, self._watcher.catalog)
         except TaskmuxError as err:
-            call.fail(err)
-        embed = pb.EmbedRequest(texts=parsed.texts, request_id=request.request_id)
-        response = await self._service.Embed(embed, call.as_context())
-        return embeddings_body(response, encoder.name, parsed.encoding_format)
+            return Unservable(pb.EmbedRequest.DESCRIPTOR.full_name, err, request_id), NO_REPLY
+        embed = pb.EmbedRequest(texts=parsed.texts, request_id=request_id)
+        return embed, Reply(encoder.name, parsed.encoding_format)
 
     async def models(self, request: web.Request) -> web.Response:
         """GET /v1/models."""
-        try:
-            self._authenticate(request, [])
-            return web.json_response(models_body(served_encoder(self._watcher.catalog)))
-        except TaskmuxError as err:
-            return _error(err.code, err.message, err.trailing_metadata(), err)
+        return await self._answer_models(ModelsQuery(""), request)
 
     async def model(self, request: web.Request) -> web.Response:
         """GET /v1/models/{model}."""
+        return await self._answer_models(ModelsQuery(request.match_info["model"]), request)
+
+    async def _answer_models(self, query: ModelsQuery, request: web.Request) -> web.Response:
         try:
-            self._authenticate(request, [])
-            name = request.match_info["model"]
-            parsed = EmbeddingsRequest([], name, "float", None)
-            return web.json_response(model_body(resolve_model(parsed, self._watcher.catalog)))
-        except TaskmuxError as err:
-            return _error(err.code, err.message, err.trailing_metadata(), err)
+            return web.json_response(await self._models(query, HttpCall(request).as_context()))
+        except CallEnded as end:
+            return _error(end)
 
-    def _authenticate(self, request: web.Request, heads: list[str]) -> Tenant | None:
-        if self._keys is None:
-            return None
-        return authenticate_http(self._keys, request.headers.get("Authorization"), heads)
+    async def _list_models(self, query: ModelsQuery, context: Ctx) -> dict[str, Any]:
+        if not query.model:
+            return models_body(served_encoder(self._watcher.catalog))
+        named = EmbeddingsRequest([], query.model, "float", None)
+        return model_body(resolve_model(named, self._watcher.catalog))
 
 
-def _error(
-    code: grpc.StatusCode,
-    message: str,
-    metadata: Metadata,
-    error: TaskmuxError | None,
-    headers: dict[str, str] | None = None,
-) -> web.Response:
-    status, body = error_body(code, message, error)
+def _error(end: CallEnded, headers: dict[str, str] | None = None) -> web.Response:
+    status, body = error_body(end.code, end.message, end.error())
     headers = dict(headers or {})
-    retry_after_ms = dict(metadata).get(RETRY_AFTER_METADATA)
+    retry_after_ms = dict(end.metadata).get(RETRY_AFTER_METADATA)
     if isinstance(retry_after_ms, str):
         # Retry-After is whole seconds; the OpenAI client reads retry-after-ms first.
         headers["Retry-After"] = str(max(1, math.ceil(int(retry_after_ms) / 1000)))

@@ -18,12 +18,17 @@ from redis.exceptions import RedisError
 
 from router import keys
 from router.messages import MalformedMessage, Reply, stream_entries
+from taskmux.backoff import Backoff
 from taskmux.lifecycle import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 1000
 READ_COUNT = 512
+# Waits between failed reads, capped low: calls in flight wait for this reader once Redis
+# is back.
+READ_RETRY_START_S = 0.1
+READ_RETRY_MAX_S = 0.5
 
 
 class ReplyRouter:
@@ -93,18 +98,17 @@ class ReplyRouter:
         # From the start: the stream is this gateway's own, and read entries are deleted.
         # ("$" would miss replies that land between two XREAD calls.)
         last_id = b"0-0"
-        backoff = 0.1
+        backoff = Backoff(READ_RETRY_START_S, READ_RETRY_MAX_S)
         while True:
             try:
                 response = await self._redis.xread(
                     {self.stream: last_id}, count=READ_COUNT, block=READ_BLOCK_MS
                 )
-                backoff = 0.1
+                backoff.reset()
             except RedisError as err:
-                log.warning("reading replies failed (%s); retrying in %.1fs", err, backoff)
-                await asyncio.sleep(backoff)
-                # Capped low: calls in flight wait for this reader once Redis is back.
-                backoff = min(backoff * 2, 0.5)
+                wait_s = backoff.next_s()
+                log.warning("reading replies failed (%s); retrying in %.1fs", err, wait_s)
+                await asyncio.sleep(wait_s)
                 continue
             for _, entries in stream_entries(response):
                 if not entries:

@@ -5,18 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import AsyncExitStack
-from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace.export import SpanExporter
-from taskmux_api.v1 import taskmux_pb2
+from taskmux_api.v1 import taskmux_pb2, taskmux_pb2_grpc
 
-from gateway.auth import KeysFile, auth_interceptors
+from gateway.auth import ApiKeys, api_keys
 from gateway.catalog import CatalogWatcher
 from gateway.dispatch import Dispatcher
-from gateway.errors import deferred_decode
+from gateway.errors import deferred_decode, statuses
+from gateway.handlers import Layer, stacked
 from gateway.idempotency import Idempotency
 from gateway.limits import Limiter
 from gateway.memory import MemoryGuard
@@ -26,7 +27,7 @@ from gateway.replies import READ_BLOCK_MS, ReplyRouter
 from gateway.service import TaskMuxService
 from gateway.settings import GatewaySettings
 from gateway.tls import add_port
-from gateway.tracing import traced
+from gateway.tracing import server_spans
 from router.connection import connect
 from taskmux.health import Health
 from taskmux.metrics import metrics_endpoint
@@ -88,7 +89,6 @@ async def serve(
             )
         )
         server = grpc.aio.server(
-            interceptors=auth_interceptors(settings.api_keys_file),
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -102,7 +102,10 @@ async def serve(
         )
         stack.enter_context(metrics_endpoint(settings.metrics_addr, metrics.registry))
         service = TaskMuxService(settings, dispatcher, watcher, idempotency, Limiter(redis), memory)
-        add_service(service, server, metrics, tracing)
+        # One stack for both ports: an HTTP call is counted, traced, answered and
+        # authenticated by the very layers a gRPC call is.
+        layers = handler_stack(metrics, tracing, api_keys(settings.api_keys_file))
+        add_service(service, server, layers)
         health.add_to(server)
         reflection.enable_server_reflection(
             [
@@ -114,8 +117,7 @@ async def serve(
         )
         port = add_port(server, settings)
         await server.start()
-        keys = KeysFile(Path(settings.api_keys_file)) if settings.api_keys_file else None
-        openai = OpenAIEmbeddings(service, watcher, keys, metrics, tracing)
+        openai = OpenAIEmbeddings(service, watcher, layers)
         http = await stack.enter_async_context(OpenAIHttp(settings, openai))
         await health.set_started()
         log.info("gateway %s listening on port %d", settings.gateway_id, port)
@@ -133,26 +135,35 @@ HANDLER_FACTORIES = {
 }
 
 
+def handler_stack(metrics: GatewayMetrics, tracing: Tracing, keys: ApiKeys | None) -> list[Layer]:
+    """The layers of every TaskMux call, outermost first (see gateway/handlers.py): metrics
+    and tracing outside the statuses layer, so they see the status each call ends with,
+    and outside auth, so refused calls are counted and traced too."""
+    layers = [metrics.observe, server_spans(tracing), statuses, keys]
+    return [layer for layer in layers if layer is not None]
+
+
+def _method(service: TaskMuxService | taskmux_pb2_grpc.TaskMuxServicer, rpc: str) -> Any:
+    """The servicer's handler for `rpc`: TaskMuxService maps unary tasks to planners."""
+    if isinstance(service, TaskMuxService):
+        return service.method(rpc)
+    return getattr(service, rpc)
+
+
 def add_service(
-    service: TaskMuxService,
+    service: TaskMuxService | taskmux_pb2_grpc.TaskMuxServicer,
     server: grpc.aio.Server,
-    metrics: GatewayMetrics | None = None,
-    tracing: Tracing | None = None,
+    layers: list[Layer],
 ) -> None:
-    """Register every TaskMux method, as the generated code does, but with requests that
-    fail to parse handed to the handler (`deferred_decode`) to answer INVALID_ARGUMENT."""
+    """Register every TaskMux method inside `layers`, as the generated code does, but with
+    requests that fail to parse handed on (`deferred_decode`) to answer INVALID_ARGUMENT."""
     handlers = {}
     for method in taskmux_pb2.DESCRIPTOR.services_by_name["TaskMux"].methods:
         factory = HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)]
         request_type = getattr(taskmux_pb2, method.input_type.name)
         response_type = getattr(taskmux_pb2, method.output_type.name)
-        handler = getattr(service, method.name)
-        if metrics is not None:
-            handler = metrics.instrument(method.name, handler, streaming=method.server_streaming)
-        if tracing is not None:
-            handler = traced(tracing, method.name, handler, streaming=method.server_streaming)
         handlers[method.name] = factory(
-            handler,
+            stacked(method, _method(service, method.name), layers),
             request_deserializer=deferred_decode(request_type),
             response_serializer=response_type.SerializeToString,
         )

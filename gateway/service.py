@@ -1,16 +1,20 @@
-"""The TaskMux gRPC servicer: validate (plans), dispatch, decode. Nothing else lives here."""
+"""The TaskMux gRPC servicer: validate (plans), dispatch, decode. Nothing else lives here.
+
+Errors, metrics, tracing and authentication wrap every method from outside, once, when
+the service is added to the server (gateway/handlers.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
-from taskmux_api.kinds import ANALYZABLE, PIPELINE_TASKS, TaskKind, head_kind_proto
+from taskmux_api.kinds import ANALYZABLE, PIPELINE_TASKS, TaskKind, head_kind_proto, task_of_rpc
 from taskmux_api.v1 import taskmux_pb2 as pb
-from taskmux_api.v1 import taskmux_pb2_grpc
 
 from gateway.auth import caller
 from gateway.catalog import CatalogWatcher
@@ -21,22 +25,12 @@ from gateway.errors import (
     TaskmuxError,
     Unavailable,
     Undecodable,
-    grpc_status,
-    grpc_status_stream,
-    internal_ref,
+    as_status,
 )
 from gateway.idempotency import NO_KEY, Idempotency
 from gateway.limits import Limiter
 from gateway.memory import MemoryGuard
-from gateway.plans import (
-    PLANNERS,
-    Planner,
-    plan_classify,
-    plan_embed,
-    plan_entities,
-    plan_similarity,
-    plan_zero_shot,
-)
+from gateway.plans import PLANNERS, Planner
 from gateway.settings import GatewaySettings
 from gateway.validation import check_heads, check_request_meta, check_texts
 from model.manifest import HeadSpec
@@ -46,8 +40,11 @@ from taskmux.lifecycle import cancel_and_wait
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
-class TaskMuxService(taskmux_pb2_grpc.TaskMuxServicer):
-    """Implements taskmux.v1.TaskMux on top of the dispatcher and the catalog."""
+class TaskMuxService:
+    """Implements taskmux.v1.TaskMux on top of the dispatcher and the catalog.
+
+    Not a subclass of the generated servicer: the unary tasks have no methods here
+    (see `method`), and the generated base declares each RPC abstract."""
 
     def __init__(
         self,
@@ -65,38 +62,16 @@ class TaskMuxService(taskmux_pb2_grpc.TaskMuxServicer):
         self._limiter = limiter
         self._memory = memory
 
-    @grpc_status
-    async def Embed(self, request: pb.EmbedRequest, context: Ctx) -> pb.EmbedResponse:
-        response: pb.EmbedResponse = await self._unary(plan_embed, request, context)
-        return response
+    def method(self, rpc: str) -> Callable[..., Any]:
+        """What serves the RPC named `rpc`. A unary task is its planner run through
+        `_unary`, so a new task needs a row in the task table and a planner, no method
+        here; ListTasks, Analyze and Pipeline are methods of their own."""
+        task = task_of_rpc(rpc)
+        if task is not None and task.kind in PLANNERS:
+            return functools.partial(self._unary, PLANNERS[task.kind])
+        method: Callable[..., Any] = getattr(self, rpc)
+        return method
 
-    @grpc_status
-    async def Classify(self, request: pb.ClassifyRequest, context: Ctx) -> pb.ClassifyResponse:
-        response: pb.ClassifyResponse = await self._unary(plan_classify, request, context)
-        return response
-
-    @grpc_status
-    async def ExtractEntities(
-        self, request: pb.ExtractEntitiesRequest, context: Ctx
-    ) -> pb.ExtractEntitiesResponse:
-        response: pb.ExtractEntitiesResponse = await self._unary(plan_entities, request, context)
-        return response
-
-    @grpc_status
-    async def Similarity(
-        self, request: pb.SimilarityRequest, context: Ctx
-    ) -> pb.SimilarityResponse:
-        response: pb.SimilarityResponse = await self._unary(plan_similarity, request, context)
-        return response
-
-    @grpc_status
-    async def ZeroShotClassify(
-        self, request: pb.ZeroShotClassifyRequest, context: Ctx
-    ) -> pb.ZeroShotClassifyResponse:
-        response: pb.ZeroShotClassifyResponse = await self._unary(plan_zero_shot, request, context)
-        return response
-
-    @grpc_status
     async def ListTasks(self, request: pb.ListTasksRequest, context: Ctx) -> pb.ListTasksResponse:
         self._require_redis()
         catalog = self._watcher.catalog
@@ -123,7 +98,6 @@ class TaskMuxService(taskmux_pb2_grpc.TaskMuxServicer):
             ),
         )
 
-    @grpc_status_stream
     async def Analyze(
         self, request: pb.AnalyzeRequest, context: Ctx
     ) -> AsyncIterator[pb.AnalyzeResult]:
@@ -230,14 +204,8 @@ class TaskMuxService(taskmux_pb2_grpc.TaskMuxServicer):
             response = pb.PipelineResponse(id=request.id)
             getattr(response, which).CopyFrom(message)
             return response
-        except TaskmuxError as err:
-            error = _task_error(err)
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            error = pb.TaskError(
-                code=code.value[0], status=code.name, message=internal_ref("Pipeline")
-            )
-        return pb.PipelineResponse(id=request.id, error=error)
+        except Exception as err:  # one task's failure is its answer, not the stream's end
+            return pb.PipelineResponse(id=request.id, error=_task_error(as_status(err, "Pipeline")))
 
     async def _unary(self, planner: Planner, request: Any, context: Ctx) -> Any:
         check_request_meta(request.request_id, request.idempotency_key)

@@ -2,74 +2,56 @@
 
 Its children are the dispatcher's `enqueue <head>` (whose context the jobs carry to the
 workers) and `await reply` spans. Attributes name the method, the heads, the client's
-request id and the tenant; never texts, labels or keys.
+request id and the tenant; never texts, labels or keys. The span sits outside the API-key
+layer (gateway/handlers.py), so a refused call has a span too, with its status.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from typing import Any, Final
 
-import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import SpanKind
 
-from gateway.auth import caller
+from gateway.handlers import Call, Layer
 from taskmux.tracing import Tracing, status_of
 
 SERVICE: Final = "taskmux.v1.TaskMux"
 MAX_ATTRIBUTE_CHARS: Final = 128
-Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
-def traced(tracing: Tracing, rpc: str, handler: Any, *, streaming: bool) -> Any:
-    """`handler` (unary or server-streaming) inside a server span; itself when tracing is off."""
+def server_spans(tracing: Tracing) -> Layer | None:
+    """The handler-stack layer that runs each call inside a server span; None when off."""
     if not tracing.enabled:
-        return handler
-    if streaming:
-
-        @functools.wraps(handler)
-        async def stream_wrapper(request: Any, context: Ctx) -> AsyncIterator[Any]:
-            with _server_span(tracing, rpc, request, context):
-                async for item in handler(request, context):
-                    yield item
-
-        return stream_wrapper
-
-    @functools.wraps(handler)
-    async def wrapper(request: Any, context: Ctx) -> Any:
-        with _server_span(tracing, rpc, request, context):
-            return await handler(request, context)
-
-    return wrapper
+        return None
+    return functools.partial(_server_span, tracing)
 
 
-@contextmanager
-def _server_span(tracing: Tracing, rpc: str, request: Any, context: Ctx) -> Iterator[Span]:
+@contextlib.asynccontextmanager
+async def _server_span(tracing: Tracing, call: Call) -> AsyncIterator[None]:
     # A root: clients' trace context is not taken from metadata (yet), so a client
     # cannot force every call to be sampled.
     span = tracing.start_span(
-        f"{SERVICE}/{rpc}",
+        f"{SERVICE}/{call.rpc}",
         kind=SpanKind.SERVER,
         parent=Context(),
-        attributes=_attributes(rpc, request),
+        attributes=_attributes(call.rpc, call.request),
     )
     token = otel_context.attach(trace.set_span_in_context(span))
-    code = grpc.StatusCode.UNKNOWN
+    returned = False
     try:
-        yield span
-        code = grpc.StatusCode.OK
+        yield
+        returned = True
     finally:
         otel_context.detach(token)
-        set_code = context.code()  # set when the handler aborted with a status
-        if isinstance(set_code, grpc.StatusCode):
-            code = set_code
-        elif code is grpc.StatusCode.UNKNOWN and context.cancelled():
-            code = grpc.StatusCode.CANCELLED
+        if call.tenant:  # found by the API-key layer, inside this one
+            span.set_attribute("taskmux.tenant", call.tenant)
+        code = call.status(returned=returned)
         status_of(span, code.value[0], code.name)
         span.end()
 
@@ -92,6 +74,4 @@ def _attributes(rpc: str, request: Any) -> dict[str, str | int | list[str]]:
     texts = getattr(request, "texts", None)
     if texts is not None and not isinstance(texts, str):
         attributes["taskmux.texts"] = len(texts)  # how many, never what
-    if (tenant := caller()) is not None:  # set by the API-key interceptor, outside us
-        attributes["taskmux.tenant"] = tenant.name
     return attributes

@@ -3,6 +3,7 @@
 All keys start with `taskmux:v1:`; the `v1` changes only if the layout below does.
 Who may run which command on which of these keys is `router.acl` (the Redis ACL users
 `taskmux-gateway` and `taskmux-worker`); a new key or command here needs a grant there.
+The Lua scripts that act on these keys are `router.scripts`.
 
 What one call leaves in Redis, and for how long (Redis memory is bounded by design):
     job entry           one per job (per distinct text for Analyze) in its job stream;
@@ -91,13 +92,13 @@ Idempotency records: `taskmux:v1:idem:<job kind>:<sha256 hex of tenant NUL key>`
     about one response per key per TTL (see above).
 
 Tenant limits: `taskmux:v1:limit:<tenant>:rate` (string) and `...:quota` (hash)
-    Written only by gateways, through `gateway.limits.CHARGE_SCRIPT`, for tenants of the
+    Written only by gateways, through `router.scripts.LIMIT_CHARGE`, for tenants of the
     API keys file that have limits. `rate` holds the tenant's GCRA "theoretical arrival
     time" in ms (Redis clock) and expires once the bucket is full again; `quota` holds
     `window` (the window's index since the epoch) and `used` (text units charged in it),
     and expires with its window. Deleting either resets that tenant's limit. A call is
     charged right before its jobs are queued, and refunded by
-    `gateway.limits.REFUND_SCRIPT` if the queue then refuses them.
+    `router.scripts.LIMIT_REFUND` if the queue then refuses them.
 
 Dead letters: `taskmux:v1:dead` (a stream)
     Entries no worker could decode, with the raw fields and the reason, capped at

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from taskmux.aclcli import add_redis_acl_command
-from taskmux.clientargs import add_client_arguments
+from taskmux.clientargs import add_connection_arguments
+from taskmux.clitasks import add_task_commands
 from taskmux.keyscli import add_keys_command
 from taskmux.loadtest.cli import add_loadtest_command
 from taskmux.modelcli import add_model_commands
@@ -20,8 +21,6 @@ from taskmux.modelcli import add_model_commands
 if TYPE_CHECKING:
     from google.protobuf.message import Message
     from taskmux_client import TaskMuxClient
-
-DEFAULT_TARGET = "127.0.0.1:50051"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,17 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     add_keys_command(sub)
     add_redis_acl_command(sub)
 
-    embed = add("embed", _embed, "Embed texts; prints JSON")
-    embed.add_argument("texts", nargs="+")
-    classify = add("classify", _classify, "Classify texts with a head; prints JSON")
-    classify.add_argument("--head", required=True)
-    classify.add_argument("--top-k", type=int, default=1)
-    classify.add_argument("texts", nargs="+")
-    add("tasks", _tasks, "List heads, encoder and limits; prints JSON")
-    for p in (embed, classify, sub.choices["tasks"]):
-        p.add_argument("--target", default=os.environ.get("TASKMUX_TARGET", DEFAULT_TARGET))
-        p.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds")
-        add_client_arguments(p)
+    add_task_commands(sub)
+    tasks = add("tasks", _tasks, "List heads, encoder and limits; prints JSON")
+    add_connection_arguments(tasks)
     return parser
 
 
@@ -117,14 +108,6 @@ def _call(args: argparse.Namespace, call: Callable[[TaskMuxClient], Message]) ->
             return 1
     print(json.dumps(MessageToDict(response), indent=2, ensure_ascii=False))
     return 0
-
-
-def _embed(args: argparse.Namespace) -> int:
-    return _call(args, lambda client: client.embed(args.texts))
-
-
-def _classify(args: argparse.Namespace) -> int:
-    return _call(args, lambda client: client.classify(args.head, args.texts, top_k=args.top_k))
 
 
 def _tasks(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""The API key and TLS options of every command that calls a gateway.
+"""The connection, API key and TLS options of every command that calls a gateway.
 
 There is deliberately no `--api-key KEY` flag: a key on the command line shows in `ps`
 and in the shell's history. The key comes from `--api-key-file`, else TASKMUX_API_KEY,
@@ -16,6 +16,8 @@ from taskmux_client.channel import TLSConfig, auth_metadata, read_api_key
 
 API_KEY_ENV = "TASKMUX_API_KEY"
 API_KEY_FILE_ENV = "TASKMUX_API_KEY_FILE"
+TARGET_ENV = "TASKMUX_TARGET"
+DEFAULT_TARGET = "127.0.0.1:50051"
 
 
 class ClientOptionsError(Exception):
@@ -28,6 +30,19 @@ class ClientSecurity:
 
     api_key: str | None = field(default=None, repr=False)
     tls: TLSConfig | None = None
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add --target, --timeout and the security options of a command that calls a gateway."""
+    parser.add_argument(
+        "--target",
+        default=os.environ.get(TARGET_ENV, DEFAULT_TARGET),
+        help=f"gateway address (${TARGET_ENV}, else {DEFAULT_TARGET})",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=30.0, help="deadline of each call in seconds (30)"
+    )
+    add_client_arguments(parser)
 
 
 def add_client_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,6 +7,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -131,14 +133,15 @@ def _cache(args: argparse.Namespace) -> Path | None:
 
 def _model_train(args: argparse.Namespace) -> int:
     from taskmux.modelrepo.entities_head import train_entities
-    from taskmux.modelrepo.intent import train_intent
-    from taskmux.modelrepo.topic import train_topic
-    from taskmux.modelrepo.train import train_sentiment
+    from taskmux.modelrepo.intent import INTENT
+    from taskmux.modelrepo.recipe import train_shipped
+    from taskmux.modelrepo.sentiment import SENTIMENT
+    from taskmux.modelrepo.topic import TOPIC
 
-    trainers = {
-        "sentiment": train_sentiment,
-        "intent": train_intent,
-        "topic": train_topic,
+    trainers: dict[str, Callable[..., dict[str, Any]]] = {
+        "sentiment": partial(train_shipped, SENTIMENT),
+        "intent": partial(train_shipped, INTENT),
+        "topic": partial(train_shipped, TOPIC),
         "entities": train_entities,
     }
     reports = {}

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from taskmux.backoff import Backoff as ExponentialWaits
+
 STOP_TIMEOUT_S = 15.0
 
 
@@ -28,15 +30,16 @@ class Backoff:
     initial_s: float = 0.5
     max_s: float = 10.0
     reset_after_s: float = 30.0
-    _restarts: int = field(default=0, init=False)
+    _waits: ExponentialWaits = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._waits = ExponentialWaits(self.initial_s, self.max_s)
 
     def delay_s(self, ran_for_s: float) -> float:
         """The wait before the next start of a child that exited after `ran_for_s`."""
         if ran_for_s >= self.reset_after_s:
-            self._restarts = 0
-        delay = min(self.max_s, self.initial_s * 2.0**self._restarts)
-        self._restarts += 1
-        return delay
+            self._waits.reset()
+        return self._waits.next_s()
 
 
 class Child:

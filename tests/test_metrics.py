@@ -14,6 +14,7 @@ from taskmux_api.kinds import HeadKind
 from taskmux_api.v1 import taskmux_pb2 as pb
 from taskmux_api.v1 import taskmux_pb2_grpc
 
+from gateway.auth import hash_key
 from model.manifest import load_manifest
 from taskmux.local import free_port
 from tests.harness import Cluster, serving, wait_until
@@ -52,15 +53,25 @@ def scrape(port: int) -> dict[str, float]:
     return samples
 
 
+def delta(after: dict[str, float], before: dict[str, float], key: str) -> float:
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def _requests(code: str, head: str, rpc: str) -> str:
+    """The sample name of `taskmux_gateway_requests_total` for these labels."""
+    return f'taskmux_gateway_requests_total{{code="{code}",head="{head}",rpc="{rpc}"}}'
+
+
+def _classification_head(model_repo: Path) -> str:
+    heads = load_manifest(model_repo, verify=False).heads
+    return next(h.name for h in heads if h.kind == HeadKind.CLASSIFICATION)
+
+
 def test_counters_move_by_exactly_the_calls_made(cluster: Cluster, model_repo: Path) -> None:
     worker, gateway = cluster.procs[1], cluster.procs[2]
     wait_until(lambda: "metrics on port" in worker.output(), 60, "worker metrics")
     worker_port, gateway_port = _metrics_port(worker.output()), _metrics_port(gateway.output())
-    head = next(
-        h.name
-        for h in load_manifest(model_repo, verify=False).heads
-        if h.kind == HeadKind.CLASSIFICATION
-    )
+    head = _classification_head(model_repo)
     stub = taskmux_pb2_grpc.TaskMuxStub(grpc.insecure_channel(gateway.address))
 
     def ready() -> bool:
@@ -78,9 +89,6 @@ def test_counters_move_by_exactly_the_calls_made(cluster: Cluster, model_repo: P
     with pytest.raises(grpc.RpcError) as bad:
         stub.Embed(pb.EmbedRequest(texts=[], request_id="req-bad"), timeout=30)
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-
-    def delta(after: dict[str, float], before: dict[str, float], key: str) -> float:
-        return after.get(key, 0.0) - before.get(key, 0.0)
 
     g = scrape(gateway_port)
     ok_embed = 'taskmux_gateway_requests_total{code="OK",head="",rpc="Embed"}'
@@ -129,3 +137,75 @@ def test_redis_reconnects_are_counted(cluster: Cluster) -> None:
         return scrape(worker_port).get("taskmux_worker_redis_reconnects_total", 0.0) > before_w
 
     wait_until(worker_reconnected, 30, "the worker's reconnect")
+
+
+def test_refused_calls_are_counted_and_logged(
+    cluster: Cluster, model_repo: Path, tmp_path: Path
+) -> None:
+    """Metrics and the access log sit outside authentication: a missing key, a wrong key
+    and a forbidden head (unary and Pipeline) are counted with their status codes."""
+    key = "metrics-embed-only-key-0123456789"
+    keys_file = tmp_path / "keys.json"
+    tenants = {"acme": {"key_sha256": hash_key(key), "heads": ["embed"]}}
+    keys_file.write_text(json.dumps({"tenants": tenants}))
+    gateway, address = cluster.start_gateway(api_keys_file=str(keys_file))
+    wait_until(lambda: "metrics on port" in gateway.output(), 30, "keyed gateway metrics")
+    port = _metrics_port(gateway.output())
+    head = _classification_head(model_repo)
+    bearer = (("authorization", f"Bearer {key}"),)
+    stub = taskmux_pb2_grpc.TaskMuxStub(grpc.insecure_channel(address))
+
+    def ready() -> bool:  # the catalog, so that `head` is a known head label
+        try:
+            return bool(stub.ListTasks(pb.ListTasksRequest(), timeout=2, metadata=bearer).heads)
+        except grpc.RpcError:
+            return False
+
+    wait_until(ready, 60, "the catalog through the keyed gateway")
+    before = scrape(port)
+    refused = {
+        "no-key": lambda: stub.Embed(pb.EmbedRequest(texts=["x"], request_id="no-key")),
+        "wrong-key": lambda: stub.Embed(
+            pb.EmbedRequest(texts=["x"], request_id="wrong-key"),
+            metadata=(("authorization", "Bearer wrong"),),
+        ),
+        "forbidden": lambda: stub.Classify(
+            pb.ClassifyRequest(head=head, texts=["x"], request_id="forbidden"), metadata=bearer
+        ),
+        "pipeline": lambda: list(
+            stub.Pipeline(
+                iter([pb.PipelineRequest(id="1", classify=pb.ClassifyRequest(head=head))]),
+                metadata=bearer,
+            )
+        ),
+    }
+    codes = {}
+    for name, call in refused.items():
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        codes[name] = info.value.code()
+    assert codes == {
+        "no-key": grpc.StatusCode.UNAUTHENTICATED,
+        "wrong-key": grpc.StatusCode.UNAUTHENTICATED,
+        "forbidden": grpc.StatusCode.PERMISSION_DENIED,
+        "pipeline": grpc.StatusCode.PERMISSION_DENIED,
+    }
+
+    after = scrape(port)
+    unauthenticated = _requests("UNAUTHENTICATED", "", "Embed")
+    denied = _requests("PERMISSION_DENIED", head, "Classify")
+    denied_pipeline = _requests("PERMISSION_DENIED", "", "Pipeline")
+    assert delta(after, before, unauthenticated) == 2
+    assert delta(after, before, denied) == 1
+    assert delta(after, before, denied_pipeline) == 1
+    assert delta(after, before, 'taskmux_gateway_request_seconds_count{rpc="Embed"}') == 2
+
+    lines = [json.loads(x) for x in gateway.output().splitlines() if x.startswith("{")]
+    access = {
+        x["request_id"]: x for x in lines if x["logger"] == "gateway.metrics" and "request_id" in x
+    }
+    assert access["no-key"]["message"].startswith("Embed UNAUTHENTICATED")
+    assert "tenant" not in access["no-key"]
+    assert access["forbidden"]["message"].startswith("Classify PERMISSION_DENIED")
+    assert access["forbidden"]["tenant"] == "acme"
+    assert key not in gateway.output()

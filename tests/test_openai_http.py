@@ -52,13 +52,20 @@ class Gateway:
 
 
 def _request(
-    url: str, body: bytes | dict[str, Any] | None = None, *, key: str = "", method: str = ""
+    url: str,
+    body: bytes | dict[str, Any] | None = None,
+    *,
+    key: str = "",
+    method: str = "",
+    request_id: str = "",
 ) -> tuple[int, dict[str, Any], dict[str, str]]:
     """(status, JSON body, headers) of one plain HTTP call."""
     data = json.dumps(body).encode() if isinstance(body, dict) else body
     headers = {"Content-Type": "application/json"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
+    if request_id:
+        headers["X-Request-Id"] = request_id
     request = urllib.request.Request(url, data=data, headers=headers, method=method or None)
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
@@ -224,19 +231,32 @@ def test_request_id_is_echoed(gateway: Gateway) -> None:
         assert response.headers["X-Request-Id"] == "req-42"
 
 
-def test_http_calls_are_counted_in_the_request_metrics(gateway: Gateway) -> None:
-    def count(code: str) -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{gateway.metrics_port}/metrics") as r:
-            text = r.read().decode()
-        pattern = rf'taskmux_gateway_requests_total{{code="{code}",head="",rpc="OpenAI.Embeddings"}} (\S+)'
-        found = re.search(pattern, text)
-        return float(found.group(1)) if found else 0.0
+def _counted(gateway: Gateway, code: str, rpc: str = "OpenAI.Embeddings") -> float:
+    """The gateway's taskmux_gateway_requests_total for `rpc` calls that ended with `code`."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{gateway.metrics_port}/metrics") as r:
+        text = r.read().decode()
+    pattern = rf'taskmux_gateway_requests_total{{code="{code}",head="",rpc="{rpc}"}} (\S+)'
+    found = re.search(pattern, text)
+    return float(found.group(1)) if found else 0.0
 
-    ok, invalid = count("OK"), count("INVALID_ARGUMENT")
+
+def _counts(gateway: Gateway, *codes: str) -> dict[str, float]:
+    return {code: _counted(gateway, code) for code in codes}
+
+
+def test_http_calls_are_counted_in_the_request_metrics(gateway: Gateway) -> None:
+    before = _counts(gateway, "OK", "INVALID_ARGUMENT", "NOT_FOUND")
     assert _request(f"{gateway.base}/embeddings", {"input": "counted"})[0] == 200
     assert _request(f"{gateway.base}/embeddings", {"input": []})[0] == 400
-    assert count("OK") == ok + 1
-    assert count("INVALID_ARGUMENT") == invalid + 1
+    assert _request(f"{gateway.base}/embeddings", b"{not json")[0] == 400
+    assert _request(f"{gateway.base}/embeddings", {"input": "x", "model": "ada-002"})[0] == 404
+    # The stack counts a call as it leaves, after the client may have its answer.
+    want = {"OK": before["OK"] + 1, "INVALID_ARGUMENT": before["INVALID_ARGUMENT"] + 2}
+    want["NOT_FOUND"] = before["NOT_FOUND"] + 1
+    wait_until(lambda: _counts(gateway, *want) == want, 10, f"the counts {want}")
+    models = _counted(gateway, "OK", "OpenAI.Models")
+    assert _request(f"{gateway.base}/models")[0] == 200
+    wait_until(lambda: _counted(gateway, "OK", "OpenAI.Models") == models + 1, 10, "GET counted")
 
 
 @pytest.mark.parametrize(
@@ -249,6 +269,33 @@ def test_missing_or_wrong_key_is_401(keyed: Gateway, key: str, message: str) -> 
     assert message in error["error"]["message"]
     assert headers["WWW-Authenticate"] == "Bearer"
     assert _request(f"{keyed.base}/models", key=key)[0] == 401
+
+
+def test_refused_calls_are_authenticated_first_and_counted(keyed: Gateway) -> None:
+    """As on the gRPC port: a call without a valid key hears 401 whatever its body, and is
+    counted and logged; with a key, a body that does not parse is 400."""
+    url, key = f"{keyed.base}/embeddings", KEYS["alpha"][0]
+    codes = ("OK", "UNAUTHENTICATED", "INVALID_ARGUMENT", "PERMISSION_DENIED")
+    before = _counts(keyed, *codes)
+    assert _request(url, {"input": "x"}, request_id="http-no-key")[0] == 401
+    assert _request(url, b"{not json", key="wrong-key-0123456789")[0] == 401
+    assert _request(url, {"input": "x", "model": "ada-002"})[0] == 401
+    assert _request(url, b"{not json", key=key)[0] == 400
+    assert _request(url, {"input": "x"}, key=KEYS["no-embed"][0])[0] == 403
+    assert _request(url, {"input": "accepted"}, key=key)[0] == 200
+    want = {
+        "OK": before["OK"] + 1,
+        "UNAUTHENTICATED": before["UNAUTHENTICATED"] + 3,
+        "INVALID_ARGUMENT": before["INVALID_ARGUMENT"] + 1,
+        "PERMISSION_DENIED": before["PERMISSION_DENIED"] + 1,
+    }
+    wait_until(lambda: _counts(keyed, *codes) == want, 10, f"the counts {want}")
+
+    lines = [json.loads(x) for x in keyed.proc.output().splitlines() if x.startswith("{")]
+    access = [x for x in lines if x["logger"] == "gateway.metrics"]
+    refused = next(x for x in access if x.get("request_id") == "http-no-key")
+    assert refused["message"].startswith("OpenAI.Embeddings UNAUTHENTICATED")
+    assert "tenant" not in refused
 
 
 def test_key_is_accepted_by_the_openai_client(keyed: Gateway, encoder_name: str) -> None:

@@ -12,13 +12,13 @@ from taskmux_api.kinds import HeadKind
 from model.encoder import l2_normalize
 from model.heads import LinearClassifierHead
 from model.manifest import HeadSpec
-from taskmux.modelrepo.train import (
-    TrainingDataError,
-    accuracy,
-    fit_softmax_regression,
+from taskmux.modelrepo.datasets import TrainingDataError
+from taskmux.modelrepo.fit import accuracy, fit_softmax_regression
+from taskmux.modelrepo.recipe import train_shipped
+from taskmux.modelrepo.sentiment import (
+    SENTIMENT,
     read_labelled_tsv,
     sentiment_split,
-    train_sentiment,
     whole_sentence_mask,
 )
 
@@ -134,7 +134,7 @@ def test_bad_data_raises_and_writes_nothing(
         path.write_text(content, encoding="utf-8")
     out = tmp_path / "head"
     with pytest.raises(TrainingDataError, match=message) as err:
-        train_sentiment(tmp_path / "no-repo", data_dir, out_dir=out)
+        train_shipped(SENTIMENT, tmp_path / "no-repo", data_dir, out_dir=out)
     assert isinstance(err.value, ValueError)
     assert not out.exists()
 
@@ -142,8 +142,8 @@ def test_bad_data_raises_and_writes_nothing(
 def test_train_sentiment_writes_a_head_the_worker_loads(
     model_repo: Path, data_dir: Path, tmp_path: Path
 ) -> None:
-    first = train_sentiment(model_repo, data_dir, out_dir=tmp_path / "a")
-    second = train_sentiment(model_repo, data_dir, out_dir=tmp_path / "b")
+    first = train_shipped(SENTIMENT, model_repo, data_dir, out_dir=tmp_path / "a")
+    second = train_shipped(SENTIMENT, model_repo, data_dir, out_dir=tmp_path / "b")
     assert first["metrics"] == second["metrics"]
     for name in ("head.json", "weights.npz"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()

@@ -39,6 +39,7 @@ from redis.exceptions import RedisError
 from model.loaded import LoadedModel
 from router import registry
 from router.messages import ANALYZE_STREAM_HEAD, Reply
+from taskmux.backoff import Backoff
 from taskmux.health import Health
 from taskmux.tracing import Tracing
 from workers.batcher import Item, Scheduler
@@ -145,7 +146,7 @@ class Worker:
     # --- pulling ---------------------------------------------------------------------
 
     async def _pull_loop(self, stop: asyncio.Event) -> None:
-        backoff = BACKOFF_START_S
+        backoff = Backoff(BACKOFF_START_S, BACKOFF_MAX_S)
         recover_every_s = self.settings.claim_idle_ms / 3000
         next_recovery = time.monotonic()  # at start too: a restarted worker takes over
         try:
@@ -165,13 +166,13 @@ class Worker:
                 except RedisError as err:
                     self.stats.redis_errors += 1
                     await self._set_ready(False)
-                    log.warning("reading jobs failed (%s); retrying in %.1fs", err, backoff)
-                    await _sleep_or_stop(stop, backoff)
-                    backoff = min(backoff * 2, BACKOFF_MAX_S)
+                    wait_s = backoff.next_s()
+                    log.warning("reading jobs failed (%s); retrying in %.1fs", err, wait_s)
+                    await _sleep_or_stop(stop, wait_s)
                     continue
-                if backoff != BACKOFF_START_S:
+                if backoff.retrying:
                     self.stats.redis_reconnects += 1
-                backoff = BACKOFF_START_S
+                backoff.reset()
                 await self._set_ready(True)
                 if pulled:
                     self._active_streams = len({p.stream for p in pulled})
@@ -364,7 +365,7 @@ class Worker:
             self._add_counters(len(outcome.finished), outcome.result)
         finished = outcome.finished
         done = [(f.pulled, f.reply) for f in finished if f.reply is not None]
-        backoff = BACKOFF_START_S
+        backoff = Backoff(BACKOFF_START_S, PUBLISH_BACKOFF_MAX_S)
         start_ns = time.time_ns()
         while True:
             start = time.perf_counter()
@@ -373,14 +374,14 @@ class Worker:
                 break
             except RedisError as err:
                 self.stats.redis_errors += 1
+                wait_s = backoff.next_s()
                 log.warning(
                     "could not publish %d replies (%s); keeping them, retrying in %.1fs",
                     len(finished),
                     err,
-                    backoff,
+                    wait_s,
                 )
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, PUBLISH_BACKOFF_MAX_S)
+                await asyncio.sleep(wait_s)
         self.metrics.stage.labels("reply").observe(time.perf_counter() - start)
         self._spans.published(done, start_ns)
         self.held.release(f.pulled for f in finished)
@@ -497,15 +498,15 @@ class Worker:
 
     async def _retry(self, op: Callable[[], Awaitable[None]], stop: asyncio.Event) -> None:
         """Run `op` until it succeeds or `stop` is set (Redis may not be up yet)."""
-        backoff = BACKOFF_START_S
+        backoff = Backoff(BACKOFF_START_S, BACKOFF_MAX_S)
         while not stop.is_set():
             try:
                 await op()
                 return
             except RedisError as err:
-                log.warning("Redis not ready (%s); retrying in %.1fs", err, backoff)
-                await _sleep_or_stop(stop, backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX_S)
+                wait_s = backoff.next_s()
+                log.warning("Redis not ready (%s); retrying in %.1fs", err, wait_s)
+                await _sleep_or_stop(stop, wait_s)
 
 
 def _add(scheduler: Scheduler, items: list[Item] | None) -> bool:

@@ -154,6 +154,7 @@ PIPELINE_TASKS: Final[dict[str, TaskSpec]] = {
 ANALYZABLE: Final = tuple(h.kind for h in HEAD_KINDS.values() if h.analyze_field)
 TRAINED: Final = tuple(h.kind for h in HEAD_KINDS.values() if h.trained)
 _BY_REQUEST: Final[dict[type, TaskSpec]] = {row.request: row for row in _ROWS}
+_BY_RPC: Final[dict[str, TaskSpec]] = {row.rpc: row for row in _ROWS}
 
 
 def task_spec(kind: str) -> TaskSpec:
@@ -164,6 +165,11 @@ def task_spec(kind: str) -> TaskSpec:
 def task_of_request(request: object) -> TaskSpec | None:
     """The row whose RPC takes `request`; None for other messages (ListTasks, Pipeline)."""
     return _BY_REQUEST.get(type(request))
+
+
+def task_of_rpc(rpc: str) -> TaskSpec | None:
+    """The row served by the RPC named `rpc`; None for ListTasks and Pipeline."""
+    return _BY_RPC.get(rpc)
 
 
 def head_kinds_of(kind: str) -> tuple[HeadKind, ...]:

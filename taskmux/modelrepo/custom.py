@@ -17,15 +17,7 @@ from typing import Any
 from taskmux_api.kinds import HeadKind
 
 from model.manifest import HeadSpec, load_manifest
-from taskmux.modelrepo.classify_train import (
-    SPLIT_SEED,
-    class_probs,
-    encode_labels,
-    hit_rate,
-    served_labels,
-    split_distinct,
-)
-from taskmux.modelrepo.datasets import entity_types, read_conll, read_table
+from taskmux.modelrepo.datasets import LabelledRows, entity_types, read_conll, read_table
 from taskmux.modelrepo.embedding import Embedder
 from taskmux.modelrepo.entities_train import (
     fit_token_head,
@@ -33,8 +25,26 @@ from taskmux.modelrepo.entities_train import (
     score_entities,
     split_sentences,
 )
-from taskmux.modelrepo.fit import FitOptions, fit_head
-from taskmux.modelrepo.headstore import add_head_version, check_head_name, next_version
+from taskmux.modelrepo.fit import FitOptions, Params
+from taskmux.modelrepo.headstore import (
+    add_head_version,
+    check_head_name,
+    head_record,
+    next_version,
+)
+from taskmux.modelrepo.recipe import (
+    SPLIT_SEED,
+    Candidate,
+    DistinctSplit,
+    Examples,
+    Fitted,
+    Report,
+    encode_labels,
+    fit_and_score,
+    heldout_accuracy,
+    rounded,
+    split_distinct,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,34 +72,51 @@ def train_classification_head(
     hidden: int = 0,
     seed: int = SPLIT_SEED,
 ) -> dict[str, Any]:
-    """Fit a sentence-classification head on `data` and add it to `repo`; report."""
+    """Fit a sentence-classification head on `data` and add it to `repo`; report.
+
+    The shared recipe with one candidate (so nothing to choose, no inner split): the
+    defaults of `fit_options` for the size of the file.
+    """
     check_head_name(name)
     rows = read_table(data, text_column=text_column, label_column=label_column)
     next_version(load_manifest(repo), name, HeadKind.CLASSIFICATION)
+    examples = _examples(rows, seed)
+    candidate = Candidate(fit_options(len(examples.fit), hidden, seed))
+    embed = Embedder(repo).sentence_vectors
+    fitted, report = fit_and_score(examples, [candidate], _report, embed, seed)
+    description = f"Trained by `taskmux head train` on {data.name} ({len(rows.texts)} rows)."
+    record = head_record(
+        name, HeadKind.CLASSIFICATION, examples.labels, rounded(report.metrics), description
+    )
+    return _add(repo, record, fitted.params, report.metrics)
+
+
+def _examples(rows: LabelledRows, seed: int) -> Examples[DistinctSplit]:
     labels = rows.label_set()
     split = split_distinct(rows.texts, seed=seed)
-    x = Embedder(repo).sentence_vectors(rows.texts)
     y = encode_labels(rows.labels, labels)
-    params = fit_head(
-        x[split.train], y[split.train], len(labels), fit_options(len(split.train), hidden, seed)
-    )
-    predicted = served_labels(class_probs(x[split.heldout], params), labels)
-    metrics = {
-        "heldout_accuracy": round(hit_rate(predicted, [rows.labels[i] for i in split.heldout]), 4),
-        "heldout_examples": len(split.heldout),
-        "train_examples": len(split.train),
+    return Examples(labels, rows.texts, y, split.train, [], [], split)
+
+
+def _report(examples: Examples[DistinctSplit], fitted: Fitted) -> Report:
+    held = examples.detail.heldout
+    return Report({
+        "heldout_accuracy": heldout_accuracy(examples, fitted, held),
+        "heldout_examples": len(held),
+        "train_examples": len(examples.fit),
+    })  # fmt: skip
+
+
+def _add(repo: Path, record: HeadSpec, params: Params, metrics: dict[str, float]) -> dict[str, Any]:
+    """Add `record` as the next version of its head in `repo`; the report to print."""
+    written = add_head_version(repo, record, params)
+    log.info("head %s version %s written to %s", record.name, written.version, repo)
+    return {
+        "name": record.name,
+        "version": written.version,
+        "labels": len(record.labels),
+        "metrics": rounded(metrics, integer_counts=True),
     }
-    spec = HeadSpec(
-        name=name,
-        kind=HeadKind.CLASSIFICATION,
-        version="0",
-        labels=labels,
-        metrics={k: float(v) for k, v in metrics.items()},
-        description=f"Trained by `taskmux head train` on {data.name} ({len(rows.texts)} rows).",
-    )
-    written = add_head_version(repo, spec, params)
-    log.info("head %s version %s written to %s", name, written.version, repo)
-    return {"name": name, "version": written.version, "labels": len(labels), "metrics": metrics}
 
 
 def train_token_head(
@@ -118,24 +145,16 @@ def train_token_head(
         [sentences[i] for i in held], [encoded[i] for i in held], params, labels
     )
     metrics = {
-        "heldout_f1": round(scores.f1, 4),
-        "heldout_precision": round(scores.precision, 4),
-        "heldout_recall": round(scores.recall, 4),
+        "heldout_f1": scores.f1,
+        "heldout_precision": scores.precision,
+        "heldout_recall": scores.recall,
         "heldout_sentences": scores.sentences,
         "heldout_entities": scores.gold,
         "train_sentences": len(train),
     }
-    spec = HeadSpec(
-        name=name,
-        kind=HeadKind.TOKEN_CLASSIFICATION,
-        version="0",
-        labels=labels,
-        metrics={k: float(v) for k, v in metrics.items()},
-        description=(
-            f"Trained by `taskmux head train --kind token` on {data.name} "
-            f"({len(sentences)} sentences, {scheme.upper()} tags)."
-        ),
+    description = (
+        f"Trained by `taskmux head train --kind token` on {data.name} "
+        f"({len(sentences)} sentences, {scheme.upper()} tags)."
     )
-    written = add_head_version(repo, spec, params)
-    log.info("head %s version %s written to %s", name, written.version, repo)
-    return {"name": name, "version": written.version, "labels": len(labels), "metrics": metrics}
+    record = head_record(name, HeadKind.TOKEN_CLASSIFICATION, labels, rounded(metrics), description)
+    return _add(repo, record, params, metrics)

@@ -17,8 +17,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from taskmux_api.kinds import HeadKind
+
 from taskmux.modelrepo.build import TRAINED_HEADS_DIR
-from taskmux.modelrepo.classify_train import SPLIT_SEED
 from taskmux.modelrepo.datasets import TaggedSentence, entity_types, read_conll
 from taskmux.modelrepo.embedding import Embedder
 from taskmux.modelrepo.entities_train import (
@@ -28,7 +29,8 @@ from taskmux.modelrepo.entities_train import (
     split_sentences,
 )
 from taskmux.modelrepo.fit import FitOptions
-from taskmux.modelrepo.headstore import write_trained_head
+from taskmux.modelrepo.headstore import head_record, write_trained_head
+from taskmux.modelrepo.recipe import SPLIT_SEED, rounded
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ def train_entities(
     held = [sentences[i] for i in split.heldout]
     fresh = embedder.token_states([s.text for s in held], cached=False)
     scores = score_entities(held, fresh, params, labels)
-    metrics: dict[str, float] = {
+    metrics = rounded({
         "heldout_f1": scores.f1,
         "heldout_precision": scores.precision,
         "heldout_recall": scores.recall,
@@ -73,21 +75,14 @@ def train_entities(
         "train_sentences": len(train),
         "sentences_dropped_as_heldout_duplicates": split.dropped,
         "hidden": OPTIONS.hidden,
-    }
-    metrics = {k: round(float(v), 4) for k, v in metrics.items()}
-    head = {
-        "name": "entities",
-        "kind": "token_classification",
-        "version": "1",
-        "labels": list(labels),
-        "metrics": metrics,
-        "description": (
-            "Named entities (PER, ORG, LOC, MISC) in English text: an MLP on each word "
-            "piece's all-MiniLM-L6-v2 state, IO tags decoded to code-point spans; fitted on "
-            f"CoNLL-2003 train.txt; heldout_f1 is exact span-and-type F1 on a seed-{seed} 10% "
-            "of its distinct sentences, through the serving path."
-        ),
-    }
-    write_trained_head(out_dir, head, params)
+    })  # fmt: skip
+    description = (
+        "Named entities (PER, ORG, LOC, MISC) in English text: an MLP on each word "
+        "piece's all-MiniLM-L6-v2 state, IO tags decoded to code-point spans; fitted on "
+        f"CoNLL-2003 train.txt; heldout_f1 is exact span-and-type F1 on a seed-{seed} 10% "
+        "of its distinct sentences, through the serving path."
+    )
+    record = head_record("entities", HeadKind.TOKEN_CLASSIFICATION, labels, metrics, description)
+    write_trained_head(out_dir, record, params)
     log.info("entities head written to %s: %s", out_dir, asdict(scores))
     return {"head_dir": str(out_dir), "metrics": metrics}

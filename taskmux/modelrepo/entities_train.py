@@ -25,12 +25,10 @@ from tokenizers import Encoding
 
 from model.encoder import l2_normalize
 from model.entities import decode_entities, token_probs
-from taskmux.modelrepo.classify_train import DistinctSplit, split_distinct
 from taskmux.modelrepo.datasets import TaggedSentence, TrainingDataError
 from taskmux.modelrepo.fit import FitOptions, Floats, Ints, Params, fit_head
+from taskmux.modelrepo.recipe import HELDOUT_FRACTION, SPLIT_SEED, DistinctSplit, split_distinct
 
-SPLIT_SEED = 0
-HELDOUT_FRACTION = 0.1
 SCHEMES = ("io", "bio")
 
 TokenStates = Callable[[Sequence[str]], list[tuple[Floats, Encoding]]]

@@ -17,14 +17,14 @@ from pathlib import Path
 from model.encoder import Encoder
 from model.heads import Head, LinearClassifierHead, TokenClassifierHead, load_heads
 from model.variants import FP32
-from taskmux.modelrepo.classify_train import hit_rate, served_labels
 from taskmux.modelrepo.datasets import LabelledRows
 from taskmux.modelrepo.embedding import Embedder
 from taskmux.modelrepo.entities_head import ENTITIES_FLOOR, entities_heldout
 from taskmux.modelrepo.entities_train import score_entities
 from taskmux.modelrepo.intent import INTENT_FLOOR, intent_heldout
+from taskmux.modelrepo.recipe import hit_rate, served_labels
+from taskmux.modelrepo.sentiment import SENTIMENT_FLOOR, sentiment_heldout
 from taskmux.modelrepo.topic import TOPIC_FLOOR, topic_heldout
-from taskmux.modelrepo.train import SENTIMENT_FLOOR, sentiment_heldout
 
 
 @dataclass(frozen=True)

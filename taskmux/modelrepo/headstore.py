@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from taskmux_api.kinds import TRAINED
+from taskmux_api.kinds import TRAINED, HeadKind
 
 from model.manifest import (
     HeadSpec,
@@ -83,11 +84,50 @@ def save_params(path: Path, params: Params) -> None:
     os.replace(tmp, path)
 
 
-def write_trained_head(out_dir: Path, meta: dict[str, Any], params: Params) -> None:
+def head_record(
+    name: str,
+    kind: HeadKind,
+    labels: Sequence[str],
+    metrics: Mapping[str, float],
+    description: str,
+    *,
+    threshold: float = 0.0,
+    fallback_label: str = "",
+) -> HeadSpec:
+    """The record of a freshly trained head, version 1 (`add_head_version` renumbers it)."""
+    return HeadSpec(
+        name=name,
+        kind=kind,
+        version="1",
+        labels=tuple(labels),
+        metrics=dict(metrics),
+        description=description,
+        threshold=threshold,
+        fallback_label=fallback_label,
+    )
+
+
+def trained_head_meta(head: HeadSpec) -> dict[str, Any]:
+    """A shipped head's head.json (read back by `build.trained_heads`); a threshold is
+    written only for a head that has a fallback label to answer below it."""
+    meta: dict[str, Any] = {
+        "name": head.name,
+        "kind": head.kind,
+        "version": head.version,
+        "labels": list(head.labels),
+        "metrics": head.metrics,
+        "description": head.description,
+    }
+    if head.fallback_label:
+        meta |= {"threshold": head.threshold, "fallback_label": head.fallback_label}
+    return meta
+
+
+def write_trained_head(out_dir: Path, head: HeadSpec, params: Params) -> None:
     """Write a shipped head folder: weights.npz, then head.json (what the build reads)."""
     save_params(out_dir / "weights.npz", params)
     tmp = out_dir / "head.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(trained_head_meta(head), indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, out_dir / "head.json")
 
 

@@ -12,29 +12,30 @@ The final head is fitted on all of `train` + `oos_train` with those choices.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from taskmux.modelrepo.build import TRAINED_HEADS_DIR
-from taskmux.modelrepo.classify_train import (
-    SPLIT_SEED,
-    choose,
+from taskmux.modelrepo.datasets import LabelledRows, TrainingDataError, read_clinc
+from taskmux.modelrepo.fit import FitOptions, Floats, Params, fit_head
+from taskmux.modelrepo.recipe import (
+    Candidate,
+    Choice,
+    Dataset,
+    Examples,
+    Fitted,
+    Report,
     class_probs,
     encode_labels,
     hit_rate,
     served_labels,
     split_distinct,
 )
-from taskmux.modelrepo.datasets import LabelledRows, TrainingDataError, read_clinc
-from taskmux.modelrepo.embedding import Embedder
-from taskmux.modelrepo.fit import FitOptions, Floats, Params, fit_head
-from taskmux.modelrepo.headstore import write_trained_head
 
 log = logging.getLogger(__name__)
 
 OOS = "oos"
 INTENT_FLOOR = 0.94  # held-out in-scope accuracy
-CANDIDATES = tuple(FitOptions(l2=l2) for l2 in (3e-4, 1e-3, 3e-3))
+CANDIDATES = tuple(Candidate(FitOptions(l2=l2)) for l2 in (3e-4, 1e-3, 3e-3))
 THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(19))  # 0.00 .. 0.90
 MAX_INSCOPE_DROP = 0.01
 DATA_FILE = Path("clinc150") / "clinc150_train_val.json"
@@ -63,15 +64,18 @@ def intent_scores(
     }
 
 
-def train_intent(
-    repo: Path,
-    data_dir: Path,
-    *,
-    out_dir: Path = TRAINED_HEADS_DIR / "intent",
-    seed: int = SPLIT_SEED,
-    cache_dir: Path | None = None,
-) -> dict[str, Any]:
-    """Fit the intent head and its threshold, write it to `out_dir`, report."""
+@dataclass(frozen=True)
+class IntentDetail:
+    """The validation rows by scope (the threshold is picked there), and the held-out files."""
+
+    inscope_val: list[int]
+    oos_val: list[int]
+    dropped: int  # training rows whose text is in val or oos_val
+    heldout: LabelledRows  # val
+    heldout_oos: LabelledRows  # oos_val
+
+
+def _load(data_dir: Path, seed: int) -> Examples[IntentDetail]:
     parts = read_clinc(data_dir / DATA_FILE)
     intents = sorted(set(parts["train"].labels) - {OOS})
     labels = (*intents, OOS)
@@ -87,58 +91,56 @@ def train_intent(
     ]
     texts, y = [t for t, _ in rows], encode_labels([label for _, label in rows], labels)
     dropped = len(parts["train"].texts) + len(parts["oos_train"].texts) - len(rows)
-
-    embedder = Embedder(repo, cache_dir=cache_dir)
-    x = embedder.sentence_vectors(texts)
     in_rows = [i for i, label in enumerate(y) if labels[label] != OOS]
     oos_rows = [i for i, label in enumerate(y) if labels[label] == OOS]
     inner_in = split_distinct(texts, seed=seed + 1, among=in_rows)
     inner_oos = split_distinct(texts, fraction=0.5, seed=seed + 1, among=oos_rows)
-    fit_rows, val_rows = inner_in.train + inner_oos.train, inner_in.heldout + inner_oos.heldout
-    choice = choose(x, y, len(labels), CANDIDATES, fit_rows, val_rows)
-    inner = fit_head(x[fit_rows], y[fit_rows], len(labels), choice.options)
-    threshold, validation = _pick_threshold(
-        inner, labels, x[inner_in.heldout], [labels[k] for k in y[inner_in.heldout]],
-        x[inner_oos.heldout],
+    detail = IntentDetail(
+        inner_in.heldout, inner_oos.heldout, dropped, parts["val"], parts["oos_val"]
+    )
+    return Examples(
+        labels, texts, y, fit=list(range(len(texts))),
+        inner_fit=inner_in.train + inner_oos.train,
+        inner_val=inner_in.heldout + inner_oos.heldout, detail=detail,
     )  # fmt: skip
-    params = fit_head(x, y, len(labels), choice.options)
 
-    val, oos_val = intent_heldout(data_dir)
+
+def _report(examples: Examples[IntentDetail], fitted: Fitted) -> Report:
+    detail, labels, x, y = examples.detail, examples.labels, fitted.x, examples.y
+    inner = fit_head(
+        x[examples.inner_fit], y[examples.inner_fit], len(labels), fitted.choice.options
+    )
+    threshold, validation = _pick_threshold(
+        inner, labels, x[detail.inscope_val], [labels[k] for k in y[detail.inscope_val]],
+        x[detail.oos_val],
+    )  # fmt: skip
+    val, oos_val = detail.heldout, detail.heldout_oos
     heldout = intent_scores(
-        params, labels, threshold, embedder.sentence_vectors(val.texts), val.labels,
-        embedder.sentence_vectors(oos_val.texts),
+        fitted.params, labels, threshold, fitted.embed(val.texts), val.labels,
+        fitted.embed(oos_val.texts),
     )  # fmt: skip
     metrics = {
         **{f"heldout_{k}": v for k, v in heldout.items()},
         "heldout_inscope_examples": len(val.texts),
         "heldout_oos_examples": len(oos_val.texts),
         **{f"validation_{k}": v for k, v in validation.items()},
-        "validation_inscope_examples": len(inner_in.heldout),
-        "validation_oos_examples": len(inner_oos.heldout),
-        "train_examples": len(texts),
-        "rows_dropped_as_heldout_duplicates": dropped,
+        "validation_inscope_examples": len(detail.inscope_val),
+        "validation_oos_examples": len(detail.oos_val),
+        "train_examples": len(examples.texts),
+        "rows_dropped_as_heldout_duplicates": detail.dropped,
         "threshold": threshold,
-        "l2": choice.options.l2,
+        "l2": fitted.choice.options.l2,
     }
-    metrics = {k: round(float(v), 4) for k, v in metrics.items()}
-    head = {
-        "name": "intent",
-        "kind": "classification",
-        "version": "1",
-        "labels": list(labels),
-        "metrics": metrics,
-        "description": (
-            "Intent of an English assistant query: 150 CLINC150 intents, or 'oos' (out of "
-            "scope) when the top probability is below the threshold. Softmax regression on "
-            "L2-normalised all-MiniLM-L6-v2 vectors, fitted on CLINC150 train + oos_train; "
-            "heldout_* figures are on val and oos_val, which no choice saw."
-        ),
-        "threshold": threshold,
-        "fallback_label": OOS,
-    }
-    write_trained_head(out_dir, head, params)
-    log.info("intent head written to %s", out_dir)
-    return {"head_dir": str(out_dir), "metrics": metrics}
+    return Report(metrics, threshold=threshold, fallback_label=OOS)
+
+
+def _describe(choice: Choice, seed: int) -> str:
+    return (
+        "Intent of an English assistant query: 150 CLINC150 intents, or 'oos' (out of "
+        "scope) when the top probability is below the threshold. Softmax regression on "
+        "L2-normalised all-MiniLM-L6-v2 vectors, fitted on CLINC150 train + oos_train; "
+        "heldout_* figures are on val and oos_val, which no choice saw."
+    )
 
 
 def _pick_threshold(
@@ -154,3 +156,6 @@ def _pick_threshold(
         if scores["inscope_accuracy_at_threshold"] >= base - MAX_INSCOPE_DROP - 1e-9:
             best = threshold
     return best, intent_scores(params, labels, best, inscope_x, inscope, oos_x)
+
+
+INTENT = Dataset("intent", _load, CANDIDATES, _report, _describe)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from model.manifest import Manifest
-from taskmux.modelrepo import entities_head, intent, topic, train
+from taskmux.modelrepo import entities_head, intent, sentiment, topic
 from taskmux.modelrepo.evaluate import Figure
 
 
@@ -27,7 +27,7 @@ class HeadCard:
 
 HEADS = {
     "sentiment": HeadCard(
-        train,
+        sentiment,
         "SST-2 (`sst2/train.tsv`, `sst2/dev.tsv`): Socher et al. 2013, Stanford Sentiment "
         "Treebank, GLUE binary version. Licence: research use; cite the paper.",
         "Polarity of short English opinions (reviews, comments): negative or positive.",

@@ -35,8 +35,8 @@ from taskmux.modelrepo.entities_head import entities_heldout
 from taskmux.modelrepo.evaluate import Figure, VariantEmbedder, evaluate
 from taskmux.modelrepo.intent import intent_heldout
 from taskmux.modelrepo.quantize import record_metrics
+from taskmux.modelrepo.sentiment import sentiment_heldout
 from taskmux.modelrepo.topic import topic_heldout
-from taskmux.modelrepo.train import sentiment_heldout
 
 AGREEMENT_PER_SET = 100
 

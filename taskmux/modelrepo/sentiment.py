@@ -1,8 +1,8 @@
 """The sentiment head: SST-2, with a held-out split that no training phrase leaks into.
 
-`train_sentiment` fits the head and writes it to `trained/sentiment/`, where
-`taskmux model build` picks it up; `sentiment_heldout` gives `taskmux model eval` the same
-held-out sentences. The fitters live in `fit.py`, the readers in `datasets.py`.
+`SENTIMENT` declares the head for the training recipe (`recipe.py`), which writes it to
+`trained/sentiment/`, where `taskmux model build` picks it up; `sentiment_heldout` gives
+`taskmux model eval` the same held-out sentences.
 
 Held-out rule for SST-2, whose `train.tsv` mixes whole sentences with their sub-phrases:
 
@@ -27,39 +27,34 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
-from taskmux.modelrepo.build import TRAINED_HEADS_DIR
 from taskmux.modelrepo.datasets import LabelledRows, TrainingDataError, normalize_text
-from taskmux.modelrepo.embedding import Embedder
-from taskmux.modelrepo.fit import accuracy, fit_softmax_regression
-from taskmux.modelrepo.headstore import write_trained_head
-
-__all__ = [
-    "TrainingDataError",
-    "accuracy",
-    "fit_softmax_regression",
-    "read_labelled_tsv",
-    "sentiment_heldout",
-    "sentiment_split",
-    "train_sentiment",
-    "whole_sentence_mask",
-]
+from taskmux.modelrepo.fit import FitOptions, Ints, accuracy_of
+from taskmux.modelrepo.recipe import (
+    HELDOUT_FRACTION,
+    SPLIT_SEED,
+    Candidate,
+    Choice,
+    Dataset,
+    Examples,
+    Fitted,
+    Mask,
+    Report,
+)
 
 log = logging.getLogger(__name__)
 
-Floats = npt.NDArray[np.float32]
-Ints = npt.NDArray[np.int64]
-Mask = npt.NDArray[np.bool_]
-
 SENTIMENT_LABELS = ("negative", "positive")
-SPLIT_SEED = 0
-HELDOUT_FRACTION = 0.1
 L2_GRID = (1e-3, 1e-2, 3e-2, 1e-1)  # on standardised features
 SENTENCE_WEIGHTS = (1.0, 3.0)  # real traffic is whole sentences; phrases are most rows
+# Whole sentences are the rows the recipe's candidates may weigh up.
+CANDIDATES = tuple(
+    Candidate(FitOptions(l2=l2), preferred_weight=weight)
+    for weight in SENTENCE_WEIGHTS
+    for l2 in L2_GRID
+)
 SENTIMENT_FLOOR = 0.80  # held-out whole-sentence accuracy
 
 
@@ -200,112 +195,81 @@ def sentiment_split(
 
 def sentiment_heldout(data_dir: Path, *, seed: int = SPLIT_SEED) -> LabelledRows:
     """The held-out whole sentences of SST-2 train.tsv, labelled negative/positive."""
-    train = read_labelled_tsv(data_dir / "sst2" / "train.tsv")
-    dev = read_labelled_tsv(data_dir / "sst2" / "dev.tsv")
+    train, dev = _read(data_dir)
     held = sentiment_split(train, dev, seed=seed).split.heldout
     return LabelledRows(
         [train.texts[i] for i in held], [SENTIMENT_LABELS[train.labels[i]] for i in held]
     )
 
 
-def train_sentiment(
-    repo: Path,
-    data_dir: Path,
-    *,
-    out_dir: Path = TRAINED_HEADS_DIR / "sentiment",
-    seed: int = SPLIT_SEED,
-    cache_dir: Path | None = None,
-) -> dict[str, Any]:
-    """Fit the SST-2 sentiment head on `repo`'s encoder, write it to `out_dir`, report."""
-    train = read_labelled_tsv(data_dir / "sst2" / "train.tsv")
-    dev = read_labelled_tsv(data_dir / "sst2" / "dev.tsv")
+@dataclass(frozen=True)
+class SentimentDetail:
+    """The split, and where dev.tsv's rows start among the examples (after train.tsv's)."""
+
+    plan: SentimentSplit
+    dev_start: int
+
+
+def _read(data_dir: Path) -> tuple[LabelledTexts, LabelledTexts]:
+    return (
+        read_labelled_tsv(data_dir / "sst2" / "train.tsv"),
+        read_labelled_tsv(data_dir / "sst2" / "dev.tsv"),
+    )
+
+
+def _load(data_dir: Path, seed: int) -> Examples[SentimentDetail]:
+    train, dev = _read(data_dir)
     plan = sentiment_split(train, dev, seed=seed)
     split = plan.split
     log.info(
         "SST-2: %d training rows, %d held-out sentences, %d leaked rows dropped",
         len(split.train), len(split.heldout), len(split.leaked),
     )  # fmt: skip
-    embedder = Embedder(repo, cache_dir=cache_dir)
-    vectors = embedder.sentence_vectors([*train.texts, *dev.texts])
-    x_train, x_dev = vectors[: len(train.texts)], vectors[len(train.texts) :]
-
-    fit = np.asarray(split.train)
     fit_texts = [train.texts[i] for i in split.train]
-    choice = _select(x_train[fit], train.labels[fit], fit_texts, plan.train_sentences[fit], seed)
-    weight, bias = fit_softmax_regression(
-        x_train[fit],
-        train.labels[fit],
-        len(SENTIMENT_LABELS),
-        l2=choice.l2,
-        sample_weight=np.where(plan.train_sentences[fit], choice.sentence_weight, 1.0),
-        seed=seed,
+    inner = split_heldout(fit_texts, plan.train_sentences[split.train], seed=seed + 1)
+    return Examples(
+        SENTIMENT_LABELS,
+        [*train.texts, *dev.texts],
+        np.concatenate([train.labels, dev.labels]),
+        fit=split.train,
+        inner_fit=[split.train[i] for i in inner.train],
+        inner_val=[split.train[i] for i in inner.heldout],
+        detail=SentimentDetail(plan, len(train.texts)),
+        preferred=np.concatenate([plan.train_sentences, plan.dev_sentences]),
     )
 
-    held, dev_sentences = np.asarray(split.heldout), plan.dev_sentences
-    metrics: dict[str, float] = {
-        "heldout_accuracy": accuracy(x_train[held], train.labels[held], weight, bias),
+
+def _report(examples: Examples[SentimentDetail], fitted: Fitted) -> Report:
+    x, y, params = fitted.x, examples.y, fitted.params
+    plan, start = examples.detail.plan, examples.detail.dev_start
+    held = plan.split.heldout
+    dev = np.arange(start, len(examples.texts))
+    dev_sentences = start + np.flatnonzero(plan.dev_sentences)
+    choice = fitted.choice
+    return Report({
+        "heldout_accuracy": accuracy_of(x[held], y[held], params),
         "heldout_examples": len(held),
-        "dev_sentence_accuracy": accuracy(
-            x_dev[dev_sentences], dev.labels[dev_sentences], weight, bias
-        ),
-        "dev_sentence_examples": int(dev_sentences.sum()),
-        "dev_accuracy": accuracy(x_dev, dev.labels, weight, bias),
-        "dev_examples": len(dev.texts),
-        "train_examples": len(fit),
-        "leaked_rows_dropped": len(split.leaked),
+        "dev_sentence_accuracy": accuracy_of(x[dev_sentences], y[dev_sentences], params),
+        "dev_sentence_examples": len(dev_sentences),
+        "dev_accuracy": accuracy_of(x[dev], y[dev], params),
+        "dev_examples": len(dev),
+        "train_examples": len(examples.fit),
+        "leaked_rows_dropped": len(plan.split.leaked),
         "validation_accuracy": choice.accuracy,
         "validation_examples": choice.examples,
-        "l2": choice.l2,
-        "sentence_weight": choice.sentence_weight,
-    }
-    metrics = {k: round(v, 4) for k, v in metrics.items()}
-    head = {
-        "name": "sentiment",
-        "kind": "classification",
-        "version": "1",
-        "labels": list(SENTIMENT_LABELS),
-        "metrics": metrics,
-        "description": (
-            "Binary sentiment (negative/positive) of English text: softmax regression on "
-            "L2-normalised all-MiniLM-L6-v2 vectors, fitted on SST-2 train.tsv; heldout_accuracy "
-            f"is on a seed-{seed} 10% of its whole sentences (rows that are no word-aligned "
-            "span of another row), and every train row that is a substring of a held-out or "
-            "dev.tsv sentence was removed from training."
-        ),
-    }
-    write_trained_head(out_dir, head, {"weight": weight, "bias": bias})
-    log.info("sentiment head written to %s", out_dir)
-    return {"head_dir": str(out_dir), "metrics": metrics}
+        "l2": choice.options.l2,
+        "sentence_weight": choice.candidate.preferred_weight,
+    })  # fmt: skip
 
 
-@dataclass(frozen=True)
-class _Choice:
-    l2: float
-    sentence_weight: float
-    accuracy: float
-    examples: int
+def _describe(choice: Choice, seed: int) -> str:
+    return (
+        "Binary sentiment (negative/positive) of English text: softmax regression on "
+        "L2-normalised all-MiniLM-L6-v2 vectors, fitted on SST-2 train.tsv; heldout_accuracy "
+        f"is on a seed-{seed} 10% of its whole sentences (rows that are no word-aligned "
+        "span of another row), and every train row that is a substring of a held-out or "
+        "dev.tsv sentence was removed from training."
+    )
 
 
-def _select(x: Floats, y: Ints, texts: list[str], is_sentence: Mask, seed: int) -> _Choice:
-    """Pick l2 and the weight of whole sentences on a split of the training rows alone."""
-    inner = split_heldout(texts, is_sentence, seed=seed + 1)
-    fit, val = np.asarray(inner.train), np.asarray(inner.heldout)
-    best: _Choice | None = None
-    for sentence_weight in SENTENCE_WEIGHTS:
-        for l2 in L2_GRID:
-            weight, bias = fit_softmax_regression(
-                x[fit],
-                y[fit],
-                len(SENTIMENT_LABELS),
-                l2=l2,
-                sample_weight=np.where(is_sentence[fit], sentence_weight, 1.0),
-                seed=seed,
-            )
-            score = accuracy(x[val], y[val], weight, bias)
-            log.info(
-                "validation: l2=%g sentence_weight=%g accuracy=%.4f", l2, sentence_weight, score
-            )
-            if best is None or score > best.accuracy:
-                best = _Choice(l2, sentence_weight, score, len(val))
-    assert best is not None
-    return best
+SENTIMENT = Dataset("sentiment", _load, CANDIDATES, _report, _describe, integer_counts=True)
