@@ -18,6 +18,7 @@ import sys  # noqa: E402
 
 from gateway.server import serve  # noqa: E402
 from gateway.settings import settings_from_environ  # noqa: E402
+from taskmux.config import SettingsError  # noqa: E402
 from taskmux.lifecycle import install_stop_signals  # noqa: E402
 from taskmux.logs import configure_from_env  # noqa: E402
 
@@ -27,7 +28,11 @@ log = logging.getLogger("gateway")
 def main() -> int:
     """Process entry point: serve until SIGTERM/SIGINT; a second signal exits at once."""
     configure_from_env(os.environ, default_format="json")
-    settings = settings_from_environ()
+    try:
+        settings = settings_from_environ()
+    except SettingsError as err:
+        log.error("cannot start: %s", err)
+        return 2
     log.info("starting %s", settings.describe())
 
     async def run() -> None:

@@ -22,7 +22,8 @@ from gateway.errors import (
 )
 from gateway.replies import ReplyRouter
 from router import keys, scripts
-from router.messages import ANALYZE_STREAM_HEAD, Job, Reply
+from router.messages import ANALYZE_STREAM_HEAD, Job, Reply, UnreadablePayload
+from router.payload import PayloadCipher
 from taskmux.tracing import Tracing, status_of
 
 # Answer a little before the client's own deadline fires, so it sees our status.
@@ -45,8 +46,10 @@ class Dispatcher:
         max_backlog: int,
         retry_after_ms: int,
         tracing: Tracing | None = None,
+        cipher: PayloadCipher | None = None,
     ) -> None:
         self._redis = redis
+        self._cipher = cipher  # seals each job's texts and params; None: plaintext
         self._tracing = tracing or Tracing()
         self._replies = replies
         self._default_timeout_s = default_timeout_ms / 1000
@@ -90,7 +93,7 @@ class Dispatcher:
                         reply = await future
                 except TimeoutError:
                     raise _deadline(timeout_s) from None
-                return _body(reply)
+                return self._body(reply)
         finally:
             self._replies.forget(job.id)
 
@@ -133,7 +136,7 @@ class Dispatcher:
                         raise _deadline(timeout_s)
                     for future in done:
                         waiting.add_event("reply", {"taskmux.job_index": futures[future]})
-                        yield futures[future], _body(future.result())
+                        yield futures[future], self._body(future.result())
         finally:
             for job in jobs:
                 self._replies.forget(job.id)
@@ -166,6 +169,14 @@ class Dispatcher:
             )
             for texts in texts_per_job
         ]
+
+    def _body(self, reply: Reply) -> bytes:
+        if reply.code != 0:
+            raise worker_error(reply.code, reply.message)
+        try:
+            return reply.payload(self._cipher, self._replies.stream)
+        except UnreadablePayload as err:
+            raise worker_error(grpc.StatusCode.FAILED_PRECONDITION.value[0], str(err)) from None
 
     def _enqueue_span(self, head: str, jobs: int) -> Span:
         """The span the jobs' traceparent names: the workers' spans are its children."""
@@ -209,9 +220,9 @@ class Dispatcher:
         self, head: str, jobs: Sequence[Job], span: Span, not_queued: NotQueued | None
     ) -> None:
         """XADD every job to the head's stream, unless its backlog is full; ends `span`."""
-        args: list[str | int] = [self._max_backlog, len(jobs)]
+        args: list[str | int | bytes] = [self._max_backlog, len(jobs)]
         for job in jobs:
-            fields = [x for pair in job.encode().items() for x in pair]
+            fields = [x for pair in job.encode(self._cipher).items() for x in pair]
             args += [len(fields), *fields]
         try:
             with redis_errors("the task queue"):
@@ -243,12 +254,6 @@ def _end_enqueue(span: Span, code: grpc.StatusCode, backlog: int | None = None) 
         span.set_attribute("taskmux.backlog", backlog)
     status_of(span, code.value[0], code.name)
     span.end()
-
-
-def _body(reply: Reply) -> bytes:
-    if reply.code != 0:
-        raise worker_error(reply.code, reply.message)
-    return reply.body
 
 
 def _deadline(timeout_s: float) -> DeadlineExceeded:

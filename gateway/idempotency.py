@@ -17,13 +17,17 @@ again. A pending claim is a short lease (`IDEMPOTENCY_LEASE_MS`) that its gatewa
 the call computes (every call that holds a `Claim` in `async with`: unary calls through
 `run`, Analyze directly), so a crashed gateway's claim lapses within seconds, not at the
 end of the call's deadline or the TTL.
+
+With a payload key (`router.payload`) the stored result is sealed, bound to the record's
+Redis key, and the request hash is an HMAC, so a record reveals neither the response nor
+(by hashing guesses) the request. A stored result this gateway cannot open (sealed with
+a key it no longer has) is logged and computed again, not served.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -35,7 +39,8 @@ from redis.exceptions import RedisError
 
 from gateway.errors import DeadlineExceeded, InvalidArgument, redis_errors
 from router import keys, scripts
-from router.messages import IdempotencyRecord, MalformedMessage
+from router.messages import IdempotencyRecord, MalformedMessage, UnreadablePayload
+from router.payload import PayloadCipher, request_digest
 from taskmux.backoff import Backoff
 
 log = logging.getLogger(__name__)
@@ -44,18 +49,22 @@ POLL_START_S = 0.005
 POLL_MAX_S = 0.1
 
 
-def request_hash(request: Message) -> bytes:
-    """SHA-256 of the request without its metadata fields (request_id, idempotency_key)."""
+def request_hash(request: Message, cipher: PayloadCipher | None = None) -> bytes:
+    """SHA-256 of the request without its metadata fields (request_id, idempotency_key),
+    or its HMAC under the payload key when `cipher` is given."""
+    return request_digest(cipher, _content(request))
+
+
+def _content(request: Message) -> bytes:
     content = type(request)()
     content.CopyFrom(request)
     for name in ("request_id", "idempotency_key"):
         content.ClearField(name)
-    data = (
+    return (
         content.DESCRIPTOR.full_name.encode()
         + b"\0"
         + content.SerializeToString(deterministic=True)
     )
-    return hashlib.sha256(data).digest()
 
 
 class Claim:
@@ -124,8 +133,11 @@ NO_KEY = Claim()
 class Idempotency:
     """Claims, waits on and stores idempotency records in Redis."""
 
-    def __init__(self, redis: aioredis.Redis, *, ttl_s: int) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, *, ttl_s: int, cipher: PayloadCipher | None = None
+    ) -> None:
         self._redis = redis
+        self._cipher = cipher
         self._ttl_ms = ttl_s * 1000
         self._release_script = redis.register_script(scripts.IDEMPOTENCY_RELEASE)
         self._store_script = redis.register_script(scripts.IDEMPOTENCY_STORE)
@@ -162,7 +174,10 @@ class Idempotency:
         if not key:
             return NO_KEY
         name = keys.idempotency_key(kind, scope, key)
-        wanted = request_hash(request)
+        content = _content(request)
+        wanted = request_digest(self._cipher, content)
+        # A record hashed under another loaded key (before a rotation) is the same request.
+        same = self._cipher.digests(content) if self._cipher else frozenset((wanted,))
         mine = IdempotencyRecord(wanted, owner=os.urandom(16)).encode()
         pending_ms = keys.IDEMPOTENCY_LEASE_MS
         loop = asyncio.get_running_loop()
@@ -179,14 +194,14 @@ class Idempotency:
                 raw = await self._redis.get(name)
                 if raw is not None:
                     record = _decode(raw)
-                    if record is None or record.request_hash != wanted:
+                    if record is None or record.request_hash not in same:
                         raise InvalidArgument(
                             "idempotency_key was already used with a different request "
                             "(within the idempotency TTL): send a new key for each distinct "
                             "request"
                         )
                     if record.body is not None:
-                        return Claim(cached=record.body)
+                        return self._cached(name, record)
                 wait_s = poll.next_s()
                 if loop.time() + wait_s >= deadline:
                     raise DeadlineExceeded(
@@ -195,9 +210,17 @@ class Idempotency:
                     )
                 await asyncio.sleep(wait_s)
 
+    def _cached(self, name: str, record: IdempotencyRecord) -> Claim:
+        """The stored result; if it cannot be opened, a claim that computes without storing."""
+        try:
+            return Claim(cached=record.result(self._cipher, name))
+        except UnreadablePayload as err:
+            log.warning("computing %s again: %s", name, err)
+            return Claim()
+
     async def _store(self, name: str, wanted: bytes, body: bytes) -> bool:
         """True once stored; a failure only means a later duplicate computes again."""
-        record = IdempotencyRecord(wanted, body=body).encode()
+        record = IdempotencyRecord(wanted, body=body).encode(self._cipher, name)
         try:
             await self._store_script(keys=[name], args=[wanted, record, self._ttl_ms])
         except RedisError as err:

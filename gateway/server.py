@@ -29,6 +29,7 @@ from gateway.settings import GatewaySettings
 from gateway.tls import add_port
 from gateway.tracing import server_spans
 from router.connection import connect
+from router.payload import log_at_rest
 from taskmux.health import Health
 from taskmux.metrics import metrics_endpoint
 from taskmux.tracing import Tracing
@@ -79,8 +80,12 @@ async def serve(
             max_backlog=settings.max_backlog,
             retry_after_ms=settings.backlog_retry_after_ms,
             tracing=tracing,
+            cipher=settings.payload_cipher,
         )
-        idempotency = Idempotency(redis, ttl_s=settings.idempotency_ttl_s)
+        idempotency = Idempotency(
+            redis, ttl_s=settings.idempotency_ttl_s, cipher=settings.payload_cipher
+        )
+        log_at_rest(log, settings.payload_cipher)
         memory = await stack.enter_async_context(
             MemoryGuard(
                 redis,

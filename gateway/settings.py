@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from router.connection import RedisSettings
+from router.payload import PayloadCipher, load_cipher
 from taskmux.config import SettingsError, env_float, env_int, env_str
 from taskmux.tracing import TraceSettings
 
@@ -84,6 +85,10 @@ class GatewaySettings:
     http_addr: str = ""
     # OpenTelemetry tracing (exporter, endpoint, sample ratio): off unless an exporter is set.
     trace: TraceSettings = field(default_factory=TraceSettings)
+    # The payload keys, from the key file TASKMUX_PAYLOAD_KEY_FILE (a mounted Secret, the
+    # same on every gateway and worker; router/payload.py): texts and results are sealed
+    # in Redis. None (unset) keeps them plaintext at rest; set it in production.
+    payload_cipher: PayloadCipher | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> GatewaySettings:
@@ -135,6 +140,7 @@ class GatewaySettings:
             health_addr=env_str(env, "HEALTH_ADDR", d.health_addr),
             http_addr=env_str(env, "HTTP_ADDR", d.http_addr),
             trace=TraceSettings.from_env(env),
+            payload_cipher=load_cipher(env_str(env, "PAYLOAD_KEY_FILE", "")),
         )
 
     def describe(self) -> str:

@@ -5,6 +5,13 @@ Who may run which command on which of these keys is `router.acl` (the Redis ACL 
 `taskmux-gateway` and `taskmux-worker`); a new key or command here needs a grant there.
 The Lua scripts that act on these keys are `router.scripts`.
 
+With `TASKMUX_PAYLOAD_KEY_FILE` set (`router.payload`), everything below that holds a
+user's text or result is sealed (AES-256-GCM) before it is written: a job entry's texts
+and params, a reply entry's body, an idempotency record's stored response (and its
+request hash is an HMAC); dead letters keep the sealed fields as they were. Key names,
+ids, heads, kinds, deadlines, status codes and messages, request ids, tenants, counters
+and catalogs stay in the clear (see `router.messages`).
+
 What one call leaves in Redis, and for how long (Redis memory is bounded by design):
     job entry           one per job (per distinct text for Analyze) in its job stream;
                         deleted by the worker (XACK, XDEL) once the reply is written
@@ -101,8 +108,9 @@ Tenant limits: `taskmux:v1:limit:<tenant>:rate` (string) and `...:quota` (hash)
     `router.scripts.LIMIT_REFUND` if the queue then refuses them.
 
 Dead letters: `taskmux:v1:dead` (a stream)
-    Entries no worker could decode, with the raw fields and the reason, capped at
-    about `DEAD_LETTER_MAXLEN` entries. Read it with `XRANGE taskmux:v1:dead - +`.
+    Entries no worker could decode (or open: a payload sealed with a key the worker
+    lacks), with the raw fields (still sealed) and the reason, capped at about
+    `DEAD_LETTER_MAXLEN` entries. Read it with `XRANGE taskmux:v1:dead - +`.
 """
 
 from __future__ import annotations

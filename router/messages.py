@@ -12,11 +12,15 @@ Job (a request for one head, in a job stream):
     kind         what to compute, a task kind (taskmux_api/kinds.py): embed, classify,
                  entities, similarity, zero_shot, analyze
     head         the head name (also the job stream's name; ANALYZE_STREAM_HEAD for analyze)
-    texts        JSON array of strings (similarity: the query, then the candidates)
+    texts        JSON array of strings (similarity: the query, then the candidates);
+                 absent when sealed
     top_k        labels (classify, analyze) or candidates (similarity) to rank, >= 0
     enqueued_ms  when the gateway queued it (for queue-wait figures)
     params       optional JSON object: zero_shot {"labels": [...], "template": "...{}..."},
-                 analyze {"heads": [...]}
+                 analyze {"heads": [...]}; absent when sealed
+    sealed       instead of texts and params when the gateway has a payload key
+                 (`router.payload`): {"texts": [...], "params": {...}} as JSON, sealed
+                 with the context ("job", the job stream, id)
     request_id   optional: the client's request id (API field `request_id`), for logs
                  and dead letters; absent or empty when the client sent none
     traceparent  optional: W3C trace context of the gateway's enqueue span, which the
@@ -30,11 +34,21 @@ Reply (a worker's answer, in a reply stream):
     message      what went wrong, for the caller (empty when OK)
     body         on OK: the serialized public response message (EmbedResponse, ...);
                  for analyze, AnalyzeResult messages each prefixed by its varint length
+    sealed       instead of a non-empty body when the worker has a payload key: the
+                 body sealed with the context ("reply", the reply stream, id)
+
+Readers accept plaintext entries whatever their own setting (so encryption can be
+turned on without draining the streams); writers with a key always seal. Everything
+else (ids, kind, head, deadlines, top_k, codes, status messages, request_id,
+traceparent) is routing data and stays in the clear.
 
 IdempotencyRecord (the value of a `keys.idempotency_key`, a byte string):
     b"1P" + request hash (32 bytes) + owner token     a call is computing it
     b"1D" + request hash (32 bytes) + response body   its result (as a Reply body)
-    The request hash is the SHA-256 of the API request without its metadata fields.
+    b"1S" + request hash (32 bytes) + sealed body     the same, sealed with the context
+                                                      ("idem", the record's Redis key)
+    The request hash is the SHA-256 of the API request without its metadata fields, or
+    with a payload key its HMAC (`router.payload.request_digest`).
 """
 
 from __future__ import annotations
@@ -46,11 +60,13 @@ from typing import Any, Final
 from taskmux_api.kinds import TaskKind
 
 from router import keys
+from router.payload import PayloadCipher, PayloadError, key_id_of
 
 SCHEMA_VERSION: Final = "1"
 HASH_BYTES: Final = 32
 IDEM_PENDING: Final = b"1P"
 IDEM_DONE: Final = b"1D"
+IDEM_SEALED: Final = b"1S"
 # Analyze jobs name several heads; they share one stream, which every worker reads.
 ANALYZE_STREAM_HEAD: Final = "_analyze"
 
@@ -59,6 +75,29 @@ Fields = dict[bytes, bytes]
 
 class MalformedMessage(ValueError):
     """A stream entry that does not follow the schema above."""
+
+
+class UnreadablePayload(MalformedMessage):
+    """A sealed payload this process cannot open: no key, an unknown key id, or tampered."""
+
+    def __init__(self, message: str, key_id: str = "") -> None:
+        super().__init__(message)
+        self.key_id = key_id
+
+
+def open_payload(cipher: PayloadCipher | None, value: bytes, what: str, *context: str) -> bytes:
+    """A sealed `what` opened, or UnreadablePayload that says what to fix."""
+    if cipher is None:
+        raise UnreadablePayload(
+            f"{what} is encrypted (payload key id {key_id_of(value)!r}) but this process has "
+            "no payload key: set TASKMUX_PAYLOAD_KEY_FILE to the key file the gateways and "
+            "workers share",
+            key_id_of(value),
+        )
+    try:
+        return cipher.open(value, *context)
+    except PayloadError as err:
+        raise UnreadablePayload(f"{what}: {err}", err.key_id) from None
 
 
 @dataclass(frozen=True)
@@ -77,30 +116,40 @@ class Job:
     request_id: str = ""
     traceparent: str = ""
 
-    def encode(self) -> dict[str, str | int]:
-        """Fields for XADD."""
-        fields: dict[str, str | int] = {
+    def encode(self, cipher: PayloadCipher | None = None) -> dict[str, str | int | bytes]:
+        """Fields for XADD; texts and params sealed when `cipher` is given."""
+        fields: dict[str, str | int | bytes] = {
             "v": SCHEMA_VERSION,
             "id": self.id,
             "reply_to": self.reply_to,
             "deadline_ms": self.deadline_ms,
             "kind": self.kind,
             "head": self.head,
-            "texts": json.dumps(self.texts, ensure_ascii=False),
             "top_k": self.top_k,
             "enqueued_ms": self.enqueued_ms,
-            "params": json.dumps(self.params, ensure_ascii=False),
         }
+        if cipher is None:
+            fields["texts"] = json.dumps(self.texts, ensure_ascii=False)
+            fields["params"] = json.dumps(self.params, ensure_ascii=False)
+        else:
+            payload = json.dumps({"texts": self.texts, "params": self.params}, ensure_ascii=False)
+            fields["sealed"] = cipher.seal(payload.encode(), *self._context())
         if self.request_id:
             fields["request_id"] = self.request_id
         if self.traceparent:
             fields["traceparent"] = self.traceparent
         return fields
 
+    def _context(self) -> tuple[str, str, str]:
+        return ("job", keys.task_stream(self.head), self.id)
+
     @classmethod
-    def decode(cls, fields: Fields) -> Job:
-        """Parse an entry read from a job stream, or raise MalformedMessage."""
+    def decode(cls, fields: Fields, cipher: PayloadCipher | None = None) -> Job:
+        """Parse an entry read from a job stream, or raise MalformedMessage (its subclass
+        UnreadablePayload for a sealed entry that `cipher` cannot open)."""
         _check_version(fields)
+        if b"sealed" in fields:
+            fields = _opened_job(fields, cipher)
         try:
             texts = json.loads(_text(fields, "texts"))
         except ValueError as err:
@@ -128,35 +177,66 @@ class Job:
         return job
 
 
+def _opened_job(fields: Fields, cipher: PayloadCipher | None) -> Fields:
+    """The fields with `sealed` opened into `texts` and `params`."""
+    head, job_id = _text(fields, "head"), _text(fields, "id")
+    context = ("job", keys.task_stream(head), job_id)
+    data = open_payload(cipher, fields[b"sealed"], "the job's payload", *context)
+    try:
+        payload = json.loads(data)
+        texts, params = payload["texts"], payload["params"]
+    except (ValueError, TypeError, KeyError):
+        raise MalformedMessage("sealed payload is not {texts, params} JSON") from None
+    opened = dict(fields)
+    opened[b"texts"] = json.dumps(texts, ensure_ascii=False).encode()
+    opened[b"params"] = json.dumps(params, ensure_ascii=False).encode()
+    return opened
+
+
 @dataclass(frozen=True)
 class Reply:
-    """A worker's answer to one job."""
+    """A worker's answer to one job; `sealed` holds the body as read, if it was sealed."""
 
     id: str
     code: int
     message: str = ""
     body: bytes = b""
+    sealed: bytes = b""
 
-    def encode(self) -> dict[str, str | int | bytes]:
-        """Fields for XADD."""
-        return {
+    def encode(
+        self, cipher: PayloadCipher | None = None, stream: str = ""
+    ) -> dict[str, str | int | bytes]:
+        """Fields for XADD to `stream`; a non-empty body sealed when `cipher` is given."""
+        fields: dict[str, str | int | bytes] = {
             "v": SCHEMA_VERSION,
             "id": self.id,
             "code": self.code,
             "message": self.message,
-            "body": self.body,
         }
+        if cipher is not None and self.body:
+            fields["sealed"] = cipher.seal(self.body, "reply", stream, self.id)
+        else:
+            fields["body"] = self.body
+        return fields
 
     @classmethod
     def decode(cls, fields: Fields) -> Reply:
-        """Parse an entry read from a reply stream, or raise MalformedMessage."""
+        """Parse an entry read from a reply stream, or raise MalformedMessage; a sealed
+        body stays sealed until `payload` opens it."""
         _check_version(fields)
         return cls(
             id=_text(fields, "id"),
             code=_int(fields, "code"),
             message=_text(fields, "message"),
             body=fields.get(b"body", b""),
+            sealed=fields.get(b"sealed", b""),
         )
+
+    def payload(self, cipher: PayloadCipher | None, stream: str) -> bytes:
+        """The body, opened if sealed; UnreadablePayload if `cipher` cannot open it."""
+        if not self.sealed:
+            return self.body
+        return open_payload(cipher, self.sealed, "the worker's reply", "reply", stream, self.id)
 
 
 @dataclass(frozen=True)
@@ -166,24 +246,34 @@ class IdempotencyRecord:
     request_hash: bytes
     owner: bytes = b""
     body: bytes | None = None
+    sealed: bool = False  # body as read is sealed: `result` opens it
 
-    def encode(self) -> bytes:
-        """The value to store under the key."""
+    def encode(self, cipher: PayloadCipher | None = None, key: str = "") -> bytes:
+        """The value to store under `key`; a body sealed when `cipher` is given."""
         if len(self.request_hash) != HASH_BYTES:
             raise ValueError("request_hash must be a SHA-256 digest")
         if self.body is None:
             return IDEM_PENDING + self.request_hash + self.owner
-        return IDEM_DONE + self.request_hash + self.body
+        if cipher is None:
+            return IDEM_DONE + self.request_hash + self.body
+        return IDEM_SEALED + self.request_hash + cipher.seal(self.body, "idem", key)
 
     @classmethod
     def decode(cls, raw: bytes) -> IdempotencyRecord:
         """Parse a stored value, or raise MalformedMessage."""
         state, request_hash, rest = raw[:2], raw[2 : 2 + HASH_BYTES], raw[2 + HASH_BYTES :]
-        if len(request_hash) != HASH_BYTES or state not in (IDEM_PENDING, IDEM_DONE):
+        if len(request_hash) != HASH_BYTES or state not in (IDEM_PENDING, IDEM_DONE, IDEM_SEALED):
             raise MalformedMessage(f"not an idempotency record: {raw[:8]!r}...")
         if state == IDEM_PENDING:
             return cls(request_hash, owner=rest)
-        return cls(request_hash, body=rest)
+        return cls(request_hash, body=rest, sealed=state == IDEM_SEALED)
+
+    def result(self, cipher: PayloadCipher | None, key: str) -> bytes | None:
+        """The stored response body (opened if sealed), None while pending;
+        UnreadablePayload if `cipher` cannot open it."""
+        if self.body is None or not self.sealed:
+            return self.body
+        return open_payload(cipher, self.body, "the stored result", "idem", key)
 
 
 def stream_entries(response: Any) -> list[tuple[bytes, list[tuple[bytes, Fields]]]]:

@@ -273,6 +273,12 @@ async def _up(valkey: Child | None, redis_url: str, components: list[Child], lay
             await asyncio.to_thread(wait_for_redis, redis_url)
             print(f"taskmux up: embedded Valkey on {redis_url} (append-only file on)")
         _announce(layout)
+        if not os.environ.get("TASKMUX_PAYLOAD_KEY_FILE"):
+            print(
+                "taskmux up: payloads are plaintext in Valkey; to seal them: "
+                "python -m router.payload dev > dev.keys; "
+                "TASKMUX_PAYLOAD_KEY_FILE=$PWD/dev.keys taskmux up"
+            )
         for child in components:
             await supervisor.start(child)
         await supervisor.wait()

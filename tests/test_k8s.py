@@ -287,11 +287,10 @@ IMPORTS = {
         "LoadedModel.load(WorkerSettings(model_repo=pathlib.Path(sys.argv[1])))"
     ),
 }
-# grpc/__init__ imports these when present, and redis.utils imports cryptography (a dev
-# dependency, for test certificates); the images do not need them.
+# grpc/__init__ imports these when present; the images do not need them.
 OPTIONAL = {
-    "gateway": {"grpcio-tools", "setuptools", "cryptography"},
-    "worker": {"grpcio-tools", "setuptools", "grpcio-reflection", "cryptography"},
+    "gateway": {"grpcio-tools", "setuptools"},
+    "worker": {"grpcio-tools", "setuptools", "grpcio-reflection"},
 }
 REPORT = """
 import importlib.metadata as md, json, sys, sysconfig

@@ -14,6 +14,8 @@ from model.loaded import LoadedModel
 from model.manifest import ModelRepoError
 from router.connection import connect
 from router.messages import ANALYZE_STREAM_HEAD
+from router.payload import log_at_rest
+from taskmux.config import SettingsError
 from taskmux.health import Health
 from taskmux.lifecycle import cancel_and_wait, install_stop_signals
 from taskmux.logs import configure_from_env
@@ -79,8 +81,13 @@ async def run_with_drain_limit(
 def main() -> int:
     """Process entry point."""
     configure_from_env(os.environ, default_format="json")
-    settings = settings_from_environ()
+    try:
+        settings = settings_from_environ()
+    except SettingsError as err:
+        log.error("cannot start: %s", err)
+        return 2
     log.info("starting %s", settings.describe())
+    log_at_rest(log, settings.payload_cipher)
 
     async def run() -> None:
         stop = asyncio.Event()

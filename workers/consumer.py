@@ -14,7 +14,16 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from router import keys
-from router.messages import Fields, Job, MalformedMessage, Reply, reply_address, stream_entries
+from router.messages import (
+    Fields,
+    Job,
+    MalformedMessage,
+    Reply,
+    UnreadablePayload,
+    reply_address,
+    stream_entries,
+)
+from router.payload import PayloadCipher
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +37,9 @@ class Pulled:
     job: Job | None
     problem: str = ""
     raw: Fields | None = None
+    # Its payload is sealed and cannot be opened here (no key, unknown key id, tampered):
+    # a deployment problem the caller is told about in so many words.
+    unreadable: bool = False
 
 
 class JobStreams:
@@ -41,8 +53,10 @@ class JobStreams:
         *,
         read_count: int,
         block_ms: int,
+        cipher: PayloadCipher | None = None,
     ) -> None:
         self._redis = redis
+        self._cipher = cipher  # opens jobs and seals replies; None: plaintext
         self._streams = [keys.task_stream(h) for h in heads]
         self._consumer = consumer
         self._read_count = read_count
@@ -81,7 +95,7 @@ class JobStreams:
             await self.ensure_groups()
             return []
         return [
-            _decode(stream.decode(), entry_id, fields)
+            _decode(stream.decode(), entry_id, fields, self._cipher)
             for stream, entries in stream_entries(response)
             for entry_id, fields in entries
         ]
@@ -125,7 +139,7 @@ class JobStreams:
             consumername=self._consumer,
         )
         deliveries = {p["message_id"]: int(p["times_delivered"]) for p in pending}
-        return [(_decode(stream, i, f), deliveries.get(i, 1)) for i, f in entries]
+        return [(_decode(stream, i, f, self._cipher), deliveries.get(i, 1)) for i, f in entries]
 
     async def touch(self, held: dict[str, list[bytes]]) -> None:
         """Reset the idle time of entries still being worked on, so none is reclaimed
@@ -161,7 +175,7 @@ class JobStreams:
             if f.reply is not None and address is not None:
                 pipe.xadd(
                     address,
-                    f.reply.encode(),  # type: ignore[arg-type]
+                    f.reply.encode(self._cipher, address),  # type: ignore[arg-type]
                     maxlen=keys.REPLY_STREAM_MAXLEN,
                     approximate=True,
                     nomkstream=True,
@@ -211,9 +225,11 @@ def _dead_letter_record(f: Finished) -> dict[bytes | str, bytes | str]:
     return record
 
 
-def _decode(stream: str, entry_id: bytes, fields: Fields) -> Pulled:
+def _decode(stream: str, entry_id: bytes, fields: Fields, cipher: PayloadCipher | None) -> Pulled:
     try:
-        job = Job.decode(fields)
+        job = Job.decode(fields, cipher)
+    except UnreadablePayload as err:
+        return Pulled(stream, entry_id, None, problem=str(err), raw=fields, unreadable=True)
     except MalformedMessage as err:
         return Pulled(stream, entry_id, None, problem=str(err), raw=fields)
     if job.head != keys.head_of_stream(stream):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from router.connection import RedisSettings
+from router.payload import PayloadCipher, load_cipher
 from taskmux.config import SettingsError, env_int, env_list, env_str
 from taskmux.tracing import TraceSettings
 
@@ -68,6 +69,10 @@ class WorkerSettings:
     metrics_addr: str = "0.0.0.0:9101"
     # OpenTelemetry tracing (exporter, endpoint, sample ratio): off unless an exporter is set.
     trace: TraceSettings = field(default_factory=TraceSettings)
+    # The payload keys, from the key file TASKMUX_PAYLOAD_KEY_FILE (a mounted Secret, the
+    # same on every gateway and worker; router/payload.py): texts and results are sealed
+    # in Redis. None (unset) keeps them plaintext at rest; set it in production.
+    payload_cipher: PayloadCipher | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> WorkerSettings:
@@ -99,6 +104,7 @@ class WorkerSettings:
             ),
             metrics_addr=env_str(env, "METRICS_ADDR", default.metrics_addr),
             trace=TraceSettings.from_env(env),
+            payload_cipher=load_cipher(env_str(env, "PAYLOAD_KEY_FILE", "")),
         )
 
     def describe(self) -> str:

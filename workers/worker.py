@@ -112,6 +112,7 @@ class Worker:
             settings.worker_id,
             read_count=settings.read_count,
             block_ms=settings.block_ms,
+            cipher=settings.payload_cipher,
         )
         self.held = HeldWork(settings.prefetch_batches * settings.max_batch_rows)
         # Unbounded on purpose: what they carry is bounded by `held`.
@@ -239,10 +240,14 @@ class Worker:
         self.stats.dead_lettered += 1
         log.warning("malformed entry %s in %s: %s", pulled.entry_id, pulled.stream, pulled.problem)
         address = None if pulled.raw is None else pulled.raw.get(b"id")
+        if pulled.unreadable:  # not the request's fault: the deployment's keys differ
+            code, what = grpc.StatusCode.FAILED_PRECONDITION, "the worker cannot read the request"
+        else:
+            code, what = grpc.StatusCode.INTERNAL, "the request could not be decoded by the worker"
         reply = Reply(
             id=address.decode("utf-8", "replace") if address is not None else "",
-            code=grpc.StatusCode.INTERNAL.value[0],
-            message=f"the request could not be decoded by the worker: {pulled.problem}",
+            code=code.value[0],
+            message=f"{what}: {pulled.problem}",
         )
         return Finished(pulled, reply, pulled.problem)
 
