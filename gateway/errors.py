@@ -196,7 +196,7 @@ class Undecodable:
 
     type_name: str
 
-    def error(self) -> InvalidArgument:
+    def error(self) -> TaskmuxError:
         """The status the caller gets for it."""
         return InvalidArgument(
             f"the request is not a valid {self.type_name}: a string field holds bytes that "
@@ -275,3 +275,31 @@ def _echo_request_id(request: object, context: Ctx) -> Metadata:
 def is_metadata_safe(value: str) -> bool:
     """True for 1 to META_MAX_CHARS printable ASCII characters (space to "~")."""
     return 0 < len(value) <= META_MAX_CHARS and all(" " <= c <= "~" for c in value)
+
+
+# The HTTP status of each gRPC status, for the OpenAI-compatible HTTP endpoint
+# (gateway/openai_http.py): the mapping of google.rpc.Code's documentation and grpc-gateway.
+HTTP_STATUS = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 500,
+}
+
+
+def http_status(code: grpc.StatusCode) -> int:
+    """The HTTP status that stands for gRPC status `code` (500 for one not in the table)."""
+    return HTTP_STATUS.get(code, 500)

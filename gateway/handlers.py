@@ -12,7 +12,8 @@ Unary, server-streaming and bidi methods (Pipeline) run the same layers in the s
 order; only how the handler is called differs. Auth sits inside the statuses layer, so
 its refusals become statuses there, and inside metrics and tracing, so they are counted
 and traced like any other outcome. Health and reflection are other services: no layer
-applies to them.
+applies to them. The OpenAI-compatible HTTP port (gateway/openai_http.py) runs its calls
+through these same layers, under an rpc name of its own.
 """
 
 from __future__ import annotations
@@ -58,9 +59,10 @@ class Call:
 Layer = Callable[[Call], AbstractAsyncContextManager[None]]
 
 
-def stacked(method: MethodDescriptor, handler: Any, layers: list[Layer]) -> Any:
-    """`handler` (a bound servicer method of `method`'s shape) inside `layers`, outermost first."""
-    rpc = method.name
+def stacked(method: MethodDescriptor, handler: Any, layers: list[Layer], *, rpc: str = "") -> Any:
+    """`handler` (a bound servicer method of `method`'s shape) inside `layers`, outermost
+    first; its calls are named `rpc` in metrics, logs and spans (default: the method's name)."""
+    rpc = rpc or method.name
     if method.client_streaming:
 
         async def bidi(requests: AsyncIterator[Any], context: Ctx) -> AsyncIterator[Any]:

@@ -22,6 +22,7 @@ from gateway.idempotency import Idempotency
 from gateway.limits import Limiter
 from gateway.memory import MemoryGuard
 from gateway.metrics import GatewayMetrics
+from gateway.openai_http import OpenAIEmbeddings, OpenAIHttp
 from gateway.replies import READ_BLOCK_MS, ReplyRouter
 from gateway.service import TaskMuxService
 from gateway.settings import GatewaySettings
@@ -106,9 +107,10 @@ async def serve(
         )
         stack.enter_context(metrics_endpoint(settings.metrics_addr, metrics.registry))
         service = TaskMuxService(settings, dispatcher, watcher, idempotency, Limiter(redis), memory)
-        add_service(
-            service, server, handler_stack(metrics, tracing, api_keys(settings.api_keys_file))
-        )
+        # One stack for both ports: an HTTP call is counted, traced, answered and
+        # authenticated by the very layers a gRPC call is.
+        layers = handler_stack(metrics, tracing, api_keys(settings.api_keys_file))
+        add_service(service, server, layers)
         health.add_to(server)
         reflection.enable_server_reflection(
             [
@@ -120,12 +122,14 @@ async def serve(
         )
         port = add_port(server, settings)
         await server.start()
+        openai = OpenAIEmbeddings(service, watcher, layers)
+        http = await stack.enter_async_context(OpenAIHttp(settings, openai))
         await health.set_started()
         log.info("gateway %s listening on port %d", settings.gateway_id, port)
         await stop.wait()
         log.info("stopping: NOT_SERVING, draining for up to %ds", settings.drain_timeout_s)
         await health.stop()
-        await server.stop(settings.drain_timeout_s)
+        await asyncio.gather(server.stop(settings.drain_timeout_s), http.drain())
 
 
 HANDLER_FACTORIES = {

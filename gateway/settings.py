@@ -79,6 +79,10 @@ class GatewaySettings:
     # host:port of a plaintext gRPC server that serves only health, for probes that cannot
     # speak TLS (kubelet's); "" serves health on listen_addr only.
     health_addr: str = ""
+    # host:port of the OpenAI-compatible HTTP API (POST /v1/embeddings, gateway/openai_http.py),
+    # with the TLS and API keys of listen_addr; port 0 picks a free one, "" (the default)
+    # serves none. `taskmux up` serves it on 127.0.0.1:8080; k8s/base on [::]:8080.
+    http_addr: str = ""
     # OpenTelemetry tracing (exporter, endpoint, sample ratio): off unless an exporter is set.
     trace: TraceSettings = field(default_factory=TraceSettings)
     # The payload keys, from the key file TASKMUX_PAYLOAD_KEY_FILE (a mounted Secret, the
@@ -134,6 +138,7 @@ class GatewaySettings:
             api_keys_file=security["api_keys_file"],
             metrics_addr=env_str(env, "METRICS_ADDR", d.metrics_addr),
             health_addr=env_str(env, "HEALTH_ADDR", d.health_addr),
+            http_addr=env_str(env, "HTTP_ADDR", d.http_addr),
             trace=TraceSettings.from_env(env),
             payload_cipher=load_cipher(env_str(env, "PAYLOAD_KEY_FILE", "")),
         )

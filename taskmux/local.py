@@ -27,6 +27,8 @@ from taskmux.config import redact_url
 from taskmux.supervisor import Child, Supervisor
 
 DEFAULT_TARGET = "127.0.0.1:50051"  # what the CLI's --target defaults to
+# The gateways' OpenAI-compatible HTTP API (gateway/openai_http.py); a free one if taken.
+DEFAULT_HTTP_PORT = 8080
 
 
 class LocalError(RuntimeError):
@@ -125,8 +127,13 @@ class Layout:
     # Each process serves /metrics on a port of its own.
     gateway_metrics_ports: tuple[int, ...] = ()
     worker_metrics_ports: tuple[int, ...] = ()
+    # The OpenAI-compatible HTTP API of each gateway.
+    gateway_http_ports: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if not self.gateway_http_ports:
+            ports = tuple(free_port() for _ in self.gateway_ports)
+            object.__setattr__(self, "gateway_http_ports", ports)
         if not self.gateway_metrics_ports:
             ports = tuple(free_port() for _ in self.gateway_ports)
             object.__setattr__(self, "gateway_metrics_ports", ports)
@@ -172,13 +179,22 @@ def port_is_free(port: int) -> bool:
         return True
 
 
-def plan_layout(gateway_port: int, gateways: int, workers: int) -> Layout:
-    """One shared gateway port where the kernel balances it, else one port per gateway."""
+def plan_layout(
+    gateway_port: int, gateways: int, workers: int, http_port: int = DEFAULT_HTTP_PORT
+) -> Layout:
+    """One shared gateway port (and HTTP port) where the kernel balances it, else one
+    port per gateway."""
+    return Layout(
+        _shared_ports(gateway_port, gateways),
+        tuple(free_port() for _ in range(workers)),
+        gateway_http_ports=_shared_ports(http_port, gateways),
+    )
+
+
+def _shared_ports(port: int, count: int) -> tuple[int, ...]:
     if reuse_port_balances():
-        ports = (gateway_port,) * gateways
-    else:
-        ports = (gateway_port, *(free_port() for _ in range(gateways - 1)))
-    return Layout(ports, tuple(free_port() for _ in range(workers)))
+        return (port,) * count
+    return (port, *(free_port() for _ in range(count - 1)))
 
 
 def cluster_commands(
@@ -199,6 +215,7 @@ def cluster_commands(
             "TASKMUX_LISTEN_ADDR": f"127.0.0.1:{port}",
             "TASKMUX_GATEWAY_ID": layout.gateway_id(i),
             "TASKMUX_METRICS_ADDR": f"127.0.0.1:{layout.gateway_metrics_ports[i]}",
+            "TASKMUX_HTTP_ADDR": f"127.0.0.1:{layout.gateway_http_ports[i]}",
         }
         env = component_env(redis_url, model_repo, extra)
         commands.append((f"gateway {layout.gateway_id(i)}", component_command("gateway"), env))
@@ -213,8 +230,10 @@ def run_local(
     Each gateway and worker is its own process. Gateways share `gateway_port` where the
     kernel balances a shared port (Linux: gRPC binds with SO_REUSEPORT, and each new
     connection goes to one of them); elsewhere each gets a port of its own and the
-    printed target lists them all for a client-side round robin. Each one, and the
-    embedded Valkey, is restarted when it exits; only Ctrl-C or SIGTERM stops them all.
+    printed target lists them all for a client-side round robin. The gateways' OpenAI-
+    compatible HTTP API is shared the same way, on port 8080 (a free one if 8080 is taken).
+    Each one, and the embedded Valkey, is restarted when it exits; only Ctrl-C or SIGTERM
+    stops them all.
     """
     if not (model_repo / "manifest.json").is_file():
         print(f"no model repository at {model_repo}: run `make model`", file=sys.stderr)
@@ -225,7 +244,8 @@ def run_local(
     if not port_is_free(gateway_port):
         print(f"taskmux up: 127.0.0.1:{gateway_port} is already in use", file=sys.stderr)
         return 2
-    layout = plan_layout(gateway_port, gateways, workers)
+    http_port = DEFAULT_HTTP_PORT if port_is_free(DEFAULT_HTTP_PORT) else free_port()
+    layout = plan_layout(gateway_port, gateways, workers, http_port)
     redis_url = os.environ.get("TASKMUX_REDIS_URL", "")
     with contextlib.ExitStack() as stack:
         valkey = None
@@ -277,7 +297,8 @@ def _announce(layout: Layout) -> None:
         metrics = layout.gateway_metrics_ports[i]
         print(
             f"taskmux up: gateway {layout.gateway_id(i)} on 127.0.0.1:{port}, "
-            f"metrics on http://127.0.0.1:{metrics}/metrics"
+            f"metrics on http://127.0.0.1:{metrics}/metrics, OpenAI-compatible embeddings "
+            f"on http://127.0.0.1:{layout.gateway_http_ports[i]}/v1/embeddings"
         )
     gateways = len(layout.gateway_ports)
     if gateways > 1 and layout.shared_port:

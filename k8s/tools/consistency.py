@@ -115,6 +115,7 @@ def _check_ports_and_probes(
     if port not in container_ports:
         report.add(where, f"{PORT_SETTING[name]} port {port} is not a containerPort")
     probe_port = _probe_port(name, env, port, container_ports, report, where)
+    served = {port, *_http_port(env, container_ports, report, where)}
     wanted = {
         "readinessProbe": READINESS_SERVICE,
         "livenessProbe": LIVENESS_SERVICE,
@@ -154,8 +155,23 @@ def _check_ports_and_probes(
         for svc_port in svc["spec"].get("ports") or []:
             target = svc_port.get("targetPort", svc_port.get("port"))
             target = named_ports.get(target, target)
-            if target != port:
+            if target not in served:
                 report.add(ref(svc), f"targetPort {target} is not the {name} port {port}")
+
+
+def _http_port(
+    env: dict[str, Any], container_ports: set[Any], report: Report, where: str
+) -> set[int]:
+    """The gateway's OpenAI-compatible HTTP port (TASKMUX_HTTP_ADDR), which a Service may
+    target beside the gRPC port; none when it is unset."""
+    address = env.get("TASKMUX_HTTP_ADDR")
+    if not isinstance(address, str) or not address:
+        return set()
+    port = port_of(address)
+    if port is None or port not in container_ports:
+        report.add(where, f"TASKMUX_HTTP_ADDR port {port} is not a containerPort")
+        return set()
+    return {port}
 
 
 def _probe_port(
