@@ -19,11 +19,14 @@ from gateway.errors import InvalidArgument
 from gateway.settings import GatewaySettings
 from gateway.validation import (
     check_candidates,
+    check_entity_labels,
     check_head,
     check_labels,
+    check_style,
     check_texts,
     check_top_k,
 )
+from model.anonymize import Style
 from model.manifest import HeadSpec, Manifest
 
 
@@ -97,6 +100,48 @@ def plan_zero_shot(
     return _plan(task, head.name, texts, len(labels), params)
 
 
+def plan_anonymize(
+    request: pb.AnonymizeRequest, settings: GatewaySettings, catalog: Manifest | None
+) -> Plan:
+    """Anonymize: the entities of one token-classification head, replaced."""
+    task = TASKS[TaskKind.ANONYMIZE]
+    texts = check_texts(request.texts, settings)
+    style = check_style(request.style)
+    head = _head(task, request.head, catalog)
+    params = {"labels": check_entity_labels(request.labels, head), "style": style.value}
+    return _plan(task, head.name, texts, params=params)
+
+
+def analyze_params(request: pb.AnalyzeRequest, heads: list[HeadSpec]) -> dict[str, Any]:
+    """The params of Analyze's jobs: its heads and, with the anonymize option, what each
+    token-classification head replaces and how (as `plan_anonymize` checks them)."""
+    params: dict[str, Any] = {"heads": [h.name for h in heads]}
+    task = TASKS[TaskKind.ANONYMIZE]
+    if not request.HasField(task.analyze_option):  # type: ignore[arg-type]
+        return params
+    options: pb.AnonymizeOptions = getattr(request, task.analyze_option)
+    style = check_style(options.style)
+    (kind,) = head_kinds_of(task.kind)
+    labels = {h.name: check_entity_labels(options.labels, h) for h in heads if h.kind == kind}
+    if not labels:
+        raise InvalidArgument(
+            f"{task.analyze_option} is set but heads names no {kind} head: add one "
+            f"(e.g. {task.default_head!r}) or leave {task.analyze_option} unset"
+        )
+    params[task.analyze_option] = {"labels": labels, "style": style.value}
+    return params
+
+
+def analyze_jobs(distinct: list[str], params: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The texts of each of Analyze's jobs: one job per distinct text, so that each text's
+    results stream back as soon as it is done; but one job for all when pseudonyms are
+    numbered across the texts, which one worker must then see in order."""
+    options = params.get(TASKS[TaskKind.ANONYMIZE].analyze_option, {})
+    if options.get("style") == Style.PSEUDONYM:
+        return [tuple(distinct)]
+    return [(text,) for text in distinct]
+
+
 # One planner per task kind but Analyze, which the servicer plans: it streams its results.
 PLANNERS: dict[TaskKind, Planner] = {
     TaskKind.EMBED: plan_embed,
@@ -104,6 +149,7 @@ PLANNERS: dict[TaskKind, Planner] = {
     TaskKind.ENTITIES: plan_entities,
     TaskKind.SIMILARITY: plan_similarity,
     TaskKind.ZERO_SHOT: plan_zero_shot,
+    TaskKind.ANONYMIZE: plan_anonymize,
 }
 
 

@@ -30,7 +30,7 @@ from gateway.errors import (
 from gateway.idempotency import NO_KEY, Idempotency
 from gateway.limits import Limiter
 from gateway.memory import MemoryGuard
-from gateway.plans import PLANNERS, Planner
+from gateway.plans import PLANNERS, Planner, analyze_jobs, analyze_params
 from gateway.settings import GatewaySettings
 from gateway.validation import check_heads, check_request_meta, check_texts
 from model.manifest import HeadSpec
@@ -107,10 +107,11 @@ class TaskMuxService:
         heads = check_heads(request.heads, ANALYZABLE, self._watcher.catalog, self._settings)
         if request.top_k < 0:
             raise InvalidArgument(f"top_k is {request.top_k}; it must be 0 (meaning 1) or more")
+        params = analyze_params(request, heads)
         indices: dict[str, list[int]] = {}
         for i, text in enumerate(texts):
             indices.setdefault(text, []).append(i)
-        distinct = list(indices)
+        jobs = analyze_jobs(list(indices), params)
         self._memory.check()
         timeout_s = self._dispatcher.timeout_s(context.time_remaining())
         loop = asyncio.get_running_loop()
@@ -125,14 +126,15 @@ class TaskMuxService:
         sent: list[bytes] = []
         async with claim:  # renewed while the results come in
             refund = await self._charge(len(texts) * len(heads))
-            # One job per distinct text: its results stream back as soon as it is done.
+            # One job per distinct text, whose results stream back as soon as it is done
+            # (one for all texts when pseudonyms are numbered across them).
             results = self._dispatcher.run_many(
                 kind=TaskKind.ANALYZE,
                 head=ANALYZE_STREAM_HEAD,
-                texts_per_job=[(text,) for text in distinct],
+                texts_per_job=jobs,
                 top_k=request.top_k,
                 timeout_s=max(deadline - loop.time(), 0.001),  # less any wait for a claim
-                params={"heads": [h.name for h in heads]},
+                params=params,
                 request_id=request.request_id,
                 not_queued=refund,
             )
@@ -140,7 +142,8 @@ class TaskMuxService:
                 async for job, body in results:
                     for raw in unpack_messages(body):
                         result = pb.AnalyzeResult.FromString(raw)
-                        for index in indices[distinct[job]]:
+                        # The worker's text_index counts within its job.
+                        for index in indices[jobs[job][result.text_index]]:
                             result.text_index = index
                             if claim is not NO_KEY:
                                 sent.append(result.SerializeToString())

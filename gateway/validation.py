@@ -4,9 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from taskmux_api.v1 import taskmux_pb2 as pb
+
 from gateway.errors import META_MAX_CHARS, InvalidArgument, NotFound, Unavailable, is_metadata_safe
 from gateway.settings import GatewaySettings
+from model.anonymize import DEFAULT_LABELS, Style
 from model.manifest import HeadSpec, Manifest
+from model.tags import entity_types
+
+# An unset style is the placeholder one; a number not listed here is a newer client's.
+STYLES: dict[int, Style] = {
+    pb.ANONYMIZE_STYLE_UNSPECIFIED: Style.PLACEHOLDER,
+    pb.ANONYMIZE_STYLE_PLACEHOLDER: Style.PLACEHOLDER,
+    pb.ANONYMIZE_STYLE_PSEUDONYM: Style.PSEUDONYM,
+}
 
 
 def check_texts(texts: Sequence[str], settings: GatewaySettings) -> tuple[str, ...]:
@@ -119,6 +130,39 @@ def check_heads(
         else:
             specs.append(check_head(name, kinds[0], catalog, "Analyze"))
     return specs
+
+
+def check_style(style: int) -> Style:
+    """The anonymize style of an AnonymizeStyle number this server knows."""
+    known = STYLES.get(style)
+    if known is None:
+        names = ", ".join(f"{n} ({v})" for n, v in pb.AnonymizeStyle.items() if v in STYLES)
+        raise InvalidArgument(f"style {style} is not an AnonymizeStyle this server knows: {names}")
+    return known
+
+
+def check_entity_labels(labels: Sequence[str], head: HeadSpec) -> list[str]:
+    """The distinct entity labels to replace, each one that `head` tags; none means those
+    of PER, ORG and LOC it tags."""
+    allowed = entity_types(head.labels)
+    listed = ", ".join(allowed) or "none"
+    if not labels:
+        chosen: list[str] = [label for label in DEFAULT_LABELS if label in allowed]
+        if not chosen:
+            raise InvalidArgument(
+                f"labels is empty and head {head.name!r} tags none of "
+                f"{', '.join(DEFAULT_LABELS)}: name some of its labels: {listed}"
+            )
+        return chosen
+    for i, label in enumerate(labels):
+        if label not in allowed:
+            raise InvalidArgument(
+                f"labels[{i}] {label[:40]!r} is not an entity label of head {head.name!r}; "
+                f"its labels: {listed}"
+            )
+        if label in labels[:i]:
+            raise InvalidArgument(f"labels[{i}] {label!r} is a duplicate: name each label once")
+    return list(labels)
 
 
 def _check_each(field: str, items: Sequence[str], settings: GatewaySettings) -> None:

@@ -20,8 +20,7 @@ from tokenizers import Encoding
 
 from model.encoder import Floats, l2_normalize
 from model.heads_math import mlp_logits, softmax
-
-OUTSIDE = "O"
+from model.tags import split_tag
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,7 @@ def decode_entities(
     for word in words:
         row = probs[word.first_token]
         best = int(np.argmax(row))
-        prefix, kind = _split(labels[best])
+        prefix, kind = split_tag(labels[best])
         if kind is None:
             close()
             open_type, members = None, []
@@ -82,15 +81,6 @@ def decode_entities(
             members.append((word, float(row[best])))
     close()
     return spans
-
-
-def _split(label: str) -> tuple[str, str | None]:
-    """("B" | "I" | "", entity type), or ("", None) for the outside label."""
-    if label == OUTSIDE or not label:
-        return "", None
-    if label[:2] in ("B-", "I-") and len(label) > 2:
-        return label[0], label[2:]
-    return "", label
 
 
 def _words(encoding: Encoding, length: int) -> list[_Word]:

@@ -10,14 +10,16 @@ Job (a request for one head, in a job stream):
     reply_to     the reply stream of the gateway waiting for it
     deadline_ms  absolute deadline, Unix epoch milliseconds; workers drop late jobs
     kind         what to compute, a task kind (taskmux_api/kinds.py): embed, classify,
-                 entities, similarity, zero_shot, analyze
+                 entities, similarity, zero_shot, analyze, anonymize
     head         the head name (also the job stream's name; ANALYZE_STREAM_HEAD for analyze)
     texts        JSON array of strings (similarity: the query, then the candidates);
                  absent when sealed
     top_k        labels (classify, analyze) or candidates (similarity) to rank, >= 0
     enqueued_ms  when the gateway queued it (for queue-wait figures)
     params       optional JSON object: zero_shot {"labels": [...], "template": "...{}..."},
-                 analyze {"heads": [...]}; absent when sealed
+                 analyze {"heads": [...]} and, with the anonymize option, "anonymize":
+                 {"labels": {head: [...]}, "style": ...}, anonymize {"labels": [...],
+                 "style": "placeholder" | "pseudonym"}; absent when sealed
     sealed       instead of texts and params when the gateway has a payload key
                  (`router.payload`): {"texts": [...], "params": {...}} as JSON, sealed
                  with the context ("job", the job stream, id)
@@ -59,6 +61,7 @@ from typing import Any, Final
 
 from taskmux_api.kinds import TaskKind
 
+from model.anonymize import Style
 from router import keys
 from router.payload import PayloadCipher, PayloadError, key_id_of
 
@@ -366,10 +369,29 @@ def _check_params(job: Job) -> None:
             raise MalformedMessage("a zero_shot job needs params.labels, a list of strings")
         if not isinstance(job.params.get("template", ""), str):
             raise MalformedMessage("params.template of a zero_shot job must be a string")
-    elif job.kind == TaskKind.ANALYZE and not _strings(job.params.get("heads")):
-        raise MalformedMessage("an analyze job needs params.heads, a list of strings")
+    elif job.kind == TaskKind.ANALYZE:
+        if not _strings(job.params.get("heads")):
+            raise MalformedMessage("an analyze job needs params.heads, a list of strings")
+        if "anonymize" in job.params:
+            _check_analyze_anonymize(job.params["anonymize"])
+    elif job.kind == TaskKind.ANONYMIZE:
+        if not _strings(job.params.get("labels")):
+            raise MalformedMessage("an anonymize job needs params.labels, a list of strings")
+        _check_style(job.params)
     elif job.kind == TaskKind.SIMILARITY and len(job.texts) < 2:
         raise MalformedMessage("a similarity job needs a query and at least one candidate")
+
+
+def _check_analyze_anonymize(options: Any) -> None:
+    labels = options.get("labels") if isinstance(options, dict) else None
+    if not isinstance(labels, dict) or not all(map(_strings, labels.values())):
+        raise MalformedMessage("params.anonymize.labels must map heads to lists of strings")
+    _check_style(options)
+
+
+def _check_style(params: dict[str, Any]) -> None:
+    if params.get("style") not in tuple(Style):
+        raise MalformedMessage(f"params.style must be one of {', '.join(Style)}")
 
 
 def _strings(value: Any) -> bool:

@@ -1,6 +1,6 @@
 """The task commands, one per RPC: embed, classify, extract-entities, similarity,
-zero-shot and analyze. Each turns a batch's response into one record per input text
-({"index": i, "text": ..., and the result}); clirun runs them."""
+zero-shot, analyze and anonymize. Each turns a batch's response into one record per input
+text ({"index": i, "text": ..., and the result}); clirun runs them."""
 
 from __future__ import annotations
 
@@ -193,6 +193,37 @@ def _entities_columns(_args: argparse.Namespace) -> list[Column]:
     return [Column("entities", 40, lambda r: _entities_cell(r["entities"]))]
 
 
+# ---------------------------------------------------------------- anonymize
+
+STYLES = ("placeholder", "pseudonym")
+
+
+def _anonymize_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--labels", type=_names, default=(), help="entity labels (PER,ORG,LOC)")
+    p.add_argument(
+        "--style",
+        choices=STYLES,
+        default="placeholder",
+        help='"[PER]", or "PER_1": the same name, the same pseudonym within a batch',
+    )
+    p.add_argument("--head", default="", help="token classification head (entities)")
+
+
+async def _anonymize(client: AsyncTaskMuxClient, args: argparse.Namespace, b: Batch) -> BatchResult:
+    from taskmux_api.v1 import taskmux_pb2 as pb
+
+    style = pb.AnonymizeStyle.Value(f"ANONYMIZE_STYLE_{args.style.upper()}")
+    response = await client.anonymize(b.texts, labels=args.labels, style=style, head=args.head)
+    results = _as_dict(response)["results"]
+    # The record's text is the anonymized one: the output never repeats an original.
+    records = [{"index": b.start + i, **r} for i, r in enumerate(results)]
+    return BatchResult(records, [response])
+
+
+def _anonymize_columns(_args: argparse.Namespace) -> list[Column]:
+    return [Column("replaced", 8, lambda r: str(len(r["spans"])))]
+
+
 # ---------------------------------------------------------------- similarity
 
 
@@ -315,5 +346,13 @@ COMMANDS = (
         _analyze,
         _analyze_merge,
         _analyze_columns,
+    ),
+    TaskCommand(
+        "anonymize",
+        "Replace the named entities of texts by placeholders or pseudonyms",
+        _anonymize_arguments,
+        _anonymize,
+        _merged,
+        _anonymize_columns,
     ),
 )

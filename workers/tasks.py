@@ -16,7 +16,9 @@ from taskmux_api.kinds import HeadKind, TaskKind
 from taskmux_api.v1 import taskmux_pb2 as pb
 from tokenizers import Encoding
 
+from model.anonymize import Replacer, Span, Style, anonymize, replacer
 from model.encoder import Encoded, Floats
+from model.entities import EntitySpan
 from model.heads import (
     EmbeddingHead,
     LinearClassifierHead,
@@ -113,6 +115,21 @@ def _entities(model: LoadedModel, job: Job, view: BatchView) -> tuple[bytes, int
     return response.SerializeToString(), len(job.texts)
 
 
+def _anonymize(model: LoadedModel, job: Job, view: BatchView) -> tuple[bytes, int]:
+    head = _head(model, job.head, TokenClassifierHead)
+    labels = frozenset(job.params["labels"])
+    replace = replacer(Style(job.params["style"]))  # one per job: pseudonyms span its texts
+    enc = model.manifest.encoder
+    response = pb.AnonymizeResponse(
+        results=[anonymized(head, view, text, labels, replace) for text in job.texts],
+        model=enc.name,
+        model_version=enc.version,
+        head=head.spec.name,
+        head_version=head.spec.version,
+    )
+    return response.SerializeToString(), len(job.texts)
+
+
 def _similarity(model: LoadedModel, job: Job, view: BatchView) -> tuple[bytes, int]:
     head = _head(model, job.head, SimilarityHead)
     rows = view.rows(job.texts)
@@ -145,11 +162,17 @@ def _zero_shot(model: LoadedModel, job: Job, view: BatchView) -> tuple[bytes, in
 
 def _analyze(model: LoadedModel, job: Job, view: BatchView) -> tuple[bytes, int]:
     results: list[bytes] = []
+    options = job.params.get("anonymize", {})
     for name in job.params["heads"]:
         head = model.heads[name]
         base = {"head": name, "head_version": head.spec.version}
+        labels = frozenset(options.get("labels", {}).get(name, ()))
+        replace = replacer(Style(options["style"])) if labels else None
         for index, text in enumerate(job.texts):
-            if isinstance(head, EmbeddingHead):
+            if isinstance(head, TokenClassifierHead) and replace is not None:
+                value_a = anonymized(head, view, text, labels, replace)
+                result = pb.AnalyzeResult(text_index=index, anonymized=value_a, **base)
+            elif isinstance(head, EmbeddingHead):
                 value = pb.Embedding(values=view.rows([text])[0].tolist())
                 result = pb.AnalyzeResult(text_index=index, embedding=value, **base)
             elif isinstance(head, LinearClassifierHead):
@@ -178,14 +201,42 @@ def classification(spec: HeadSpec, probs: Floats, top_k: int) -> pb.Classificati
 
 def entity_list(head: TokenClassifierHead, view: BatchView, text: str) -> pb.EntityList:
     """The entities of one text as the API message."""
-    states, encoding = view.tokens(text)
-    spans = head.entities(states, encoding, text)
     return pb.EntityList(
         entities=[
             pb.Entity(text=s.text, label=s.label, start=s.start, end=s.end, score=s.score)
-            for s in spans
+            for s in _entity_spans(head, view, text)
         ]
     )
+
+
+def anonymized(
+    head: TokenClassifierHead,
+    view: BatchView,
+    text: str,
+    labels: frozenset[str],
+    replace: Replacer,
+) -> pb.AnonymizedText:
+    """One text with the entities of `labels` replaced, as the API message."""
+    spans = (Span(s.label, s.start, s.end) for s in _entity_spans(head, view, text))
+    result = anonymize(text, spans, labels, replace)
+    return pb.AnonymizedText(
+        text=result.text,
+        spans=[
+            pb.AnonymizedSpan(
+                label=r.label,
+                start=r.start,
+                end=r.end,
+                output_start=r.output_start,
+                output_end=r.output_end,
+            )
+            for r in result.spans
+        ],
+    )
+
+
+def _entity_spans(head: TokenClassifierHead, view: BatchView, text: str) -> list[EntitySpan]:
+    states, encoding = view.tokens(text)
+    return head.entities(states, encoding, text)
 
 
 def _hypotheses(job: Job) -> list[str]:
@@ -217,4 +268,5 @@ BUILDERS: dict[str, Builder] = {
     TaskKind.SIMILARITY: _similarity,
     TaskKind.ZERO_SHOT: _zero_shot,
     TaskKind.ANALYZE: _analyze,
+    TaskKind.ANONYMIZE: _anonymize,
 }

@@ -10,12 +10,14 @@ Two words, used the same way everywhere:
   reports it as the proto enum `HeadKind`.
 
 A task runs on heads of one head kind; Analyze runs on several, those with an
-`AnalyzeResult` field. Each layer looks itself up here rather than keeping its own list:
-the gateway's planners (gateway/plans.py) and auth (the heads a request names), the
-worker's builders (workers/tasks.py), the manifest and head classes (model/), and the
-client (Pipeline fields). tests/unit/test_kinds.py checks this table against the proto and
-that every row has its planner, builder and head class. To add a task, see the README's
-"Adding a task".
+`AnalyzeResult` field. A task with an `analyze_option` (Anonymize) also runs inside
+Analyze: when that `AnalyzeRequest` field is set, its head kind's heads answer with the
+task's `analyze_field` instead of their own. Each layer looks itself up here rather than
+keeping its own list: the gateway's planners (gateway/plans.py) and auth (the heads a
+request names), the worker's builders (workers/tasks.py), the manifest and head classes
+(model/), and the client (Pipeline fields). tests/unit/test_kinds.py checks this table against
+the proto and that every row has its planner, builder and head class. To add a task, see
+the README's "Adding a task".
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class TaskKind(StrEnum):
     SIMILARITY = "similarity"
     ZERO_SHOT = "zero_shot"
     ANALYZE = "analyze"
+    ANONYMIZE = "anonymize"
 
 
 class HeadKind(StrEnum):
@@ -72,6 +75,8 @@ class TaskSpec:
     head_field: str = ""  # the request field that names its head(s); "": none
     default_head: str = ""  # the head used when head_field is absent or empty
     pipeline_field: str = ""  # its PipelineRequest/Response oneof field; "": not in Pipeline
+    analyze_option: str = ""  # the AnalyzeRequest field that runs it in Analyze; "": none
+    analyze_field: str = ""  # its AnalyzeResult oneof field then, in place of its head kind's
 
 
 EMBEDDING: Final = HeadKindSpec(
@@ -141,6 +146,18 @@ _ROWS: Final = (
     ),
     TaskSpec(
         TaskKind.ANALYZE, "Analyze", pb.AnalyzeRequest, pb.AnalyzeResult, None, head_field="heads"
+    ),
+    TaskSpec(
+        TaskKind.ANONYMIZE,
+        "Anonymize",
+        pb.AnonymizeRequest,
+        pb.AnonymizeResponse,
+        TOKEN_CLASSIFICATION,
+        head_field="head",
+        default_head="entities",
+        pipeline_field="anonymize",
+        analyze_option="anonymize",
+        analyze_field="anonymized",
     ),
 )
 

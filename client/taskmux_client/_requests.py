@@ -18,6 +18,7 @@ TaskRequest = (
     | pb.ExtractEntitiesRequest
     | pb.SimilarityRequest
     | pb.ZeroShotClassifyRequest
+    | pb.AnonymizeRequest
 )
 # What `pipeline` accepts: a full PipelineRequest, or a task message (its id is then
 # its position in the stream, "0", "1", ...).
@@ -31,6 +32,7 @@ R = TypeVar(
     pb.SimilarityRequest,
     pb.ZeroShotClassifyRequest,
     pb.AnalyzeRequest,
+    pb.AnonymizeRequest,
 )
 
 

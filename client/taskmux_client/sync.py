@@ -164,6 +164,25 @@ class TaskMuxClient:
             timeout_s,
         )
 
+    def anonymize(
+        self,
+        texts: Sequence[str],
+        *,
+        labels: Sequence[str] = (),
+        style: pb.AnonymizeStyle.ValueType = pb.ANONYMIZE_STYLE_PLACEHOLDER,
+        head: str = "",
+        request_id: str | None = None,
+        idempotency_key: str | None = None,
+        timeout_s: float | None = None,
+    ) -> pb.AnonymizeResponse:
+        """Each text with the entities of `labels` (PER, ORG, LOC when none) replaced by
+        placeholders ("[PER]") or by pseudonyms consistent across the texts ("PER_1")."""
+        request = pb.AnonymizeRequest(
+            texts=texts_list(texts), labels=texts_list(labels, "labels"), style=style, head=head
+        )
+        request = with_ids(request, request_id, idempotency_key, auto_key=self._auto_key)
+        return self._unary("Anonymize", self._stub.Anonymize, request, timeout_s)
+
     def list_tasks(self, *, timeout_s: float | None = None) -> pb.ListTasksResponse:
         """The heads, the encoder and the request limits."""
         request = pb.ListTasksRequest()
@@ -175,16 +194,21 @@ class TaskMuxClient:
         heads: Sequence[str],
         *,
         top_k: int = 0,
+        anonymize: pb.AnonymizeOptions | None = None,
         request_id: str | None = None,
         idempotency_key: str | None = None,
         timeout_s: float | None = None,
     ) -> Iterator[pb.AnalyzeResult]:
         """One result per (text, head) as each text is done, len(texts) x len(heads) in all.
+        With `anonymize`, token-classification heads answer with their anonymized text.
 
         The call is retried like a unary one until its first result has arrived, not after.
         """
         request = pb.AnalyzeRequest(
-            texts=texts_list(texts), heads=texts_list(heads, "heads"), top_k=top_k
+            texts=texts_list(texts),
+            heads=texts_list(heads, "heads"),
+            top_k=top_k,
+            anonymize=anonymize,
         )
         request = with_ids(request, request_id, idempotency_key, auto_key=self._auto_key)
         stream = StreamRetry(self._loop("Analyze", request.request_id, timeout_s))

@@ -1,5 +1,5 @@
 """The task commands of `taskmux` (embed, classify, extract-entities, similarity, zero-shot,
-analyze) against a real gateway and worker: texts from arguments, a file and stdin, JSONL in
+analyze, anonymize) against a real gateway and worker: texts from arguments, a file and stdin, JSONL in
 input order with several requests in flight, the table format, and errors."""
 
 from __future__ import annotations
@@ -221,6 +221,46 @@ def test_similarity_json_ranks_over_every_batch(
     ranked = sorted(range(4), key=lambda i: -document["scores"][i])[:2]
     assert [t["index"] for t in document["top"]] == ranked
     assert set(ranked) == {1, 2}
+
+
+# ---------------------------------------------------------------- anonymize
+
+
+def test_anonymize_prints_no_original_in_any_format(
+    target: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    texts = [*TEXTS, "Then Angela Merkel left Paris."]
+    path = tmp_path / "texts.txt"
+    path.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    argv = ["anonymize", "--style", "pseudonym", "--batch-size", "4"]
+    code, out, err = _run(capsys, target, [*argv, "--input", str(path)])
+    assert (code, err) == (0, "")
+    records = _jsonl(out)
+    assert [r["index"] for r in records] == list(range(4))
+    assert [r["text"] for r in records[1:]] == [
+        "PER_1 visited LOC_1.",
+        "The striker scored twice.",
+        "Then PER_1 left LOC_1.",
+    ]
+    assert "Merkel" not in out and "Paris" not in out
+    for text, record in zip(texts, records, strict=True):
+        for span in record["spans"]:
+            assert text[span["start"] : span["end"]] not in record["text"]
+    code, out, _ = _run(capsys, target, ["anonymize", "--labels", "LOC", *texts[1:2]])
+    assert code == 0
+    assert json.loads(out)["results"][0]["text"] == "Angela Merkel visited [LOC]."
+    code, out, _ = _run(capsys, target, ["anonymize", "--format", "table", *texts[1:2]])
+    header, row = out.splitlines()
+    assert header.split() == ["index", "replaced", "text"]
+    assert row.split() == ["0", "2", "[PER]", "visited", "[LOC]."]
+
+
+def test_anonymize_refuses_an_unknown_label(
+    target: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = _run(capsys, target, ["anonymize", "--labels", "PER,DATE", "hello"])
+    assert code == 1 and out == ""
+    assert err.startswith("error: INVALID_ARGUMENT: labels[1] 'DATE'") and "MISC" in err
 
 
 # ---------------------------------------------------------------- errors

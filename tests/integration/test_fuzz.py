@@ -4,6 +4,7 @@ written straight into the job streams, which must end in the dead-letter stream.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -189,6 +190,33 @@ def test_fuzz_extract_entities(target: Target, head: str, texts: list[str], key:
 
 
 @FUZZ
+@given(
+    head=st.one_of(st.just(""), st.just("entities"), head_name),
+    texts=texts,
+    labels=st.lists(
+        st.one_of(st.sampled_from(["PER", "ORG", "LOC", "MISC"]), st.text(any_char, max_size=8)),
+        max_size=5,
+    ),
+    style=st.one_of(st.integers(0, 3), st.sampled_from([-1, 2**31 - 1])),
+)
+def test_fuzz_anonymize(
+    target: Target, head: str, texts: list[str], labels: list[str], style: int
+) -> None:
+    request = pb.AnonymizeRequest(head=head, texts=texts, labels=labels, style=style)  # type: ignore[arg-type]
+    response = target.check(
+        "Anonymize", lambda: target.stub.Anonymize(request, timeout=CALL_TIMEOUT_S)
+    )
+    if response is not None:
+        assert len(response.results) == len(texts)
+        for t, result in zip(texts, response.results, strict=True):
+            for s in result.spans:
+                label = re.escape(s.label)
+                replacement = result.text[s.output_start : s.output_end]
+                assert re.fullmatch(rf"\[{label}\]|{label}_[1-9][0-9]*", replacement)
+                assert 0 <= s.start < s.end <= len(t)
+
+
+@FUZZ
 @given(query=text, candidates=texts, top_k=top_k)
 def test_fuzz_similarity(target: Target, query: str, candidates: list[str], top_k: int) -> None:
     request = pb.SimilarityRequest(query=query, candidates=candidates, top_k=top_k)
@@ -306,6 +334,7 @@ UNDECODABLE = [
     ("ExtractEntities", _string(2, NOT_UTF8)),
     ("Similarity", _string(1, NOT_UTF8) + _string(2, b"candidate")),
     ("ZeroShotClassify", _string(1, b"t") + _string(2, NOT_UTF8) + _string(2, b"b")),
+    ("Anonymize", _string(1, b"t") + _string(2, NOT_UTF8)),  # labels[0]
     ("Embed", b"\x0a\x05ab"),  # a length past the end
     ("Classify", b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"),  # an over-long varint tag
     ("ListTasks", b"\x0a\x05ab"),

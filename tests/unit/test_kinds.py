@@ -42,6 +42,7 @@ def test_task_and_head_kind_values_are_the_stored_strings() -> None:
         "similarity",
         "zero_shot",
         "analyze",
+        "anonymize",
     ]
     assert [k.value for k in HeadKind] == [
         "embedding",
@@ -83,10 +84,16 @@ def test_every_head_kind_enum_is_covered_once() -> None:
     assert head_kind_proto("telepathy") == pb.HEAD_KIND_UNSPECIFIED
 
 
-def test_analyze_fields_are_the_analyzable_head_kinds() -> None:
+def test_analyze_fields_are_the_analyzable_head_kinds_and_options() -> None:
     fields = pb.AnalyzeResult.DESCRIPTOR.oneofs_by_name["result"].fields
     by_field = {spec.analyze_field: spec.kind for spec in HEAD_KINDS.values() if spec.analyze_field}
-    assert set(by_field) == {f.name for f in fields}
+    options = [row for row in ROWS if row.analyze_option]
+    assert set(by_field) | {row.analyze_field for row in options} == {f.name for f in fields}
+    for row in options:  # an option runs a task on heads Analyze takes, with its own result
+        assert row.head is not None and row.head.kind in ANALYZABLE, row.rpc
+        assert row.analyze_field and row.analyze_field not in by_field, row.rpc
+        option = pb.AnalyzeRequest.DESCRIPTOR.fields_by_name[row.analyze_option]
+        assert option.message_type is not None and option.has_presence, row.rpc
     assert ANALYZABLE == (
         HeadKind.EMBEDDING,
         HeadKind.CLASSIFICATION,

@@ -9,7 +9,9 @@ RPCs, never renumber, rename or change the type of an existing one).
 
 Errors are standard gRPC status codes; the message always says what to fix:
   INVALID_ARGUMENT   a request field is malformed (empty texts, empty text,
-                     text too long, too many texts, negative top_k, ...),
+                     text too long, too many texts, negative top_k, an
+                     entity label the head does not have, an unknown
+                     anonymize style, ...),
                      or the request bytes do not parse (a string that is
                      not UTF-8, a truncated message).
   NOT_FOUND          the named head is not served by this deployment.
@@ -69,7 +71,7 @@ class _HeadKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_HeadKind.Val
     HEAD_KIND_CLASSIFICATION: _HeadKind.ValueType  # 2
     """One label per text out of a fixed set (the Classify RPC)."""
     HEAD_KIND_TOKEN_CLASSIFICATION: _HeadKind.ValueType  # 3
-    """Labelled spans inside each text (the ExtractEntities RPC)."""
+    """Labelled spans inside each text (the ExtractEntities and Anonymize RPCs)."""
     HEAD_KIND_SIMILARITY: _HeadKind.ValueType  # 4
     """Query-candidate scores (the Similarity RPC)."""
     HEAD_KIND_ZERO_SHOT: _HeadKind.ValueType  # 5
@@ -85,12 +87,44 @@ HEAD_KIND_EMBEDDING: HeadKind.ValueType  # 1
 HEAD_KIND_CLASSIFICATION: HeadKind.ValueType  # 2
 """One label per text out of a fixed set (the Classify RPC)."""
 HEAD_KIND_TOKEN_CLASSIFICATION: HeadKind.ValueType  # 3
-"""Labelled spans inside each text (the ExtractEntities RPC)."""
+"""Labelled spans inside each text (the ExtractEntities and Anonymize RPCs)."""
 HEAD_KIND_SIMILARITY: HeadKind.ValueType  # 4
 """Query-candidate scores (the Similarity RPC)."""
 HEAD_KIND_ZERO_SHOT: HeadKind.ValueType  # 5
 """Caller-named labels (the ZeroShotClassify RPC)."""
 Global___HeadKind: _TypeAlias = HeadKind  # noqa: Y015
+
+class _AnonymizeStyle:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AnonymizeStyleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AnonymizeStyle.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ANONYMIZE_STYLE_UNSPECIFIED: _AnonymizeStyle.ValueType  # 0
+    """The default: ANONYMIZE_STYLE_PLACEHOLDER."""
+    ANONYMIZE_STYLE_PLACEHOLDER: _AnonymizeStyle.ValueType  # 1
+    """Its label in brackets, "[PER]": every person reads the same."""
+    ANONYMIZE_STYLE_PSEUDONYM: _AnonymizeStyle.ValueType  # 2
+    """Its label and a number, "PER_1", the same for the same label and the same
+    surface string (exact, case-sensitive) in every text of one request, and
+    numbered per label in order of first appearance (text by text, then
+    left to right). Numbers restart with each request.
+    """
+
+class AnonymizeStyle(_AnonymizeStyle, metaclass=_AnonymizeStyleEnumTypeWrapper):
+    """How Anonymize replaces an entity."""
+
+ANONYMIZE_STYLE_UNSPECIFIED: AnonymizeStyle.ValueType  # 0
+"""The default: ANONYMIZE_STYLE_PLACEHOLDER."""
+ANONYMIZE_STYLE_PLACEHOLDER: AnonymizeStyle.ValueType  # 1
+"""Its label in brackets, "[PER]": every person reads the same."""
+ANONYMIZE_STYLE_PSEUDONYM: AnonymizeStyle.ValueType  # 2
+"""Its label and a number, "PER_1", the same for the same label and the same
+surface string (exact, case-sensitive) in every text of one request, and
+numbered per label in order of first appearance (text by text, then
+left to right). Numbers restart with each request.
+"""
+Global___AnonymizeStyle: _TypeAlias = AnonymizeStyle  # noqa: Y015
 
 @_typing.final
 class EmbedRequest(_message.Message):
@@ -882,6 +916,7 @@ class AnalyzeRequest(_message.Message):
     TEXTS_FIELD_NUMBER: _builtins.int
     HEADS_FIELD_NUMBER: _builtins.int
     TOP_K_FIELD_NUMBER: _builtins.int
+    ANONYMIZE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     top_k: _builtins.int
@@ -905,18 +940,29 @@ class AnalyzeRequest(_message.Message):
         1 to RequestLimits.max_heads_per_request of them.
         """
 
+    @_builtins.property
+    def anonymize(self) -> Global___AnonymizeOptions:
+        """When set, each token-classification head in heads answers with its
+        anonymized text (AnalyzeResult.anonymized) instead of its entities, as the
+        Anonymize RPC would: same checks, same result. Then at least one such head
+        must be named (else INVALID_ARGUMENT). With ANONYMIZE_STYLE_PSEUDONYM the
+        pseudonyms are consistent across the texts, so every result of the call
+        arrives at once, when the last text is done, instead of text by text.
+        """
+
     def __init__(
         self,
         *,
         texts: _abc.Iterable[_builtins.str] | None = ...,
         heads: _abc.Iterable[_builtins.str] | None = ...,
         top_k: _builtins.int = ...,
+        anonymize: Global___AnonymizeOptions | None = ...,
         request_id: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["anonymize", b"anonymize"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heads", b"heads", "idempotency_key", b"idempotency_key", "request_id", b"request_id", "texts", b"texts", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anonymize", b"anonymize", "heads", b"heads", "idempotency_key", b"idempotency_key", "request_id", b"request_id", "texts", b"texts", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -934,6 +980,7 @@ class AnalyzeResult(_message.Message):
     EMBEDDING_FIELD_NUMBER: _builtins.int
     CLASSIFICATION_FIELD_NUMBER: _builtins.int
     ENTITIES_FIELD_NUMBER: _builtins.int
+    ANONYMIZED_FIELD_NUMBER: _builtins.int
     text_index: _builtins.int
     """Index of the text in AnalyzeRequest.texts."""
     head: _builtins.str
@@ -952,6 +999,10 @@ class AnalyzeResult(_message.Message):
     def entities(self) -> Global___EntityList:
         """For a token classification head."""
 
+    @_builtins.property
+    def anonymized(self) -> Global___AnonymizedText:
+        """For a token classification head when AnalyzeRequest.anonymize is set."""
+
     def __init__(
         self,
         *,
@@ -961,16 +1012,212 @@ class AnalyzeResult(_message.Message):
         embedding: Global___Embedding | None = ...,
         classification: Global___ClassificationResult | None = ...,
         entities: Global___EntityList | None = ...,
+        anonymized: Global___AnonymizedText | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["classification", b"classification", "embedding", b"embedding", "entities", b"entities", "result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["anonymized", b"anonymized", "classification", b"classification", "embedding", b"embedding", "entities", b"entities", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["classification", b"classification", "embedding", b"embedding", "entities", b"entities", "head", b"head", "head_version", b"head_version", "result", b"result", "text_index", b"text_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anonymized", b"anonymized", "classification", b"classification", "embedding", b"embedding", "entities", b"entities", "head", b"head", "head_version", b"head_version", "result", b"result", "text_index", b"text_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["embedding", "classification", "entities"]  # noqa: Y015
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["embedding", "classification", "entities", "anonymized"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 
 Global___AnalyzeResult: _TypeAlias = AnalyzeResult  # noqa: Y015
+
+@_typing.final
+class AnonymizeOptions(_message.Message):
+    """What to replace and how: AnonymizeRequest's fields, for AnalyzeRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LABELS_FIELD_NUMBER: _builtins.int
+    STYLE_FIELD_NUMBER: _builtins.int
+    style: Global___AnonymizeStyle.ValueType
+    """As AnonymizeRequest.style."""
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """As AnonymizeRequest.labels."""
+
+    def __init__(
+        self,
+        *,
+        labels: _abc.Iterable[_builtins.str] | None = ...,
+        style: Global___AnonymizeStyle.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "style", b"style"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnonymizeOptions: _TypeAlias = AnonymizeOptions  # noqa: Y015
+
+@_typing.final
+class AnonymizeRequest(_message.Message):
+    """Texts whose entities to replace."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXTS_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    STYLE_FIELD_NUMBER: _builtins.int
+    HEAD_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    style: Global___AnonymizeStyle.ValueType
+    """How to replace them; unspecified means ANONYMIZE_STYLE_PLACEHOLDER."""
+    head: _builtins.str
+    """A head of kind HEAD_KIND_TOKEN_CLASSIFICATION; empty means "entities"."""
+    request_id: _builtins.str
+    """Request metadata: the client's id for this logical call, the same on every
+    retry; echoed in the trailing metadata "x-request-id". Optional.
+    """
+    idempotency_key: _builtins.str
+    """Request metadata: calls of this RPC with the same key and the same request
+    are computed once within the idempotency TTL; the same key with a different
+    request is INVALID_ARGUMENT. Optional.
+    """
+    @_builtins.property
+    def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The texts; same limits as EmbedRequest.texts."""
+
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The entity labels to replace, distinct, each one of the head's (its
+        HeadInfo.labels without "O" and any B-/I- prefix: PER, ORG, LOC and MISC
+        for "entities"). Empty means those of PER, ORG and LOC the head has.
+        """
+
+    def __init__(
+        self,
+        *,
+        texts: _abc.Iterable[_builtins.str] | None = ...,
+        labels: _abc.Iterable[_builtins.str] | None = ...,
+        style: Global___AnonymizeStyle.ValueType = ...,
+        head: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["head", b"head", "idempotency_key", b"idempotency_key", "labels", b"labels", "request_id", b"request_id", "style", b"style", "texts", b"texts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnonymizeRequest: _TypeAlias = AnonymizeRequest  # noqa: Y015
+
+@_typing.final
+class AnonymizedSpan(_message.Message):
+    """One replaced entity. Offsets are in Unicode code points, as Entity's. The
+    original surface text is deliberately not repeated: the caller has it
+    (request text[start:end]), and the response can then be logged or passed on
+    without it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LABEL_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    OUTPUT_START_FIELD_NUMBER: _builtins.int
+    OUTPUT_END_FIELD_NUMBER: _builtins.int
+    label: _builtins.str
+    """The entity's label (e.g. PER)."""
+    start: _builtins.int
+    """Start offset in the request's text."""
+    end: _builtins.int
+    """End offset (exclusive) in the request's text."""
+    output_start: _builtins.int
+    """Start offset of its replacement in AnonymizedText.text."""
+    output_end: _builtins.int
+    """End offset (exclusive) of its replacement in AnonymizedText.text."""
+    def __init__(
+        self,
+        *,
+        label: _builtins.str = ...,
+        start: _builtins.int = ...,
+        end: _builtins.int = ...,
+        output_start: _builtins.int = ...,
+        output_end: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "label", b"label", "output_end", b"output_end", "output_start", b"output_start", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnonymizedSpan: _TypeAlias = AnonymizedSpan  # noqa: Y015
+
+@_typing.final
+class AnonymizedText(_message.Message):
+    """One text with its entities replaced."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    SPANS_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """The text, each replaced entity's characters swapped for its replacement;
+    everything between entities is kept as is. Entities that overlap are
+    replaced as one, with the label of the one that starts first.
+    """
+    @_builtins.property
+    def spans(self) -> _containers.RepeatedCompositeFieldContainer[Global___AnonymizedSpan]:
+        """The replacements, in order of appearance; empty when none was made."""
+
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        spans: _abc.Iterable[Global___AnonymizedSpan] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["spans", b"spans", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnonymizedText: _TypeAlias = AnonymizedText  # noqa: Y015
+
+@_typing.final
+class AnonymizeResponse(_message.Message):
+    """The anonymized texts, in the order of the request's texts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    HEAD_FIELD_NUMBER: _builtins.int
+    HEAD_VERSION_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Name of the encoder."""
+    model_version: _builtins.str
+    """Version of the encoder."""
+    head: _builtins.str
+    """Name of the head that found the entities."""
+    head_version: _builtins.str
+    """Version of that head."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___AnonymizedText]:
+        """One result per request text, same order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___AnonymizedText] | None = ...,
+        model: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+        head: _builtins.str = ...,
+        head_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["head", b"head", "head_version", b"head_version", "model", b"model", "model_version", b"model_version", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnonymizeResponse: _TypeAlias = AnonymizeResponse  # noqa: Y015
 
 @_typing.final
 class PipelineRequest(_message.Message):
@@ -984,6 +1231,7 @@ class PipelineRequest(_message.Message):
     EXTRACT_ENTITIES_FIELD_NUMBER: _builtins.int
     SIMILARITY_FIELD_NUMBER: _builtins.int
     ZERO_SHOT_CLASSIFY_FIELD_NUMBER: _builtins.int
+    ANONYMIZE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The client's id for this task, echoed in its response; should be unique per stream."""
     @_builtins.property
@@ -1006,6 +1254,10 @@ class PipelineRequest(_message.Message):
     def zero_shot_classify(self) -> Global___ZeroShotClassifyRequest:
         """A ZeroShotClassify call."""
 
+    @_builtins.property
+    def anonymize(self) -> Global___AnonymizeRequest:
+        """An Anonymize call."""
+
     def __init__(
         self,
         *,
@@ -1015,12 +1267,13 @@ class PipelineRequest(_message.Message):
         extract_entities: Global___ExtractEntitiesRequest | None = ...,
         similarity: Global___SimilarityRequest | None = ...,
         zero_shot_classify: Global___ZeroShotClassifyRequest | None = ...,
+        anonymize: Global___AnonymizeRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["classify", b"classify", "embed", b"embed", "extract_entities", b"extract_entities", "similarity", b"similarity", "task", b"task", "zero_shot_classify", b"zero_shot_classify"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["anonymize", b"anonymize", "classify", b"classify", "embed", b"embed", "extract_entities", b"extract_entities", "similarity", b"similarity", "task", b"task", "zero_shot_classify", b"zero_shot_classify"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["classify", b"classify", "embed", b"embed", "extract_entities", b"extract_entities", "id", b"id", "similarity", b"similarity", "task", b"task", "zero_shot_classify", b"zero_shot_classify"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anonymize", b"anonymize", "classify", b"classify", "embed", b"embed", "extract_entities", b"extract_entities", "id", b"id", "similarity", b"similarity", "task", b"task", "zero_shot_classify", b"zero_shot_classify"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_task: _TypeAlias = _typing.Literal["embed", "classify", "extract_entities", "similarity", "zero_shot_classify"]  # noqa: Y015
+    _WhichOneofReturnType_task: _TypeAlias = _typing.Literal["embed", "classify", "extract_entities", "similarity", "zero_shot_classify", "anonymize"]  # noqa: Y015
     _WhichOneofArgType_task: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_task) -> _WhichOneofReturnType_task | None: ...
 
@@ -1039,6 +1292,7 @@ class PipelineResponse(_message.Message):
     SIMILARITY_FIELD_NUMBER: _builtins.int
     ZERO_SHOT_CLASSIFY_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    ANONYMIZE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The id of the PipelineRequest this answers."""
     @_builtins.property
@@ -1065,6 +1319,10 @@ class PipelineResponse(_message.Message):
     def error(self) -> Global___TaskError:
         """Why the task failed: the status the unary RPC would have returned."""
 
+    @_builtins.property
+    def anonymize(self) -> Global___AnonymizeResponse:
+        """Answer to an anonymize task."""
+
     def __init__(
         self,
         *,
@@ -1075,12 +1333,13 @@ class PipelineResponse(_message.Message):
         similarity: Global___SimilarityResponse | None = ...,
         zero_shot_classify: Global___ZeroShotClassifyResponse | None = ...,
         error: Global___TaskError | None = ...,
+        anonymize: Global___AnonymizeResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["classify", b"classify", "embed", b"embed", "error", b"error", "extract_entities", b"extract_entities", "result", b"result", "similarity", b"similarity", "zero_shot_classify", b"zero_shot_classify"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["anonymize", b"anonymize", "classify", b"classify", "embed", b"embed", "error", b"error", "extract_entities", b"extract_entities", "result", b"result", "similarity", b"similarity", "zero_shot_classify", b"zero_shot_classify"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["classify", b"classify", "embed", b"embed", "error", b"error", "extract_entities", b"extract_entities", "id", b"id", "result", b"result", "similarity", b"similarity", "zero_shot_classify", b"zero_shot_classify"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anonymize", b"anonymize", "classify", b"classify", "embed", b"embed", "error", b"error", "extract_entities", b"extract_entities", "id", b"id", "result", b"result", "similarity", b"similarity", "zero_shot_classify", b"zero_shot_classify"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["embed", "classify", "extract_entities", "similarity", "zero_shot_classify", "error"]  # noqa: Y015
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["embed", "classify", "extract_entities", "similarity", "zero_shot_classify", "error", "anonymize"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 

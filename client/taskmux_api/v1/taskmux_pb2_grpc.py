@@ -65,6 +65,11 @@ class TaskMuxStub:
                 request_serializer=taskmux_dot_v1_dot_taskmux__pb2.ZeroShotClassifyRequest.SerializeToString,
                 response_deserializer=taskmux_dot_v1_dot_taskmux__pb2.ZeroShotClassifyResponse.FromString,
                 _registered_method=True)
+        self.Anonymize = channel.unary_unary(
+                '/taskmux.v1.TaskMux/Anonymize',
+                request_serializer=taskmux_dot_v1_dot_taskmux__pb2.AnonymizeRequest.SerializeToString,
+                response_deserializer=taskmux_dot_v1_dot_taskmux__pb2.AnonymizeResponse.FromString,
+                _registered_method=True)
         self.Analyze = channel.unary_stream(
                 '/taskmux.v1.TaskMux/Analyze',
                 request_serializer=taskmux_dot_v1_dot_taskmux__pb2.AnalyzeRequest.SerializeToString,
@@ -123,10 +128,23 @@ class TaskMuxServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Anonymize(self, request, context):
+        """Replaces the entities of the labels asked for (PER, ORG and LOC unless
+        named) by placeholders ("[PER]") or by pseudonyms consistent across the
+        request's texts ("PER_1"), and says where each replacement is. It runs the
+        token-classification head of ExtractEntities, in the same encoder pass.
+        INVALID_ARGUMENT also for a label the head does not have (the message
+        lists those it has) and for an AnonymizeStyle this server does not know.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Analyze(self, request, context):
         """Runs several heads on the same texts: one encoder pass per distinct text.
-        Streams one AnalyzeResult per (text, head) as soon as each text is done;
-        the stream ends after exactly len(texts) x len(heads) results.
+        Streams one AnalyzeResult per (text, head) as soon as each text is done
+        (all at once with pseudonyms: see AnalyzeRequest.anonymize); the stream
+        ends after exactly len(texts) x len(heads) results.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -175,6 +193,11 @@ def add_TaskMuxServicer_to_server(servicer, server):
                     servicer.ZeroShotClassify,
                     request_deserializer=taskmux_dot_v1_dot_taskmux__pb2.ZeroShotClassifyRequest.FromString,
                     response_serializer=taskmux_dot_v1_dot_taskmux__pb2.ZeroShotClassifyResponse.SerializeToString,
+            ),
+            'Anonymize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Anonymize,
+                    request_deserializer=taskmux_dot_v1_dot_taskmux__pb2.AnonymizeRequest.FromString,
+                    response_serializer=taskmux_dot_v1_dot_taskmux__pb2.AnonymizeResponse.SerializeToString,
             ),
             'Analyze': grpc.unary_stream_rpc_method_handler(
                     servicer.Analyze,
@@ -350,6 +373,33 @@ class TaskMux:
             '/taskmux.v1.TaskMux/ZeroShotClassify',
             taskmux_dot_v1_dot_taskmux__pb2.ZeroShotClassifyRequest.SerializeToString,
             taskmux_dot_v1_dot_taskmux__pb2.ZeroShotClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Anonymize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskmux.v1.TaskMux/Anonymize',
+            taskmux_dot_v1_dot_taskmux__pb2.AnonymizeRequest.SerializeToString,
+            taskmux_dot_v1_dot_taskmux__pb2.AnonymizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

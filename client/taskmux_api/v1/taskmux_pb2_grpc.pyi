@@ -9,7 +9,9 @@ RPCs, never renumber, rename or change the type of an existing one).
 
 Errors are standard gRPC status codes; the message always says what to fix:
   INVALID_ARGUMENT   a request field is malformed (empty texts, empty text,
-                     text too long, too many texts, negative top_k, ...),
+                     text too long, too many texts, negative top_k, an
+                     entity label the head does not have, an unknown
+                     anonymize style, ...),
                      or the request bytes do not parse (a string that is
                      not UTF-8, a truncated message).
   NOT_FOUND          the named head is not served by this deployment.
@@ -82,10 +84,19 @@ class TaskMuxStub:
     """Scores candidates against a query by the cosine of their embeddings."""
     ZeroShotClassify: _grpc.UnaryUnaryMultiCallable[_taskmux_pb2.ZeroShotClassifyRequest, _taskmux_pb2.ZeroShotClassifyResponse]
     """Classifies texts into labels the caller names, with no training."""
+    Anonymize: _grpc.UnaryUnaryMultiCallable[_taskmux_pb2.AnonymizeRequest, _taskmux_pb2.AnonymizeResponse]
+    """Replaces the entities of the labels asked for (PER, ORG and LOC unless
+    named) by placeholders ("[PER]") or by pseudonyms consistent across the
+    request's texts ("PER_1"), and says where each replacement is. It runs the
+    token-classification head of ExtractEntities, in the same encoder pass.
+    INVALID_ARGUMENT also for a label the head does not have (the message
+    lists those it has) and for an AnonymizeStyle this server does not know.
+    """
     Analyze: _grpc.UnaryStreamMultiCallable[_taskmux_pb2.AnalyzeRequest, _taskmux_pb2.AnalyzeResult]
     """Runs several heads on the same texts: one encoder pass per distinct text.
-    Streams one AnalyzeResult per (text, head) as soon as each text is done;
-    the stream ends after exactly len(texts) x len(heads) results.
+    Streams one AnalyzeResult per (text, head) as soon as each text is done
+    (all at once with pseudonyms: see AnalyzeRequest.anonymize); the stream
+    ends after exactly len(texts) x len(heads) results.
     """
     Pipeline: _grpc.StreamStreamMultiCallable[_taskmux_pb2.PipelineRequest, _taskmux_pb2.PipelineResponse]
     """A pipeline: the client streams tasks, the server streams each result as it
@@ -112,10 +123,19 @@ class TaskMuxAsyncStub(TaskMuxStub):
     """Scores candidates against a query by the cosine of their embeddings."""
     ZeroShotClassify: _aio.UnaryUnaryMultiCallable[_taskmux_pb2.ZeroShotClassifyRequest, _taskmux_pb2.ZeroShotClassifyResponse]  # type: ignore[assignment]
     """Classifies texts into labels the caller names, with no training."""
+    Anonymize: _aio.UnaryUnaryMultiCallable[_taskmux_pb2.AnonymizeRequest, _taskmux_pb2.AnonymizeResponse]  # type: ignore[assignment]
+    """Replaces the entities of the labels asked for (PER, ORG and LOC unless
+    named) by placeholders ("[PER]") or by pseudonyms consistent across the
+    request's texts ("PER_1"), and says where each replacement is. It runs the
+    token-classification head of ExtractEntities, in the same encoder pass.
+    INVALID_ARGUMENT also for a label the head does not have (the message
+    lists those it has) and for an AnonymizeStyle this server does not know.
+    """
     Analyze: _aio.UnaryStreamMultiCallable[_taskmux_pb2.AnalyzeRequest, _taskmux_pb2.AnalyzeResult]  # type: ignore[assignment]
     """Runs several heads on the same texts: one encoder pass per distinct text.
-    Streams one AnalyzeResult per (text, head) as soon as each text is done;
-    the stream ends after exactly len(texts) x len(heads) results.
+    Streams one AnalyzeResult per (text, head) as soon as each text is done
+    (all at once with pseudonyms: see AnalyzeRequest.anonymize); the stream
+    ends after exactly len(texts) x len(heads) results.
     """
     Pipeline: _aio.StreamStreamMultiCallable[_taskmux_pb2.PipelineRequest, _taskmux_pb2.PipelineResponse]  # type: ignore[assignment]
     """A pipeline: the client streams tasks, the server streams each result as it
@@ -177,14 +197,29 @@ class TaskMuxServicer(metaclass=_abc_1.ABCMeta):
         """Classifies texts into labels the caller names, with no training."""
 
     @_abc_1.abstractmethod
+    def Anonymize(
+        self,
+        request: _taskmux_pb2.AnonymizeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_taskmux_pb2.AnonymizeResponse, _abc.Awaitable[_taskmux_pb2.AnonymizeResponse]]:
+        """Replaces the entities of the labels asked for (PER, ORG and LOC unless
+        named) by placeholders ("[PER]") or by pseudonyms consistent across the
+        request's texts ("PER_1"), and says where each replacement is. It runs the
+        token-classification head of ExtractEntities, in the same encoder pass.
+        INVALID_ARGUMENT also for a label the head does not have (the message
+        lists those it has) and for an AnonymizeStyle this server does not know.
+        """
+
+    @_abc_1.abstractmethod
     def Analyze(
         self,
         request: _taskmux_pb2.AnalyzeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_taskmux_pb2.AnalyzeResult], _abc.AsyncIterator[_taskmux_pb2.AnalyzeResult]]:
         """Runs several heads on the same texts: one encoder pass per distinct text.
-        Streams one AnalyzeResult per (text, head) as soon as each text is done;
-        the stream ends after exactly len(texts) x len(heads) results.
+        Streams one AnalyzeResult per (text, head) as soon as each text is done
+        (all at once with pseudonyms: see AnalyzeRequest.anonymize); the stream
+        ends after exactly len(texts) x len(heads) results.
         """
 
     @_abc_1.abstractmethod
