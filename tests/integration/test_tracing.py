@@ -169,9 +169,9 @@ def job_fields(monkeypatch: pytest.MonkeyPatch) -> list[Fields]:
     seen: list[Fields] = []
     decode = consumer._decode
 
-    def recording(stream: str, entry_id: bytes, fields: Fields) -> Any:
+    def recording(stream: str, entry_id: bytes, fields: Fields, cipher: Any) -> Any:
         seen.append(dict(fields))
-        return decode(stream, entry_id, fields)
+        return decode(stream, entry_id, fields, cipher)
 
     monkeypatch.setattr(consumer, "_decode", recording)
     return seen
