@@ -8,9 +8,12 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any
+
+from taskmux.progress import Steps
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,7 @@ def add_model_commands(sub: Any) -> None:
         "--variants", nargs="*", choices=VARIANTS, default=list(VARIANTS), metavar="VARIANT",
         help=f"encoder variants to build besides fp32 (default: {' '.join(VARIANTS)})",
     )  # fmt: skip
+    _add_output_flags(build, "the manifest (without checksums)", "a summary")
     build.set_defaults(func=_model_build)
     bench = msub.add_parser(
         "bench-variants", help="Encoder texts/s of each variant side by side (CPU)"
@@ -64,6 +68,9 @@ def add_model_commands(sub: Any) -> None:
         help="also compare this encoder variant with fp32 and record the figures in the "
         "manifest and taskmux/modelrepo/trained/encoder/variants.json",
     )  # fmt: skip
+    for p in (sentiment, defaults):
+        _add_output_flags(p, "each head's training report", "a summary")
+    _add_output_flags(evaluate, "the figures (and the variant's, with --variant)", "tables")
     for p in (sentiment, defaults, evaluate):
         p.add_argument("--repo", type=Path, default=DEFAULT_REPO)
         p.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -96,13 +103,36 @@ def add_model_commands(sub: Any) -> None:
     listing.set_defaults(func=_head_list)
 
 
+def _add_output_flags(parser: argparse.ArgumentParser, what: str, instead: str) -> None:
+    parser.add_argument(
+        "--json", action="store_true", help=f"print {what} as JSON instead of {instead}"
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="log each step's details besides its line"
+    )
+
+
+def _steps(args: argparse.Namespace) -> Steps:
+    """A line per step on stderr; the steps stand for modelrepo's info logs unless --verbose."""
+    if not args.verbose:
+        logging.getLogger("taskmux.modelrepo").setLevel(logging.WARNING)
+    return Steps(sys.stderr)
+
+
 def _model_build(args: argparse.Namespace) -> int:
+    from model.manifest import MANIFEST_FILE
     from taskmux.modelrepo.build import build_repository
+    from taskmux.modelrepo.summary import build_summary
 
     started = time.monotonic()
-    manifest = build_repository(args.out, force=args.force, variants=args.variants)
-    print(manifest.to_json(with_checksums=False))
-    print(f"built in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    existed = not args.force and (args.out / MANIFEST_FILE).exists()
+    manifest = build_repository(
+        args.out, force=args.force, variants=args.variants, steps=_steps(args)
+    )
+    if args.json:
+        print(manifest.to_json(with_checksums=False))
+    else:
+        print(build_summary(manifest, args.out, None if existed else time.monotonic() - started))
     return 0
 
 
@@ -132,10 +162,12 @@ def _cache(args: argparse.Namespace) -> Path | None:
 
 
 def _model_train(args: argparse.Namespace) -> int:
+    from taskmux.modelrepo.build import TRAINED_HEADS_DIR, trained_heads
     from taskmux.modelrepo.entities_head import train_entities
     from taskmux.modelrepo.intent import INTENT
     from taskmux.modelrepo.recipe import train_shipped
     from taskmux.modelrepo.sentiment import SENTIMENT
+    from taskmux.modelrepo.summary import train_summary
     from taskmux.modelrepo.topic import TOPIC
 
     trainers: dict[str, Callable[..., dict[str, Any]]] = {
@@ -144,12 +176,20 @@ def _model_train(args: argparse.Namespace) -> int:
         "topic": partial(train_shipped, TOPIC),
         "entities": train_entities,
     }
+    steps = _steps(args)
+    steps.expect(len(args.only))
+    started = time.monotonic()
     reports = {}
     for name in args.only:
-        started = time.monotonic()
-        reports[name] = trainers[name](args.repo, args.data, cache_dir=_cache(args))
-        reports[name]["seconds"] = round(time.monotonic() - started, 1)
-    print(json.dumps(reports, indent=2))
+        what = f"train the {name} head"
+        with steps.step(what):
+            reports[name] = trainers[name](args.repo, args.data, cache_dir=_cache(args))
+        reports[name]["seconds"] = round(steps.durations[what], 1)
+    if args.json:
+        print(json.dumps(reports, indent=2))
+    else:
+        heads = [spec for spec, _ in trained_heads() if spec.name in reports]
+        print(train_summary(heads, TRAINED_HEADS_DIR, time.monotonic() - started))
     print("rebuild the repository to serve them: taskmux model build --force", file=sys.stderr)
     return 0
 
@@ -161,16 +201,27 @@ def _model_eval(args: argparse.Namespace) -> int:
     from taskmux.modelrepo.variant_eval import card_section, compare, format_comparison, store
 
     started = time.monotonic()
-    figures = evaluate(args.repo, args.data, cache_dir=_cache(args))
-    print(format_table(figures))
+    steps = _steps(args)
+    steps.expect(2 if args.variant else 1)
+    with steps.step("evaluate the shipped heads on held-out data"):
+        figures = evaluate(args.repo, args.data, cache_dir=_cache(args))
+    if not args.json:
+        print(format_table(figures))
+    variant_metrics = None
     if args.variant:
         try:
-            comparison = compare(args.repo, args.data, args.variant, figures)
+            with steps.step(f"compare the {args.variant} encoder with fp32"):
+                comparison = compare(args.repo, args.data, args.variant, figures)
         except ModelRepoError as err:
             print(f"taskmux model eval: {err}", file=sys.stderr)
             return 2
-        print("\n" + format_comparison(comparison))
+        if not args.json:
+            print("\n" + format_comparison(comparison))
         store(args.repo, comparison)
+        variant_metrics = comparison.metrics()
+    if args.json:
+        rows = [{**asdict(f), "passed": f.passed} for f in figures]
+        print(json.dumps({"figures": rows, "variant": variant_metrics}, indent=2))
     manifest = load_manifest(args.repo, verify=False)
     card = render(manifest, figures) + card_section(manifest)
     tmp = args.card.with_name(args.card.name + ".tmp")

@@ -8,10 +8,12 @@ export by `quantize.py` (a few seconds on CPU).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -23,11 +25,13 @@ from model.manifest import (
     EncoderSpec,
     HeadSpec,
     Manifest,
+    VariantSpec,
     load_manifest,
     sha256_file,
     write_manifest,
 )
 from taskmux.modelrepo.quantize import VARIANT_FILES, build_variants
+from taskmux.progress import Steps
 
 log = logging.getLogger(__name__)
 
@@ -130,19 +134,26 @@ def trained_heads(heads_dir: Path = TRAINED_HEADS_DIR) -> list[tuple[HeadSpec, P
 
 
 def build_repository(
-    out: Path, *, force: bool = False, variants: Sequence[str] = tuple(VARIANT_FILES)
+    out: Path,
+    *,
+    force: bool = False,
+    variants: Sequence[str] = tuple(VARIANT_FILES),
+    steps: Steps | None = None,
 ) -> Manifest:
     """Write a complete model repository to `out` (atomically replacing it with `force`),
-    with the named encoder variants besides fp32."""
+    with the named encoder variants besides fp32; each long step is reported to `steps`."""
     if (out / "manifest.json").exists() and not force:
         log.info("model repository %s exists; use --force to rebuild", out)
         return load_manifest(out)
+    steps = steps or Steps()
+    steps.expect(2 + len(variants))
     staging = out.with_name(out.name + ".building")
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "encoder").mkdir(parents=True)
     source = source_model_dir()
     log.info("exporting %s from %s to ONNX", ENCODER_NAME, source)
-    export_onnx(source, staging / "encoder" / "model.onnx")
+    with steps.step(f"export {ENCODER_NAME} to ONNX"), _quiet_export():
+        export_onnx(source, staging / "encoder" / "model.onnx")
     shutil.copyfile(source / "tokenizer.json", staging / "encoder" / "tokenizer.json")
     config = json.loads((source / "config.json").read_text(encoding="utf-8"))
     encoder = EncoderSpec(
@@ -153,16 +164,18 @@ def build_repository(
         model_file="encoder/model.onnx",
         tokenizer_file="encoder/tokenizer.json",
         source=f"{ENCODER_PACKAGE}=={metadata.version(ENCODER_PACKAGE)}",
-        variants=build_variants(staging, "encoder/model.onnx", variants),
+        variants=_build_variants(staging, variants, steps),
     )
     heads = list(BUILTIN_HEADS)
-    for spec, weights in trained_heads():
-        rel = f"heads/{spec.name}/{spec.version}/weights.npz"
-        (staging / rel).parent.mkdir(parents=True)
-        shutil.copyfile(weights, staging / rel)
-        head = HeadSpec(**{**spec.__dict__, "weights_file": rel})
-        load_mlp(staging, head, encoder.dimension)  # refuses weights of the wrong shape
-        heads.append(head)
+    trained = trained_heads()
+    with steps.step(f"install {len(trained)} trained heads"):
+        for spec, weights in trained:
+            rel = f"heads/{spec.name}/{spec.version}/weights.npz"
+            (staging / rel).parent.mkdir(parents=True)
+            shutil.copyfile(weights, staging / rel)
+            head = HeadSpec(**{**spec.__dict__, "weights_file": rel})
+            load_mlp(staging, head, encoder.dimension)  # refuses weights of the wrong shape
+            heads.append(head)
     files = [encoder.model_file, encoder.tokenizer_file]
     files += [h.weights_file for h in heads if h.weights_file]
     manifest = Manifest(
@@ -175,3 +188,38 @@ def build_repository(
     staging.replace(out)
     log.info("model repository written to %s with heads %s", out, [h.name for h in heads])
     return manifest
+
+
+VARIANT_STEPS = {"int8": "quantise the encoder to int8", "fp16": "convert the encoder to fp16"}
+
+
+def _build_variants(staging: Path, names: Sequence[str], steps: Steps) -> dict[str, VariantSpec]:
+    """The variants one by one, so that each is a step with its own duration."""
+    built: dict[str, VariantSpec] = {}
+    for name in names:
+        with steps.step(VARIANT_STEPS.get(name, f"build the {name} variant")):
+            built |= build_variants(staging, "encoder/model.onnx", [name])
+    return built
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """Keep transformers' weight-loading bar and two known tracer warnings off stderr.
+
+    Both warnings are about inputs of other shapes than the sample's (a padding branch
+    traced as a constant; aten::index with negative indices); test_parity checks the export
+    on batches that mix short, long and truncated texts, which is where they would show.
+    """
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    try:
+        with warnings.catch_warnings():
+            # torch.jit.TracerWarning, which torch's stubs do not export
+            warnings.filterwarnings("ignore", "Converting a tensor to a Python boolean")
+            warnings.filterwarnings("ignore", "Exporting aten::index operator", UserWarning)
+            yield
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
