@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=50051, help="gateway port (shared by all)")
     up.add_argument("--gateways", type=int, default=1, metavar="N", help="gateway processes")
     up.add_argument("--workers", type=int, default=1, metavar="M", help="worker processes")
+    up.add_argument(
+        "--seal",
+        action="store_true",
+        help="encrypt payloads in Valkey under a key made for this run (README: Security)",
+    )
 
     add_model_commands(sub)
     add_loadtest_command(sub)
@@ -78,7 +83,11 @@ def _up(args: argparse.Namespace) -> int:
     from taskmux.local import run_local
 
     return run_local(
-        Path(args.model_repo), gateway_port=args.port, gateways=args.gateways, workers=args.workers
+        Path(args.model_repo),
+        gateway_port=args.port,
+        gateways=args.gateways,
+        workers=args.workers,
+        seal=args.seal,
     )
 
 

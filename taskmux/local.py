@@ -23,6 +23,7 @@ from pathlib import Path
 
 import redis
 
+from router.payload import new_key_line
 from taskmux.config import redact_url
 from taskmux.supervisor import Child, Supervisor
 
@@ -198,15 +199,17 @@ def _shared_ports(port: int, count: int) -> tuple[int, ...]:
 
 
 def cluster_commands(
-    layout: Layout, redis_url: str, model_repo: Path
+    layout: Layout, redis_url: str, model_repo: Path, shared: Mapping[str, str] | None = None
 ) -> list[tuple[str, list[str], dict[str, str]]]:
-    """(name, argv, env) for every worker, then every gateway, each its own process."""
+    """(name, argv, env) for every worker, then every gateway, each its own process;
+    `shared` is set in every one's environment (a payload key file, say)."""
     commands: list[tuple[str, list[str], dict[str, str]]] = []
     for i, port in enumerate(layout.worker_health_ports):
         extra = {
             "TASKMUX_HEALTH_ADDR": f"127.0.0.1:{port}",
             "TASKMUX_WORKER_ID": layout.worker_id(i),
             "TASKMUX_METRICS_ADDR": f"127.0.0.1:{layout.worker_metrics_ports[i]}",
+            **(shared or {}),
         }
         env = component_env(redis_url, model_repo, extra)
         commands.append((f"worker {layout.worker_id(i)}", component_command("workers"), env))
@@ -216,6 +219,7 @@ def cluster_commands(
             "TASKMUX_GATEWAY_ID": layout.gateway_id(i),
             "TASKMUX_METRICS_ADDR": f"127.0.0.1:{layout.gateway_metrics_ports[i]}",
             "TASKMUX_HTTP_ADDR": f"127.0.0.1:{layout.gateway_http_ports[i]}",
+            **(shared or {}),
         }
         env = component_env(redis_url, model_repo, extra)
         commands.append((f"gateway {layout.gateway_id(i)}", component_command("gateway"), env))
@@ -223,7 +227,12 @@ def cluster_commands(
 
 
 def run_local(
-    model_repo: Path, *, gateway_port: int = 50051, gateways: int = 1, workers: int = 1
+    model_repo: Path,
+    *,
+    gateway_port: int = 50051,
+    gateways: int = 1,
+    workers: int = 1,
+    seal: bool = False,
 ) -> int:
     """`taskmux up`: Valkey (unless TASKMUX_REDIS_URL is set), workers and gateways.
 
@@ -233,7 +242,9 @@ def run_local(
     printed target lists them all for a client-side round robin. The gateways' OpenAI-
     compatible HTTP API is shared the same way, on port 8080 (a free one if 8080 is taken).
     Each one, and the embedded Valkey, is restarted when it exits; only Ctrl-C or SIGTERM
-    stops them all.
+    stops them all. With `seal`, payloads are encrypted in Valkey under a key made for
+    this run (unless TASKMUX_PAYLOAD_KEY_FILE names one): entries left by an earlier run
+    in an external Redis cannot be read by this one.
     """
     if not (model_repo / "manifest.json").is_file():
         print(f"no model repository at {model_repo}: run `make model`", file=sys.stderr)
@@ -256,16 +267,23 @@ def run_local(
             # Restarted with the same port and folder, it replays its append-only file.
             argv = redis_command(port, data_dir, appendonly=True)
             valkey = Child("Valkey", argv, os.environ)
-        commands = cluster_commands(layout, redis_url, model_repo.resolve())
+        shared = {}
+        if seal and not os.environ.get("TASKMUX_PAYLOAD_KEY_FILE"):
+            key_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="taskmux-key-")))
+            shared["TASKMUX_PAYLOAD_KEY_FILE"] = str(write_dev_key(key_dir))
+        commands = cluster_commands(layout, redis_url, model_repo.resolve(), shared)
         components = [Child(name, argv, env) for name, argv, env in commands]
         try:
-            return asyncio.run(_up(valkey, redis_url, components, layout))
+            sealed = bool(shared or os.environ.get("TASKMUX_PAYLOAD_KEY_FILE"))
+            return asyncio.run(_up(valkey, redis_url, components, layout, sealed=sealed))
         except LocalError as err:
             print(f"taskmux up: {err}", file=sys.stderr)
             return 1
 
 
-async def _up(valkey: Child | None, redis_url: str, components: list[Child], layout: Layout) -> int:
+async def _up(
+    valkey: Child | None, redis_url: str, components: list[Child], layout: Layout, *, sealed: bool
+) -> int:
     """Valkey first (once it answers), then workers and gateways; run until Ctrl-C or SIGTERM."""
     async with Supervisor() as supervisor:
         if valkey is not None:
@@ -273,16 +291,26 @@ async def _up(valkey: Child | None, redis_url: str, components: list[Child], lay
             await asyncio.to_thread(wait_for_redis, redis_url)
             print(f"taskmux up: embedded Valkey on {redis_url} (append-only file on)")
         _announce(layout)
-        if not os.environ.get("TASKMUX_PAYLOAD_KEY_FILE"):
+        if sealed:
+            print("taskmux up: payloads are encrypted in Valkey (TASKMUX_PAYLOAD_KEY_FILE)")
+        else:
             print(
-                "taskmux up: payloads are plaintext in Valkey; to seal them: "
-                "python -m router.payload dev > dev.keys; "
-                "TASKMUX_PAYLOAD_KEY_FILE=$PWD/dev.keys taskmux up"
+                "taskmux up: payloads are plaintext in Valkey; `taskmux up --seal` encrypts "
+                "them under a key made for this run (or set TASKMUX_PAYLOAD_KEY_FILE)"
             )
         for child in components:
             await supervisor.start(child)
         await supervisor.wait()
     return 0
+
+
+def write_dev_key(folder: Path) -> Path:
+    """A payload key file with one fresh key, readable by this user only."""
+    path = folder / "payload.keys"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(new_key_line("dev") + "\n")
+    return path
 
 
 def _announce(layout: Layout) -> None:

@@ -38,16 +38,20 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_up_serves_the_cli_and_stops_cleanly_on_ctrl_c(model_repo: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("seal", [False, True], ids=["plaintext", "sealed"])
+def test_up_serves_the_cli_and_stops_cleanly_on_ctrl_c(
+    model_repo: Path, tmp_path: Path, seal: bool
+) -> None:
     port = free_port()
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in ("TASKMUX_REDIS_URL", "TASKMUX_API_KEYS_FILE")
+        if k not in ("TASKMUX_REDIS_URL", "TASKMUX_API_KEYS_FILE", "TASKMUX_PAYLOAD_KEY_FILE")
     }
     log = (tmp_path / "up.log").open("wb")
     up = subprocess.Popen(
-        [*TASKMUX, "up", "--model-repo", str(model_repo), "--port", str(port)],
+        [*TASKMUX, "up", "--model-repo", str(model_repo), "--port", str(port)]
+        + (["--seal"] if seal else []),
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -80,6 +84,9 @@ def test_up_serves_the_cli_and_stops_cleanly_on_ctrl_c(model_repo: Path, tmp_pat
     assert "gateway on 127.0.0.1" in output
     assert "WARNING: AUTHENTICATION IS OFF" in output  # said loudly, before serving
     assert "worker stopped" in output
+    # Every gateway and worker says at start whether it seals payloads.
+    assert ("payloads sealed at rest" in output) == seal, output
+    assert ("payloads are PLAINTEXT at rest" in output) == (not seal), output
 
 
 def test_taskmux_gateway_becomes_python_m_gateway(tmp_path: Path) -> None:
