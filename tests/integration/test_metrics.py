@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import urllib.request
@@ -55,6 +56,22 @@ def delta(after: dict[str, float], before: dict[str, float], key: str) -> float:
     return after.get(key, 0.0) - before.get(key, 0.0)
 
 
+def settled(port: int, before: dict[str, float], counted: str, calls: int) -> dict[str, float]:
+    """A scrape taken once `counted` has moved by `calls` (or after 10 s): a call is
+    counted as it leaves the handler stack, which can be just after its caller has its
+    status. The test then checks every figure exactly."""
+    samples: dict[str, float] = {}
+
+    def moved() -> bool:
+        samples.update(scrape(port))
+        return delta(samples, before, counted) >= calls
+
+    # On a timeout the exact checks that follow say what is missing.
+    with contextlib.suppress(AssertionError):
+        wait_until(moved, 10, f"{counted} to move by {calls}")
+    return samples
+
+
 def _requests(code: str, head: str, rpc: str) -> str:
     """The sample name of `taskmux_gateway_requests_total` for these labels."""
     return f'taskmux_gateway_requests_total{{code="{code}",head="{head}",rpc="{rpc}"}}'
@@ -88,7 +105,9 @@ def test_counters_move_by_exactly_the_calls_made(cluster: Cluster, model_repo: P
         stub.Embed(pb.EmbedRequest(texts=[], request_id="req-bad"), timeout=30)
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
-    g = scrape(gateway_port)
+    g = settled(
+        gateway_port, before_g, 'taskmux_gateway_request_seconds_count{rpc="Embed"}', EMBEDS + 1
+    )
     ok_embed = 'taskmux_gateway_requests_total{code="OK",head="",rpc="Embed"}'
     bad_embed = 'taskmux_gateway_requests_total{code="INVALID_ARGUMENT",head="",rpc="Embed"}'
     ok_classify = f'taskmux_gateway_requests_total{{code="OK",head="{head}",rpc="Classify"}}'
@@ -189,10 +208,10 @@ def test_refused_calls_are_counted_and_logged(
         "pipeline": grpc.StatusCode.PERMISSION_DENIED,
     }
 
-    after = scrape(port)
     unauthenticated = _requests("UNAUTHENTICATED", "", "Embed")
     denied = _requests("PERMISSION_DENIED", head, "Classify")
     denied_pipeline = _requests("PERMISSION_DENIED", "", "Pipeline")
+    after = settled(port, before, denied_pipeline, 1)  # the last call made
     assert delta(after, before, unauthenticated) == 2
     assert delta(after, before, denied) == 1
     assert delta(after, before, denied_pipeline) == 1
