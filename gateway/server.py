@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace.export import SpanExporter
+from redis.asyncio import Redis
 from taskmux_api.v1 import taskmux_pb2, taskmux_pb2_grpc
 
 from gateway.auth import ApiKeys, api_keys
@@ -61,65 +62,16 @@ async def serve(
         health = Health(("", SERVICE_NAME))
         if settings.health_addr:  # entered early, so it stops after the API drains
             await stack.enter_async_context(health.serving_alone(settings.health_addr))
-        replies = await stack.enter_async_context(
-            ReplyRouter(
-                redis,
-                settings.gateway_id,
-                ttl_s=settings.reply_ttl_s,
-                keep_alive_interval_s=settings.monitor_interval_ms / 1000,
-            )
-        )
-        watcher = await stack.enter_async_context(
-            CatalogWatcher(redis, health, interval_ms=settings.monitor_interval_ms)
-        )
-        await watcher.first_check()  # so the first calls see the real Redis state
-        dispatcher = Dispatcher(
-            redis,
-            replies,
-            default_timeout_ms=settings.default_timeout_ms,
-            max_backlog=settings.max_backlog,
-            retry_after_ms=settings.backlog_retry_after_ms,
-            tracing=tracing,
-            cipher=settings.payload_cipher,
-        )
-        idempotency = Idempotency(
-            redis, ttl_s=settings.idempotency_ttl_s, cipher=settings.payload_cipher
-        )
-        log_at_rest(log, settings.payload_cipher)
-        memory = await stack.enter_async_context(
-            MemoryGuard(
-                redis,
-                high_water=settings.redis_memory_high_water,
-                interval_ms=settings.monitor_interval_ms,
-            )
-        )
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", settings.max_message_bytes),
-                ("grpc.max_send_message_length", settings.max_message_bytes),
-                ("grpc.max_connection_age_ms", settings.max_connection_age_s * 1000),
-                ("grpc.max_connection_age_grace_ms", settings.max_connection_age_grace_s * 1000),
-            ],
-        )
+        service, watcher = await _service(stack, settings, redis, health, tracing)
         metrics = GatewayMetrics(
             lambda: {h.name for h in watcher.catalog.heads} if watcher.catalog else set(),
             lambda: watcher.reconnects,
         )
         stack.enter_context(metrics_endpoint(settings.metrics_addr, metrics.registry))
-        service = TaskMuxService(settings, dispatcher, watcher, idempotency, Limiter(redis), memory)
         # One stack for both ports: an HTTP call is counted, traced, answered and
         # authenticated by the very layers a gRPC call is.
         layers = handler_stack(metrics, tracing, api_keys(settings.api_keys_file))
-        add_service(service, server, layers)
-        health.add_to(server)
-        reflection.enable_server_reflection(
-            [
-                taskmux_pb2.DESCRIPTOR.services_by_name["TaskMux"].full_name,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            server,
-        )
+        server = _grpc_server(settings, service, layers, health)
         port = add_port(server, settings)
         await server.start()
         openai = OpenAIEmbeddings(service, watcher, layers)
@@ -130,6 +82,75 @@ async def serve(
         log.info("stopping: NOT_SERVING, draining for up to %ds", settings.drain_timeout_s)
         await health.stop()
         await asyncio.gather(server.stop(settings.drain_timeout_s), http.drain())
+
+
+async def _service(
+    stack: AsyncExitStack,
+    settings: GatewaySettings,
+    redis: Redis,
+    health: Health,
+    tracing: Tracing,
+) -> tuple[TaskMuxService, CatalogWatcher]:
+    """The servicer and what it runs on, each started on `stack` (stopped in reverse)."""
+    replies = await stack.enter_async_context(
+        ReplyRouter(
+            redis,
+            settings.gateway_id,
+            ttl_s=settings.reply_ttl_s,
+            keep_alive_interval_s=settings.monitor_interval_ms / 1000,
+        )
+    )
+    watcher = await stack.enter_async_context(
+        CatalogWatcher(redis, health, interval_ms=settings.monitor_interval_ms)
+    )
+    await watcher.first_check()  # so the first calls see the real Redis state
+    dispatcher = Dispatcher(
+        redis,
+        replies,
+        default_timeout_ms=settings.default_timeout_ms,
+        max_backlog=settings.max_backlog,
+        retry_after_ms=settings.backlog_retry_after_ms,
+        tracing=tracing,
+        cipher=settings.payload_cipher,
+    )
+    idempotency = Idempotency(
+        redis, ttl_s=settings.idempotency_ttl_s, cipher=settings.payload_cipher
+    )
+    log_at_rest(log, settings.payload_cipher)
+    memory = await stack.enter_async_context(
+        MemoryGuard(
+            redis,
+            high_water=settings.redis_memory_high_water,
+            interval_ms=settings.monitor_interval_ms,
+        )
+    )
+    service = TaskMuxService(settings, dispatcher, watcher, idempotency, Limiter(redis), memory)
+    return service, watcher
+
+
+def _grpc_server(
+    settings: GatewaySettings, service: TaskMuxService, layers: list[Layer], health: Health
+) -> grpc.aio.Server:
+    """The gRPC server with TaskMux (inside `layers`), health and reflection; not started."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.max_connection_age_ms", settings.max_connection_age_s * 1000),
+            ("grpc.max_connection_age_grace_ms", settings.max_connection_age_grace_s * 1000),
+        ],
+    )
+    add_service(service, server, layers)
+    health.add_to(server)
+    reflection.enable_server_reflection(
+        [
+            taskmux_pb2.DESCRIPTOR.services_by_name["TaskMux"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    return server
 
 
 HANDLER_FACTORIES = {
