@@ -7,6 +7,7 @@ matplotlib is a development dependency; it is imported only when a plot is asked
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -18,23 +19,28 @@ def save_plot(report: LoadReport, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    samples = report.samples
-    measured = samples.measured
-    ok_ms = samples.latency_s[measured & samples.ok] * 1000.0
-    err_ms = samples.latency_s[measured & ~samples.ok] * 1000.0
-    all_ms = np.sort(samples.latency_s[measured] * 1000.0)
-
     fig = Figure(figsize=(12, 11), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplot_mosaic([["hist", "cdf"], ["rate", "rate"], ["time", "time"]])
-    hist, cdf, timeline, over_time = axes["hist"], axes["cdf"], axes["rate"], axes["time"]
     c = report.config
     load = f"{c.concurrency} callers" if c.mode == "closed" else f"{c.rate:g} req/s Poisson"
     fig.suptitle(
         f"taskmux loadtest: {c.mode} loop, {load}, {c.connections} conn, mix {len(c.mix)} "
         f"task(s) - {report.requests_per_s:.1f} req/s, {report.errors} errors"
     )
+    _latency_panels(report, axes["hist"], axes["cdf"])
+    _rate_panel(report, axes["rate"])
+    _latency_over_time_panel(report, axes["time"], xlim=axes["rate"].get_xlim())
+    fig.savefig(path, format="png", dpi=100)
 
+
+def _latency_panels(report: LoadReport, hist: Any, cdf: Any) -> None:
+    """The latency histogram (ok and errors stacked) and CDF with p50 and p99 marked."""
+    samples = report.samples
+    measured = samples.measured
+    ok_ms = samples.latency_s[measured & samples.ok] * 1000.0
+    err_ms = samples.latency_s[measured & ~samples.ok] * 1000.0
+    all_ms = np.sort(samples.latency_s[measured] * 1000.0)
     if all_ms.size:
         low = max(float(all_ms[0]), 0.01)
         high = max(float(all_ms[-1]), low * 1.01)
@@ -62,14 +68,17 @@ def save_plot(report: LoadReport, path: Path) -> None:
     hist.set(title="latency histogram (measured)", xlabel="ms", ylabel="calls")
     cdf.set(title="latency CDF (measured)", xlabel="ms", ylabel="fraction of calls", ylim=(0, 1))
 
+
+def _rate_panel(report: LoadReport, timeline: Any) -> None:
+    """Answers (ok, errors, dropped) per second over the run, the warm-up shaded."""
     line = report.timeline
     timeline.step(line.t_s, line.ok_per_s, where="post", label="ok/s")
     if any(line.errors_per_s):
         timeline.step(line.t_s, line.errors_per_s, where="post", label="errors/s")
     if any(line.dropped_per_s):
         timeline.step(line.t_s, line.dropped_per_s, where="post", label="dropped/s")
-    if c.warmup_s > 0:
-        timeline.axvspan(0, c.warmup_s, color="grey", alpha=0.2, label="warm-up")
+    if report.config.warmup_s > 0:
+        timeline.axvspan(0, report.config.warmup_s, color="grey", alpha=0.2, label="warm-up")
     timeline.set(
         title=f"answers per second ({line.bucket_s:g} s buckets)",
         xlabel="s since start",
@@ -77,20 +86,23 @@ def save_plot(report: LoadReport, path: Path) -> None:
     )
     timeline.legend(loc="upper right")
 
+
+def _latency_over_time_panel(report: LoadReport, over_time: Any, *, xlim: Any) -> None:
+    """Each call's latency by when it ended, on the rate panel's time axis."""
+    samples = report.samples
     ok = samples.ok
     for mask, name in ((ok, "ok"), (~ok, "errors")):
         if mask.any():
             over_time.scatter(
                 samples.end_s[mask], samples.latency_s[mask] * 1000.0, s=4, label=name
             )
-    if c.warmup_s > 0:
-        over_time.axvspan(0, c.warmup_s, color="grey", alpha=0.2, label="warm-up")
+    if report.config.warmup_s > 0:
+        over_time.axvspan(0, report.config.warmup_s, color="grey", alpha=0.2, label="warm-up")
     over_time.set(
         title="latency of each call by when it ended",
         xlabel="s since start",
         ylabel="ms",
         yscale="log",
-        xlim=timeline.get_xlim(),
+        xlim=xlim,
     )
     over_time.legend(loc="upper right")
-    fig.savefig(path, format="png", dpi=100)
