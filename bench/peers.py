@@ -14,7 +14,6 @@ texts: c=1 against batch 1, c=64 against its best batch, 32 texts against batch 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ from taskmux_api.v1 import taskmux_pb2_grpc
 from taskmux_client.channel import open_channel
 
 from bench.raw import RawResult, measure_raw
-from bench.system import child_pid, load, profile, running_system, top_frames
+from bench.system import child_pid, interrupt, load, profile, running_system, top_frames
 from model.loaded import LoadedModel
 from taskmux.loadtest.config import parse_lengths
 from taskmux.loadtest.report import LoadReport
@@ -162,11 +161,7 @@ def plain_server(repo: Path, log: Path) -> Iterator[str]:
         _wait_embed(target, server)
         yield target
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        interrupt(server, 30)
 
 
 def _wait_embed(target: str, server: subprocess.Popen[bytes], attempts: int = 600) -> None:

@@ -89,11 +89,16 @@ def running_system(
         _wait_ready(target, up, security or ClientSecurity())
         yield target, up
     finally:
-        up.send_signal(signal.SIGINT)
-        try:
-            up.wait(60)
-        except subprocess.TimeoutExpired:
-            up.kill()
+        interrupt(up, 60)
+
+
+def interrupt(process: subprocess.Popen[bytes], wait_s: float) -> None:
+    """SIGINT, as Ctrl-C would, so `process` shuts down in order; killed after `wait_s`."""
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 def _wait_ready(
