@@ -10,12 +10,15 @@ warm-up excluded:
      with the gateway profiled by py-spy during the heaviest run;
   4. what TLS, API keys, per-tenant limits and tracing add to one Embed call, four
      configurations side by side (bench/security.py);
-  5. three workers behind one gateway under the default client's keyed load: each
+  5. side by side: raw ONNX Runtime, a plain grpc.aio server without queue or batching,
+     and taskmux, on short and mixed texts, one cell right after the other; with
+     py-spy on the gateway and the worker under c=64 short texts (bench/peers.py);
+  6. three workers behind one gateway under the default client's keyed load: each
      worker's share of a burst, and Redis memory under a steady load (bench/workers.py).
 Every load sends a fresh idempotency key per call, as the default client does.
-`--only security` (or `--only workers`) runs that part alone and merges its section into
-the existing report; `--skip security` leaves it out. Only ratios measured in the same
-run are compared.
+`--only security` (or `--only peers`, `--only workers`) runs that part alone and merges
+its section into the existing report; `--skip security` leaves it out. Only ratios
+measured in the same run are compared.
 Timing never decides a test.
 """
 
@@ -30,6 +33,7 @@ from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench.peers import peers_lines, run_peers
 from bench.raw import RawResult, measure_raw, measure_separate_encoders
 from bench.report import (
     Floors,
@@ -52,7 +56,8 @@ CONCURRENCY = (1, 8, 64)
 MIX_HEADS = ("embed", "sentiment", "topic", "intent")
 LENGTHS = "6,24,96"  # words: about 8 to 128 tokens
 BATCH_SIZES = (1, 8, 16, 32, 64)
-PARTS = ("system", "security", "workers")  # "system": parts 1 to 3, which write a new report
+# "system": parts 1 to 3, which write a new report
+PARTS = ("system", "security", "peers", "workers")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             return status
     if "security" in parts:
         _security(args, merged=args.only == "security")
+    if "peers" in parts:
+        _peers(args, merged=args.only == "peers")
     if "workers" in parts:
         _workers(args, merged=args.only == "workers")
     print((args.out / "report.md").read_text())
@@ -166,7 +173,7 @@ def _security(args: argparse.Namespace, *, merged: bool) -> None:
 
 
 def _workers(args: argparse.Namespace, *, merged: bool) -> None:
-    """Part 5; its section replaces the report's, and its figures go into results.json."""
+    """Part 6; its section replaces the report's, and its figures go into results.json."""
     print("bench: three workers under the default client's keyed load", file=sys.stderr)
     run = run_workers(
         args.repo,
@@ -185,6 +192,19 @@ def _workers(args: argparse.Namespace, *, merged: bool) -> None:
     write_memory_plot(run, args.out / "workers_memory.png")
     merge_section(args.out / "report.md", workers_lines(run, provenance))
     _merge_results(args.out / "results.json", "workers", run.to_dict())
+
+
+def _peers(args: argparse.Namespace, *, merged: bool) -> None:
+    """Part 5; its section replaces the report's, and its figures go into results.json."""
+    runs = run_peers(args.repo, args.out, args.duration, args.warmup)
+    provenance = (
+        "Measured by `python -m bench.run --only peers` and merged into the report of an "
+        "earlier full run: the other sections are not from this run."
+        if merged
+        else "Measured in the same run as the sections above, after them."
+    )
+    merge_section(args.out / "report.md", peers_lines(runs, args.duration, provenance))
+    _merge_results(args.out / "results.json", "peers", runs.to_dict())
 
 
 def _merge_results(path: Path, key: str, value: object) -> None:

@@ -50,6 +50,7 @@ def running_system(
     security: ClientSecurity | None = None,
     stdout: Path | None = None,
     workers: int = 1,
+    cwd: Path | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """Valkey, one gateway and `workers` workers, as `make run` (`taskmux up --workers N`)
     starts them; (target, process).
@@ -57,7 +58,8 @@ def running_system(
     `env` configures them (an existing Valkey, TLS, keys, tracing); `security` is what a
     client needs to reach the gateway then. `stdout`, when given, takes the processes'
     stdout (where the console trace exporter writes) apart from the log. Ready once the
-    gateway answers an Embed, which takes one worker: wait for the others apart.
+    gateway answers an Embed, which takes one worker: wait for the others apart. `cwd`, when
+    given, is the source tree the processes import (`python -m` puts it first on the path).
     """
     port = free_port()
     child_env = {k: v for k, v in os.environ.items() if k != "TASKMUX_REDIS_URL"}
@@ -78,6 +80,7 @@ def running_system(
                 str(workers),
             ],
             env=child_env,
+            cwd=cwd,
             stdout=out,
             stderr=err,
         )
@@ -86,11 +89,16 @@ def running_system(
         _wait_ready(target, up, security or ClientSecurity())
         yield target, up
     finally:
-        up.send_signal(signal.SIGINT)
-        try:
-            up.wait(60)
-        except subprocess.TimeoutExpired:
-            up.kill()
+        interrupt(up, 60)
+
+
+def interrupt(process: subprocess.Popen[bytes], wait_s: float) -> None:
+    """SIGINT, as Ctrl-C would, so `process` shuts down in order; killed after `wait_s`."""
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 def _wait_ready(
@@ -121,6 +129,8 @@ def load(
     duration_s: float,
     warmup_s: float,
     security: ClientSecurity | None = None,
+    *,
+    texts_per_request: int = 1,
 ) -> LoadReport:
     """One closed-loop run; every call carries a fresh idempotency key, as the default
     client sends (LoadConfig's default)."""
@@ -133,6 +143,7 @@ def load(
         warmup_s=warmup_s,
         mix=parse_mix(mix),
         lengths=parse_lengths(lengths),
+        texts_per_request=texts_per_request,
         connections=min(concurrency, 8),
         deadline_s=60,
         tls=security.tls,

@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import redis.asyncio as aioredis
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind
+from redis.exceptions import NoScriptError
 
 from gateway.errors import (
     DeadlineExceeded,
@@ -32,6 +33,8 @@ DEADLINE_MARGIN_S = 0.02
 NotQueued = Callable[[], Awaitable[None]]
 # What the await-reply span is when tracing is off: reusable, and free to enter.
 NO_SPAN = contextlib.nullcontext(INVALID_SPAN)
+# One ENQUEUE call waiting for its event-loop turn's pipeline: stream, ARGV, its answer.
+Queued = tuple[str, list[str | int | bytes], "asyncio.Future[list[int]]"]
 
 
 class Dispatcher:
@@ -55,7 +58,10 @@ class Dispatcher:
         self._default_timeout_s = default_timeout_ms / 1000
         self._max_backlog = max_backlog
         self._retry_after_ms = retry_after_ms
-        self._enqueue_script = redis.register_script(scripts.ENQUEUE)
+        self._enqueue_sha = redis.register_script(scripts.ENQUEUE).sha
+        self._turn: list[Queued] = []  # this event-loop turn's enqueues, not yet sent
+        # Pipelines on their way; each ends within the Redis client's socket timeout.
+        self._sending: set[asyncio.Task[None]] = set()
 
     def timeout_s(self, time_remaining_s: float | None) -> float:
         """The time a call may take: its deadline, capped by the default timeout."""
@@ -226,9 +232,7 @@ class Dispatcher:
             args += [len(fields), *fields]
         try:
             with redis_errors("the task queue"):
-                added, backlog = await self._enqueue_script(
-                    keys=[keys.task_stream(head)], args=args
-                )
+                added, backlog = await self._coalesced(keys.task_stream(head), args)
         except TaskmuxError as err:
             _end_enqueue(span, err.code)
             if not_queued is not None:
@@ -247,6 +251,55 @@ class Dispatcher:
                 f"retry after {self._retry_after_ms} ms",
                 retry_after_ms=self._retry_after_ms,
             )
+
+    def _coalesced(self, stream: str, args: list[str | int | bytes]) -> asyncio.Future[list[int]]:
+        """ENQUEUE on `stream`, sent with every other enqueue of this event-loop turn in
+        one pipeline: calls that arrive together (a burst, or callers woken by one batch
+        of replies) cost one round trip and one connection, not one each. Each call keeps
+        its own script run, so its backlog check and all-or-none stay its own."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[int]] = loop.create_future()
+        if not self._turn:
+            loop.call_soon(self._send_turn)
+        self._turn.append((stream, args, future))
+        return future
+
+    def _send_turn(self) -> None:
+        turn, self._turn = self._turn, []
+        task = asyncio.get_running_loop().create_task(self._send(turn))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, turn: list[Queued]) -> None:
+        """Answer every call of `turn`: its script's reply, or the error of its command
+        or of the whole pipeline. A caller that has gone (cancelled) is skipped."""
+        try:
+            results = await self._pipeline(turn)
+            lost = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+            if lost:  # Redis restarted or flushed its scripts: load it, resend those once
+                await self._redis.script_load(scripts.ENQUEUE)
+                again = await self._pipeline([turn[i] for i in lost])
+                for i, result in zip(lost, again, strict=True):
+                    results[i] = result
+        except Exception as err:
+            results = [err] * len(turn)
+        except BaseException:  # shutting down: nobody will read an answer
+            for _, _, future in turn:
+                future.cancel()
+            raise
+        for (_, _, future), result in zip(turn, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def _pipeline(self, turn: Sequence[Queued]) -> list[Any]:
+        pipe = self._redis.pipeline(transaction=False)
+        for stream, args, _ in turn:
+            pipe.evalsha(self._enqueue_sha, 1, stream, *args)
+        return await pipe.execute(raise_on_error=False)
 
 
 def _end_enqueue(span: Span, code: grpc.StatusCode, backlog: int | None = None) -> None:

@@ -183,3 +183,40 @@ async def test_an_unreachable_redis_is_unavailable_and_undoes_the_callers_work(
     finally:
         await nowhere.aclose()
     assert refund.calls == 1
+
+
+async def test_calls_of_one_turn_share_a_pipeline_but_each_checks_the_backlog(
+    dispatcher: Dispatcher, aredis: aioredis.Redis
+) -> None:
+    """Five calls started together: their enqueues go out in one pipeline, yet each is its
+    own script run, so the first MAX_BACKLOG are queued and the rest refused."""
+    refunds = [Refund() for _ in range(5)]
+    calls = [
+        asyncio.create_task(_one(dispatcher, "topic", timeout_s=20, not_queued=refund))
+        for refund in refunds
+    ]
+    jobs = await _queued(aredis, "topic", MAX_BACKLOG)
+    for job in jobs:
+        await _reply(aredis, job, Reply(job.id, 0, body=job.id.encode()))
+    async with asyncio.timeout(WAIT_S):
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    assert sorted(o for o in outcomes if isinstance(o, bytes)) == sorted(
+        j.id.encode() for j in jobs
+    )
+    refused = [o for o in outcomes if isinstance(o, ResourceExhausted)]
+    assert len(refused) == 5 - MAX_BACKLOG
+    assert sum(r.calls for r in refunds) == 5 - MAX_BACKLOG
+    assert await aredis.xlen(keys.task_stream("topic")) == MAX_BACKLOG
+
+
+async def test_a_flushed_script_cache_is_reloaded_and_the_job_queued(
+    dispatcher: Dispatcher, aredis: aioredis.Redis
+) -> None:
+    """After a Redis restart or SCRIPT FLUSH the pipeline's EVALSHA answers NOSCRIPT: the
+    dispatcher loads the script again and the call goes through."""
+    await aredis.script_flush()
+    call = asyncio.create_task(_one(dispatcher, "intent", timeout_s=20))
+    (job,) = await _queued(aredis, "intent", 1)
+    await _reply(aredis, job, Reply(job.id, 0, body=b"ok"))
+    async with asyncio.timeout(WAIT_S):
+        assert await call == b"ok"
