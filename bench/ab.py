@@ -20,6 +20,7 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=6.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--cells", default="c64,c1", help=f"of {', '.join(CELLS)}")
-    parser.add_argument("--log-dir", type=Path, default=Path("/tmp"))
+    parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()))
     args = parser.parse_args(argv)
     cells = args.cells.split(",")
     samples: dict[tuple[str, str], list[Sample]] = {}
