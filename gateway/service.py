@@ -274,4 +274,5 @@ def _head_info(head: HeadSpec) -> pb.HeadInfo:
         version=head.version,
         metrics=head.metrics,
         description=head.description,
+        features=head.features,
     )

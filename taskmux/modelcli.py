@@ -21,6 +21,35 @@ SHIPPED_HEADS = ("sentiment", "intent", "topic", "entities")
 VARIANTS = ("int8", "fp16")  # built besides fp32 (taskmux.modelrepo.quantize)
 
 
+def add_multitask_command(msub: Any) -> None:
+    """`taskmux model train-multitask`: fine-tune the multi-task branch and its heads."""
+    train = msub.add_parser(
+        "train-multitask",
+        help="Fine-tune the multi-task branch and its heads into taskmux/modelrepo/trained/",
+    )
+    train.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    train.add_argument("--out", type=Path, default=None, help="default: trained/multitask/")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--epochs", type=int, default=1)
+    train.add_argument("--tiny", action="store_true", help="a few steps on a few rows (smoke)")
+    train.set_defaults(func=_model_train_multitask)
+
+
+def _model_train_multitask(args: argparse.Namespace) -> int:
+    from taskmux.modelrepo.multitask import Recipe, train_multitask
+    from taskmux.modelrepo.multitask_data import TINY, Sizes
+    from taskmux.modelrepo.multitask_store import MULTITASK_DIR
+
+    recipe = Recipe(seed=args.seed, epochs=args.epochs, log_every=2 if args.tiny else 25)
+    report = train_multitask(
+        args.data, out_dir=args.out or MULTITASK_DIR, recipe=recipe,
+        sizes=TINY if args.tiny else Sizes(), emit=partial(print, flush=True),
+    )  # fmt: skip
+    print(json.dumps(report, indent=2))
+    print("rebuild the repository to serve it: taskmux model build --force", file=sys.stderr)
+    return 0
+
+
 def add_model_commands(sub: Any) -> None:
     """Register the `model` and `head` subcommands on the CLI's subparsers."""
     model = sub.add_parser("model", help="Build, train or evaluate the model repository")
@@ -55,6 +84,7 @@ def add_model_commands(sub: Any) -> None:
     defaults.add_argument(
         "--only", nargs="+", choices=SHIPPED_HEADS, default=list(SHIPPED_HEADS), metavar="HEAD"
     )
+    add_multitask_command(msub)
     evaluate = msub.add_parser(
         "eval", help="Recompute each shipped head's held-out figure; non-zero exit on a FAIL"
     )

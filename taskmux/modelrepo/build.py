@@ -20,6 +20,7 @@ from taskmux_api.kinds import HeadKind
 
 from model.heads import load_mlp
 from model.manifest import (
+    EMBEDDING,
     EncoderSpec,
     HeadSpec,
     Manifest,
@@ -124,9 +125,26 @@ def trained_heads(heads_dir: Path = TRAINED_HEADS_DIR) -> list[tuple[HeadSpec, P
             description=meta.get("description", ""),
             threshold=float(meta.get("threshold", 0.0)),
             fallback_label=str(meta.get("fallback_label", "")),
+            features=str(meta.get("features", EMBEDDING)),
         )
         found.append((spec, meta_file.parent / "weights.npz"))
     return found
+
+
+def add_parts(
+    staging: Path, source: Path, encoder: EncoderSpec, variants: Sequence[str]
+) -> EncoderSpec:
+    """The encoder with its split graphs when a multi-task branch is committed."""
+    from taskmux.modelrepo import multitask_export
+
+    return multitask_export.add_parts(staging, source, encoder, variants)
+
+
+def served_heads() -> list[tuple[HeadSpec, Path]]:
+    """The committed heads a build serves (multi-task heads replace frozen ones)."""
+    from taskmux.modelrepo import multitask_store
+
+    return multitask_store.served_heads()
 
 
 def build_repository(
@@ -155,8 +173,9 @@ def build_repository(
         source=f"{ENCODER_PACKAGE}=={metadata.version(ENCODER_PACKAGE)}",
         variants=build_variants(staging, "encoder/model.onnx", variants),
     )
+    encoder = add_parts(staging, source, encoder, variants)
     heads = list(BUILTIN_HEADS)
-    for spec, weights in trained_heads():
+    for spec, weights in served_heads():
         rel = f"heads/{spec.name}/{spec.version}/weights.npz"
         (staging / rel).parent.mkdir(parents=True)
         shutil.copyfile(weights, staging / rel)
