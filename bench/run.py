@@ -11,11 +11,13 @@ warm-up excluded:
   4. what TLS, API keys, per-tenant limits and tracing add to one Embed call, four
      configurations side by side (bench/security.py);
   5. three workers behind one gateway under the default client's keyed load: each
-     worker's share of a burst, and Redis memory under a steady load (bench/workers.py).
+     worker's share of a burst, and Redis memory under a steady load (bench/workers.py);
+  6. what the trained heads cost: Analyze of embed + sentiment + intent + topic +
+     entities against Embed alone, 32 texts per request (bench/analyze_cost.py).
 Every load sends a fresh idempotency key per call, as the default client does.
-`--only security` (or `--only workers`) runs that part alone and merges its section into
-the existing report; `--skip security` leaves it out. Only ratios measured in the same
-run are compared.
+`--only security` (or `--only workers`, `--only analyze`) runs that part alone and merges
+its section into the existing report; `--skip security` leaves it out. Only ratios
+measured in the same run are compared.
 Timing never decides a test.
 """
 
@@ -30,6 +32,7 @@ from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench import analyze_cost
 from bench.raw import RawResult, measure_raw, measure_separate_encoders
 from bench.report import (
     Floors,
@@ -52,7 +55,12 @@ CONCURRENCY = (1, 8, 64)
 MIX_HEADS = ("embed", "sentiment", "topic", "intent")
 LENGTHS = "6,24,96"  # words: about 8 to 128 tokens
 BATCH_SIZES = (1, 8, 16, 32, 64)
-PARTS = ("system", "security", "workers")  # "system": parts 1 to 3, which write a new report
+PARTS = (
+    "system",
+    "security",
+    "workers",
+    "analyze",
+)  # "system": parts 1 to 3, which write a new report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=PARTS, help="run one part; merge its report section")
     parser.add_argument("--skip", choices=PARTS, action="append", default=[])
     parser.add_argument("--security-rounds", type=int, default=6, metavar="N")
+    parser.add_argument("--analyze-rounds", type=int, default=2, metavar="N")
     parser.add_argument(
         "--soak-s", type=float, default=SOAK_S, help="workers: seconds of steady load"
     )
@@ -82,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         _security(args, merged=args.only == "security")
     if "workers" in parts:
         _workers(args, merged=args.only == "workers")
+    if "analyze" in parts:
+        _analyze_cost(args, merged=args.only == "analyze")
     print((args.out / "report.md").read_text())
     return 0
 
@@ -185,6 +196,22 @@ def _workers(args: argparse.Namespace, *, merged: bool) -> None:
     write_memory_plot(run, args.out / "workers_memory.png")
     merge_section(args.out / "report.md", workers_lines(run, provenance))
     _merge_results(args.out / "results.json", "workers", run.to_dict())
+
+
+def _analyze_cost(args: argparse.Namespace, *, merged: bool) -> None:
+    """Part 6; its section replaces the report's, and its figures go into results.json."""
+    print("bench: Analyze of five heads against Embed alone", file=sys.stderr)
+    cost = analyze_cost.measure(
+        args.repo, args.out, args.analyze_rounds, args.duration, args.warmup
+    )
+    provenance = (
+        "Measured by `python -m bench.run --only analyze` and merged into the report of an "
+        "earlier full run: the other sections are not from this run."
+        if merged
+        else "Measured in the same run as the sections above, after them."
+    )
+    merge_section(args.out / "report.md", analyze_cost.report_lines(cost, provenance))
+    _merge_results(args.out / "results.json", "analyze_cost", cost.to_dict())
 
 
 def _merge_results(path: Path, key: str, value: object) -> None:

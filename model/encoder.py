@@ -215,15 +215,17 @@ class Encoder:
         max_batch_tokens: int = 16384,
         max_batch_rows: int = 128,
         min_padding_efficiency: float = MIN_PADDING_EFFICIENCY,
+        branch: str = EMBEDDING,
     ) -> tuple[Floats, EncodeStats]:
-        """Mean-pooled vectors (not normalised), one row per text, in input order."""
+        """Mean-pooled vectors (not normalised) of `branch`, one row per text, in input order."""
         encoded = self.encode_full(
             texts,
             max_batch_tokens=max_batch_tokens,
             max_batch_rows=max_batch_rows,
             min_padding_efficiency=min_padding_efficiency,
+            branches={branch: BranchRows(range(len(texts)))},
         )
-        return encoded.pooled, encoded.stats
+        return encoded.features(branch).pooled, encoded.stats
 
     def encode_full(
         self,
@@ -285,13 +287,16 @@ class Encoder:
         return Encoded(main.pooled, tokens, main.token_states, stats, features)
 
     def encode_tokens(
-        self, texts: Sequence[str], *, max_batch_tokens: int = 16384
+        self, texts: Sequence[str], *, max_batch_tokens: int = 16384, branch: str = EMBEDDING
     ) -> list[tuple[Floats, Encoding]]:
-        """Per-token states and the encoding of each text (for token heads and training)."""
+        """Per-token states of `branch` and the encoding of each text (for token heads and
+        training)."""
+        rows = range(len(texts))
         encoded = self.encode_full(
-            texts, token_rows=range(len(texts)), max_batch_tokens=max_batch_tokens
+            texts, max_batch_tokens=max_batch_tokens, branches={branch: BranchRows(rows, rows)}
         )
-        return [(encoded.token_states[i], encoded.encodings[i]) for i in range(len(texts))]
+        states = encoded.features(branch).token_states
+        return [(states[i], encoded.encodings[i]) for i in rows]
 
     def _run(self, batch: list[Encoding], wants: Mapping[str, Want]) -> dict[str, BranchOutput]:
         width = max(len(e.ids) for e in batch)

@@ -188,6 +188,7 @@ def _model_eval(args: argparse.Namespace) -> int:
     from model.manifest import ModelRepoError, load_manifest
     from taskmux.modelrepo.evaluate import evaluate, format_table
     from taskmux.modelrepo.model_card import render
+    from taskmux.modelrepo.multitask_card import branch_section
     from taskmux.modelrepo.variant_eval import card_section, compare, format_comparison, store
 
     started = time.monotonic()
@@ -202,7 +203,7 @@ def _model_eval(args: argparse.Namespace) -> int:
         print("\n" + format_comparison(comparison))
         store(args.repo, comparison)
     manifest = load_manifest(args.repo, verify=False)
-    card = render(manifest, figures) + card_section(manifest)
+    card = render(manifest, figures) + branch_section(manifest, figures) + card_section(manifest)
     tmp = args.card.with_name(args.card.name + ".tmp")
     tmp.write_text(card, encoding="utf-8")
     tmp.replace(args.card)

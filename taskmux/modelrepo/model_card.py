@@ -92,7 +92,7 @@ def render(manifest: Manifest, figures: list[Figure]) -> str:
     for f in figures:
         spec = manifest.head(f.head)
         kind, count = (spec.kind, str(len(spec.labels))) if spec else ("missing", "-")
-        floor = "-" if f.floor is None else f"≥ {f.floor:.2f}"
+        floor = "-" if f.floor is None else f"≥ {f.floor:.3g}"
         result = {None: "-", True: "PASS", False: "FAIL"}[f.passed]
         lines.append(
             f"| {f.head} | {kind} | {count} | {f.metric} | {f.value:.4f} (n={f.examples}) "
