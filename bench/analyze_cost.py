@@ -10,13 +10,10 @@ branches); five separate fine-tuned models would cost five full passes (about 0.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.system import running_system
-from taskmux.loadtest.config import LoadConfig, parse_lengths, parse_mix
-from taskmux.loadtest.runner import run_load
+from bench.system import load, running_system
 
 ANALYZE_HEADS = ("embed", "sentiment", "intent", "topic", "entities")
 TEXTS_PER_REQUEST = 32
@@ -46,19 +43,11 @@ class AnalyzeCost:
 
 
 def _load(target: str, mix: str, duration_s: float, warmup_s: float) -> float:
-    config = LoadConfig(
-        target=target,
-        mode="closed",
-        concurrency=CONCURRENCY,
-        duration_s=duration_s,
-        warmup_s=warmup_s,
-        mix=parse_mix(mix),
-        lengths=parse_lengths(LENGTHS),
-        connections=CONCURRENCY,
-        deadline_s=60,
+    report = load(
+        target, mix, CONCURRENCY, LENGTHS, duration_s, warmup_s,
         texts_per_request=TEXTS_PER_REQUEST,
-    )
-    return asyncio.run(run_load(config)).texts_per_s
+    )  # fmt: skip
+    return report.texts_per_s
 
 
 def measure(repo: Path, out: Path, rounds: int, duration_s: float, warmup_s: float) -> AnalyzeCost:

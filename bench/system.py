@@ -121,6 +121,7 @@ def load(
     duration_s: float,
     warmup_s: float,
     security: ClientSecurity | None = None,
+    texts_per_request: int = 1,
 ) -> LoadReport:
     """One closed-loop run; every call carries a fresh idempotency key, as the default
     client sends (LoadConfig's default)."""
@@ -137,6 +138,7 @@ def load(
         deadline_s=60,
         tls=security.tls,
         api_key=security.api_key,
+        texts_per_request=texts_per_request,
     )
     return asyncio.run(run_load(config))
 

@@ -30,7 +30,7 @@ def add_multitask_command(msub: Any) -> None:
     train.add_argument("--data", type=Path, default=DEFAULT_DATA)
     train.add_argument("--out", type=Path, default=None, help="default: trained/multitask/")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--epochs", type=int, default=1)
+    train.add_argument("--epochs", type=int, default=2)
     train.add_argument("--tiny", action="store_true", help="a few steps on a few rows (smoke)")
     train.set_defaults(func=_model_train_multitask)
 

@@ -21,9 +21,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,7 @@ class Recipe:
     """Hyperparameters of a run."""
 
     branch_layer: int = 3  # the trunk is layers [0, 3), the branches layers [3, 6)
-    epochs: int = 1
+    epochs: int = 2  # the better of the two is kept (validation)
     batch_size: int = 32
     branch_lr: float = 1e-4
     head_lr: float = 2e-3
@@ -257,12 +256,6 @@ def head_params(net: Net, name: str) -> dict[str, np.ndarray[Any, Any]]:
     }
 
 
-def batches_of(count: int, size: int) -> Iterator[range]:
-    """Consecutive index ranges of at most `size`."""
-    for start in range(0, count, size):
-        yield range(start, min(count, start + size))
-
-
 def write_branch(out_dir: Path, net: Net, meta: dict[str, Any]) -> int:
     """Write branch.npz (float16) and branch.json; returns the npz size in bytes."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -304,8 +297,3 @@ def train_multitask(
     return {"train_seconds": round(train_s, 1), "branch_bytes": size, **{
         name: v.metrics for name, v in validation.items()
     }}  # fmt: skip
-
-
-def fraction_digits(value: float) -> float:
-    """Four decimals, NaN kept (the heads' records round so)."""
-    return value if math.isnan(value) else round(value, 4)
