@@ -32,16 +32,21 @@ def add_multitask_command(msub: Any) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--epochs", type=int, default=2)
     train.add_argument("--tiny", action="store_true", help="a few steps on a few rows (smoke)")
+    train.add_argument(
+        "--refit-only", action="store_true",
+        help="only the second stage (larger heads on the written branch) of a run in --out",
+    )  # fmt: skip
     train.set_defaults(func=_model_train_multitask)
 
 
 def _model_train_multitask(args: argparse.Namespace) -> int:
-    from taskmux.modelrepo.multitask import Recipe, train_multitask
+    from taskmux.modelrepo.multitask import Recipe, refit_written, train_multitask
     from taskmux.modelrepo.multitask_data import TINY, Sizes
     from taskmux.modelrepo.multitask_store import MULTITASK_DIR
 
     recipe = Recipe(seed=args.seed, epochs=args.epochs, log_every=2 if args.tiny else 25)
-    report = train_multitask(
+    run = refit_written if args.refit_only else train_multitask
+    report = run(
         args.data, out_dir=args.out or MULTITASK_DIR, recipe=recipe,
         sizes=TINY if args.tiny else Sizes(), emit=partial(print, flush=True),
     )  # fmt: skip

@@ -39,10 +39,12 @@ from taskmux.modelrepo.branches import (
     copy_branch,
     cut,
     load_bert,
+    load_branch_arrays,
 )
 from taskmux.modelrepo.build import source_model_dir
 from taskmux.modelrepo.multitask_data import IGNORE, Sizes, Task, TaskRows, load_tasks
 from taskmux.modelrepo.multitask_eval import Validation, overall, validate
+from taskmux.modelrepo.multitask_refit import best_heads
 from taskmux.modelrepo.multitask_store import BRANCH_FILE, BRANCH_META, MULTITASK_DIR, write_heads
 
 log = logging.getLogger(__name__)
@@ -274,26 +276,71 @@ def train_multitask(
     sizes: Sizes | None = None,
     emit: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Load the tasks, train, validate (intent threshold), write branch and heads."""
+    """Load the tasks, train, validate (intent threshold), refit larger heads where they
+    validate better (`multitask_refit.py`), write branch and heads."""
     started = time.monotonic()
     sizes = Sizes() if sizes is None else sizes
     tasks = load_tasks(data_dir, recipe.seed, sizes, source_model_dir() / "tokenizer.json")
     emit("training rows: " + ", ".join(f"{t.name}={len(t.train)}" for t in tasks))
     trained = train(tasks, recipe, emit)
-    net, validation = trained.net, trained.validation
-    train_s = time.monotonic() - started
     emit(f"kept epoch {trained.epoch} (best mean validation score)")
+    heads = best_heads(trained.net, tasks, trained.validation, recipe.seed, emit)
+    train_s = time.monotonic() - started
     meta = {
         "epoch_kept": trained.epoch,
         "branch_layer": recipe.branch_layer,
         "recipe": asdict(recipe),
         "sizes": asdict(sizes),
         "train_seconds": round(train_s, 1),
-        "heads": [t.name for t in tasks],
+        "heads": {name: head.form for name, head in heads.items()},
     }
-    size = write_branch(out_dir, net, meta)
-    write_heads(out_dir, net, tasks, validation, recipe)
+    size = write_branch(out_dir, trained.net, meta)
+    write_heads(out_dir, tasks, heads, recipe)
     emit(f"branch weights: {size / 1e6:.1f} MB ({out_dir / BRANCH_FILE})")
     return {"train_seconds": round(train_s, 1), "branch_bytes": size, **{
-        name: v.metrics for name, v in validation.items()
+        name: head.validation.metrics for name, head in heads.items()
     }}  # fmt: skip
+
+
+def load_trained(out_dir: Path, tasks: Sequence[Task], recipe: Recipe) -> Net:
+    """The net of a written run: its branch and its heads (the scale taken back out)."""
+    meta = json.loads((out_dir / BRANCH_META).read_text(encoding="utf-8"))
+    bert = load_bert(source_model_dir())
+    trunk, original = cut(bert, int(meta["branch_layer"]))
+    branch = copy_branch(original)
+    with np.load(out_dir / BRANCH_FILE) as data:
+        load_branch_arrays(branch, {k: data[k] for k in data.files})
+    net = Net(trunk, branch, tasks, int(bert.config.hidden_size), recipe.feature_scale)
+    for task in tasks:
+        with np.load(out_dir / "heads" / task.name / "weights.npz") as data:
+            if "hidden_weight" in data.files:
+                raise ValueError(f"{task.name}: already refitted; retrain to refit again")
+            layer = net.heads[task.name]
+            assert isinstance(layer, torch.nn.Linear)
+            layer.weight.data = torch.from_numpy(data["weight"] / recipe.feature_scale)
+            layer.bias.data = torch.from_numpy(data["bias"])
+    net.eval()
+    return net
+
+
+def refit_written(
+    data_dir: Path,
+    *,
+    out_dir: Path = MULTITASK_DIR,
+    recipe: Recipe = Recipe(),
+    sizes: Sizes | None = None,
+    emit: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """The second stage alone, on a run written by the first (`--refit-only`): what
+    `train_multitask` would have written had it refitted then."""
+    started = time.monotonic()
+    sizes = Sizes() if sizes is None else sizes
+    tasks = load_tasks(data_dir, recipe.seed, sizes, source_model_dir() / "tokenizer.json")
+    net = load_trained(out_dir, tasks, recipe)
+    heads = best_heads(net, tasks, validate(net, tasks, emit), recipe.seed, emit)
+    write_heads(out_dir, tasks, heads, recipe)
+    meta = json.loads((out_dir / BRANCH_META).read_text(encoding="utf-8"))
+    meta["heads"] = {name: head.form for name, head in heads.items()}
+    meta["refit_seconds"] = round(time.monotonic() - started, 1)
+    (out_dir / BRANCH_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return {name: head.validation.metrics for name, head in heads.items()}

@@ -18,6 +18,7 @@ from taskmux_api.kinds import HeadKind
 
 from model.encoder import Floats, l2_normalize
 from taskmux.modelrepo.entities_train import score_entities
+from taskmux.modelrepo.fit import Params
 from taskmux.modelrepo.multitask_data import Task, TaskRows
 from taskmux.modelrepo.recipe import class_probs, hit_rate, served_labels
 
@@ -78,12 +79,18 @@ def pick_threshold(
     return best, {**scores(best), "inscope_accuracy_without_threshold": base}
 
 
-def validate_task(net: Net, task: Task) -> Validation:
-    """One head's validation figures through the serving arithmetic."""
+def validate_task(net: Net, task: Task, params: Params | None = None) -> Validation:
+    """One head's validation figures through the serving arithmetic (`params`: another
+    head on the same branch instead of the net's own)."""
     from taskmux.modelrepo.multitask import head_params
 
-    params = head_params(net, task.name)
-    pooled, states = branch_outputs(net, task.val)
+    outputs = branch_outputs(net, task.val)
+    return score_head(task, outputs, head_params(net, task.name) if params is None else params)
+
+
+def score_head(task: Task, outputs: tuple[Floats, list[Floats]], params: Params) -> Validation:
+    """A head's validation figures on the branch outputs of the task's validation rows."""
+    pooled, states = outputs
     if task.kind == HeadKind.TOKEN_CLASSIFICATION:
         assert task.val_sentences is not None
         scores = score_entities(

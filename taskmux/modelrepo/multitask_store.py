@@ -26,8 +26,8 @@ from taskmux.modelrepo.headstore import head_record, save_params, trained_head_m
 from taskmux.modelrepo.multitask_data import Task
 
 if TYPE_CHECKING:
-    from taskmux.modelrepo.multitask import Net, Recipe
-    from taskmux.modelrepo.multitask_eval import Validation
+    from taskmux.modelrepo.multitask import Recipe
+    from taskmux.modelrepo.multitask_refit import Head
 
 MULTITASK_DIR = TRAINED_HEADS_DIR / "multitask"
 BRANCH_FILE = "branch.npz"
@@ -67,31 +67,26 @@ def served_heads(folder: Path = MULTITASK_DIR) -> list[tuple[HeadSpec, Path]]:
 
 
 def write_heads(
-    out_dir: Path,
-    net: Net,
-    tasks: Sequence[Task],
-    validation: Mapping[str, Validation],
-    recipe: Recipe,
+    out_dir: Path, tasks: Sequence[Task], heads: Mapping[str, Head], recipe: Recipe
 ) -> None:
     """Write each task's head folder under `out_dir/heads/` (weights, then head.json)."""
-    from taskmux.modelrepo.multitask import head_params
-
     for task in tasks:
-        result = validation[task.name]
-        metrics = {k: round(float(v), 4) for k, v in result.metrics.items()}
+        head = heads[task.name]
+        metrics = {k: round(float(v), 4) for k, v in head.validation.metrics.items()}
         metrics["train_examples"] = float(len(task.train))
+        form = "a linear head" if head.form == "joint" else "an MLP (refitted on the branch)"
         description = (
-            f"{DESCRIPTIONS.get(task.name, task.name)}: a linear head on the multi-task "
-            f"branch (all-MiniLM-L6-v2 layers {recipe.branch_layer}+ fine-tuned jointly on "
+            f"{DESCRIPTIONS.get(task.name, task.name)}: {form} on the multi-task branch "
+            f"(all-MiniLM-L6-v2 layers {recipe.branch_layer}+ fine-tuned jointly on "
             "sentiment, intent, topic and entities; `taskmux model train-multitask`, seed "
             f"{recipe.seed}); validation_* figures are on rows held out of training."
         )
         record = head_record(
             task.name, task.kind, task.labels, metrics, description,
-            threshold=result.threshold, fallback_label=task.fallback_label,
+            threshold=head.validation.threshold, fallback_label=task.fallback_label,
         )  # fmt: skip
         folder = out_dir / "heads" / task.name
-        save_params(folder / "weights.npz", head_params(net, task.name))
+        save_params(folder / "weights.npz", head.params)
         meta = trained_head_meta(record) | {"features": MULTITASK}
         tmp = folder / "head.json.tmp"
         tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
