@@ -31,6 +31,10 @@ def add_multitask_command(msub: Any) -> None:
     train.add_argument("--out", type=Path, default=None, help="default: trained/multitask/")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--epochs", type=int, default=2)
+    train.add_argument(
+        "--branch-layer", type=int, default=3,
+        help="layers below it are the shared trunk; the branch fine-tunes the rest",
+    )  # fmt: skip
     train.add_argument("--tiny", action="store_true", help="a few steps on a few rows (smoke)")
     train.add_argument(
         "--refit-only", action="store_true",
@@ -44,7 +48,10 @@ def _model_train_multitask(args: argparse.Namespace) -> int:
     from taskmux.modelrepo.multitask_data import TINY, Sizes
     from taskmux.modelrepo.multitask_store import MULTITASK_DIR
 
-    recipe = Recipe(seed=args.seed, epochs=args.epochs, log_every=2 if args.tiny else 25)
+    recipe = Recipe(
+        seed=args.seed, epochs=args.epochs, branch_layer=args.branch_layer,
+        log_every=2 if args.tiny else 25,
+    )  # fmt: skip
     run = refit_written if args.refit_only else train_multitask
     report = run(
         args.data, out_dir=args.out or MULTITASK_DIR, recipe=recipe,

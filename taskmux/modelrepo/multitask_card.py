@@ -69,11 +69,15 @@ def _how(manifest: Manifest, meta: dict[str, Any]) -> list[str]:
         "",
         "How the figures were obtained:",
         "",
-        f"- Trained by `taskmux model train-multitask --epochs {recipe.get('epochs', '?')}` "
+        "- Trained by `taskmux model train-multitask --epochs "
+        f"{recipe.get('epochs', '?')} --branch-layer {enc.branch_layer}` "
         f"(seed {recipe.get('seed', '?')}, branch lr {recipe.get('branch_lr', '?')}, head lr "
         f"{recipe.get('head_lr', '?')}, batches of {recipe.get('batch_size', '?')} from one "
         f"task each, shuffled together; {minutes:.0f} min on a shared 2-core CPU; epoch "
-        f"{meta.get('epoch_kept', '?')} kept by validation).",
+        f"{meta.get('epoch_kept', '?')} kept by validation). Second stage: "
+        + "; ".join(f"{name}: {form}" for name, form in meta.get("heads", {}).items())
+        + " (`joint`: the linear head trained with the branch; otherwise an MLP refitted on "
+        "the trained branch's outputs, kept because it validated better).",
         "- Training and validation rows come only from each frozen head's training side of "
         f"its split (`SPLIT_SEED` = {SPLIT_SEED}); the held-out rows below took part in no "
         "training and no choice (the intent threshold was chosen on validation rows).",
