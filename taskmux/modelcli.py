@@ -35,16 +35,31 @@ def add_multitask_command(msub: Any) -> None:
         "--branch-layer", type=int, default=3,
         help="layers below it are the shared trunk; the branch fine-tunes the rest",
     )  # fmt: skip
+    train.add_argument(
+        "--oos-borrowed", type=int, default=0, metavar="N",
+        help="N training texts of each other task taught to the intent head as oos",
+    )  # fmt: skip
     train.add_argument("--tiny", action="store_true", help="a few steps on a few rows (smoke)")
     train.add_argument(
         "--refit-only", action="store_true",
         help="only the second stage (larger heads on the written branch) of a run in --out",
     )  # fmt: skip
+    train.add_argument(
+        "--heldout-only", action="store_true",
+        help="only record the held-out figures of the run in --out into its head.json files",
+    )  # fmt: skip
     train.set_defaults(func=_model_train_multitask)
 
 
 def _model_train_multitask(args: argparse.Namespace) -> int:
-    from taskmux.modelrepo.multitask import Recipe, refit_written, train_multitask
+    from dataclasses import replace
+
+    from taskmux.modelrepo.multitask import (
+        Recipe,
+        heldout_written,
+        refit_written,
+        train_multitask,
+    )
     from taskmux.modelrepo.multitask_data import TINY, Sizes
     from taskmux.modelrepo.multitask_store import MULTITASK_DIR
 
@@ -52,10 +67,15 @@ def _model_train_multitask(args: argparse.Namespace) -> int:
         seed=args.seed, epochs=args.epochs, branch_layer=args.branch_layer,
         log_every=2 if args.tiny else 25,
     )  # fmt: skip
-    run = refit_written if args.refit_only else train_multitask
+    run: Callable[..., dict[str, Any]] = train_multitask
+    if args.tiny:
+        run = partial(train_multitask, score_heldout=False)
+    run = refit_written if args.refit_only else run
+    run = heldout_written if args.heldout_only else run
     report = run(
         args.data, out_dir=args.out or MULTITASK_DIR, recipe=recipe,
-        sizes=TINY if args.tiny else Sizes(), emit=partial(print, flush=True),
+        sizes=replace(TINY if args.tiny else Sizes(), oos_borrowed=args.oos_borrowed),
+        emit=partial(print, flush=True),
     )  # fmt: skip
     print(json.dumps(report, indent=2))
     print("rebuild the repository to serve it: taskmux model build --force", file=sys.stderr)

@@ -44,6 +44,7 @@ from taskmux.modelrepo.branches import (
 from taskmux.modelrepo.build import source_model_dir
 from taskmux.modelrepo.multitask_data import IGNORE, Sizes, Task, TaskRows, load_tasks
 from taskmux.modelrepo.multitask_eval import Validation, overall, validate
+from taskmux.modelrepo.multitask_heldout import record_heldout
 from taskmux.modelrepo.multitask_refit import best_heads
 from taskmux.modelrepo.multitask_store import BRANCH_FILE, BRANCH_META, MULTITASK_DIR, write_heads
 
@@ -82,6 +83,7 @@ class Net(torch.nn.Module):
     ) -> None:
         super().__init__()
         self.scale = scale
+        self.dim = dim
         self.trunk = trunk
         self.branch = branch
         self.heads = torch.nn.ModuleDict(
@@ -275,9 +277,11 @@ def train_multitask(
     recipe: Recipe = Recipe(),
     sizes: Sizes | None = None,
     emit: Callable[[str], None] = print,
+    score_heldout: bool = True,
 ) -> dict[str, Any]:
     """Load the tasks, train, validate (intent threshold), refit larger heads where they
-    validate better (`multitask_refit.py`), write branch and heads."""
+    validate better (`multitask_refit.py`), write branch and heads, and record the heads'
+    held-out figures (`score_heldout`)."""
     started = time.monotonic()
     sizes = Sizes() if sizes is None else sizes
     tasks = load_tasks(data_dir, recipe.seed, sizes, source_model_dir() / "tokenizer.json")
@@ -296,14 +300,16 @@ def train_multitask(
     }
     size = write_branch(out_dir, trained.net, meta)
     write_heads(out_dir, tasks, heads, recipe)
+    if score_heldout:
+        record_heldout(trained.net, out_dir, data_dir, emit)
     emit(f"branch weights: {size / 1e6:.1f} MB ({out_dir / BRANCH_FILE})")
     return {"train_seconds": round(train_s, 1), "branch_bytes": size, **{
         name: head.validation.metrics for name, head in heads.items()
     }}  # fmt: skip
 
 
-def load_trained(out_dir: Path, tasks: Sequence[Task], recipe: Recipe) -> Net:
-    """The net of a written run: its branch and its heads (the scale taken back out)."""
+def load_branch(out_dir: Path, tasks: Sequence[Task], recipe: Recipe) -> Net:
+    """The net of a written run with its branch, and fresh heads for `tasks`."""
     meta = json.loads((out_dir / BRANCH_META).read_text(encoding="utf-8"))
     bert = load_bert(source_model_dir())
     trunk, original = cut(bert, int(meta["branch_layer"]))
@@ -311,6 +317,13 @@ def load_trained(out_dir: Path, tasks: Sequence[Task], recipe: Recipe) -> Net:
     with np.load(out_dir / BRANCH_FILE) as data:
         load_branch_arrays(branch, {k: data[k] for k in data.files})
     net = Net(trunk, branch, tasks, int(bert.config.hidden_size), recipe.feature_scale)
+    net.eval()
+    return net
+
+
+def load_trained(out_dir: Path, tasks: Sequence[Task], recipe: Recipe) -> Net:
+    """The net of a written run: its branch and its joint heads (the scale taken out)."""
+    net = load_branch(out_dir, tasks, recipe)
     for task in tasks:
         with np.load(out_dir / "heads" / task.name / "weights.npz") as data:
             if "hidden_weight" in data.files:
@@ -319,8 +332,20 @@ def load_trained(out_dir: Path, tasks: Sequence[Task], recipe: Recipe) -> Net:
             assert isinstance(layer, torch.nn.Linear)
             layer.weight.data = torch.from_numpy(data["weight"] / recipe.feature_scale)
             layer.bias.data = torch.from_numpy(data["bias"])
-    net.eval()
     return net
+
+
+def heldout_written(
+    data_dir: Path,
+    *,
+    out_dir: Path = MULTITASK_DIR,
+    recipe: Recipe = Recipe(),
+    sizes: Sizes | None = None,
+    emit: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Only the held-out figures of a written run, into its head.json (`--heldout-only`)."""
+    torch.set_num_threads(recipe.threads)
+    return record_heldout(load_branch(out_dir, [], recipe), out_dir, data_dir, emit)
 
 
 def refit_written(
@@ -339,6 +364,7 @@ def refit_written(
     net = load_trained(out_dir, tasks, recipe)
     heads = best_heads(net, tasks, validate(net, tasks, emit), recipe.seed, emit)
     write_heads(out_dir, tasks, heads, recipe)
+    record_heldout(net, out_dir, data_dir, emit)
     meta = json.loads((out_dir / BRANCH_META).read_text(encoding="utf-8"))
     meta["heads"] = {name: head.form for name, head in heads.items()}
     meta["refit_seconds"] = round(time.monotonic() - started, 1)

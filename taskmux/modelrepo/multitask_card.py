@@ -59,6 +59,8 @@ def branch_section(manifest: Manifest, figures: Sequence[Figure]) -> str:
 def _how(manifest: Manifest, meta: dict[str, Any]) -> list[str]:
     enc = manifest.encoder
     recipe = meta.get("recipe", {})
+    lent = int(meta.get("sizes", {}).get("oos_borrowed", 0))
+    borrowed = f" --oos-borrowed {lent}" if lent else ""
     minutes = float(meta.get("train_seconds", 0.0)) / 60
     return [
         f"The encoder is cut after layer {enc.branch_layer}: a shared trunk (the original "
@@ -70,7 +72,8 @@ def _how(manifest: Manifest, meta: dict[str, Any]) -> list[str]:
         "How the figures were obtained:",
         "",
         "- Trained by `taskmux model train-multitask --epochs "
-        f"{recipe.get('epochs', '?')} --branch-layer {enc.branch_layer}` "
+        f"{recipe.get('epochs', '?')} --branch-layer {enc.branch_layer}"
+        f"{borrowed}` "
         f"(seed {recipe.get('seed', '?')}, branch lr {recipe.get('branch_lr', '?')}, head lr "
         f"{recipe.get('head_lr', '?')}, batches of {recipe.get('batch_size', '?')} from one "
         f"task each, shuffled together; {minutes:.0f} min on a shared 2-core CPU; epoch "

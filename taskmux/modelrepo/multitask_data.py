@@ -47,6 +47,9 @@ class Sizes:
     sentence_tokens: int = 64
     token_tokens: int = 128
     oos_repeat: int = 10
+    # Training texts of each other task taught to the intent head as `oos`: CLINC150 has
+    # 100 out-of-scope queries, too few to teach a fine-tuned head what is not a query.
+    oos_borrowed: int = 0
     max_train: int = 0  # a cap on every task's training rows (0: none)
 
 
@@ -96,9 +99,7 @@ def _capped(rows: list[int], sizes: Sizes, rng: np.random.Generator) -> list[int
     return _sample(rows, sizes.max_train, rng) if sizes.max_train else rows
 
 
-def _sentence_rows(
-    tokenizer: Tokenizer, examples: Examples[Any], rows: Sequence[int]
-) -> TaskRows:
+def _sentence_rows(tokenizer: Tokenizer, examples: Examples[Any], rows: Sequence[int]) -> TaskRows:
     texts = [examples.texts[i] for i in rows]
     return TaskRows(tokenizer.encode_batch(texts), [int(examples.y[i]) for i in rows], texts)
 
@@ -120,8 +121,11 @@ def sentiment_task(data: Path, seed: int, sizes: Sizes, tokenizer: Tokenizer) ->
     )  # fmt: skip
 
 
-def intent_task(data: Path, seed: int, sizes: Sizes, tokenizer: Tokenizer) -> Task:
-    """CLINC150 with `oos`: the inner fit rows, out-of-scope ones repeated."""
+def intent_task(
+    data: Path, seed: int, sizes: Sizes, tokenizer: Tokenizer, borrowed: Sequence[str] = ()
+) -> Task:
+    """CLINC150 with `oos`: the inner fit rows, out-of-scope ones repeated, and `borrowed`
+    texts (other tasks' training texts) as out of scope too."""
     examples = intent.INTENT.load(data, seed)
     rng = np.random.default_rng(seed)
     oos = examples.labels.index(intent.OOS)
@@ -139,10 +143,17 @@ def intent_task(data: Path, seed: int, sizes: Sizes, tokenizer: Tokenizer) -> Ta
     train = inscope + out * sizes.oos_repeat
     detail = examples.detail
     val = _sample(detail.inscope_val, sizes.validation, rng) + list(detail.oos_val)
+    rows = _sentence_rows(tokenizer, examples, train)
+    if borrowed:
+        extra = list(borrowed)
+        rows = TaskRows(
+            rows.encodings + tokenizer.encode_batch(extra),
+            [*rows.targets, *([oos] * len(extra))],
+            rows.texts + extra,
+        )
     return Task(
         "intent", HeadKind.CLASSIFICATION, examples.labels,
-        _sentence_rows(tokenizer, examples, train), _sentence_rows(tokenizer, examples, val),
-        fallback_label=intent.OOS,
+        rows, _sentence_rows(tokenizer, examples, val), fallback_label=intent.OOS,
     )  # fmt: skip
 
 
@@ -193,9 +204,16 @@ def load_tasks(data: Path, seed: int, sizes: Sizes, tokenizer_file: Path) -> lis
     """The four tasks, tokenized (sentence tasks and token tasks at their own lengths)."""
     short = load_tokenizer(tokenizer_file, sizes.sentence_tokens)
     long = load_tokenizer(tokenizer_file, sizes.token_tokens)
-    return [
+    others = [
         sentiment_task(data, seed, sizes, short),
-        intent_task(data, seed, sizes, short),
         topic_task(data, seed, sizes, short),
         entities_task(data, seed, sizes, long),
     ]
+    rng = np.random.default_rng(seed + 2)
+    borrowed = [
+        task.train.texts[i]
+        for task in others
+        for i in _sample(range(len(task.train)), sizes.oos_borrowed, rng)
+    ]
+    intent_rows = intent_task(data, seed, sizes, short, borrowed if sizes.oos_borrowed else ())
+    return [others[0], intent_rows, *others[1:]]
