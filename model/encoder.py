@@ -26,7 +26,15 @@ import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
 from model.manifest import EMBEDDING, EncoderSpec
-from model.parts import BranchOutput, BranchSessions, Feeds, Want
+from model.parts import (
+    TRUNK,
+    BranchOutput,
+    BranchSessions,
+    Collector,
+    Features,
+    Feeds,
+    Want,
+)
 from model.variants import (
     AUTO,
     CPU,
@@ -108,14 +116,6 @@ class BranchRows:
 
 
 @dataclass(frozen=True)
-class Features:
-    """One branch's outputs; rows it was not asked for are zero vectors and absent states."""
-
-    pooled: Floats  # [texts, dim] mean-pooled, not normalised
-    token_states: dict[int, Floats]  # [tokens, dim] per row asked for, incl. [CLS]/[SEP]
-
-
-@dataclass(frozen=True)
 class Encoded:
     """Everything one encoder pass over a list of texts produced, in input order."""
 
@@ -170,7 +170,7 @@ class Encoder:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         selection = select_variant(variant, spec, choose_providers(providers))
         self._repo, self._options = repo, options
-        self.session = self._open(selection.parts.get("trunk", selection.file), selection)
+        self.session = self._open(selection.parts.get(TRUNK, selection.file), selection)
         active = self.session.get_providers()
         if not check_providers(providers, variant, selection, active):
             log.warning(
@@ -180,12 +180,13 @@ class Encoder:
             )
             cpu = select_variant(variant, spec, [CPU])
             if cpu.file != selection.file:
-                self.session = self._open(cpu.parts.get("trunk", cpu.file), cpu)
+                self.session = self._open(cpu.parts.get(TRUNK, cpu.file), cpu)
             selection = cpu
         # A split encoder: `session` is its trunk, and each branch has its own session.
         self.parts: BranchSessions | None = None
         if selection.parts:
-            branches = {n: self._open(f, selection) for n, f in selection.parts.items()}
+            names = [n for n in selection.parts if n != TRUNK]
+            branches = {n: self._open(selection.parts[n], selection) for n in names}
             self.parts = BranchSessions(self.session, branches)
         self._input_names = {i.name for i in self.session.get_inputs()}
         self.provider = self.session.get_providers()[0]
@@ -202,8 +203,6 @@ class Encoder:
         )
 
     def _open(self, file: str, selection: Selection) -> ort.InferenceSession:
-        if file == "trunk":
-            file = selection.file
         return ort.InferenceSession(
             str(self._repo / file), self._options, providers=selection.providers
         )
@@ -255,7 +254,7 @@ class Encoder:
         if branches is None:
             branches = {EMBEDDING: BranchRows(range(len(texts)), token_rows)}
         order = sorted(range(len(tokens)), key=lambda i: len(tokens[i].ids))
-        outputs = {name: _Collector(len(texts), self.spec.dimension) for name in branches}
+        outputs = {name: Collector(len(texts), self.spec.dimension) for name in branches}
         pooled_rows = {name: set(rows.pooled) | set(rows.tokens) for name, rows in branches.items()}
         token_sets = {name: set(rows.tokens) for name, rows in branches.items()}
         real = padded = batches = 0
@@ -332,27 +331,6 @@ class Encoder:
             result: list[npt.NDArray[np.float32]] = session.run(names, feeds)
             return result
         return run_bound(session, feeds, names, self._bind_device)
-
-
-class _Collector:
-    """One branch's outputs gathered from the batches of a pass, in input order."""
-
-    def __init__(self, texts: int, dimension: int) -> None:
-        self.pooled = np.zeros((texts, dimension), dtype=np.float32)
-        self.states: dict[int, Floats] = {}
-
-    def add(
-        self, chunk: list[int], out: BranchOutput, token_rows: set[int], tokens: list[Encoding]
-    ) -> None:
-        texts = [chunk[k] for k in out.rows]
-        self.pooled[texts] = out.pooled
-        if out.states is not None:
-            for row, i in enumerate(texts):
-                if i in token_rows:
-                    self.states[i] = out.states[row, : len(tokens[i].ids)].copy()
-
-    def features(self) -> Features:
-        return Features(self.pooled, self.states)
 
 
 def run_bound(

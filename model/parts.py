@@ -19,7 +19,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
+from tokenizers import Encoding
 
+TRUNK = "trunk"  # the part every branch reads
 Feeds = dict[str, npt.NDArray[Any]]
 # (session, feeds, output names) -> outputs: plain `run`, or through an I/O binding.
 Runner = Callable[[ort.InferenceSession, Feeds, list[str]], list[npt.NDArray[np.float32]]]
@@ -40,6 +42,39 @@ class BranchOutput:
     rows: list[int]
     pooled: npt.NDArray[np.float32]
     states: npt.NDArray[np.float32] | None
+
+
+@dataclass(frozen=True)
+class Features:
+    """One branch's outputs; rows it was not asked for are zero vectors and absent states."""
+
+    pooled: npt.NDArray[np.float32]  # [texts, dim] mean-pooled, not normalised
+    token_states: dict[
+        int, npt.NDArray[np.float32]
+    ]  # [tokens, dim] per row asked for, incl. [CLS]/[SEP]
+
+
+class Collector:
+    """One branch's outputs gathered from the batches of a pass, in input order."""
+
+    def __init__(self, texts: int, dimension: int) -> None:
+        self.pooled = np.zeros((texts, dimension), dtype=np.float32)
+        self.states: dict[int, npt.NDArray[np.float32]] = {}
+
+    def add(
+        self, chunk: list[int], out: BranchOutput, token_rows: set[int], tokens: list[Encoding]
+    ) -> None:
+        """Put one batch's outputs at their texts' rows (`chunk`: the batch's text rows)."""
+        texts = [chunk[k] for k in out.rows]
+        self.pooled[texts] = out.pooled
+        if out.states is not None:
+            for row, i in enumerate(texts):
+                if i in token_rows:
+                    self.states[i] = out.states[row, : len(tokens[i].ids)].copy()
+
+    def features(self) -> Features:
+        """What was gathered."""
+        return Features(self.pooled, self.states)
 
 
 class BranchSessions:
