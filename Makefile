@@ -9,7 +9,7 @@ PROTO_SRC := protos/taskmux/v1/taskmux.proto
 PROTO_OUT := client/taskmux_api/v1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv proto proto-check client-sync model run test lint audit train-heads eval bench interop-deps \
+.PHONY: help venv proto proto-check client-sync model run test lint audit train-heads train-multitask eval bench interop-deps \
 	images images-smoke clean
 
 help: ## List the targets
@@ -38,6 +38,9 @@ $(MODEL_REPO)/manifest.json: $(BIN)/.installed
 	$(BIN)/taskmux model build --out $(MODEL_REPO)
 
 model: $(MODEL_REPO)/manifest.json ## Build the model repository (ONNX encoder + heads)
+
+train-multitask: ## Fine-tune the multi-task branch and its heads (CPU, about 30 min); then make model
+	$(BIN)/taskmux model train-multitask --data $(SHARED_DATA)
 
 train-heads: $(MODEL_REPO)/manifest.json ## Retrain the committed heads from ../shared/data
 	$(BIN)/taskmux model train-defaults --repo $(MODEL_REPO) --data $(SHARED_DATA)

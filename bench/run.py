@@ -14,9 +14,12 @@ warm-up excluded:
      and taskmux, on short and mixed texts, one cell right after the other; with
      py-spy on the gateway and the worker under c=64 short texts (bench/peers.py);
   6. three workers behind one gateway under the default client's keyed load: each
-     worker's share of a burst, and Redis memory under a steady load (bench/workers.py).
+     worker's share of a burst, and Redis memory under a steady load (bench/workers.py);
+  7. what the trained heads cost: Analyze of embed + sentiment + intent + topic +
+     entities against Embed alone, 32 texts per request (bench/analyze_cost.py).
 Every load sends a fresh idempotency key per call, as the default client does.
-`--only security` (or `--only peers`, `--only workers`) runs that part alone and merges
+`--only security` (or `--only peers`, `--only workers`, `--only analyze`) runs that part
+alone and merges
 its section into the existing report; `--skip security` leaves it out. Only ratios
 measured in the same run are compared.
 Timing never decides a test.
@@ -33,6 +36,7 @@ from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench import analyze_cost
 from bench.peers import peers_lines, run_peers
 from bench.raw import RawResult, measure_raw, measure_separate_encoders
 from bench.report import (
@@ -57,7 +61,7 @@ MIX_HEADS = ("embed", "sentiment", "topic", "intent")
 LENGTHS = "6,24,96"  # words: about 8 to 128 tokens
 BATCH_SIZES = (1, 8, 16, 32, 64)
 # "system": parts 1 to 3, which write a new report
-PARTS = ("system", "security", "peers", "workers")
+PARTS = ("system", "security", "peers", "workers", "analyze")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=PARTS, help="run one part; merge its report section")
     parser.add_argument("--skip", choices=PARTS, action="append", default=[])
     parser.add_argument("--security-rounds", type=int, default=6, metavar="N")
+    parser.add_argument("--analyze-rounds", type=int, default=2, metavar="N")
     parser.add_argument(
         "--soak-s", type=float, default=SOAK_S, help="workers: seconds of steady load"
     )
@@ -89,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         _peers(args, merged=args.only == "peers")
     if "workers" in parts:
         _workers(args, merged=args.only == "workers")
+    if "analyze" in parts:
+        _analyze_cost(args, merged=args.only == "analyze")
     print((args.out / "report.md").read_text())
     return 0
 
@@ -197,14 +204,29 @@ def _workers(args: argparse.Namespace, *, merged: bool) -> None:
 def _peers(args: argparse.Namespace, *, merged: bool) -> None:
     """Part 5; its section replaces the report's, and its figures go into results.json."""
     runs = run_peers(args.repo, args.out, args.duration, args.warmup)
-    provenance = (
-        "Measured by `python -m bench.run --only peers` and merged into the report of an "
+    lines = peers_lines(runs, args.duration, _provenance("peers", merged))
+    merge_section(args.out / "report.md", lines)
+    _merge_results(args.out / "results.json", "peers", runs.to_dict())
+
+
+def _analyze_cost(args: argparse.Namespace, *, merged: bool) -> None:
+    """Part 7; its section replaces the report's, and its figures go into results.json."""
+    print("bench: Analyze of five heads against Embed alone", file=sys.stderr)
+    cost = analyze_cost.measure(
+        args.repo, args.out, args.analyze_rounds, args.duration, args.warmup
+    )
+    lines = analyze_cost.report_lines(cost, _provenance("analyze", merged))
+    merge_section(args.out / "report.md", lines)
+    _merge_results(args.out / "results.json", "analyze_cost", cost.to_dict())
+
+
+def _provenance(part: str, merged: bool) -> str:
+    return (
+        f"Measured by `python -m bench.run --only {part}` and merged into the report of an "
         "earlier full run: the other sections are not from this run."
         if merged
         else "Measured in the same run as the sections above, after them."
     )
-    merge_section(args.out / "report.md", peers_lines(runs, args.duration, provenance))
-    _merge_results(args.out / "results.json", "peers", runs.to_dict())
 
 
 def _merge_results(path: Path, key: str, value: object) -> None:

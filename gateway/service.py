@@ -277,4 +277,5 @@ def _head_info(head: HeadSpec) -> pb.HeadInfo:
         version=head.version,
         metrics=head.metrics,
         description=head.description,
+        features=head.features,
     )

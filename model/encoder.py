@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,16 @@ import numpy.typing as npt
 import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
-from model.manifest import EncoderSpec
+from model.manifest import EMBEDDING, EncoderSpec
+from model.parts import (
+    TRUNK,
+    BranchOutput,
+    BranchSessions,
+    Collector,
+    Features,
+    Feeds,
+    Want,
+)
 from model.variants import (
     AUTO,
     CPU,
@@ -98,13 +107,28 @@ def check_providers(
 
 
 @dataclass(frozen=True)
+class BranchRows:
+    """The rows of an `encode_full` call that need a branch: its pooled vectors (`pooled`)
+    or also its per-token states (`tokens`)."""
+
+    pooled: Collection[int]
+    tokens: Collection[int] = ()
+
+
+@dataclass(frozen=True)
 class Encoded:
     """Everything one encoder pass over a list of texts produced, in input order."""
 
-    pooled: Floats  # [texts, dim] mean-pooled, not normalised
+    pooled: Floats  # [texts, dim] mean-pooled, not normalised (embedding branch)
     encodings: list[Encoding]  # tokens, offsets and word ids of each text
     token_states: dict[int, Floats]  # [tokens, dim] per text asked for, incl. [CLS]/[SEP]
     stats: EncodeStats
+    # Every branch computed, by name ("embedding" is `pooled` and `token_states`).
+    branches: dict[str, Features] = field(default_factory=dict)
+
+    def features(self, branch: str) -> Features:
+        """One branch's outputs (KeyError when this pass did not compute it)."""
+        return self.branches[branch]
 
 
 @dataclass(frozen=True)
@@ -145,9 +169,8 @@ class Encoder:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         selection = select_variant(variant, spec, choose_providers(providers))
-        self.session = ort.InferenceSession(
-            str(repo / selection.file), options, providers=selection.providers
-        )
+        self._repo, self._options = repo, options
+        self.session = self._open(selection.parts.get(TRUNK, selection.file), selection)
         active = self.session.get_providers()
         if not check_providers(providers, variant, selection, active):
             log.warning(
@@ -157,21 +180,31 @@ class Encoder:
             )
             cpu = select_variant(variant, spec, [CPU])
             if cpu.file != selection.file:
-                self.session = ort.InferenceSession(
-                    str(repo / cpu.file), options, providers=cpu.providers
-                )
+                self.session = self._open(cpu.parts.get(TRUNK, cpu.file), cpu)
             selection = cpu
+        # A split encoder: `session` is its trunk, and each branch has its own session.
+        self.parts: BranchSessions | None = None
+        if selection.parts:
+            names = [n for n in selection.parts if n != TRUNK]
+            branches = {n: self._open(selection.parts[n], selection) for n in names}
+            self.parts = BranchSessions(self.session, branches)
         self._input_names = {i.name for i in self.session.get_inputs()}
         self.provider = self.session.get_providers()[0]
         self.variant = selection.variant
         # Output device of the I/O binding; None runs the plain (CPU) path.
         self._bind_device = "cuda" if self.provider in GPU_PROVIDERS else None
+        self.branch_names = sorted(self.parts.branches) if self.parts else [EMBEDDING]
         log.info(
             "encoder %s variant %s (%s) on %s",
             spec.name,
             self.variant,
             selection.reason,
             self.provider,
+        )
+
+    def _open(self, file: str, selection: Selection) -> ort.InferenceSession:
+        return ort.InferenceSession(
+            str(self._repo / file), self._options, providers=selection.providers
         )
 
     def encode(
@@ -181,15 +214,17 @@ class Encoder:
         max_batch_tokens: int = 16384,
         max_batch_rows: int = 128,
         min_padding_efficiency: float = MIN_PADDING_EFFICIENCY,
+        branch: str = EMBEDDING,
     ) -> tuple[Floats, EncodeStats]:
-        """Mean-pooled vectors (not normalised), one row per text, in input order."""
+        """Mean-pooled vectors (not normalised) of `branch`, one row per text, in input order."""
         encoded = self.encode_full(
             texts,
             max_batch_tokens=max_batch_tokens,
             max_batch_rows=max_batch_rows,
             min_padding_efficiency=min_padding_efficiency,
+            branches={branch: BranchRows(range(len(texts)))},
         )
-        return encoded.pooled, encoded.stats
+        return encoded.features(branch).pooled, encoded.stats
 
     def encode_full(
         self,
@@ -200,6 +235,7 @@ class Encoder:
         max_batch_rows: int = 128,
         min_padding_efficiency: float = MIN_PADDING_EFFICIENCY,
         encodings: Mapping[str, Encoding] | None = None,
+        branches: Mapping[str, BranchRows] | None = None,
     ) -> Encoded:
         """One pass: pooled vectors for all texts, per-token states for `token_rows`.
 
@@ -207,45 +243,61 @@ class Encoder:
         (rows x longest) stays within `max_batch_tokens`, so little work goes to padding.
         Token heads read the states of this same pass; nothing is encoded twice.
         `encodings` are texts this tokenizer already tokenized (the worker does it early
-        to size its batches); the rest are tokenized here.
+        to size its batches); the rest are tokenized here. `branches` names the rows each
+        branch computes (default: the embedding branch for every row, tokens for
+        `token_rows`); the trunk of a split encoder runs once for all of them.
         """
         known = encodings or {}
         missing = [t for t in texts if t not in known]
         fresh = dict(zip(missing, self.tokenizer.encode_batch(missing), strict=True))
         tokens = [known[t] if t in known else fresh[t] for t in texts]
+        if branches is None:
+            branches = {EMBEDDING: BranchRows(range(len(texts)), token_rows)}
         order = sorted(range(len(tokens)), key=lambda i: len(tokens[i].ids))
-        out = np.empty((len(texts), self.spec.dimension), dtype=np.float32)
-        wanted = set(token_rows)
-        states: dict[int, Floats] = {}
+        outputs = {name: Collector(len(texts), self.spec.dimension) for name in branches}
+        pooled_rows = {name: set(rows.pooled) | set(rows.tokens) for name, rows in branches.items()}
+        token_sets = {name: set(rows.tokens) for name, rows in branches.items()}
         real = padded = batches = 0
         for chunk in _chunks(
             order, tokens, max_batch_tokens, max_batch_rows, min_padding_efficiency
         ):
             batch = [tokens[i] for i in chunk]
-            need_tokens = any(i in wanted for i in chunk)
-            pooled, hidden = self._run(batch, need_tokens)
-            if pooled.shape[0] != len(chunk):
-                raise RuntimeError(f"encoder returned {pooled.shape[0]} rows for {len(chunk)}")
-            out[chunk] = pooled
-            if hidden is not None:
-                for row, i in enumerate(chunk):
-                    if i in wanted:
-                        states[i] = hidden[row, : len(tokens[i].ids)].copy()
+            wants = {
+                name: Want(
+                    [k for k, i in enumerate(chunk) if i in pooled_rows[name]],
+                    any(i in token_sets[name] for i in chunk),
+                )
+                for name in branches
+            }
+            for name, out in self._run(batch, wants).items():
+                if out.pooled.shape[0] != len(out.rows):
+                    raise RuntimeError(
+                        f"encoder returned {out.pooled.shape[0]} rows for {len(out.rows)}"
+                    )
+                outputs[name].add(chunk, out, token_sets[name], tokens)
             real += sum(len(e.ids) for e in batch)
             padded += len(batch) * max(len(e.ids) for e in batch)
             batches += 1
-        return Encoded(out, tokens, states, EncodeStats(len(texts), real, padded, batches))
+        features = {name: c.features() for name, c in outputs.items()}
+        main = features.get(EMBEDDING) or Features(
+            np.zeros((len(texts), self.spec.dimension), dtype=np.float32), {}
+        )
+        stats = EncodeStats(len(texts), real, padded, batches)
+        return Encoded(main.pooled, tokens, main.token_states, stats, features)
 
     def encode_tokens(
-        self, texts: Sequence[str], *, max_batch_tokens: int = 16384
+        self, texts: Sequence[str], *, max_batch_tokens: int = 16384, branch: str = EMBEDDING
     ) -> list[tuple[Floats, Encoding]]:
-        """Per-token states and the encoding of each text (for token heads and training)."""
+        """Per-token states of `branch` and the encoding of each text (for token heads and
+        training)."""
+        rows = range(len(texts))
         encoded = self.encode_full(
-            texts, token_rows=range(len(texts)), max_batch_tokens=max_batch_tokens
+            texts, max_batch_tokens=max_batch_tokens, branches={branch: BranchRows(rows, rows)}
         )
-        return [(encoded.token_states[i], encoded.encodings[i]) for i in range(len(texts))]
+        states = encoded.features(branch).token_states
+        return [(states[i], encoded.encodings[i]) for i in rows]
 
-    def _run(self, batch: list[Encoding], need_tokens: bool) -> tuple[Floats, Floats | None]:
+    def _run(self, batch: list[Encoding], wants: Mapping[str, Want]) -> dict[str, BranchOutput]:
         width = max(len(e.ids) for e in batch)
         ids = np.zeros((len(batch), width), dtype=np.int64)
         mask = np.zeros_like(ids)
@@ -255,20 +307,35 @@ class Encoder:
             ids[row, :n] = enc.ids
             mask[row, :n] = enc.attention_mask
             types[row, :n] = enc.type_ids
-        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        feeds: Feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        if self.parts is not None:
+            return self.parts.run(feeds, [len(e.ids) for e in batch], wants, self._outputs)
+        unknown = wants.keys() - {EMBEDDING}
+        if unknown:
+            raise KeyError(f"the encoder has no {sorted(unknown)} branch (a single graph)")
+        want = wants.get(EMBEDDING)
+        if want is None or not want.rows:
+            return {}
         feeds = {k: v for k, v in feeds.items() if k in self._input_names}
-        names = ["pooled", "token_embeddings"] if need_tokens else ["pooled"]
-        if self._bind_device is None:
-            outputs = self.session.run(names, feeds)
-        else:
-            outputs = run_bound(self.session, feeds, names, self._bind_device)
+        names = ["pooled", "token_embeddings"] if want.tokens else ["pooled"]
+        outputs = self._outputs(self.session, feeds, names)
+        rows = list(range(len(batch)))
         pooled = np.asarray(outputs[0], dtype=np.float32)
-        return pooled, np.asarray(outputs[1], dtype=np.float32) if need_tokens else None
+        states = np.asarray(outputs[1], dtype=np.float32) if want.tokens else None
+        return {EMBEDDING: BranchOutput(rows, pooled, states)}
+
+    def _outputs(
+        self, session: ort.InferenceSession, feeds: Feeds, names: list[str]
+    ) -> list[npt.NDArray[np.float32]]:
+        if self._bind_device is None:
+            result: list[npt.NDArray[np.float32]] = session.run(names, feeds)
+            return result
+        return run_bound(session, feeds, names, self._bind_device)
 
 
 def run_bound(
     session: ort.InferenceSession,
-    feeds: dict[str, npt.NDArray[np.int64]],
+    feeds: Feeds,
     names: list[str],
     device: str,
 ) -> list[npt.NDArray[np.float32]]:

@@ -6,6 +6,10 @@ Layout of a repository folder (built by `taskmux model build`):
     encoder/model.onnx            the shared encoder (outputs token_embeddings, pooled)
     encoder/model.<variant>.onnx  optional variants of it: int8 (CPU), fp16 (GPU)
     encoder/tokenizer.json        its tokenizer
+    encoder/{trunk,embedding,multitask}[.<variant>].onnx
+                                  the same encoder cut at a layer (schema 2, optional): a
+                                  shared trunk, the original upper layers, and a fine-tuned
+                                  copy of them that multi-task heads read
     heads/<name>/<version>/...    each trained head's files
 
 Every file is listed under `checksums` with its SHA-256; a worker refuses a repository
@@ -26,7 +30,8 @@ from typing import Any
 
 from taskmux_api.kinds import HEAD_KINDS, HeadKind
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)  # 1: no encoder parts, every head reads the embedding branch
 MANIFEST_FILE = "manifest.json"
 
 
@@ -35,6 +40,18 @@ class ModelRepoError(Exception):
 
 
 VARIANT_NAMES = ("int8", "fp16")  # fp32 is `model_file` itself
+EMBEDDING = "embedding"  # a head's features: the original encoder's output
+MULTITASK = "multitask"  # a head's features: the fine-tuned multi-task branch
+FEATURES = (EMBEDDING, MULTITASK)
+PART_NAMES = ("trunk", EMBEDDING, MULTITASK)
+
+
+@dataclass(frozen=True)
+class PartFile:
+    """One ONNX graph of a split encoder, with its SHA-256 (kept here, like a variant's)."""
+
+    file: str
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -48,6 +65,9 @@ class VariantSpec:
     # Agreement with fp32 and head figures, from `taskmux model eval --variant`; empty
     # until evaluated. Whether `auto` may pick it is decided from these.
     metrics: dict[str, float] = field(default_factory=dict)
+    # The split encoder's graphs in this variant, by part name (PART_NAMES); empty when the
+    # repository has no parts.
+    parts: dict[str, PartFile] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -62,6 +82,13 @@ class EncoderSpec:
     tokenizer_file: str
     source: str = ""
     variants: dict[str, VariantSpec] = field(default_factory=dict)
+    # The encoder cut at `branch_layer` (schema 2): "trunk" (embeddings and the lower
+    # layers: input_ids, attention_mask, token_type_ids -> hidden), "embedding" (the
+    # original upper layers) and "multitask" (a fine-tuned copy), each branch taking
+    # (hidden, attention_mask) to (token_embeddings, pooled). Empty: `model_file` only,
+    # and every head reads it. `model_file` is kept either way (trunk + embedding in one).
+    parts: dict[str, PartFile] = field(default_factory=dict)
+    branch_layer: int = 0
 
 
 @dataclass(frozen=True)
@@ -79,6 +106,9 @@ class HeadSpec:
     # (e.g. intent's "oos", out of scope). 0 disables it.
     threshold: float = 0.0
     fallback_label: str = ""
+    # What the head reads: the embedding branch (the original encoder's output) or the
+    # multi-task branch (`EncoderSpec.parts.multitask`). Manifests before schema 2: embedding.
+    features: str = EMBEDDING
 
 
 @dataclass(frozen=True)
@@ -109,10 +139,10 @@ class Manifest:
     def from_dict(cls, data: Any) -> Manifest:
         """Parse a manifest dict, raising ModelRepoError on anything malformed."""
         try:
-            if data["schema_version"] != SCHEMA_VERSION:
+            if data["schema_version"] not in READABLE_SCHEMAS:
                 raise ModelRepoError(
                     f"manifest schema_version {data['schema_version']} is not supported "
-                    f"(this taskmux reads {SCHEMA_VERSION}); rebuild with `taskmux model build`"
+                    f"(this taskmux reads {READABLE_SCHEMAS}); rebuild with `taskmux model build`"
                 )
             encoder = _parse_encoder(data["encoder"])
             heads = tuple(_parse_head(h) for h in data["heads"])
@@ -124,6 +154,12 @@ class Manifest:
         names = [h.name for h in heads]
         if len(set(names)) != len(names):
             raise ModelRepoError(f"manifest lists a head twice: {sorted(names)}")
+        for head in heads:
+            if head.features != EMBEDDING and head.features not in encoder.parts:
+                raise ModelRepoError(
+                    f"head {head.name!r} reads the {head.features} branch, which the "
+                    "encoder does not have"
+                )
         return cls(encoder=encoder, heads=heads, checksums=checksums)
 
     @classmethod
@@ -134,6 +170,13 @@ class Manifest:
         except ValueError as err:
             raise ModelRepoError(f"manifest is not valid JSON: {err}") from err
         return cls.from_dict(data)
+
+
+def _parse_parts(data: dict[str, Any]) -> dict[str, PartFile]:
+    parts = {str(k): PartFile(str(v["file"]), str(v["sha256"])) for k, v in data.items()}
+    if parts and sorted(parts) != sorted(PART_NAMES):
+        raise ModelRepoError(f"encoder parts {sorted(parts)} are not {sorted(PART_NAMES)}")
+    return parts
 
 
 def _parse_encoder(data: dict[str, Any]) -> EncoderSpec:
@@ -147,8 +190,12 @@ def _parse_encoder(data: dict[str, Any]) -> EncoderSpec:
             sha256=str(entry["sha256"]),
             recipe=str(entry.get("recipe", "")),
             metrics={str(k): float(v) for k, v in entry.get("metrics", {}).items()},
+            parts=_parse_parts(entry.get("parts", {})),
         )
-    return EncoderSpec(**fields, variants=variants)
+    parts = _parse_parts(fields.pop("parts", {}))
+    if parts and any(sorted(v.parts) != sorted(parts) for v in variants.values()):
+        raise ModelRepoError("every encoder variant must have the same parts as fp32")
+    return EncoderSpec(**fields, variants=variants, parts=parts)
 
 
 def _parse_head(data: dict[str, Any]) -> HeadSpec:
@@ -162,7 +209,10 @@ def _parse_head(data: dict[str, Any]) -> HeadSpec:
         description=str(data.get("description", "")),
         threshold=float(data.get("threshold", 0.0)),
         fallback_label=str(data.get("fallback_label", "")),
+        features=str(data.get("features", EMBEDDING)),
     )
+    if head.features not in FEATURES:
+        raise ModelRepoError(f"head {head.name!r} reads unknown features {head.features!r}")
     if HEAD_KINDS[head.kind].trained and (len(head.labels) < 2 or not head.weights_file):
         raise ModelRepoError(f"{head.kind} head {head.name!r} needs 2+ labels and weights")
     if head.fallback_label and head.fallback_label not in head.labels:
@@ -214,13 +264,17 @@ def verify_files(repo: Path, manifest: Manifest) -> None:
         actual = sha256_file(file)
         if actual != expected:
             raise _mismatch(rel, expected, actual)
+    files = [(f"encoder part {name}", part) for name, part in manifest.encoder.parts.items()]
     for name, variant in sorted(manifest.encoder.variants.items()):
-        file = repo / variant.file
+        files.append((f"encoder variant {name}", PartFile(variant.file, variant.sha256)))
+        files += [(f"encoder variant {name} part {p}", f) for p, f in variant.parts.items()]
+    for what, part in files:
+        file = repo / part.file
         if not file.is_file():
-            raise ModelRepoError(f"encoder variant {name} ({variant.file}) is missing from {repo}")
+            raise ModelRepoError(f"{what} ({part.file}) is missing from {repo}")
         actual = sha256_file(file)
-        if actual != variant.sha256:
-            raise _mismatch(variant.file, variant.sha256, actual)
+        if actual != part.sha256:
+            raise _mismatch(part.file, part.sha256, actual)
 
 
 def _mismatch(rel: str, expected: str, actual: str) -> ModelRepoError:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.manifest import EncoderSpec, ModelRepoError, load_manifest
@@ -57,6 +57,8 @@ class Selection:
     file: str
     providers: list[str]
     reason: str
+    # The split encoder's graphs in this variant (part name -> file); empty: run `file`.
+    parts: dict[str, str] = field(default_factory=dict)
 
 
 def int8_verdict(metrics: Mapping[str, float]) -> tuple[bool, str]:
@@ -114,7 +116,9 @@ def select_variant(requested: str, spec: EncoderSpec, providers: Sequence[str]) 
 
 def _selection(spec: EncoderSpec, variant: str, providers: Sequence[str], why: str) -> Selection:
     file = spec.model_file if variant == FP32 else spec.variants[variant].file
-    return Selection(variant, file, list(providers), why)
+    parts = spec.parts if variant == FP32 else spec.variants[variant].parts
+    files = {name: part.file for name, part in parts.items()}
+    return Selection(variant, file, list(providers), why, files)
 
 
 def variant_paths(repo: Path) -> dict[str, Path]:

@@ -24,6 +24,67 @@ SHIPPED_HEADS = ("sentiment", "intent", "topic", "entities")
 VARIANTS = ("int8", "fp16")  # built besides fp32 (taskmux.modelrepo.quantize)
 
 
+def add_multitask_command(msub: Any) -> None:
+    """`taskmux model train-multitask`: fine-tune the multi-task branch and its heads."""
+    train = msub.add_parser(
+        "train-multitask",
+        help="Fine-tune the multi-task branch and its heads into taskmux/modelrepo/trained/",
+    )
+    train.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    train.add_argument("--out", type=Path, default=None, help="default: trained/multitask/")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--epochs", type=int, default=2)
+    train.add_argument(
+        "--branch-layer", type=int, default=3,
+        help="layers below it are the shared trunk; the branch fine-tunes the rest",
+    )  # fmt: skip
+    train.add_argument(
+        "--oos-borrowed", type=int, default=0, metavar="N",
+        help="N training texts of each other task taught to the intent head as oos",
+    )  # fmt: skip
+    train.add_argument("--tiny", action="store_true", help="a few steps on a few rows (smoke)")
+    train.add_argument(
+        "--refit-only", action="store_true",
+        help="only the second stage (larger heads on the written branch) of a run in --out",
+    )  # fmt: skip
+    train.add_argument(
+        "--heldout-only", action="store_true",
+        help="only record the held-out figures of the run in --out into its head.json files",
+    )  # fmt: skip
+    train.set_defaults(func=_model_train_multitask)
+
+
+def _model_train_multitask(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from taskmux.modelrepo.multitask import (
+        Recipe,
+        heldout_written,
+        refit_written,
+        train_multitask,
+    )
+    from taskmux.modelrepo.multitask_data import TINY, Sizes
+    from taskmux.modelrepo.multitask_store import MULTITASK_DIR
+
+    recipe = Recipe(
+        seed=args.seed, epochs=args.epochs, branch_layer=args.branch_layer,
+        log_every=2 if args.tiny else 25,
+    )  # fmt: skip
+    run: Callable[..., dict[str, Any]] = train_multitask
+    if args.tiny:
+        run = partial(train_multitask, score_heldout=False)
+    run = refit_written if args.refit_only else run
+    run = heldout_written if args.heldout_only else run
+    report = run(
+        args.data, out_dir=args.out or MULTITASK_DIR, recipe=recipe,
+        sizes=replace(TINY if args.tiny else Sizes(), oos_borrowed=args.oos_borrowed),
+        emit=partial(print, flush=True),
+    )  # fmt: skip
+    print(json.dumps(report, indent=2))
+    print("rebuild the repository to serve it: taskmux model build --force", file=sys.stderr)
+    return 0
+
+
 def add_model_commands(sub: Any) -> None:
     """Register the `model` and `head` subcommands on the CLI's subparsers."""
     model = sub.add_parser("model", help="Build, train or evaluate the model repository")
@@ -59,6 +120,7 @@ def add_model_commands(sub: Any) -> None:
     defaults.add_argument(
         "--only", nargs="+", choices=SHIPPED_HEADS, default=list(SHIPPED_HEADS), metavar="HEAD"
     )
+    add_multitask_command(msub)
     evaluate = msub.add_parser(
         "eval", help="Recompute each shipped head's held-out figure; non-zero exit on a FAIL"
     )
@@ -198,6 +260,7 @@ def _model_eval(args: argparse.Namespace) -> int:
     from model.manifest import ModelRepoError, load_manifest
     from taskmux.modelrepo.evaluate import evaluate, format_table
     from taskmux.modelrepo.model_card import render
+    from taskmux.modelrepo.multitask_card import branch_section
     from taskmux.modelrepo.variant_eval import card_section, compare, format_comparison, store
 
     started = time.monotonic()
@@ -223,7 +286,7 @@ def _model_eval(args: argparse.Namespace) -> int:
         rows = [{**asdict(f), "passed": f.passed} for f in figures]
         print(json.dumps({"figures": rows, "variant": variant_metrics}, indent=2))
     manifest = load_manifest(args.repo, verify=False)
-    card = render(manifest, figures) + card_section(manifest)
+    card = render(manifest, figures) + branch_section(manifest, figures) + card_section(manifest)
     tmp = args.card.with_name(args.card.name + ".tmp")
     tmp.write_text(card, encoding="utf-8")
     tmp.replace(args.card)

@@ -1,5 +1,8 @@
 """Turning a batch of jobs into replies: one encoder pass, then each job's head.
 
+With a split encoder the pass is the trunk once for every text, then each branch for the
+texts whose heads read it (`tasks.branch_rows`).
+
 Runs on a worker thread, never on the event loop. Every job gets exactly one reply,
 whatever happens to the others in its batch.
 """
@@ -18,7 +21,7 @@ from tokenizers import Encoding
 from model.encoder import EncodeStats, l2_normalize
 from model.loaded import LoadedModel
 from router.messages import ANALYZE_STREAM_HEAD, Job, Reply
-from workers.tasks import BatchView, Needs, answer, texts_needed
+from workers.tasks import BatchView, Needs, answer, branch_rows, texts_needed
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +74,17 @@ def compute(
         # Identical texts are encoded once, whichever jobs and heads they came from.
         unique = list(dict.fromkeys(t for need in needs.values() for t in need.texts))
         row_of = {text: row for row, text in enumerate(unique)}
-        token_rows = {row_of[t] for need in needs.values() for t in need.token_texts}
         start, started_ns = time.perf_counter(), time.time_ns()
         try:
             encoded = model.encoder.encode_full(
                 unique,
-                token_rows=token_rows,
                 max_batch_tokens=max_batch_tokens,
                 max_batch_rows=max_batch_rows,
                 encodings=encodings,
+                branches=branch_rows(needs.values(), row_of),
             )
-            view = BatchView(l2_normalize(encoded.pooled), encoded, row_of)
+            others = {b: l2_normalize(f.pooled) for b, f in encoded.branches.items()}
+            view = BatchView(l2_normalize(encoded.pooled), encoded, row_of, others)
             stats = encoded.stats
         except Exception:
             log.exception("encoder failed on a batch of %d texts", len(unique))

@@ -7,8 +7,8 @@ rows it needs from the shared `BatchView` and returns the serialized public resp
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
@@ -17,7 +17,7 @@ from taskmux_api.v1 import taskmux_pb2 as pb
 from tokenizers import Encoding
 
 from model.anonymize import Replacer, Span, Style, anonymize, replacer
-from model.encoder import Encoded, Floats
+from model.encoder import BranchRows, Encoded, Floats
 from model.entities import EntitySpan
 from model.heads import (
     EmbeddingHead,
@@ -27,7 +27,7 @@ from model.heads import (
     ZeroShotHead,
 )
 from model.loaded import LoadedModel
-from model.manifest import HeadSpec
+from model.manifest import EMBEDDING, HeadSpec
 from router.messages import Job, pack_messages
 
 log = logging.getLogger(__name__)
@@ -35,40 +35,72 @@ log = logging.getLogger(__name__)
 H = TypeVar("H")
 
 
+ONLY_EMBEDDING = frozenset({EMBEDDING})
+
+
 @dataclass(frozen=True)
 class Needs:
-    """What a job needs from the encoder pass."""
+    """What a job needs from the encoder pass: its texts, the branches its heads read
+    (`HeadSpec.features`), and the texts whose token states it reads in `token_branches`."""
 
     texts: tuple[str, ...]
     token_texts: tuple[str, ...] = ()
+    branches: frozenset[str] = ONLY_EMBEDDING
+    token_branches: frozenset[str] = ONLY_EMBEDDING
 
 
 @dataclass(frozen=True)
 class BatchView:
     """The results of one encoder pass, looked up by text."""
 
-    vectors: Floats  # unit-length sentence vectors, one row per distinct text
+    vectors: Floats  # unit-length sentence vectors of the embedding branch, one per text
     encoded: Encoded
     row_of: dict[str, int]
+    # Unit-length vectors of the other branches computed (rows no job needed are zero).
+    branch_vectors: dict[str, Floats] = field(default_factory=dict)
 
-    def rows(self, texts: tuple[str, ...] | list[str]) -> Floats:
-        """Sentence vectors of `texts`, in order."""
-        return self.vectors[[self.row_of[t] for t in texts]]
+    def rows(self, texts: tuple[str, ...] | list[str], branch: str = EMBEDDING) -> Floats:
+        """Sentence vectors of `texts` from `branch`, in order."""
+        vectors = self.vectors if branch == EMBEDDING else self.branch_vectors[branch]
+        return vectors[[self.row_of[t] for t in texts]]
 
-    def tokens(self, text: str) -> tuple[Floats, Encoding]:
-        """Per-token states and encoding of one text encoded with its tokens."""
+    def tokens(self, text: str, branch: str = EMBEDDING) -> tuple[Floats, Encoding]:
+        """Per-token states (of `branch`) and encoding of one text encoded with its tokens."""
         row = self.row_of[text]
-        return self.encoded.token_states[row], self.encoded.encodings[row]
+        states = self.encoded.token_states if branch == EMBEDDING else (
+            self.encoded.features(branch).token_states
+        )  # fmt: skip
+        return states[row], self.encoded.encodings[row]
 
 
 def texts_needed(model: LoadedModel, job: Job) -> Needs:
-    """The texts to encode for `job` (and those whose token states it reads)."""
+    """The texts to encode for `job`, the branches its heads read, and the texts whose
+    token states it reads."""
     if job.kind == TaskKind.ZERO_SHOT:
         missing = [h for h in _hypotheses(job) if h not in model.label_cache]
         return Needs(job.texts + tuple(missing))
-    heads = job.params.get("heads", []) if job.kind == TaskKind.ANALYZE else [job.head]
-    wants_tokens = any(model.heads[h].spec.kind == HeadKind.TOKEN_CLASSIFICATION for h in heads)
-    return Needs(job.texts, job.texts if wants_tokens else ())
+    names = job.params.get("heads", []) if job.kind == TaskKind.ANALYZE else [job.head]
+    specs = [model.heads[h].spec for h in names]
+    token_specs = [s for s in specs if s.kind == HeadKind.TOKEN_CLASSIFICATION]
+    return Needs(
+        job.texts,
+        job.texts if token_specs else (),
+        frozenset(s.features for s in specs),
+        frozenset(s.features for s in token_specs),
+    )
+
+
+def branch_rows(needs: Iterable[Needs], row_of: Mapping[str, int]) -> dict[str, BranchRows]:
+    """Which rows of the batch each branch computes: a branch runs only for the texts of
+    jobs whose heads read it, once for all of them."""
+    pooled: dict[str, set[int]] = {}
+    tokens: dict[str, set[int]] = {}
+    for need in needs:
+        for branch in need.branches:
+            pooled.setdefault(branch, set()).update(row_of[t] for t in need.texts)
+        for branch in need.token_branches if need.token_texts else ():
+            tokens.setdefault(branch, set()).update(row_of[t] for t in need.token_texts)
+    return {b: BranchRows(sorted(rows), sorted(tokens.get(b, ()))) for b, rows in pooled.items()}
 
 
 def answer(model: LoadedModel, job: Job, view: BatchView) -> tuple[bytes, int]:
@@ -90,7 +122,7 @@ def _embed(model: LoadedModel, job: Job, view: BatchView) -> tuple[bytes, int]:
 
 def _classify(model: LoadedModel, job: Job, view: BatchView) -> tuple[bytes, int]:
     head = _head(model, job.head, LinearClassifierHead)
-    probs = head.apply(view.rows(job.texts))
+    probs = head.apply(view.rows(job.texts, head.spec.features))
     enc = model.manifest.encoder
     response = pb.ClassifyResponse(
         results=[classification(head.spec, row, job.top_k) for row in probs],
@@ -176,7 +208,7 @@ def _analyze(model: LoadedModel, job: Job, view: BatchView) -> tuple[bytes, int]
                 value = pb.Embedding(values=view.rows([text])[0].tolist())
                 result = pb.AnalyzeResult(text_index=index, embedding=value, **base)
             elif isinstance(head, LinearClassifierHead):
-                probs = head.apply(view.rows([text]))[0]
+                probs = head.apply(view.rows([text], head.spec.features))[0]
                 value_c = classification(head.spec, probs, max(job.top_k, 1))
                 result = pb.AnalyzeResult(text_index=index, classification=value_c, **base)
             elif isinstance(head, TokenClassifierHead):
@@ -235,7 +267,7 @@ def anonymized(
 
 
 def _entity_spans(head: TokenClassifierHead, view: BatchView, text: str) -> list[EntitySpan]:
-    states, encoding = view.tokens(text)
+    states, encoding = view.tokens(text, head.spec.features)
     return head.entities(states, encoding, text)
 
 

@@ -22,6 +22,7 @@ from taskmux_api.kinds import HeadKind
 
 from model.heads import load_mlp
 from model.manifest import (
+    EMBEDDING,
     EncoderSpec,
     HeadSpec,
     Manifest,
@@ -128,9 +129,26 @@ def trained_heads(heads_dir: Path = TRAINED_HEADS_DIR) -> list[tuple[HeadSpec, P
             description=meta.get("description", ""),
             threshold=float(meta.get("threshold", 0.0)),
             fallback_label=str(meta.get("fallback_label", "")),
+            features=str(meta.get("features", EMBEDDING)),
         )
         found.append((spec, meta_file.parent / "weights.npz"))
     return found
+
+
+def add_parts(
+    staging: Path, source: Path, encoder: EncoderSpec, variants: Sequence[str]
+) -> EncoderSpec:
+    """The encoder with its split graphs when a multi-task branch is committed."""
+    from taskmux.modelrepo import multitask_export
+
+    return multitask_export.add_parts(staging, source, encoder, variants)
+
+
+def served_heads() -> list[tuple[HeadSpec, Path]]:
+    """The committed heads a build serves (multi-task heads replace frozen ones)."""
+    from taskmux.modelrepo import multitask_store
+
+    return multitask_store.served_heads()
 
 
 def build_repository(
@@ -166,10 +184,11 @@ def build_repository(
         source=f"{ENCODER_PACKAGE}=={metadata.version(ENCODER_PACKAGE)}",
         variants=_build_variants(staging, variants, steps),
     )
+    encoder = add_parts(staging, source, encoder, variants)
     heads = list(BUILTIN_HEADS)
-    trained = trained_heads()
-    with steps.step(f"install {len(trained)} trained heads"):
-        for spec, weights in trained:
+    served = served_heads()
+    with steps.step(f"install {len(served)} trained heads"):
+        for spec, weights in served:
             rel = f"heads/{spec.name}/{spec.version}/weights.npz"
             (staging / rel).parent.mkdir(parents=True)
             shutil.copyfile(weights, staging / rel)

@@ -20,7 +20,7 @@ import numpy.typing as npt
 from tokenizers import Encoding
 
 from model.encoder import Encoder, Floats, l2_normalize
-from model.manifest import Manifest, load_manifest
+from model.manifest import EMBEDDING, Manifest, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +30,20 @@ MAX_BATCH_TOKENS = 8192
 class Embedder:
     """The repository's encoder on CPU, with an optional on-disk cache."""
 
-    def __init__(self, repo: Path, *, cache_dir: Path | None = None) -> None:
+    def __init__(
+        self, repo: Path, *, cache_dir: Path | None = None, branch: str = EMBEDDING
+    ) -> None:
         self.repo = repo
+        self.branch = branch  # which encoder output: the embedding or the multi-task branch
         self.manifest: Manifest = load_manifest(repo)
         self.encoder = Encoder(repo, self.manifest.encoder, providers=["CPUExecutionProvider"])
         self.cache_dir = cache_dir
         spec = self.manifest.encoder
         checksums = self.manifest.checksums
-        self._fingerprint = json.dumps(
-            [checksums.get(spec.model_file), checksums.get(spec.tokenizer_file)]
-        )
+        files = [checksums.get(spec.model_file), checksums.get(spec.tokenizer_file)]
+        if branch != EMBEDDING:
+            files += [branch, *(part.sha256 for _, part in sorted(spec.parts.items()))]
+        self._fingerprint = json.dumps(files)
 
     def sentence_vectors(self, texts: Sequence[str]) -> Floats:
         """L2-normalised pooled vectors, one row per text (what classification heads read)."""
@@ -47,7 +51,9 @@ class Embedder:
         cached = self._load(unique, "pooled")
         if cached is None:
             log.info("embedding %d distinct texts", len(unique))
-            pooled, _ = self.encoder.encode(unique, max_batch_tokens=MAX_BATCH_TOKENS)
+            pooled, _ = self.encoder.encode(
+                unique, max_batch_tokens=MAX_BATCH_TOKENS, branch=self.branch
+            )
             cached = l2_normalize(pooled)
             self._save(unique, "pooled", cached)
         row_of = {text: i for i, text in enumerate(unique)}
@@ -63,12 +69,16 @@ class Embedder:
         what a worker computes (float32), for scoring on the serving path.
         """
         if not cached:
-            return self.encoder.encode_tokens(list(texts), max_batch_tokens=MAX_BATCH_TOKENS)
+            return self.encoder.encode_tokens(
+                list(texts), max_batch_tokens=MAX_BATCH_TOKENS, branch=self.branch
+            )
         encodings = self.encoder.tokenizer.encode_batch(list(texts), add_special_tokens=True)
         stacked = self._load(texts, "tokens")
         if stacked is None:
             log.info("encoding tokens of %d texts", len(texts))
-            pairs = self.encoder.encode_tokens(list(texts), max_batch_tokens=MAX_BATCH_TOKENS)
+            pairs = self.encoder.encode_tokens(
+                list(texts), max_batch_tokens=MAX_BATCH_TOKENS, branch=self.branch
+            )
             width = self.manifest.encoder.dimension
             full = np.concatenate([s for s, _ in pairs]) if pairs else np.empty((0, width))
             # Fit on float16-rounded states on a first run too, so reruns give the same head.

@@ -82,7 +82,13 @@ def render(manifest: Manifest, figures: list[Figure]) -> str:
         "",
         f"`{enc.name}` {enc.version} ({enc.source}), {enc.dimension}-d, at most "
         f"{enc.max_sequence_length} word pieces per text (longer texts are truncated). "
-        "Frozen: no head changes it, and every head reads the same pass.",
+        "Frozen: no head changes it, and every head reads the same pass"
+        + (
+            f" (the trained heads read a fine-tuned copy of its layers from {enc.branch_layer} "
+            "up, on the same trunk pass: see Multi-task branch)."
+            if enc.parts
+            else "."
+        ),
         "",
         "## Summary",
         "",
@@ -92,7 +98,7 @@ def render(manifest: Manifest, figures: list[Figure]) -> str:
     for f in figures:
         spec = manifest.head(f.head)
         kind, count = (spec.kind, str(len(spec.labels))) if spec else ("missing", "-")
-        floor = "-" if f.floor is None else f"≥ {f.floor:.2f}"
+        floor = "-" if f.floor is None else f"≥ {f.floor:.3g}"
         result = {None: "-", True: "PASS", False: "FAIL"}[f.passed]
         lines.append(
             f"| {f.head} | {kind} | {count} | {f.metric} | {f.value:.4f} (n={f.examples}) "
@@ -105,8 +111,10 @@ def render(manifest: Manifest, figures: list[Figure]) -> str:
         "## Limitations common to all heads",
         "",
         "- English only: the encoder and every data set are English.",
-        "- The heads are small (softmax regression or one hidden layer) on a frozen 22M-",
-        "  parameter encoder: accuracy is below fine-tuned models of the same data sets.",
+        "- Heads on the embedding branch are small (softmax regression or one hidden layer)",
+        "  on a frozen 22M-parameter encoder: accuracy is below fine-tuned models of the same",
+        "  data sets. Heads on the multi-task branch read upper layers fine-tuned on",
+        "  subsamples of the same data sets, all four tasks sharing them.",
         "- Held-out figures come from the same distribution as the training data; expect",
         "  lower figures on other domains, and check on your own data before relying on them.",
         "- Not for decisions about people (credit, hiring, moderation of individuals) without",

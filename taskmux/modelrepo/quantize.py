@@ -14,10 +14,10 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-from model.manifest import ModelRepoError, VariantSpec, sha256_file
+from model.manifest import ModelRepoError, PartFile, VariantSpec, sha256_file
 from model.variants import FP16, INT8
 
 log = logging.getLogger(__name__)
@@ -38,14 +38,14 @@ NUM_HEADS = 12
 HIDDEN_SIZE = 384
 
 
-def build_int8(src: Path, dst: Path) -> str:
+def build_int8(src: Path, dst: Path, keep_fp32: Sequence[str] = INT8_FP32_NODES) -> str:
     """Quantise `src` to `dst` (int8 weights per output channel); returns the recipe."""
     import onnx
     import onnxruntime
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     names = {node.name for node in onnx.load(str(src), load_external_data=False).graph.node}
-    missing = set(INT8_FP32_NODES) - names
+    missing = set(keep_fp32) - names
     if missing:  # an export with other node names would silently quantise them
         raise RuntimeError(f"int8 recipe names nodes the export lacks: {sorted(missing)}")
     # Per-channel weights: per-tensor scales lose too much (cosine to fp32 0.96 vs 0.99).
@@ -58,15 +58,15 @@ def build_int8(src: Path, dst: Path) -> str:
         weight_type=QuantType.QInt8,
         op_types_to_quantize=["MatMul"],
         per_channel=True,
-        nodes_to_exclude=list(INT8_FP32_NODES),
+        nodes_to_exclude=list(keep_fp32),
     )
     return (
         f"onnxruntime {onnxruntime.__version__} quantize_dynamic: QInt8 weights per channel, "
-        f"MatMul only, fp32 kept for {', '.join(INT8_FP32_NODES)}"
+        f"MatMul only, fp32 kept for {', '.join(keep_fp32) or 'none'}"
     )
 
 
-def build_fp16(src: Path, dst: Path) -> str:
+def build_fp16(src: Path, dst: Path, *, require_attention: bool = True) -> str:
     """Fuse attention and layer norms, then convert to float16 (fp32 I/O); the recipe."""
     import onnxruntime
     from onnxruntime.transformers import optimizer
@@ -80,7 +80,7 @@ def build_fp16(src: Path, dst: Path) -> str:
         use_gpu=True,
     )
     fused = {k: v for k, v in model.get_fused_operator_statistics().items() if v}
-    if not fused.get("Attention"):
+    if require_attention and not fused.get("Attention"):
         raise RuntimeError(f"the optimiser fused no attention ({fused}); fp16 would be slow")
     # keep_io_types: the inputs stay int64 and the outputs float32, so the worker's code
     # is the same for every variant.
@@ -107,6 +107,32 @@ def build_variants(repo: Path, fp32_file: str, names: Iterable[str]) -> dict[str
         sha = sha256_file(repo / rel)
         variants[name] = VariantSpec(rel, sha, recipe, recorded_metrics(name, sha))
     return variants
+
+
+# The split encoder's trunk holds layer 0, whose feed-forward output stays fp32 in int8
+# for the reason given at INT8_FP32_NODES; the branches are quantised whole.
+PART_INT8_FP32_NODES = {"trunk": ("/layers/layer.0/output/dense/MatMul",)}
+
+
+def build_part_variants(
+    repo: Path, parts: Mapping[str, str], names: Iterable[str]
+) -> dict[str, dict[str, PartFile]]:
+    """Each named variant of every part (`encoder/<part>.<variant>.onnx`), by variant."""
+    out: dict[str, dict[str, PartFile]] = {}
+    for name in names:
+        out[name] = {}
+        for part, rel in parts.items():
+            dst = rel.removesuffix(".onnx") + f".{name}.onnx"
+            log.info("building the %s variant of the %s graph", name, part)
+            with _quiet_root_logger():
+                if name == INT8:
+                    build_int8(repo / rel, repo / dst, PART_INT8_FP32_NODES.get(part, ()))
+                else:
+                    # A branch's attention takes its mask as an input the optimiser's
+                    # fusion may not match; unfused fp16 still runs on CUDA.
+                    build_fp16(repo / rel, repo / dst, require_attention=False)
+            out[name][part] = PartFile(dst, sha256_file(repo / dst))
+    return out
 
 
 def recorded_metrics(name: str, sha256: str, record: Path = VARIANT_RECORD) -> dict[str, float]:

@@ -116,9 +116,9 @@ def test_missing_field_is_refused(repo: Path) -> None:
 
 def test_unsupported_schema_version_is_refused(repo: Path) -> None:
     data = manifest_data(repo)
-    data["schema_version"] = 2
+    data["schema_version"] = 3  # 2 added the split encoder; 3 does not exist yet
     (repo / MANIFEST_FILE).write_text(json.dumps(data), encoding="utf-8")
-    with pytest.raises(ModelRepoError, match="schema_version 2 is not supported"):
+    with pytest.raises(ModelRepoError, match="schema_version 3 is not supported"):
         load_manifest(repo)
 
 

@@ -424,6 +424,7 @@ class HeadInfo(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name to put in requests (e.g. "sentiment")."""
     kind: Global___HeadKind.ValueType
@@ -432,6 +433,12 @@ class HeadInfo(_message.Message):
     """The head's version in the model repository."""
     description: _builtins.str
     """One line on what the head does and what it was trained on."""
+    features: _builtins.str
+    """Which encoder output the head reads, and so what it costs: "embedding" (the shared
+    encoder's own output, the one Embed returns) or "multitask" (a branch of the upper
+    layers fine-tuned for the trained heads, computed once per text for all heads that
+    read it). Empty from servers that predate it: read it as "embedding".
+    """
     @_builtins.property
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Its labels, in index order; empty for embedding heads."""
@@ -449,10 +456,11 @@ class HeadInfo(_message.Message):
         version: _builtins.str = ...,
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         description: _builtins.str = ...,
+        features: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "kind", b"kind", "labels", b"labels", "metrics", b"metrics", "name", b"name", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "features", b"features", "kind", b"kind", "labels", b"labels", "metrics", b"metrics", "name", b"name", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
