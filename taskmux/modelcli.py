@@ -35,11 +35,11 @@ def add_multitask_command(msub: Any) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--epochs", type=int, default=2)
     train.add_argument(
-        "--branch-layer", type=int, default=3,
+        "--branch-layer", type=int, default=2,
         help="layers below it are the shared trunk; the branch fine-tunes the rest",
     )  # fmt: skip
     train.add_argument(
-        "--oos-borrowed", type=int, default=0, metavar="N",
+        "--oos-borrowed", type=int, default=300, metavar="N",
         help="N training texts of each other task taught to the intent head as oos",
     )  # fmt: skip
     train.add_argument("--tiny", action="store_true", help="a few steps on a few rows (smoke)")

@@ -49,7 +49,7 @@ class Sizes:
     oos_repeat: int = 10
     # Training texts of each other task taught to the intent head as `oos`: CLINC150 has
     # 100 out-of-scope queries, too few to teach a fine-tuned head what is not a query.
-    oos_borrowed: int = 0
+    oos_borrowed: int = 300
     max_train: int = 0  # a cap on every task's training rows (0: none)
 
 

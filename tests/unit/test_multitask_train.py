@@ -23,16 +23,16 @@ def test_tiny_training_writes_a_branch_and_its_heads(tmp_path: Path) -> None:
         pytest.fail(f"no shared data at {DATA}")
     lines: list[str] = []
     report = train_multitask(
-        DATA, out_dir=tmp_path, recipe=Recipe(log_every=2), sizes=TINY, emit=lines.append,
+        DATA, out_dir=tmp_path, recipe=Recipe(epochs=1, log_every=2), sizes=TINY, emit=lines.append,
         score_heldout=False,
     )  # fmt: skip
     assert any(line.startswith("step ") and " eta " in line for line in lines)
     assert any(line.startswith("validation intent:") for line in lines)
     meta = json.loads((tmp_path / BRANCH_META).read_text())
-    assert meta["branch_layer"] == 3 and meta["epoch_kept"] == 1
+    assert meta["branch_layer"] == 2 and meta["epoch_kept"] == 1
     with np.load(tmp_path / BRANCH_FILE) as branch:
         assert {branch[k].dtype for k in branch.files} == {np.dtype(np.float16)}
-        assert any(k.startswith("layers.layer.2.") for k in branch.files)  # layers 3, 4, 5
+        assert any(k.startswith("layers.layer.3.") for k in branch.files)  # layers 2 to 5
     heads = {spec.name: spec for spec, _ in multitask_heads(tmp_path)}
     assert sorted(heads) == ["entities", "intent", "sentiment", "topic"]
     assert {h.features for h in heads.values()} == {MULTITASK}
