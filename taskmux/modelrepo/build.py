@@ -184,7 +184,9 @@ def build_repository(
         source=f"{ENCODER_PACKAGE}=={metadata.version(ENCODER_PACKAGE)}",
         variants=_build_variants(staging, variants, steps),
     )
-    encoder = add_parts(staging, source, encoder, variants)
+    # With a committed multi-task branch: the trunk and both branches, and their variants.
+    with steps.step("split the encoder: trunk, embedding and multi-task branches"), _quiet_export():
+        encoder = add_parts(staging, source, encoder, variants)
     heads = list(BUILTIN_HEADS)
     served = served_heads()
     with steps.step(f"install {len(served)} trained heads"):
