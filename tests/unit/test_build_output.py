@@ -155,7 +155,9 @@ def test_build_prints_steps_and_a_summary(tmp_path: Path) -> None:
     # Piped: a plain line per step, and nothing else (no logs, bars or export warnings).
     steps = run.stderr.splitlines()
     assert "\r" not in run.stderr
-    assert [line.split()[0] for line in steps] == ["export", "quantise", "install"], run.stderr
+    assert [line.split()[0] for line in steps] == ["export", "quantise", "split", "install"], (
+        run.stderr
+    )
     assert all(line.endswith(" s") for line in steps)
     summary = run.stdout.splitlines()
     assert len(summary) < MAX_SUMMARY_LINES
