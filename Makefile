@@ -15,12 +15,15 @@ PROTO_OUT := client/taskmux_api/v1
 help: ## List the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-$(BIN)/.installed: pyproject.toml client/pyproject.toml
+IMAGE_PINS := docker/requirements/gateway.txt docker/requirements/worker-cpu.txt
+$(BIN)/.installed: pyproject.toml client/pyproject.toml $(IMAGE_PINS)
 	@test -n "$(PYTHON)" || { echo "Python 3.11 is needed (python3.11 on PATH)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch is pinned to the CPU build; any other pin pulls a multi-GB CUDA build.
-	$(BIN)/pip install -q -e ./client -e '.[export,dev]'
+	# The images' pins constrain the venv too, so a fresh venv runs what the images run
+	# (a new release of a dependency's dependency moves neither; tests/unit/test_k8s.py).
+	$(BIN)/pip install -q $(IMAGE_PINS:%=-c %) -e ./client -e '.[export,dev]'
 	touch $@
 
 venv: $(BIN)/.installed ## Create .venv with every dependency
