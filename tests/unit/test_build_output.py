@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,21 +13,9 @@ from taskmux.cli import _parser
 from taskmux.modelrepo.build import TRAINED_HEADS_DIR, trained_heads
 from taskmux.modelrepo.summary import build_summary, heldout_figures, train_summary
 from taskmux.progress import Steps
+from tests.unit.conftest import taskmux_cli
 
 MAX_SUMMARY_LINES = 30
-
-
-def _taskmux(*args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "taskmux.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
-
-
-@pytest.fixture
-def repo(model_repo: Path, tmp_path: Path) -> Path:
-    """A private copy of the model repository (big files hard-linked, never written)."""
-    copy = tmp_path / "repo"
-    shutil.copytree(model_repo, copy, copy_function=os.link)
-    return copy
 
 
 def test_summary_names_every_head_and_variant_and_is_short(model_repo: Path) -> None:
@@ -136,11 +120,11 @@ def test_output_flags(argv: list[str]) -> None:
 
 
 def test_build_of_an_existing_repository_prints_the_summary_or_the_manifest(repo: Path) -> None:
-    quiet = _taskmux("model", "build", "--out", str(repo))
+    quiet = taskmux_cli("model", "build", "--out", str(repo))
     assert quiet.returncode == 0, quiet.stderr
     assert quiet.stdout.splitlines()[0].startswith(f"model repository  {repo} (")
     assert len(quiet.stdout.splitlines()) < MAX_SUMMARY_LINES
-    full = _taskmux("model", "build", "--out", str(repo), "--json")
+    full = taskmux_cli("model", "build", "--out", str(repo), "--json")
     assert full.returncode == 0, full.stderr
     manifest = load_manifest(repo)
     assert json.loads(full.stdout) == json.loads(manifest.to_json(with_checksums=False))
@@ -149,7 +133,7 @@ def test_build_of_an_existing_repository_prints_the_summary_or_the_manifest(repo
 @pytest.mark.export
 def test_build_prints_steps_and_a_summary(tmp_path: Path) -> None:
     out = tmp_path / "repo"
-    run = _taskmux("model", "build", "--out", str(out), "--variants", "int8")
+    run = taskmux_cli("model", "build", "--out", str(out), "--variants", "int8")
     assert run.returncode == 0, run.stderr
     assert (out / MANIFEST_FILE).is_file()
     # Piped: a plain line per step, and nothing else (no logs, bars or export warnings).

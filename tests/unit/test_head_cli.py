@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,22 +10,10 @@ from taskmux_api.kinds import HeadKind
 
 from model.heads import LinearClassifierHead, TokenClassifierHead, load_heads
 from model.manifest import load_manifest
+from tests.unit.conftest import taskmux_cli
 
 GOOD = ["great product, works well", "love it", "excellent quality", "fantastic value"]
 BAD = ["broke after a day", "terrible quality", "waste of money", "awful support"]
-
-
-def _taskmux(*args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "taskmux.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
-
-
-@pytest.fixture
-def repo(model_repo: Path, tmp_path: Path) -> Path:
-    """A private copy of the model repository (big files hard-linked, never written)."""
-    copy = tmp_path / "repo"
-    shutil.copytree(model_repo, copy, copy_function=os.link)
-    return copy
 
 
 def _rows(n: int = 20) -> list[tuple[str, str]]:
@@ -55,7 +39,7 @@ def test_train_writes_a_versioned_head_the_worker_loads(
 ) -> None:
     data = _write(tmp_path / f"reviews.{fmt}", fmt)
     for version in ("1", "2"):
-        run = _taskmux(
+        run = taskmux_cli(
             "head", "train", "--name", "review", "--data", str(data), "--repo", str(repo)
         )
         assert run.returncode == 0, run.stderr
@@ -66,7 +50,7 @@ def test_train_writes_a_versioned_head_the_worker_loads(
         assert set(head.labels) == {"good", "bad"}
     loaded = load_heads(repo, manifest)["review"]
     assert isinstance(loaded, LinearClassifierHead)
-    listing = _taskmux("head", "list", "--repo", str(repo))
+    listing = taskmux_cli("head", "list", "--repo", str(repo))
     assert listing.returncode == 0 and "review" in listing.stdout
 
 
@@ -77,7 +61,7 @@ def test_token_head_from_conll(repo: Path, tmp_path: Path) -> None:
     ]
     data = tmp_path / "tiny.conll"
     data.write_text("\n".join(sentences * 15) + "\n")
-    run = _taskmux(
+    run = taskmux_cli(
         "head",
         "train",
         "--kind",
@@ -112,7 +96,7 @@ def test_bad_data_is_refused_and_writes_nothing(
     before = {p: p.stat().st_mtime_ns for p in repo.rglob("*")}
     data = tmp_path / name
     data.write_bytes(content)
-    run = _taskmux("head", "train", "--name", "review", "--data", str(data), "--repo", str(repo))
+    run = taskmux_cli("head", "train", "--name", "review", "--data", str(data), "--repo", str(repo))
     assert run.returncode == 2
     assert message.lower() in run.stderr.lower(), run.stderr
     assert {p: p.stat().st_mtime_ns for p in repo.rglob("*")} == before
@@ -127,7 +111,7 @@ def test_bad_names_and_kind_changes_are_refused(
 ) -> None:
     data = tmp_path / "tiny.conll"
     data.write_text("Anna###B-PER lives###O\n" * 20)
-    run = _taskmux(
+    run = taskmux_cli(
         "head", "train", "--kind", "token", "--name", name, "--data", str(data), "--repo", str(repo)
     )
     assert run.returncode == 2, run.stdout
