@@ -38,7 +38,7 @@ from pathlib import Path
 
 from bench import analyze_cost
 from bench.peers import peers_lines, run_peers
-from bench.raw import RawResult, measure_raw, measure_separate_encoders
+from bench.raw import RawResult, best_of, measure_raw, measure_separate_encoders
 from bench.report import (
     Floors,
     merge_section,
@@ -111,7 +111,10 @@ def _system(args: argparse.Namespace) -> int:
         print(f"bench: the model repository lacks heads {missing}", file=sys.stderr)
         return 2
     print(f"bench: raw ONNX Runtime ({model.encoder.provider})", file=sys.stderr)
-    raw = measure_raw(model.encoder, texts, BATCH_SIZES, args.duration)
+    spinning = LoadedModel.load(replace(settings, ort_spin=not settings.ort_spin)).encoder
+    runs = [measure_raw(e, texts, BATCH_SIZES, args.duration) for e in (model.encoder, spinning)]
+    raw = best_of(runs)  # raw ONNX Runtime at its best, threads spinning or not
+    del spinning
     print("bench: one encoder per task", file=sys.stderr)
     separate = _separate(settings, model, texts, raw, args.duration)
     variant = str(getattr(model.encoder, "variant", "fp32"))

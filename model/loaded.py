@@ -24,6 +24,8 @@ class LoadSettings(Protocol):
     def intra_op_threads(self) -> int: ...
     @property
     def encoder_variant(self) -> str: ...
+    @property
+    def ort_spin(self) -> bool: ...
 
 
 class LabelCache:
@@ -73,5 +75,6 @@ class LoadedModel:
             providers=settings.providers,
             intra_op_threads=settings.intra_op_threads,
             variant=settings.encoder_variant,
+            spin=settings.ort_spin,
         )
         return cls(manifest=manifest, encoder=encoder, heads=load_heads(repo, manifest))

@@ -57,6 +57,23 @@ def env_float(
     return value
 
 
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """The variable as a yes/no: 1/true/yes/on or 0/false/no/off, any case."""
+    raw = env.get(PREFIX + name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in TRUE_WORDS:
+        return True
+    if raw in FALSE_WORDS:
+        return False
+    words = "/".join(TRUE_WORDS + FALSE_WORDS)
+    raise SettingsError(f"{PREFIX}{name}={raw!r} is not one of {words}")
+
+
 def env_list(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
     """The variable as a comma-separated list of non-empty items."""
     raw = env.get(PREFIX + name, "").strip()

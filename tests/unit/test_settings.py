@@ -26,6 +26,14 @@ def test_values_are_read_and_typed() -> None:
     worker = WorkerSettings.from_env({"TASKMUX_MODEL_REPO": "/m", "TASKMUX_PROVIDERS": "A, B"})
     assert worker.model_repo == Path("/m")
     assert worker.providers == ("A", "B")
+    assert not worker.ort_spin
+    assert WorkerSettings.from_env({"TASKMUX_ORT_SPIN": "True"}).ort_spin
+    assert not WorkerSettings.from_env({"TASKMUX_ORT_SPIN": "off"}).ort_spin
+
+
+def test_a_yes_no_setting_refuses_other_words() -> None:
+    with pytest.raises(SettingsError, match="TASKMUX_ORT_SPIN='maybe' is not one of 1/true"):
+        WorkerSettings.from_env({"TASKMUX_ORT_SPIN": "maybe"})
 
 
 @pytest.mark.parametrize(
