@@ -19,7 +19,7 @@ import sys  # noqa: E402
 from gateway.server import serve  # noqa: E402
 from gateway.settings import settings_from_environ  # noqa: E402
 from taskmux.config import SettingsError  # noqa: E402
-from taskmux.lifecycle import install_stop_signals  # noqa: E402
+from taskmux.lifecycle import install_stop_signals, run_process  # noqa: E402
 from taskmux.logs import configure_from_env  # noqa: E402
 
 log = logging.getLogger("gateway")
@@ -40,7 +40,7 @@ def main() -> int:
         install_stop_signals(stop, log)
         await serve(settings, stop)
 
-    asyncio.run(run())
+    run_process(run())
     return 0
 
 

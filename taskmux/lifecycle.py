@@ -7,7 +7,10 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Coroutine
 from typing import Any
+
+import uvloop
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,16 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None, *, wait_s: float = STO
         await asyncio.wait([task], timeout=RECANCEL_EVERY_S)
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+def run_process(main: Coroutine[Any, Any, None]) -> None:
+    """Run a process's main coroutine on uvloop, the event loop of gateways and workers.
+
+    An interleaved A/B (bench/ab.py, 5 rounds, 2026-12-05) measured the gateway's CPU per
+    call at 0.92x (c=64) and 0.87x (c=1) of asyncio's default loop, and the whole
+    system's at 0.97x; nothing else changes for the code that runs on it.
+    """
+    uvloop.run(main)
 
 
 def install_stop_signals(stop: asyncio.Event, log: logging.Logger) -> None:

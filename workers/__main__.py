@@ -17,7 +17,7 @@ from router.messages import ANALYZE_STREAM_HEAD
 from router.payload import log_at_rest
 from taskmux.config import SettingsError
 from taskmux.health import Health
-from taskmux.lifecycle import cancel_and_wait, install_stop_signals
+from taskmux.lifecycle import cancel_and_wait, install_stop_signals, run_process
 from taskmux.logs import configure_from_env
 from taskmux.metrics import metrics_endpoint
 from taskmux.tracing import Tracing
@@ -95,7 +95,7 @@ def main() -> int:
         await serve(settings, stop)
 
     try:
-        asyncio.run(run())
+        run_process(run())
     except ModelRepoError as err:
         log.error("cannot load the model repository: %s", err)
         return 2
