@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 MODEL_REPO ?= model-repo
 SHARED_DATA ?= ../shared/data
+# A sentence-transformers folder to build from instead of the packaged all-MiniLM-L6-v2.
+ENCODER ?=
 PROTO_SRC := protos/taskmux/v1/taskmux.proto
 PROTO_OUT := client/taskmux_api/v1
 
@@ -38,9 +40,9 @@ client-sync: $(BIN)/.installed ## Regenerate the blocking client (sync.py) from 
 	$(BIN)/python -m tools.unasync
 
 $(MODEL_REPO)/manifest.json: $(BIN)/.installed
-	$(BIN)/taskmux model build --out $(MODEL_REPO)
+	$(BIN)/taskmux model build --out $(MODEL_REPO) $(if $(ENCODER),--encoder $(ENCODER) --data $(SHARED_DATA))
 
-model: $(MODEL_REPO)/manifest.json ## Build the model repository (ONNX encoder + heads)
+model: $(MODEL_REPO)/manifest.json ## Build the model repository (ONNX encoder + heads; ENCODER=PATH: your own)
 
 train-multitask: ## Fine-tune the multi-task branch and its heads (CPU, about 30 min); then make model
 	$(BIN)/taskmux model train-multitask --data $(SHARED_DATA)

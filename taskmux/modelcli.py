@@ -85,6 +85,25 @@ def _model_train_multitask(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_encoder_flags(build: argparse.ArgumentParser) -> None:
+    """`model build --encoder PATH`: another encoder than the packaged all-MiniLM-L6-v2."""
+    build.add_argument(
+        "--encoder", type=Path, default=None, metavar="PATH",
+        help="a BERT-family sentence-transformers folder to build from instead of the "
+        "packaged all-MiniLM-L6-v2 (its heads are trained on it from --data)",
+    )  # fmt: skip
+    build.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA,
+        help=f"with --encoder: the labelled data of the shipped heads (default {DEFAULT_DATA})",
+    )  # fmt: skip
+    build.add_argument(
+        "--no-heads", action="store_true",
+        help="with --encoder: train no head (embed, similarity and zero-shot only)",
+    )  # fmt: skip
+    build.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    build.add_argument("--no-cache", action="store_true", help="recompute encoder outputs")
+
+
 def add_model_commands(sub: Any) -> None:
     """Register the `model` and `head` subcommands on the CLI's subparsers."""
     model = sub.add_parser("model", help="Build, train or evaluate the model repository")
@@ -97,6 +116,7 @@ def add_model_commands(sub: Any) -> None:
         help=f"encoder variants to build besides fp32 (default: {' '.join(VARIANTS)})",
     )  # fmt: skip
     _add_output_flags(build, "the manifest (without checksums)", "a summary")
+    add_encoder_flags(build)
     build.set_defaults(func=_model_build)
     bench = msub.add_parser(
         "bench-variants", help="Encoder texts/s of each variant side by side (CPU)"
@@ -138,8 +158,8 @@ def add_model_commands(sub: Any) -> None:
         p.add_argument("--data", type=Path, default=DEFAULT_DATA)
         p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
         p.add_argument("--no-cache", action="store_true", help="recompute encoder outputs")
-    sentiment.set_defaults(func=_model_train, only=["sentiment"])
-    defaults.set_defaults(func=_model_train)
+    sentiment.set_defaults(func=_model_train, only=["sentiment"], action="train-sentiment")
+    defaults.set_defaults(func=_model_train, action="train-defaults")
     evaluate.set_defaults(func=_model_eval)
 
     head = sub.add_parser("head", help="Train or list task heads of a model repository")
@@ -186,6 +206,8 @@ def _model_build(args: argparse.Namespace) -> int:
     from taskmux.modelrepo.build import build_repository
     from taskmux.modelrepo.summary import build_summary
 
+    if args.encoder is not None:
+        return _model_build_own(args)
     started = time.monotonic()
     existed = not args.force and (args.out / MANIFEST_FILE).exists()
     manifest = build_repository(
@@ -195,6 +217,56 @@ def _model_build(args: argparse.Namespace) -> int:
         print(manifest.to_json(with_checksums=False))
     else:
         print(build_summary(manifest, args.out, None if existed else time.monotonic() - started))
+    return 0
+
+
+def _model_build_own(args: argparse.Namespace) -> int:
+    from model.manifest import MANIFEST_FILE, load_manifest
+    from taskmux.modelrepo.shipped import missing_data
+    from taskmux.modelrepo.stfolder import EncoderFolderError, read_encoder_folder
+
+    def refuse(why: str) -> int:
+        print(f"taskmux model build: {why}", file=sys.stderr)
+        return 2
+
+    try:
+        folder = read_encoder_folder(args.encoder)
+    except EncoderFolderError as err:
+        return refuse(str(err))
+    data = None if args.no_heads else args.data
+    missing = [] if data is None else missing_data(data)
+    if missing:
+        files = ", ".join(str(f) for f in missing)
+        return refuse(f"--data {data} lacks {files}: give the folder laid out as "
+                      f"{DEFAULT_DATA}, or --no-heads")  # fmt: skip
+    from taskmux.modelrepo.own_encoder import ParityError, build_own_repository, encoder_spec
+    from taskmux.modelrepo.summary import build_summary
+
+    if (args.out / MANIFEST_FILE).exists() and not args.force:
+        there = load_manifest(args.out, verify=False)
+        if there.encoder.version != encoder_spec(folder).version:
+            held = f"{there.encoder.name} {there.encoder.version}"
+            return refuse(f"{args.out} holds the encoder {held}; add --force to rebuild it "
+                          f"from {folder.path}")  # fmt: skip
+        print(build_summary(there, args.out, None))
+        return 0
+    steps = _steps(args)
+    if not args.verbose:  # the parity check's and head training's encoder logs
+        for name in ("model.encoder", "sentence_transformers"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    started = time.monotonic()
+    try:
+        manifest, _ = build_own_repository(
+            args.out, folder, variants=args.variants, data_dir=data,
+            cache_dir=_cache(args), steps=steps,
+        )  # fmt: skip
+    except ParityError as err:
+        print(f"taskmux model build: {err}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(manifest.to_json(with_checksums=False))
+    else:
+        print(build_summary(manifest, args.out, time.monotonic() - started))
     return 0
 
 
@@ -224,20 +296,25 @@ def _cache(args: argparse.Namespace) -> Path | None:
 
 
 def _model_train(args: argparse.Namespace) -> int:
-    from taskmux.modelrepo.build import TRAINED_HEADS_DIR, trained_heads
-    from taskmux.modelrepo.entities_head import train_entities
-    from taskmux.modelrepo.intent import INTENT
-    from taskmux.modelrepo.recipe import train_shipped
-    from taskmux.modelrepo.sentiment import SENTIMENT
+    from model.manifest import ModelRepoError, load_manifest
+    from taskmux.modelrepo.build import TRAINED_HEADS_DIR, is_packaged, trained_heads
+    from taskmux.modelrepo.shipped import TRAINERS
     from taskmux.modelrepo.summary import train_summary
-    from taskmux.modelrepo.topic import TOPIC
 
-    trainers: dict[str, Callable[..., dict[str, Any]]] = {
-        "sentiment": partial(train_shipped, SENTIMENT),
-        "intent": partial(train_shipped, INTENT),
-        "topic": partial(train_shipped, TOPIC),
-        "entities": train_entities,
-    }
+    try:
+        encoder = load_manifest(args.repo, verify=False).encoder
+    except ModelRepoError as err:
+        print(f"taskmux model {args.action}: {err}", file=sys.stderr)
+        return 2
+    if not is_packaged(encoder):
+        # The committed heads are what every packaged build serves: they must stay MiniLM's.
+        print(
+            f"taskmux model {args.action}: {args.repo} holds the encoder {encoder.name}, and "
+            "the committed heads belong to all-MiniLM-L6-v2; to train them on your encoder: "
+            "taskmux model build --encoder PATH --force",
+            file=sys.stderr,
+        )
+        return 2
     steps = _steps(args)
     steps.expect(len(args.only))
     started = time.monotonic()
@@ -245,7 +322,7 @@ def _model_train(args: argparse.Namespace) -> int:
     for name in args.only:
         what = f"train the {name} head"
         with steps.step(what):
-            reports[name] = trainers[name](args.repo, args.data, cache_dir=_cache(args))
+            reports[name] = TRAINERS[name](args.repo, args.data, cache_dir=_cache(args))
         reports[name]["seconds"] = round(steps.durations[what], 1)
     if args.json:
         print(json.dumps(reports, indent=2))

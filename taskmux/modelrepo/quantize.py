@@ -14,7 +14,8 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from model.manifest import ModelRepoError, PartFile, VariantSpec, sha256_file
@@ -33,9 +34,20 @@ VARIANT_FILES = {INT8: "encoder/model.int8.onnx", FP16: "encoder/model.fp16.onnx
 # six feed-forward outputs (0.991, 0.3 points) cost a third of the speed-up.
 INT8_FP32_NODES = ("/inner/encoder/layer.0/output/dense/MatMul",)
 
-# The export's geometry, for the transformer optimiser's fusions.
+# The packaged export's geometry, for the transformer optimiser's fusions.
 NUM_HEADS = 12
 HIDDEN_SIZE = 384
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What the variant recipes need to know of an export (default: the packaged one)."""
+
+    num_heads: int = NUM_HEADS
+    hidden_size: int = HIDDEN_SIZE
+
+
+PACKAGED = Geometry()
 
 
 def build_int8(src: Path, dst: Path, keep_fp32: Sequence[str] = INT8_FP32_NODES) -> str:
@@ -66,7 +78,9 @@ def build_int8(src: Path, dst: Path, keep_fp32: Sequence[str] = INT8_FP32_NODES)
     )
 
 
-def build_fp16(src: Path, dst: Path, *, require_attention: bool = True) -> str:
+def build_fp16(
+    src: Path, dst: Path, *, require_attention: bool = True, geometry: Geometry = PACKAGED
+) -> str:
     """Fuse attention and layer norms, then convert to float16 (fp32 I/O); the recipe."""
     import onnxruntime
     from onnxruntime.transformers import optimizer
@@ -74,8 +88,8 @@ def build_fp16(src: Path, dst: Path, *, require_attention: bool = True) -> str:
     model = optimizer.optimize_model(
         str(src),
         model_type="bert",
-        num_heads=NUM_HEADS,
-        hidden_size=HIDDEN_SIZE,
+        num_heads=geometry.num_heads,
+        hidden_size=geometry.hidden_size,
         opt_level=0,  # the Python fusions only; ORT's own run when the session loads
         use_gpu=True,
     )
@@ -88,24 +102,34 @@ def build_fp16(src: Path, dst: Path, *, require_attention: bool = True) -> str:
     model.save_model_to_file(str(dst))
     ops = ", ".join(f"{k} x{v}" for k, v in sorted(fused.items()))
     return (
-        f"onnxruntime {onnxruntime.__version__} transformers optimizer (bert, {NUM_HEADS} "
-        f"heads, hidden {HIDDEN_SIZE}: {ops}), then float16 with fp32 inputs/outputs"
+        f"onnxruntime {onnxruntime.__version__} transformers optimizer (bert, "
+        f"{geometry.num_heads} heads, hidden {geometry.hidden_size}: {ops}), then float16 "
+        "with fp32 inputs/outputs"
     )
 
 
-BUILDERS: dict[str, Callable[[Path, Path], str]] = {INT8: build_int8, FP16: build_fp16}
-
-
-def build_variants(repo: Path, fp32_file: str, names: Iterable[str]) -> dict[str, VariantSpec]:
-    """Write the named variants of `repo/fp32_file` into `repo`, with recorded metrics."""
+def build_variants(
+    repo: Path,
+    fp32_file: str,
+    names: Iterable[str],
+    *,
+    geometry: Geometry = PACKAGED,
+    record: Path | None = VARIANT_RECORD,
+) -> dict[str, VariantSpec]:
+    """Write the named variants of `repo/fp32_file` into `repo`, with the metrics `record`
+    holds for them (None: another encoder than the one recorded, so none)."""
     variants = {}
     for name in names:
         rel = VARIANT_FILES[name]
         log.info("building the %s encoder variant", name)
         with _quiet_root_logger():
-            recipe = BUILDERS[name](repo / fp32_file, repo / rel)
+            if name == INT8:
+                recipe = build_int8(repo / fp32_file, repo / rel)
+            else:
+                recipe = build_fp16(repo / fp32_file, repo / rel, geometry=geometry)
         sha = sha256_file(repo / rel)
-        variants[name] = VariantSpec(rel, sha, recipe, recorded_metrics(name, sha))
+        metrics = {} if record is None else recorded_metrics(name, sha, record)
+        variants[name] = VariantSpec(rel, sha, recipe, metrics)
     return variants
 
 

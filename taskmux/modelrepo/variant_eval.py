@@ -30,6 +30,7 @@ from model.variants import (
     MAX_HEAD_LOSS_POINTS,
     int8_verdict,
 )
+from taskmux.modelrepo.build import is_packaged
 from taskmux.modelrepo.embedding import Embedder
 from taskmux.modelrepo.entities_head import entities_heldout
 from taskmux.modelrepo.evaluate import Figure, VariantEmbedder, evaluate
@@ -105,7 +106,8 @@ def compare(repo: Path, data_dir: Path, variant: str, fp32: list[Figure]) -> Com
 
 
 def store(repo: Path, comparison: Comparison) -> Manifest:
-    """Write the comparison into the manifest (re-read just before) and the record."""
+    """Write the comparison into the manifest (re-read just before) and, for the packaged
+    encoder, the committed record (another encoder's figures stay in its manifest)."""
     manifest = load_manifest(repo, verify=False)
     spec = manifest.encoder.variants.get(comparison.variant)
     if spec is None:
@@ -116,7 +118,8 @@ def store(repo: Path, comparison: Comparison) -> Manifest:
     )
     manifest = dataclasses.replace(manifest, encoder=encoder)
     write_manifest(repo, manifest)
-    record_metrics(comparison.variant, spec)
+    if is_packaged(manifest.encoder):
+        record_metrics(comparison.variant, spec)
     return manifest
 
 
