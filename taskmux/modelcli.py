@@ -11,9 +11,12 @@ from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from taskmux.progress import Steps
+
+if TYPE_CHECKING:
+    from model.manifest import EncoderSpec
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +147,11 @@ def add_model_commands(sub: Any) -> None:
     evaluate = msub.add_parser(
         "eval", help="Recompute each shipped head's held-out figure; non-zero exit on a FAIL"
     )
-    evaluate.add_argument("--card", type=Path, default=Path("MODEL_CARD.md"))
+    evaluate.add_argument(
+        "--card", type=Path, default=None,
+        help="where to write the model card (default: MODEL_CARD.md for the packaged encoder, "
+        "<repo>/MODEL_CARD.md for an encoder of your own)",
+    )  # fmt: skip
     evaluate.add_argument(
         "--variant", choices=("int8",), default=None,
         help="also compare this encoder variant with fp32 and record the figures in the "
@@ -333,6 +340,14 @@ def _model_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _card_path(repo: Path, encoder: EncoderSpec) -> Path:
+    """The project's MODEL_CARD.md describes the packaged encoder; another encoder's card
+    goes into its own repository, so an eval never overwrites the project's."""
+    from taskmux.modelrepo.build import is_packaged
+
+    return Path("MODEL_CARD.md") if is_packaged(encoder) else repo / "MODEL_CARD.md"
+
+
 def _model_eval(args: argparse.Namespace) -> int:
     from model.manifest import ModelRepoError, load_manifest
     from taskmux.modelrepo.evaluate import evaluate, format_table
@@ -364,12 +379,13 @@ def _model_eval(args: argparse.Namespace) -> int:
         print(json.dumps({"figures": rows, "variant": variant_metrics}, indent=2))
     manifest = load_manifest(args.repo, verify=False)
     card = render(manifest, figures) + branch_section(manifest, figures) + card_section(manifest)
-    tmp = args.card.with_name(args.card.name + ".tmp")
+    path = args.card or _card_path(args.repo, manifest.encoder)
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(card, encoding="utf-8")
-    tmp.replace(args.card)
+    tmp.replace(path)
     failed = [f for f in figures if f.passed is False]
     seconds = time.monotonic() - started
-    print(f"\n{args.card} written; {len(failed)} FAIL; {seconds:.0f} s", file=sys.stderr)
+    print(f"\n{path} written; {len(failed)} FAIL; {seconds:.0f} s", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -140,6 +140,7 @@ class CpuSettings:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     intra_op_threads: int = 1
     encoder_variant: str = "fp32"
+    ort_spin: bool = False
 
 
 def _reference(folder: Path) -> Any:
@@ -307,6 +308,17 @@ def test_train_defaults_refuses_a_repository_of_another_encoder(built: Built) ->
     done = taskmux_cli("model", "train-defaults", "--repo", str(built.repo), "--only", "topic")
     assert done.returncode == 2, done.stderr
     assert "belong to all-MiniLM-L6-v2" in done.stderr
+
+
+def test_eval_writes_another_encoders_card_into_its_repository(
+    built: Built, model_repo: Path, tmp_path: Path
+) -> None:
+    from taskmux.modelcli import _card_path
+
+    own = load_manifest(built.repo).encoder
+    packaged = load_manifest(model_repo).encoder
+    assert _card_path(built.repo, own) == built.repo / "MODEL_CARD.md"
+    assert _card_path(tmp_path, packaged) == Path("MODEL_CARD.md")
 
 
 def _copy(src: Path, dst: Path) -> None:
