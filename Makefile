@@ -11,7 +11,7 @@ PROTO_SRC := protos/taskmux/v1/taskmux.proto
 PROTO_OUT := client/taskmux_api/v1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv proto proto-check client-sync model run test lint audit train-heads train-multitask eval bench interop-deps \
+.PHONY: help venv proto proto-check client-sync model run test lint audit train-heads train-multitask eval bench bench-user-heads interop-deps \
 	images images-smoke clean
 
 help: ## List the targets
@@ -56,6 +56,9 @@ eval: $(MODEL_REPO)/manifest.json ## Recompute each shipped head's held-out figu
 
 run: $(MODEL_REPO)/manifest.json ## Start Valkey, a gateway and a worker (Ctrl-C stops all)
 	$(BIN)/taskmux up --model-repo $(MODEL_REPO)
+
+bench-user-heads: $(MODEL_REPO)/manifest.json ## head train on a 2,000-row SST-2 sample: embedding vs multitask features vs --fine-tune
+	$(BIN)/python -m taskmux.modelrepo.user_heads_bench --repo $(MODEL_REPO) --data ../shared/data
 
 bench: $(MODEL_REPO)/manifest.json ## Full system vs raw ONNX Runtime vs one encoder per task
 	$(BIN)/python -m bench.run --repo $(MODEL_REPO) --out bench

@@ -15,7 +15,7 @@ from types import TracebackType
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from model.manifest import HeadSpec, Manifest, ModelRepoError
+from model.manifest import HeadSpec, Manifest, ModelRepoError, PartFile
 from router import keys, registry
 from taskmux.health import Health
 from taskmux.lifecycle import cancel_and_wait
@@ -113,14 +113,20 @@ class CatalogWatcher:
 
 
 def merge_catalogs(catalogs: list[Manifest]) -> Manifest:
-    """Every head any live worker serves; for a head on several versions, the newest."""
+    """Every head any live worker serves; for a head on several versions, the newest. The
+    encoder lists every head's own branch that some worker serves (for its cost)."""
     heads: dict[str, HeadSpec] = {}
+    branches: dict[str, dict[str, PartFile]] = {}
     for catalog in catalogs:
+        branches |= {n: catalog.encoder.branch_files(n) for n in catalog.encoder.user_branches()}
         for head in catalog.heads:
             seen = heads.get(head.name)
             if seen is None or _version_key(head.version) > _version_key(seen.version):
                 heads[head.name] = head
-    return Manifest(encoder=catalogs[0].encoder, heads=tuple(heads.values()))
+    encoder = catalogs[0].encoder
+    if branches and encoder.parts:
+        encoder = encoder.with_branches(branches)
+    return Manifest(encoder=encoder, heads=tuple(heads.values()))
 
 
 def _version_key(version: str) -> tuple[int, str]:

@@ -33,7 +33,7 @@ from gateway.memory import MemoryGuard
 from gateway.plans import PLANNERS, Planner, analyze_jobs, analyze_params
 from gateway.settings import GatewaySettings
 from gateway.validation import check_heads, check_request_meta, check_texts
-from model.manifest import HeadSpec
+from model.manifest import EncoderSpec, HeadSpec
 from router.messages import ANALYZE_STREAM_HEAD, pack_messages, unpack_messages
 from taskmux.lifecycle import cancel_and_wait
 
@@ -80,7 +80,7 @@ class TaskMuxService:
         encoder = catalog.encoder
         s = self._settings
         return pb.ListTasksResponse(
-            heads=[_head_info(h) for h in sorted(catalog.heads, key=lambda h: h.name)],
+            heads=[_head_info(h, encoder) for h in sorted(catalog.heads, key=lambda h: h.name)],
             encoder=pb.EncoderInfo(
                 name=encoder.name,
                 version=encoder.version,
@@ -269,7 +269,7 @@ def _task_error(err: TaskmuxError) -> pb.TaskError:
     )
 
 
-def _head_info(head: HeadSpec) -> pb.HeadInfo:
+def _head_info(head: HeadSpec, encoder: EncoderSpec) -> pb.HeadInfo:
     return pb.HeadInfo(
         name=head.name,
         kind=head_kind_proto(head.kind),
@@ -278,4 +278,5 @@ def _head_info(head: HeadSpec) -> pb.HeadInfo:
         metrics=head.metrics,
         description=head.description,
         features=head.features,
+        features_cost=encoder.branch_cost(head.features),
     )

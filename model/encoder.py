@@ -15,9 +15,10 @@ says so.
 
 from __future__ import annotations
 
+import copy as _copy
 import logging
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ from model.variants import (
     GPU_PROVIDERS,
     Selection,
     select_variant,
+    variant_parts,
 )
 
 log = logging.getLogger(__name__)
@@ -187,6 +189,7 @@ class Encoder:
             if cpu.file != selection.file:
                 self.session = self._open(cpu.parts.get(TRUNK, cpu.file), cpu)
             selection = cpu
+        self._selection = selection
         # A split encoder: `session` is its trunk, and each branch has its own session.
         self.parts: BranchSessions | None = None
         if selection.parts:
@@ -206,6 +209,29 @@ class Encoder:
             selection.reason,
             self.provider,
         )
+
+    def with_branches(self, spec: EncoderSpec) -> Encoder:
+        """A copy of this encoder serving `spec`, which differs from its own in heads'
+        branches only (`EncoderSpec.same_graphs`): sessions of the parts both have are
+        shared, new branches are opened in the same variant and on the same providers.
+        This object is untouched, so batches computing on it finish on it."""
+        if not spec.same_graphs(self.spec) or self.parts is None:
+            raise ValueError("only heads' branches of a split encoder can change while serving")
+        files = {n: p.file for n, p in variant_parts(spec, self.variant).items()}
+        mine = self._selection.parts
+        branches = {
+            name: self.parts.branches[name] if mine.get(name) == file else (
+                self._open(file, self._selection)
+            )
+            for name, file in files.items()
+            if name != TRUNK
+        }  # fmt: skip
+        copy = _copy.copy(self)
+        copy.spec = spec
+        copy._selection = replace(self._selection, parts=files)
+        copy.parts = BranchSessions(self.session, branches)
+        copy.branch_names = sorted(branches)
+        return copy
 
     def _open(self, file: str, selection: Selection) -> ort.InferenceSession:
         return ort.InferenceSession(

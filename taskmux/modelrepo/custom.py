@@ -5,6 +5,12 @@ Everything that can be refused is checked before the encoder runs: the name, the
 The head is fitted on frozen encoder outputs, scored on a seeded held-out 10% of the
 distinct texts (sentences for token heads), and stored as the next version of the head;
 the weights that are scored are the weights written.
+
+Which outputs (`features`, recorded in the head's manifest entry): the embedding branch
+(the original encoder's, as Embed returns them), or the multi-task branch (the upper
+layers fine-tuned on the shipped tasks; usually better features, and no extra pass when
+other trained heads read the same texts). With `fine_tune` the head gets a branch of its
+own instead (`finetune.py`).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from typing import Any
 
 from taskmux_api.kinds import HeadKind
 
-from model.manifest import HeadSpec, load_manifest
+from model.manifest import EMBEDDING, MULTITASK, HeadSpec, Manifest, ModelRepoError, load_manifest
 from taskmux.modelrepo.datasets import LabelledRows, entity_types, read_conll, read_table
 from taskmux.modelrepo.embedding import Embedder
 from taskmux.modelrepo.entities_train import (
@@ -24,6 +30,12 @@ from taskmux.modelrepo.entities_train import (
     scheme_labels,
     score_entities,
     split_sentences,
+)
+from taskmux.modelrepo.finetune import (
+    FineTune,
+    check_repository,
+    fine_tune_classification_head,
+    fine_tune_token_head,
 )
 from taskmux.modelrepo.fit import FitOptions, Params
 from taskmux.modelrepo.headstore import (
@@ -71,6 +83,8 @@ def train_classification_head(
     label_column: str = "label",
     hidden: int = 0,
     seed: int = SPLIT_SEED,
+    features: str = EMBEDDING,
+    fine_tune: FineTune | None = None,
 ) -> dict[str, Any]:
     """Fit a sentence-classification head on `data` and add it to `repo`; report.
 
@@ -78,17 +92,47 @@ def train_classification_head(
     defaults of `fit_options` for the size of the file.
     """
     check_head_name(name)
+    manifest = load_manifest(repo)
+    if fine_tune is not None:
+        version = _fine_tune_version(repo, manifest, name, HeadKind.CLASSIFICATION)
+        return fine_tune_classification_head(
+            repo, manifest, data, name, version,
+            text_column=text_column, label_column=label_column, options=fine_tune,
+        )  # fmt: skip
+    check_features(repo, manifest, features)
     rows = read_table(data, text_column=text_column, label_column=label_column)
-    next_version(load_manifest(repo), name, HeadKind.CLASSIFICATION)
+    next_version(manifest, name, HeadKind.CLASSIFICATION)
     examples = _examples(rows, seed)
     candidate = Candidate(fit_options(len(examples.fit), hidden, seed))
-    embed = Embedder(repo).sentence_vectors
+    embed = Embedder(repo, branch=features).sentence_vectors
     fitted, report = fit_and_score(examples, [candidate], _report, embed, seed)
-    description = f"Trained by `taskmux head train` on {data.name} ({len(rows.texts)} rows)."
-    record = head_record(
-        name, HeadKind.CLASSIFICATION, examples.labels, rounded(report.metrics), description
+    description = (
+        f"Trained by `taskmux head train` on {data.name} ({len(rows.texts)} rows), "
+        f"on the {features} branch's features."
     )
+    record = head_record(
+        name, HeadKind.CLASSIFICATION, examples.labels, rounded(report.metrics), description,
+        features=features,
+    )  # fmt: skip
     return _add(repo, record, fitted.params, report.metrics)
+
+
+def check_features(repo: Path, manifest: Manifest, features: str) -> None:
+    """Refuse features the repository's encoder does not compute."""
+    if features not in (EMBEDDING, MULTITASK):
+        raise ValueError(f"features must be {EMBEDDING} or {MULTITASK}, not {features!r}")
+    if features not in manifest.encoder.parts and features != EMBEDDING:
+        raise ModelRepoError(
+            f"{repo} has no multi-task branch (its encoder is one graph), so a head cannot "
+            f"read multitask features: train with --features {EMBEDDING}, or rebuild the "
+            "repository with the committed branch (`taskmux model build --force`)"
+        )
+
+
+def _fine_tune_version(repo: Path, manifest: Manifest, name: str, kind: HeadKind) -> int:
+    version = next_version(manifest, name, kind)
+    check_repository(manifest, repo)
+    return version
 
 
 def _examples(rows: LabelledRows, seed: int) -> Examples[DistinctSplit]:
@@ -111,10 +155,13 @@ def _add(repo: Path, record: HeadSpec, params: Params, metrics: dict[str, float]
     """Add `record` as the next version of its head in `repo`; the report to print."""
     written = add_head_version(repo, record, params)
     log.info("head %s version %s written to %s", record.name, written.version, repo)
+    encoder = load_manifest(repo, verify=False).encoder
     return {
         "name": record.name,
         "version": written.version,
         "labels": len(record.labels),
+        "features": record.features,
+        "features_cost": encoder.branch_cost(record.features),
         "metrics": rounded(metrics, integer_counts=True),
     }
 
@@ -127,14 +174,25 @@ def train_token_head(
     scheme: str = "io",
     hidden: int = 256,
     seed: int = SPLIT_SEED,
+    features: str = EMBEDDING,
+    fine_tune: FineTune | None = None,
 ) -> dict[str, Any]:
     """Fit a token-classification head on CoNLL-style `data` and add it to `repo`; report."""
     check_head_name(name)
+    manifest = load_manifest(repo)
+    if fine_tune is not None:
+        version = _fine_tune_version(repo, manifest, name, HeadKind.TOKEN_CLASSIFICATION)
+        return fine_tune_token_head(
+            repo, manifest, data, name, version, scheme=scheme, options=fine_tune
+        )
+    check_features(repo, manifest, features)
     sentences = read_conll(data)
     labels = scheme_labels(entity_types(sentences), scheme)
-    next_version(load_manifest(repo), name, HeadKind.TOKEN_CLASSIFICATION)
+    next_version(manifest, name, HeadKind.TOKEN_CLASSIFICATION)
     split = split_sentences(sentences, seed=seed)
-    encoded = Embedder(repo).token_states([s.text for s in sentences], cached=False)
+    encoded = Embedder(repo, branch=features).token_states(
+        [s.text for s in sentences], cached=False
+    )
     train = [sentences[i] for i in split.train]
     tokens = sum(len(encoded[i][1].ids) for i in split.train)
     params = fit_token_head(
@@ -154,7 +212,11 @@ def train_token_head(
     }
     description = (
         f"Trained by `taskmux head train --kind token` on {data.name} "
-        f"({len(sentences)} sentences, {scheme.upper()} tags)."
+        f"({len(sentences)} sentences, {scheme.upper()} tags), on the {features} branch's "
+        "features."
     )
-    record = head_record(name, HeadKind.TOKEN_CLASSIFICATION, labels, rounded(metrics), description)
+    record = head_record(
+        name, HeadKind.TOKEN_CLASSIFICATION, labels, rounded(metrics), description,
+        features=features,
+    )  # fmt: skip
     return _add(repo, record, params, metrics)

@@ -17,7 +17,7 @@ import json
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,11 @@ import numpy as np
 from taskmux_api.kinds import TRAINED, HeadKind
 
 from model.manifest import (
+    EMBEDDING,
     HeadSpec,
     Manifest,
     ModelRepoError,
+    PartFile,
     load_manifest,
     sha256_file,
     write_manifest,
@@ -93,6 +95,7 @@ def head_record(
     *,
     threshold: float = 0.0,
     fallback_label: str = "",
+    features: str = EMBEDDING,
 ) -> HeadSpec:
     """The record of a freshly trained head, version 1 (`add_head_version` renumbers it)."""
     return HeadSpec(
@@ -104,6 +107,7 @@ def head_record(
         description=description,
         threshold=threshold,
         fallback_label=fallback_label,
+        features=features,
     )
 
 
@@ -131,17 +135,27 @@ def write_trained_head(out_dir: Path, head: HeadSpec, params: Params) -> None:
     os.replace(tmp, out_dir / "head.json")
 
 
-def add_head_version(repo: Path, head: HeadSpec, params: Params) -> HeadSpec:
+def add_head_version(
+    repo: Path, head: HeadSpec, params: Params, *, branch: Branch | None = None
+) -> HeadSpec:
     """Store `params` as the next version of `head` in `repo` and point the manifest at it.
 
     `head.version` and `head.weights_file` are ignored and set here. The manifest is read
-    again (verified) just before writing, so the version is the latest one.
+    again (verified) just before writing, so the version is the latest one. With `branch`
+    (a fine-tuned head's own branch, already written), the encoder gains that part, and
+    must be for the version that is written. Heads' branches that no head reads any more
+    leave the manifest (their files stay, as older heads' weights do).
     """
     manifest = load_manifest(repo)
     if head.kind not in TRAINED:
         trained = ", ".join(TRAINED)
         raise HeadNameError(f"only {trained} heads are trained, not {str(head.kind)!r}")
     version = next_version(manifest, head.name, head.kind)
+    if branch is not None and branch.version != version:
+        raise ModelRepoError(
+            f"another `head train` wrote version {version - 1} of {head.name!r} meanwhile; "
+            "rerun to train the next version"
+        )
     rel = f"heads/{head.name}/{version}/weights.npz"
     save_params(repo / rel, params)
     spec = replace(head, version=str(version), weights_file=rel)
@@ -152,19 +166,43 @@ def add_head_version(repo: Path, head: HeadSpec, params: Params) -> HeadSpec:
     live |= {h.weights_file for h in heads if h.weights_file}
     checksums = {k: v for k, v in manifest.checksums.items() if k in live}
     checksums[rel] = sha256_file(repo / rel)
-    write_manifest(repo, replace(manifest, heads=tuple(heads), checksums=checksums))
+    encoder = manifest.encoder
+    read = {h.features for h in heads}
+    kept = {n: encoder.branch_files(n) for n in encoder.user_branches() if n in read}
+    if branch is not None:
+        kept[branch.name] = branch.files
+        encoder = encoder.with_layer_counts(branch.encoder_layers)
+    if encoder.parts:
+        encoder = encoder.with_branches(kept)
+    write_manifest(
+        repo, replace(manifest, encoder=encoder, heads=tuple(heads), checksums=checksums)
+    )
     return spec
 
 
+@dataclass(frozen=True)
+class Branch:
+    """A head's own branch, its files already in the repository, to list in the manifest
+    as part `name` with the head's `version`."""
+
+    version: int
+    name: str
+    files: dict[str, PartFile]  # fp32 and each variant's
+    encoder_layers: int  # of the whole encoder, to record the built parts' where missing
+
+
 def format_heads(manifest: Manifest) -> str:
-    """A table of the repository's heads: name, kind, version, label count, metrics."""
-    rows = [("NAME", "KIND", "VERSION", "LABELS", "METRICS")]
+    """A table of the repository's heads: name, kind, version, label count, the branch it
+    reads with its cost (share of a full encoder pass), metrics."""
+    rows = [("NAME", "KIND", "VERSION", "LABELS", "FEATURES (COST)", "METRICS")]
     for h in manifest.heads:
         metrics = " ".join(f"{k}={_number(v)}" for k, v in sorted(h.metrics.items()))
-        rows.append((h.name, h.kind, h.version, str(len(h.labels)), metrics or "-"))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        cost = manifest.encoder.branch_cost(h.features)
+        features = f"{h.features} ({cost:.2f})" if cost else h.features
+        rows.append((h.name, h.kind, h.version, str(len(h.labels)), features, metrics or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
     return "\n".join(
-        "  ".join([*(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)), row[4]])
+        "  ".join([*(cell.ljust(w) for cell, w in zip(row[:5], widths, strict=True)), row[5]])
         for row in rows
     )
 

@@ -169,16 +169,20 @@ def topic_task(data: Path, seed: int, sizes: Sizes, tokenizer: Tokenizer) -> Tas
     )  # fmt: skip
 
 
-def _token_rows(
-    tokenizer: Tokenizer, sentences: Sequence[TaggedSentence], labels: Sequence[str]
+def token_rows(
+    tokenizer: Tokenizer,
+    sentences: Sequence[TaggedSentence],
+    labels: Sequence[str],
+    scheme: str = entities_head.SCHEME,
 ) -> TaskRows:
+    """Tokenized sentences with one target per word piece (labels in `scheme`)."""
     index = {label: i for i, label in enumerate(labels)}
     texts = [s.text for s in sentences]
     encodings = tokenizer.encode_batch(texts)
     targets: list[list[int]] = []
     for sentence, encoding in zip(sentences, encodings, strict=True):
         row = [IGNORE] * len(encoding.ids)
-        for k, label in token_targets(sentence, encoding, index, entities_head.SCHEME):
+        for k, label in token_targets(sentence, encoding, index, scheme):
             row[k] = label
         targets.append(row)
     return TaskRows(encodings, targets, texts)
@@ -195,8 +199,8 @@ def entities_task(data: Path, seed: int, sizes: Sizes, tokenizer: Tokenizer) -> 
     val = [sentences[i] for i in _sample(inner.heldout, sizes.validation, rng)]
     return Task(
         "entities", HeadKind.TOKEN_CLASSIFICATION, labels,
-        _token_rows(tokenizer, [sentences[i] for i in train], labels),
-        _token_rows(tokenizer, val, labels), val_sentences=val,
+        token_rows(tokenizer, [sentences[i] for i in train], labels),
+        token_rows(tokenizer, val, labels), val_sentences=val,
     )  # fmt: skip
 
 

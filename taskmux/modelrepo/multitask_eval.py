@@ -127,10 +127,17 @@ MAIN_FIGURE = {
 }
 
 
+def main_figure(name: str, validation: Validation) -> str:
+    """The figure that ranks epochs for a head (a user's head: its accuracy or F1)."""
+    if name in MAIN_FIGURE:
+        return MAIN_FIGURE[name]
+    return "validation_f1" if "validation_f1" in validation.metrics else "validation_accuracy"
+
+
 def overall(results: dict[str, Validation]) -> float:
     """The mean of each head's main validation figure (intent's out-of-scope recall
     counted beside its in-scope accuracy): what picks the epoch that is kept."""
-    figures = [v.metrics[MAIN_FIGURE[name]] for name, v in results.items()]
+    figures = [v.metrics[main_figure(name, v)] for name, v in results.items()]
     if "intent" in results:
         figures.append(results["intent"].metrics["validation_oos_recall"])
     return float(np.mean(figures))

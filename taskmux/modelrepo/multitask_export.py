@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from model.manifest import EMBEDDING, MULTITASK, EncoderSpec, PartFile, sha256_file
+from model.manifest import EMBEDDING, MULTITASK, TRUNK, EncoderSpec, PartFile, sha256_file
 from taskmux.modelrepo.multitask_store import BRANCH_FILE, MULTITASK_DIR, branch_meta
 from taskmux.modelrepo.quantize import build_part_variants
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 OPSET = 17
 PART_FILES = {
-    "trunk": "encoder/trunk.onnx",
+    TRUNK: "encoder/trunk.onnx",
     EMBEDDING: "encoder/embedding.onnx",
     MULTITASK: "encoder/multitask.onnx",
 }
@@ -65,8 +65,8 @@ def export_branch(branch: Any, dim: int, out_file: Path) -> None:
         )  # fmt: skip
 
 
-def export_parts(model_dir: Path, branch_dir: Path, out: Path, branch_layer: int) -> None:
-    """Write the three graphs of PART_FILES under `out`."""
+def export_parts(model_dir: Path, branch_dir: Path, out: Path, branch_layer: int) -> int:
+    """Write the three graphs of PART_FILES under `out`; the encoder's layer count."""
     from taskmux.modelrepo.branches import copy_branch, cut, load_bert, load_branch_arrays
 
     bert = load_bert(model_dir)
@@ -75,9 +75,10 @@ def export_parts(model_dir: Path, branch_dir: Path, out: Path, branch_layer: int
     with np.load(branch_dir / BRANCH_FILE) as data:
         load_branch_arrays(multitask, {k: data[k] for k in data.files})
     dim = int(bert.config.hidden_size)
-    export_trunk(trunk, out / PART_FILES["trunk"])
+    export_trunk(trunk, out / PART_FILES[TRUNK])
     export_branch(embedding, dim, out / PART_FILES[EMBEDDING])
     export_branch(multitask, dim, out / PART_FILES[MULTITASK])
+    return len(bert.encoder.layer)
 
 
 def add_parts(
@@ -95,8 +96,14 @@ def add_parts(
         return encoder
     layer = int(meta["branch_layer"])
     log.info("exporting the trunk (layers < %d) and both branches to ONNX", layer)
-    export_parts(model_dir, branch_dir, staging, layer)
-    parts = {n: PartFile(f, sha256_file(staging / f)) for n, f in PART_FILES.items()}
+    total = export_parts(model_dir, branch_dir, staging, layer)
+    layers = {n: total - layer for n in PART_FILES} | {TRUNK: layer}
+    parts = {n: PartFile(f, sha256_file(staging / f), layers[n]) for n, f in PART_FILES.items()}
     by_variant = build_part_variants(staging, PART_FILES, variants)
-    specs = {name: replace(spec, parts=by_variant[name]) for name, spec in encoder.variants.items()}
+    specs = {
+        name: replace(
+            spec, parts={n: replace(f, layers=layers[n]) for n, f in by_variant[name].items()}
+        )
+        for name, spec in encoder.variants.items()
+    }
     return replace(encoder, parts=parts, branch_layer=layer, variants=specs)

@@ -163,6 +163,6 @@ def test_list_tasks_says_which_branch_each_head_reads(manifest: Manifest) -> Non
     from gateway.service import _head_info
 
     for head in manifest.heads:
-        assert _head_info(head).features == head.features
+        assert _head_info(head, manifest.encoder).features == head.features
     on_branch = replace(manifest.heads[0], features=MULTITASK)
-    assert _head_info(on_branch).features == MULTITASK
+    assert _head_info(on_branch, manifest.encoder).features == MULTITASK

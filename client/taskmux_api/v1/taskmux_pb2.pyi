@@ -425,6 +425,7 @@ class HeadInfo(_message.Message):
     METRICS_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
+    FEATURES_COST_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name to put in requests (e.g. "sentiment")."""
     kind: Global___HeadKind.ValueType
@@ -435,9 +436,18 @@ class HeadInfo(_message.Message):
     """One line on what the head does and what it was trained on."""
     features: _builtins.str
     """Which encoder output the head reads, and so what it costs: "embedding" (the shared
-    encoder's own output, the one Embed returns) or "multitask" (a branch of the upper
+    encoder's own output, the one Embed returns), "multitask" (a branch of the upper
     layers fine-tuned for the trained heads, computed once per text for all heads that
-    read it). Empty from servers that predate it: read it as "embedding".
+    read it), or the name of the head's own fine-tuned branch (e.g. "reviews-v2", from
+    `taskmux head train --fine-tune`), computed only for the texts sent to that head.
+    Empty from servers that predate it: read it as "embedding".
+    """
+    features_cost: _builtins.float
+    """The share of one full encoder pass that computing `features` adds per text: the
+    branch's layers over the encoder's (a branch of 4 of 6 layers: 0.6667). Every head
+    that reads the same branch shares it, and the rest of the pass (the trunk, the lower
+    layers) is shared by all heads; an encoder in one graph reports 1 for "embedding".
+    0 when the server does not know (a repository built before it was recorded).
     """
     @_builtins.property
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -457,10 +467,11 @@ class HeadInfo(_message.Message):
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         description: _builtins.str = ...,
         features: _builtins.str = ...,
+        features_cost: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "features", b"features", "kind", b"kind", "labels", b"labels", "metrics", b"metrics", "name", b"name", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "features", b"features", "features_cost", b"features_cost", "kind", b"kind", "labels", b"labels", "metrics", b"metrics", "name", b"name", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
