@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from taskmux_api.kinds import HeadKind
 
@@ -21,9 +22,11 @@ from model.manifest import (
     ModelRepoError,
     load_manifest,
 )
+from model.parts import TRUNK
 from taskmux.modelrepo.multitask_store import branch_meta
 from workers.tasks import Needs, branch_rows
 
+CPU = "CPUExecutionProvider"
 TEXTS = [
     "The quick brown fox jumps over the lazy dog near Berlin.",
     "I loved this movie",
@@ -127,6 +130,32 @@ def test_trunk_plus_embedding_branch_is_the_original_encoder(
     states_a = whole.encode_tokens(TEXTS[:1])[0][0]
     states_b = parts.encode_tokens(TEXTS[:1])[0][0]
     assert np.allclose(states_a, states_b, atol=1e-3 if variant == "int8" else 1e-4)
+
+
+@pytest.mark.parametrize("branch", [EMBEDDING, MULTITASK])
+def test_fp16_parts_compute_what_fp32_parts_compute(
+    model_repo: Path, split_manifest: Manifest, branch: str
+) -> None:
+    # fp16 runs on GPUs only in the worker (select_variant refuses it on CPU), and this
+    # machine has none: opening the graphs on CPU checks the conversion of each part (fp32
+    # I/O, fused layers, the hidden states handed from trunk to branch), not a GPU's numbers.
+    spec = split_manifest.encoder
+    fp16 = spec.variants["fp16"].parts
+    fp32 = Encoder(model_repo, spec, providers=["CPUExecutionProvider"])
+    trunk = ort.InferenceSession(str(model_repo / fp16[TRUNK].file), providers=[CPU])
+    upper = ort.InferenceSession(str(model_repo / fp16[branch].file), providers=[CPU])
+    vectors = []
+    for encoding in fp32.tokenizer.encode_batch(TEXTS):
+        ids = np.array([encoding.ids], dtype=np.int64)
+        mask = np.ones_like(ids)
+        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        (hidden,) = trunk.run(None, feeds)
+        (pooled,) = upper.run(["pooled"], {"hidden": hidden, "attention_mask": mask})
+        assert pooled.dtype == np.float32
+        vectors.append(pooled[0])
+    expected, _ = fp32.encode(TEXTS, branch=branch)
+    cosine = (l2_normalize(np.array(vectors)) * l2_normalize(expected)).sum(axis=1)
+    assert cosine.min() >= 0.999, cosine
 
 
 def test_each_branch_runs_only_for_its_rows(model_repo: Path, split_manifest: Manifest) -> None:
