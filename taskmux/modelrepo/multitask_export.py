@@ -85,6 +85,7 @@ def add_parts(
     model_dir: Path,
     encoder: EncoderSpec,
     variants: Sequence[str],
+    data_dir: Path,
     branch_dir: Path = MULTITASK_DIR,
 ) -> EncoderSpec:
     """`encoder` with the split graphs (and their variants) when a branch is committed;
@@ -97,6 +98,6 @@ def add_parts(
     log.info("exporting the trunk (layers < %d) and both branches to ONNX", layer)
     export_parts(model_dir, branch_dir, staging, layer)
     parts = {n: PartFile(f, sha256_file(staging / f)) for n, f in PART_FILES.items()}
-    by_variant = build_part_variants(staging, PART_FILES, variants)
+    by_variant = build_part_variants(staging, PART_FILES, variants, data_dir)
     specs = {name: replace(spec, parts=by_variant[name]) for name, spec in encoder.variants.items()}
     return replace(encoder, parts=parts, branch_layer=layer, variants=specs)
