@@ -1,8 +1,9 @@
 """Encoder variants: which file a worker runs, on which providers, and why.
 
     fp32  `encoder.model_file`, the export itself; runs anywhere.
-    int8  weights quantised to int8 with dynamic (per-batch) activation quantisation;
-          CPU only. Faster on CPU, slightly different numbers.
+    int8  int8 weights and activations with scales calibrated at build time (static),
+          so a text's vector is the same alone or in any batch; CPU only. Faster on
+          CPU, slightly different numbers.
     fp16  attention/layer-norm fusions, then half precision; for CUDA.
 
 `auto` picks fp16 when the CUDA provider is in use, else int8 when it was built and
@@ -108,7 +109,7 @@ def select_variant(requested: str, spec: EncoderSpec, providers: Sequence[str]) 
             f"encoder variant {requested} is not in the model repository (it has "
             f"{[FP32, *sorted(spec.variants)]}); rebuild it with `taskmux model build --force`"
         )
-    # int8's kernels (DynamicQuantizeMatMul) are CPU kernels; on CUDA they would bounce
+    # int8's kernels (MatMulIntegerToFloat) are CPU kernels; on CUDA they would bounce
     # tensors between devices at every layer.
     chosen = [CPU] if requested == INT8 else list(providers)
     return _selection(spec, requested, chosen, "requested")

@@ -97,7 +97,8 @@ def add_encoder_flags(build: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     build.add_argument(
         "--data", type=Path, default=DEFAULT_DATA,
-        help=f"with --encoder: the labelled data of the shipped heads (default {DEFAULT_DATA})",
+        help=f"the labelled data (default {DEFAULT_DATA}): int8 is calibrated on its training "
+        "texts (not needed without int8), and with --encoder the shipped heads train on it",
     )  # fmt: skip
     build.add_argument(
         "--no-heads", action="store_true",
@@ -229,15 +230,21 @@ def _steps(args: argparse.Namespace) -> Steps:
 def _model_build(args: argparse.Namespace) -> int:
     from model.manifest import MANIFEST_FILE
     from taskmux.modelrepo.build import build_repository
+    from taskmux.modelrepo.calibration import CalibrationError
     from taskmux.modelrepo.summary import build_summary
 
     if args.encoder is not None:
         return _model_build_own(args)
     started = time.monotonic()
     existed = not args.force and (args.out / MANIFEST_FILE).exists()
-    manifest = build_repository(
-        args.out, force=args.force, variants=args.variants, steps=_steps(args)
-    )
+    try:
+        manifest = build_repository(
+            args.out, force=args.force, variants=args.variants, steps=_steps(args),
+            data_dir=args.data,
+        )  # fmt: skip
+    except CalibrationError as err:
+        print(f"taskmux model build: {err}", file=sys.stderr)
+        return 2
     if args.json:
         print(manifest.to_json(with_checksums=False))
     else:
@@ -247,6 +254,7 @@ def _model_build(args: argparse.Namespace) -> int:
 
 def _model_build_own(args: argparse.Namespace) -> int:
     from model.manifest import MANIFEST_FILE, load_manifest
+    from taskmux.modelrepo.calibration import CalibrationError
     from taskmux.modelrepo.shipped import missing_data
     from taskmux.modelrepo.stfolder import EncoderFolderError, read_encoder_folder
 
@@ -283,8 +291,10 @@ def _model_build_own(args: argparse.Namespace) -> int:
     try:
         manifest, _ = build_own_repository(
             args.out, folder, variants=args.variants, data_dir=data,
-            cache_dir=_cache(args), steps=steps,
+            calibration_dir=args.data, cache_dir=_cache(args), steps=steps,
         )  # fmt: skip
+    except CalibrationError as err:
+        return refuse(str(err))
     except ParityError as err:
         print(f"taskmux model build: {err}", file=sys.stderr)
         return 1

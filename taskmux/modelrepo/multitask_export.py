@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from model.manifest import EMBEDDING, MULTITASK, TRUNK, EncoderSpec, PartFile, sha256_file
 from taskmux.modelrepo.multitask_store import BRANCH_FILE, MULTITASK_DIR, branch_meta
-from taskmux.modelrepo.quantize import build_part_variants
+from taskmux.modelrepo.quantize import build_part_variants, calibration_feeds
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ def add_parts(
     model_dir: Path,
     encoder: EncoderSpec,
     variants: Sequence[str],
+    data_dir: Path,
     branch_dir: Path = MULTITASK_DIR,
 ) -> EncoderSpec:
     """`encoder` with the split graphs (and their variants) when a branch is committed;
@@ -99,7 +101,9 @@ def add_parts(
     total = export_parts(model_dir, branch_dir, staging, layer)
     layers = {n: total - layer for n in PART_FILES} | {TRUNK: layer}
     parts = {n: PartFile(f, sha256_file(staging / f), layers[n]) for n, f in PART_FILES.items()}
-    by_variant = build_part_variants(staging, PART_FILES, variants)
+    by_variant = build_part_variants(
+        staging, PART_FILES, variants, partial(calibration_feeds, staging, data_dir)
+    )
     specs = {
         name: replace(
             spec, parts={n: replace(f, layers=layers[n]) for n, f in by_variant[name].items()}

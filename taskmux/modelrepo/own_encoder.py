@@ -26,6 +26,7 @@ from model.encoder import Encoder, l2_normalize
 from model.manifest import EncoderSpec, HeadSpec, Manifest
 from taskmux.modelrepo.build import (
     BUILTIN_HEADS,
+    DEFAULT_DATA_DIR,
     EMBED_HEAD,
     ENCODER_FILE,
     ENCODER_NAME,
@@ -78,11 +79,13 @@ def build_own_repository(
     *,
     variants: Sequence[str],
     data_dir: Path | None,
+    calibration_dir: Path = DEFAULT_DATA_DIR,
     cache_dir: Path | None = None,
     steps: Steps | None = None,
 ) -> tuple[Manifest, Parity]:
     """Write a repository for `folder`'s encoder to `out` (replacing it), with the shipped
-    heads trained on it from `data_dir` (None: embed, similarity and zero-shot only).
+    heads trained on it from `data_dir` (None: embed, similarity and zero-shot only); int8
+    is calibrated on the training texts under `calibration_dir`.
 
     Raises ParityError, with nothing written, when the export and sentence-transformers
     disagree."""
@@ -101,7 +104,9 @@ def build_own_repository(
             f"(at least {MIN_COSINE})\n"
         )
         geometry = Geometry(num_heads=folder.num_heads, hidden_size=folder.dimension)
-        built = build_variant_steps(staging, variants, steps, geometry=geometry, record=None)
+        built = build_variant_steps(
+            staging, variants, steps, data_dir=calibration_dir, geometry=geometry, record=None
+        )
         encoder = replace(encoder, variants=built)
         heads = builtin_heads(folder)
         if data_dir is not None:

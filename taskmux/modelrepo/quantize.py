@@ -14,24 +14,44 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from model.manifest import ModelRepoError, PartFile, VariantSpec, sha256_file
+from model.parts import TRUNK, Feeds
 from model.variants import FP16, INT8
+from taskmux.modelrepo.calibration import (
+    branch_feeds,
+    calibration_texts,
+    feed_reader,
+    token_feeds,
+)
+from taskmux.modelrepo.smoothing import ALPHA, smooth_matmuls
 
 log = logging.getLogger(__name__)
 
 VARIANT_RECORD = Path(__file__).parent / "trained" / "encoder" / "variants.json"
 VARIANT_FILES = {INT8: "encoder/model.int8.onnx", FP16: "encoder/model.fp16.onnx"}
 
-# MatMuls kept in fp32 in the int8 model. The activation scale of a dynamically quantised
-# MatMul is one number for the whole batch; the first layer's feed-forward output reads
-# post-GELU activations whose outliers make that scale coarse. Keeping this one MatMul in
-# fp32 took the worst cosine to fp32 over 400 held-out texts from 0.979 to 0.986 and the
-# entities F1 loss from 1.2 to 0.8 points, for about 5% of the int8 speed-up. Keeping all
-# six feed-forward outputs (0.991, 0.3 points) cost a third of the speed-up.
+# The int8 recipe: static (calibrated) activation scales, so that a text's vector does not
+# depend on its batch; what it quantises and what it keeps in fp32 is what held its
+# vectors at cosine >= 0.99 to fp32 for 1.8x fp32's speed (the experiments are in the
+# commit message that introduced it, their figures in MODEL_CARD.md):
+# - only MatMuls with a weight: the attention score MatMuls (activation x activation, with
+#   wide ranges) stay fp32, as they did in the dynamic recipe;
+# - no quantised MatMul outputs: a Q/DQ pair after each MatMul (the quantiser's default)
+#   took the cosine to fp32 from 0.990 to 0.943 mean;
+# - the feed-forward inputs smoothed (smoothing.py): with them
+#   quantised unsmoothed the worst cosine was 0.980, and keeping the feed-forward input
+#   fp32 instead cost a third of the speed-up. Smoothing query/key/value inputs as well
+#   took sentence cosines from 0.9955 / 0.991 (mean / min) to 0.997 / 0.993 but the heads
+#   lost more (entities f1 -0.70 points instead of -0.60, oos recall -1.00 instead of 0);
+# - layer 0's feed-forward output stays fp32 (post-GELU outliers; smoothing it too took
+#   the worst cosine to 0.944).
+INT8_SKIPPED = ("attention/self/MatMul",)  # matches MatMul and MatMul_1 of every layer
+INT8_SMOOTHED = ("intermediate/dense/MatMul",)
 INT8_FP32_NODES = ("/inner/encoder/layer.0/output/dense/MatMul",)
 
 # The packaged export's geometry, for the transformer optimiser's fusions.
@@ -50,31 +70,46 @@ class Geometry:
 PACKAGED = Geometry()
 
 
-def build_int8(src: Path, dst: Path, keep_fp32: Sequence[str] = INT8_FP32_NODES) -> str:
-    """Quantise `src` to `dst` (int8 weights per output channel); returns the recipe."""
+def build_int8(
+    src: Path, dst: Path, feeds: Sequence[Feeds], keep_fp32: Sequence[str] = INT8_FP32_NODES
+) -> str:
+    """Quantise `src` to `dst` with scales calibrated on `feeds`; returns the recipe."""
     import onnx
     import onnxruntime
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     names = {node.name for node in onnx.load(str(src), load_external_data=False).graph.node}
     missing = set(keep_fp32) - names
     if missing:  # an export with other node names would silently quantise them
         raise RuntimeError(f"int8 recipe names nodes the export lacks: {sorted(missing)}")
-    # Per-channel weights: per-tensor scales lose too much (cosine to fp32 0.96 vs 0.99).
-    # Only MatMul: the embedding tables (Gather) stay fp32, as they cost memory, not time.
-    # No quant_pre_process: its symbolic shape inference fails on this export, and ORT
-    # applies the same graph optimisations when the session loads.
-    quantize_dynamic(
-        src,
-        dst,
-        weight_type=QuantType.QInt8,
-        op_types_to_quantize=["MatMul"],
-        per_channel=True,
-        nodes_to_exclude=list(keep_fp32),
-    )
+    skipped = [n for n in names if any(p in n for p in INT8_SKIPPED)]
+    with tempfile.TemporaryDirectory() as tmp:
+        smoothed = Path(tmp) / "smoothed.onnx"
+        smooth_matmuls(src, smoothed, feeds, INT8_SMOOTHED)
+        # Per-channel weights: per-tensor scales lose too much (cosine to fp32 0.96 vs 0.99).
+        # uint8 activations with int8 weights: the fast pairing of x86's VNNI kernels. No
+        # reduce_range: it guards AVX2 CPUs without VNNI, whose u8s8 kernels can saturate;
+        # the CPUs measured here have avx512_vnni.
+        # MinMax over unpadded single texts: no padding row ever widens a range.
+        # No quant_pre_process: its symbolic shape inference fails on this export.
+        quantize_static(
+            str(smoothed),
+            str(dst),
+            feed_reader(feeds),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=[*skipped, *keep_fp32],
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul"]},
+        )
     return (
-        f"onnxruntime {onnxruntime.__version__} quantize_dynamic: QInt8 weights per channel, "
-        f"MatMul only, fp32 kept for {', '.join(keep_fp32) or 'none'}"
+        f"onnxruntime {onnxruntime.__version__} quantize_static (QDQ, MinMax on "
+        f"{len(feeds)} training texts): QInt8 weights per channel, QUInt8 activations per "
+        f"tensor, MatMuls with weights only, float outputs, SmoothQuant alpha {ALPHA} on "
+        f"{', '.join(INT8_SMOOTHED)}, fp32 kept for {', '.join(keep_fp32) or 'none'}"
     )
 
 
@@ -108,23 +143,35 @@ def build_fp16(
     )
 
 
+TOKENIZER_FILE = "encoder/tokenizer.json"
+
+
+def calibration_feeds(repo: Path, data_dir: Path) -> list[Feeds]:
+    """The encoder's inputs for the calibration texts, with `repo`'s tokenizer."""
+    tokenizer = repo / TOKENIZER_FILE
+    return token_feeds(tokenizer, calibration_texts(data_dir, tokenizer))
+
+
 def build_variants(
     repo: Path,
     fp32_file: str,
     names: Iterable[str],
+    data_dir: Path,
     *,
     geometry: Geometry = PACKAGED,
     record: Path | None = VARIANT_RECORD,
 ) -> dict[str, VariantSpec]:
-    """Write the named variants of `repo/fp32_file` into `repo`, with the metrics `record`
-    holds for them (None: another encoder than the one recorded, so none)."""
+    """Write the named variants of `repo/fp32_file` into `repo` (int8 calibrated on training
+    texts under `data_dir`), with the metrics `record` holds for them (None: another
+    encoder than the one recorded, so none)."""
     variants = {}
     for name in names:
         rel = VARIANT_FILES[name]
         log.info("building the %s encoder variant", name)
         with _quiet_root_logger():
             if name == INT8:
-                recipe = build_int8(repo / fp32_file, repo / rel)
+                feeds = calibration_feeds(repo, data_dir)
+                recipe = build_int8(repo / fp32_file, repo / rel, feeds)
             else:
                 recipe = build_fp16(repo / fp32_file, repo / rel, geometry=geometry)
         sha = sha256_file(repo / rel)
@@ -139,10 +186,25 @@ PART_INT8_FP32_NODES = {"trunk": ("/layers/layer.0/output/dense/MatMul",)}
 
 
 def build_part_variants(
-    repo: Path, parts: Mapping[str, str], names: Iterable[str]
+    repo: Path,
+    parts: Mapping[str, str],
+    names: Sequence[str],
+    calibration: Callable[[], Sequence[Feeds]],
+    trunk_file: str | None = None,
 ) -> dict[str, dict[str, PartFile]]:
-    """Each named variant of every part (`encoder/<part>.<variant>.onnx`), by variant."""
+    """Each named variant of every part (`<part>.<variant>.onnx` beside it), by variant.
+
+    int8 is calibrated on `calibration()`: the trunk's inputs (token ids) for the
+    calibration texts, computed only when int8 is asked for. A branch is calibrated on
+    what it reads when serving: the fp32 trunk's states for those texts (`trunk_file`,
+    by default the trunk among `parts`).
+    """
     out: dict[str, dict[str, PartFile]] = {}
+    feeds: dict[str, Sequence[Feeds]] = {}
+    if INT8 in names:
+        tokens = calibration()
+        branch = branch_feeds(repo / (trunk_file or parts[TRUNK]), tokens)
+        feeds = {part: tokens if part == TRUNK else branch for part in parts}
     for name in names:
         out[name] = {}
         for part, rel in parts.items():
@@ -150,7 +212,8 @@ def build_part_variants(
             log.info("building the %s variant of the %s graph", name, part)
             with _quiet_root_logger():
                 if name == INT8:
-                    build_int8(repo / rel, repo / dst, PART_INT8_FP32_NODES.get(part, ()))
+                    fp32_nodes = PART_INT8_FP32_NODES.get(part, ())
+                    build_int8(repo / rel, repo / dst, feeds[part], fp32_nodes)
                 else:
                     # A branch's attention takes its mask as an input the optimiser's
                     # fusion may not match; unfused fp16 still runs on CUDA.

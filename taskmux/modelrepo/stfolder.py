@@ -41,7 +41,7 @@ from model.manifest import sha256_file
 MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra")
 POOLING_MODES = ("mean", "cls")
 LEGACY_POOLING = {
-    "pooling_mode_cls_token": "cls",
+    "pooling_mode_cls_token": "cls",  # nosec B105: a config key naming a pooling, no secret
     "pooling_mode_max_tokens": "max",
     "pooling_mode_mean_tokens": "mean",
     "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
