@@ -57,11 +57,14 @@ def calibration_texts(
     return tuple(texts)
 
 
-def token_feeds(tokenizer_file: Path, texts: Sequence[str]) -> list[Feeds]:
-    """The encoder's (and the trunk's) inputs, one unpadded text per feed."""
+def token_feeds(
+    tokenizer_file: Path, texts: Sequence[str], max_tokens: int = MAX_TOKENS
+) -> list[Feeds]:
+    """The encoder's (and the trunk's) inputs, one unpadded text per feed, cut at
+    `max_tokens` as serving cuts them."""
     from taskmux.modelrepo.multitask_data import load_tokenizer
 
-    tokenizer = load_tokenizer(tokenizer_file, MAX_TOKENS)
+    tokenizer = load_tokenizer(tokenizer_file, max_tokens)
     feeds = []
     for encoding in tokenizer.encode_batch(list(texts)):
         ids = np.asarray([encoding.ids], dtype=np.int64)

@@ -23,6 +23,7 @@ from model.manifest import ModelRepoError, PartFile, VariantSpec, sha256_file
 from model.parts import TRUNK, Feeds
 from model.variants import FP16, INT8
 from taskmux.modelrepo.calibration import (
+    MAX_TOKENS,
     branch_feeds,
     calibration_texts,
     feed_reader,
@@ -146,10 +147,11 @@ def build_fp16(
 TOKENIZER_FILE = "encoder/tokenizer.json"
 
 
-def calibration_feeds(repo: Path, data_dir: Path) -> list[Feeds]:
-    """The encoder's inputs for the calibration texts, with `repo`'s tokenizer."""
+def calibration_feeds(repo: Path, data_dir: Path, max_tokens: int = MAX_TOKENS) -> list[Feeds]:
+    """The encoder's inputs for the calibration texts, with `repo`'s tokenizer, cut at the
+    encoder's longest input."""
     tokenizer = repo / TOKENIZER_FILE
-    return token_feeds(tokenizer, calibration_texts(data_dir, tokenizer))
+    return token_feeds(tokenizer, calibration_texts(data_dir, tokenizer), max_tokens)
 
 
 def build_variants(
@@ -160,6 +162,7 @@ def build_variants(
     *,
     geometry: Geometry = PACKAGED,
     record: Path | None = VARIANT_RECORD,
+    max_tokens: int = MAX_TOKENS,
 ) -> dict[str, VariantSpec]:
     """Write the named variants of `repo/fp32_file` into `repo` (int8 calibrated on training
     texts under `data_dir`), with the metrics `record` holds for them (None: another
@@ -170,7 +173,7 @@ def build_variants(
         log.info("building the %s encoder variant", name)
         with _quiet_root_logger():
             if name == INT8:
-                feeds = calibration_feeds(repo, data_dir)
+                feeds = calibration_feeds(repo, data_dir, max_tokens)
                 recipe = build_int8(repo / fp32_file, repo / rel, feeds)
             else:
                 recipe = build_fp16(repo / fp32_file, repo / rel, geometry=geometry)
