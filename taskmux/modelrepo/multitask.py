@@ -78,6 +78,10 @@ class Recipe:
     # folded into the written weights, so serving reads the unit-length features as ever.
     # Without it, intent's 151-way loss had barely moved after 100 steps.
     feature_scale: float = 20.0
+    # Passes over the topic rows per epoch: AG News has the fewest batches of the four
+    # tasks (8,099 rows against 25,027 sentiment rows) and its training loss was still the
+    # highest at the end of a run with one pass.
+    topic_passes: int = 1
 
 
 class Net(torch.nn.Module):
@@ -150,7 +154,8 @@ def schedule(
     batches: list[tuple[int, list[int]]] = []
     size = recipe.batch_size
     for t, task in enumerate(tasks):
-        order = rng.permutation(len(task.train))
+        passes = recipe.topic_passes if task.name == "topic" else 1
+        order = np.concatenate([rng.permutation(len(task.train)) for _ in range(passes)])
         for start in range(0, len(order), size * recipe.window):
             window = sorted(
                 order[start : start + size * recipe.window].tolist(),
