@@ -45,6 +45,10 @@ def add_multitask_command(msub: Any) -> None:
         "--oos-borrowed", type=int, default=300, metavar="N",
         help="N training texts of each other task taught to the intent head as oos",
     )  # fmt: skip
+    train.add_argument(
+        "--topic-passes", type=int, default=1, metavar="N",
+        help="passes over the topic training rows per epoch",
+    )  # fmt: skip
     train.add_argument("--tiny", action="store_true", help="a few steps on a few rows (smoke)")
     train.add_argument(
         "--refit-only", action="store_true",
@@ -71,7 +75,7 @@ def _model_train_multitask(args: argparse.Namespace) -> int:
 
     recipe = Recipe(
         seed=args.seed, epochs=args.epochs, branch_layer=args.branch_layer,
-        log_every=2 if args.tiny else 25,
+        log_every=2 if args.tiny else 25, topic_passes=args.topic_passes,
     )  # fmt: skip
     run: Callable[..., dict[str, Any]] = train_multitask
     if args.tiny:

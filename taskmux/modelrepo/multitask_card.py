@@ -60,7 +60,9 @@ def _how(manifest: Manifest, meta: dict[str, Any]) -> list[str]:
     enc = manifest.encoder
     recipe = meta.get("recipe", {})
     lent = int(meta.get("sizes", {}).get("oos_borrowed", 0))
-    borrowed = f" --oos-borrowed {lent}" if lent else ""
+    flags = f" --oos-borrowed {lent}" if lent else ""
+    passes = int(recipe.get("topic_passes", 1))
+    flags += f" --topic-passes {passes}" if passes != 1 else ""
     minutes = float(meta.get("train_seconds", 0.0)) / 60
     return [
         f"The encoder is cut after layer {enc.branch_layer}: a shared trunk (the original "
@@ -73,7 +75,7 @@ def _how(manifest: Manifest, meta: dict[str, Any]) -> list[str]:
         "",
         "- Trained by `taskmux model train-multitask --epochs "
         f"{recipe.get('epochs', '?')} --branch-layer {enc.branch_layer}"
-        f"{borrowed}` "
+        f"{flags}` "
         f"(seed {recipe.get('seed', '?')}, branch lr {recipe.get('branch_lr', '?')}, head lr "
         f"{recipe.get('head_lr', '?')}, batches of {recipe.get('batch_size', '?')} from one "
         f"task each, shuffled together; {minutes:.0f} min on a shared 2-core CPU; epoch "
