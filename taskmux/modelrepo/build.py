@@ -16,6 +16,7 @@ import logging
 import shutil
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from model.manifest import (
     sha256_file,
     write_manifest,
 )
-from taskmux.modelrepo.quantize import VARIANT_FILES, build_variants
+from taskmux.modelrepo.quantize import VARIANT_FILES, build_variants, with_recorded_metrics
 from taskmux.progress import Steps
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,8 @@ def build_repository(
     # With a committed multi-task branch: the trunk and both branches, and their variants.
     with steps.step("split the encoder: trunk, embedding and multi-task branches"), quiet_export():
         encoder = add_parts(staging, source, encoder, variants, data_dir)
+    # Figures recorded for exactly these files (another encoder's never are: own_encoder.py).
+    encoder = replace(encoder, variants=with_recorded_metrics(encoder.variants))
     heads = [*BUILTIN_HEADS, *install_heads(staging, served_heads(), encoder.dimension, steps)]
     return publish(staging, out, encoder, heads)
 

@@ -105,7 +105,7 @@ def build_own_repository(
         )
         geometry = Geometry(num_heads=folder.num_heads, hidden_size=folder.dimension)
         built = build_variant_steps(
-            staging, variants, steps, data_dir=calibration_dir, geometry=geometry, record=None,
+            staging, variants, steps, data_dir=calibration_dir, geometry=geometry,
             max_tokens=encoder.max_sequence_length,
         )  # fmt: skip
         encoder = replace(encoder, variants=built)

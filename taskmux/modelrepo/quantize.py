@@ -11,6 +11,8 @@ unevaluated, so `auto` keeps fp32 until someone evaluates it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -161,12 +163,11 @@ def build_variants(
     data_dir: Path,
     *,
     geometry: Geometry = PACKAGED,
-    record: Path | None = VARIANT_RECORD,
     max_tokens: int = MAX_TOKENS,
 ) -> dict[str, VariantSpec]:
     """Write the named variants of `repo/fp32_file` into `repo` (int8 calibrated on training
-    texts under `data_dir`), with the metrics `record` holds for them (None: another
-    encoder than the one recorded, so none)."""
+    texts under `data_dir`), unevaluated: `with_recorded_metrics` adds what was recorded
+    once every file of the variant is built."""
     variants = {}
     for name in names:
         rel = VARIANT_FILES[name]
@@ -177,9 +178,7 @@ def build_variants(
                 recipe = build_int8(repo / fp32_file, repo / rel, feeds)
             else:
                 recipe = build_fp16(repo / fp32_file, repo / rel, geometry=geometry)
-        sha = sha256_file(repo / rel)
-        metrics = {} if record is None else recorded_metrics(name, sha, record)
-        variants[name] = VariantSpec(rel, sha, recipe, metrics)
+        variants[name] = VariantSpec(rel, sha256_file(repo / rel), recipe)
     return variants
 
 
@@ -225,8 +224,31 @@ def build_part_variants(
     return out
 
 
+def variant_digest(variant: VariantSpec) -> str:
+    """What an evaluation is recorded under: the variant's file and, for a split encoder,
+    each of its parts, so that a changed part (a retrained multi-task branch, whose heads
+    the figures are of) leaves the variant unevaluated."""
+    if not variant.parts:
+        return variant.sha256
+    digest = hashlib.sha256(variant.sha256.encode())
+    for name, part in sorted(variant.parts.items()):
+        digest.update(f" {name}:{part.sha256}".encode())
+    return digest.hexdigest()
+
+
+def with_recorded_metrics(
+    variants: Mapping[str, VariantSpec], record: Path = VARIANT_RECORD
+) -> dict[str, VariantSpec]:
+    """The variants with the evaluations recorded for exactly their files."""
+    return {
+        name: dataclasses.replace(v, metrics=recorded_metrics(name, variant_digest(v), record))
+        for name, v in variants.items()
+    }
+
+
 def recorded_metrics(name: str, sha256: str, record: Path = VARIANT_RECORD) -> dict[str, float]:
-    """The evaluation recorded for exactly this variant file, or {} (not evaluated)."""
+    """The evaluation recorded under exactly this digest (`variant_digest`), or {} (not
+    evaluated)."""
     entry = _read(record).get(name)
     if entry is None:
         return {}
@@ -246,9 +268,10 @@ def recorded_metrics(name: str, sha256: str, record: Path = VARIANT_RECORD) -> d
 
 
 def record_metrics(name: str, variant: VariantSpec, record: Path = VARIANT_RECORD) -> None:
-    """Store `variant`'s metrics under its SHA-256 so that later builds carry them."""
+    """Store `variant`'s metrics under its digest so that later builds carry them."""
     data = _read(record)
-    data[name] = {"sha256": variant.sha256, "recipe": variant.recipe, "metrics": variant.metrics}
+    entry = {"sha256": variant_digest(variant), "recipe": variant.recipe}
+    data[name] = entry | {"metrics": variant.metrics}
     record.parent.mkdir(parents=True, exist_ok=True)
     tmp = record.with_name(record.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -22,6 +22,7 @@ from model.manifest import (
     HeadSpec,
     Manifest,
     ModelRepoError,
+    PartFile,
     VariantSpec,
     load_manifest,
 )
@@ -36,7 +37,7 @@ from model.variants import (
     variant_paths,
 )
 from taskmux.modelrepo.headstore import add_head_version
-from taskmux.modelrepo.quantize import recorded_metrics
+from taskmux.modelrepo.quantize import record_metrics, recorded_metrics, with_recorded_metrics
 from workers.settings import WorkerSettings
 
 TEXTS = [
@@ -316,3 +317,15 @@ def test_recorded_figures_apply_only_to_the_same_file(tmp_path: Path) -> None:
     assert recorded_metrics("int8", "b" * 64, record) == {}
     assert recorded_metrics("fp16", "a" * 64, record) == {}
     assert recorded_metrics("int8", "a" * 64, tmp_path / "absent.json") == {}
+
+
+def test_recorded_figures_of_a_split_encoder_need_every_part_unchanged(tmp_path: Path) -> None:
+    record = tmp_path / "variants.json"
+    parts = {"trunk": PartFile("t.onnx", "b" * 64), "multitask": PartFile("m.onnx", "c" * 64)}
+    built = VariantSpec("encoder/model.int8.onnx", "a" * 64, "r", {}, parts)
+    record_metrics("int8", VariantSpec(**{**built.__dict__, "metrics": ACCEPTED}), record)
+    assert with_recorded_metrics({"int8": built}, record)["int8"].metrics == ACCEPTED
+    # A retrained branch: the heads' figures were measured on another multi-task graph.
+    retrained = {**parts, "multitask": PartFile("m.onnx", "d" * 64)}
+    changed = VariantSpec("encoder/model.int8.onnx", "a" * 64, "r", {}, retrained)
+    assert with_recorded_metrics({"int8": changed}, record)["int8"].metrics == {}
