@@ -58,7 +58,7 @@ run: $(MODEL_REPO)/manifest.json ## Start Valkey, a gateway and a worker (Ctrl-C
 	$(BIN)/taskmux up --model-repo $(MODEL_REPO)
 
 bench-user-heads: $(MODEL_REPO)/manifest.json ## head train on a 2,000-row SST-2 sample: embedding vs multitask features vs --fine-tune
-	$(BIN)/python -m taskmux.modelrepo.user_heads_bench --repo $(MODEL_REPO) --data ../shared/data
+	$(BIN)/python -m taskmux.modelrepo.user_heads_bench --repo $(MODEL_REPO) --data $(SHARED_DATA)
 
 bench: $(MODEL_REPO)/manifest.json ## Full system vs raw ONNX Runtime vs one encoder per task
 	$(BIN)/python -m bench.run --repo $(MODEL_REPO) --out bench
