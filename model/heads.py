@@ -7,6 +7,7 @@ by adding a class and an entry in `HEAD_TYPES`; the worker never special-cases a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -106,6 +107,10 @@ class LinearClassifierHead:
         return softmax(mlp_logits(vectors, self.params))
 
 
+# One text for a token head: its per-token states, its encoding and the text itself.
+TokenInput = tuple[Floats, Encoding, str]
+
+
 class TokenClassifierHead:
     """Entity spans from per-token states of the same encoder pass."""
 
@@ -117,6 +122,18 @@ class TokenClassifierHead:
         """The spans found in `text`, whose encoding and token states are given."""
         probs = token_probs(states, self.params)
         return decode_entities(probs, encoding, text, self.spec.labels)
+
+    def entities_of(self, texts: Sequence[TokenInput]) -> list[list[EntitySpan]]:
+        """The spans of several texts, the head applied once to all their tokens: a call
+        per text costs more in numpy's per-call overhead than in arithmetic."""
+        if not texts:
+            return []
+        probs = token_probs(np.concatenate([states for states, _, _ in texts]), self.params)
+        ends = np.cumsum([len(states) for states, _, _ in texts])
+        return [
+            decode_entities(probs[end - len(states) : end], encoding, text, self.spec.labels)
+            for (states, encoding, text), end in zip(texts, ends, strict=True)
+        ]
 
 
 HeadType = type[

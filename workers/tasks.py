@@ -7,9 +7,9 @@ rows it needs from the shared `BatchView` and returns the serialized public resp
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from taskmux_api.kinds import HeadKind, TaskKind
@@ -21,6 +21,7 @@ from model.encoder import BranchRows, Encoded, Floats
 from model.entities import EntitySpan
 from model.heads import (
     EmbeddingHead,
+    Head,
     LinearClassifierHead,
     SimilarityHead,
     TokenClassifierHead,
@@ -138,7 +139,7 @@ def _entities(model: LoadedModel, job: Job, view: BatchView) -> tuple[bytes, int
     head = _head(model, job.head, TokenClassifierHead)
     enc = model.manifest.encoder
     response = pb.ExtractEntitiesResponse(
-        results=[entity_list(head, view, text) for text in job.texts],
+        results=entity_lists(head, view, job.texts),
         model=enc.name,
         model_version=enc.version,
         head=head.spec.name,
@@ -200,24 +201,29 @@ def _analyze(model: LoadedModel, job: Job, view: BatchView) -> tuple[bytes, int]
         base = {"head": name, "head_version": head.spec.version}
         labels = frozenset(options.get("labels", {}).get(name, ()))
         replace = replacer(Style(options["style"])) if labels else None
-        for index, text in enumerate(job.texts):
-            if isinstance(head, TokenClassifierHead) and replace is not None:
-                value_a = anonymized(head, view, text, labels, replace)
-                result = pb.AnalyzeResult(text_index=index, anonymized=value_a, **base)
-            elif isinstance(head, EmbeddingHead):
-                value = pb.Embedding(values=view.rows([text])[0].tolist())
-                result = pb.AnalyzeResult(text_index=index, embedding=value, **base)
-            elif isinstance(head, LinearClassifierHead):
-                probs = head.apply(view.rows([text], head.spec.features))[0]
-                value_c = classification(head.spec, probs, max(job.top_k, 1))
-                result = pb.AnalyzeResult(text_index=index, classification=value_c, **base)
-            elif isinstance(head, TokenClassifierHead):
-                value_e = entity_list(head, view, text)
-                result = pb.AnalyzeResult(text_index=index, entities=value_e, **base)
-            else:
-                raise TypeError(f"head {name!r} cannot be analyzed")
+        for index, value in enumerate(_head_values(head, view, job, labels, replace)):
+            result = pb.AnalyzeResult(text_index=index, **base, **value)
             results.append(result.SerializeToString())
     return pack_messages(results), len(results)
+
+
+def _head_values(
+    head: Head, view: BatchView, job: Job, labels: frozenset[str], replace: Replacer | None
+) -> list[dict[str, Any]]:
+    """One head's result for each text of an Analyze job (the AnalyzeResult field it
+    fills), computed for all the job's texts at once."""
+    texts = job.texts
+    if isinstance(head, TokenClassifierHead) and replace is not None:
+        return [{"anonymized": anonymized(head, view, t, labels, replace)} for t in texts]
+    if isinstance(head, EmbeddingHead):
+        return [{"embedding": pb.Embedding(values=r.tolist())} for r in view.rows(texts)]
+    if isinstance(head, LinearClassifierHead):
+        probs = head.apply(view.rows(texts, head.spec.features))
+        top_k = max(job.top_k, 1)
+        return [{"classification": classification(head.spec, p, top_k)} for p in probs]
+    if isinstance(head, TokenClassifierHead):
+        return [{"entities": e} for e in entity_lists(head, view, texts)]
+    raise TypeError(f"head {head.spec.name!r} cannot be analyzed")
 
 
 def classification(spec: HeadSpec, probs: Floats, top_k: int) -> pb.ClassificationResult:
@@ -231,14 +237,20 @@ def classification(spec: HeadSpec, probs: Floats, top_k: int) -> pb.Classificati
     return pb.ClassificationResult(label=label, score=score, top=top)
 
 
-def entity_list(head: TokenClassifierHead, view: BatchView, text: str) -> pb.EntityList:
-    """The entities of one text as the API message."""
-    return pb.EntityList(
-        entities=[
-            pb.Entity(text=s.text, label=s.label, start=s.start, end=s.end, score=s.score)
-            for s in _entity_spans(head, view, text)
-        ]
-    )
+def entity_lists(
+    head: TokenClassifierHead, view: BatchView, texts: Sequence[str]
+) -> list[pb.EntityList]:
+    """The entities of each text as the API message, the head applied once to them all."""
+    inputs = [(*view.tokens(text, head.spec.features), text) for text in texts]
+    return [
+        pb.EntityList(
+            entities=[
+                pb.Entity(text=s.text, label=s.label, start=s.start, end=s.end, score=s.score)
+                for s in spans
+            ]
+        )
+        for spans in head.entities_of(inputs)
+    ]
 
 
 def anonymized(

@@ -29,6 +29,7 @@ from taskmux_api.v1 import taskmux_pb2_grpc
 
 import taskmux.tracing
 from gateway.auth import hash_key
+from gateway.plans import ANALYZE_TEXTS_PER_JOB
 from gateway.server import serve as serve_gateway
 from gateway.settings import GatewaySettings
 from model.manifest import load_manifest
@@ -277,9 +278,11 @@ async def test_one_call_is_one_connected_trace(
         embedded = await stub.Embed(
             pb.EmbedRequest(texts=texts, request_id="trace-embed"), timeout=30, metadata=AS_TENANT
         )
-        analyze = pb.AnalyzeRequest(texts=texts, heads=["embed", "sentiment", "entities"])
+        # One text more than a job holds: two jobs, each continuing the trace.
+        many = [*texts, *(f"another text {i}" for i in range(ANALYZE_TEXTS_PER_JOB - 1))]
+        analyze = pb.AnalyzeRequest(texts=many, heads=["embed", "sentiment", "entities"])
         results = [r async for r in stub.Analyze(analyze, timeout=30, metadata=AS_TENANT)]
-    assert len(embedded.embeddings) == 2 and len(results) == 6
+    assert len(embedded.embeddings) == 2 and len(results) == 3 * len(many)
     spans = exporter.get_finished_spans()  # complete: stopping flushed both processes
     by_id = {s.context.span_id: s for s in spans}
 
@@ -305,7 +308,7 @@ async def test_one_call_is_one_connected_trace(
         ]
     assert _ancestors(names["await reply"], by_id) == ["taskmux.v1.TaskMux/Embed"]
 
-    # Analyze: one job per distinct text, both continuing the one trace.
+    # Analyze: a job per ANALYZE_TEXTS_PER_JOB distinct texts, both continuing the one trace.
     root, analyze_spans = _trace_of(spans, "taskmux.v1.TaskMux/Analyze")
     assert root.attributes is not None
     assert list(root.attributes["taskmux.heads"]) == ["embed", "sentiment", "entities"]

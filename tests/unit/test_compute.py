@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from taskmux_api.v1 import taskmux_pb2 as pb
 
+from model.heads import TokenClassifierHead
 from model.loaded import LoadedModel
 from router.messages import Job
 from workers.compute import compute
@@ -101,3 +102,24 @@ def test_rejection_threshold_answers_the_fallback_label() -> None:
     unsure = classification(spec, np.array([0.4, 0.35, 0.25], np.float32), 1)
     assert unsure.label == "oos" and unsure.score == pytest.approx(0.25)
     assert unsure.top[0].label == "balance"  # the ranking is still reported
+
+
+def test_a_token_head_applied_to_many_texts_finds_what_it_finds_in_each(
+    model: LoadedModel,
+) -> None:
+    head = model.heads["entities"]
+    assert isinstance(head, TokenClassifierHead)
+    texts = [
+        "Angela Merkel met Emmanuel Macron in Paris on Monday.",
+        "no names here at all",
+        "Apple opened an office in Berlin, said Tim Cook.",
+    ]
+    encoded = model.encoder.encode_tokens(texts, branch=head.spec.features)
+    together = head.entities_of([(s, e, t) for (s, e), t in zip(encoded, texts, strict=True)])
+    alone = [head.entities(s, e, t) for (s, e), t in zip(encoded, texts, strict=True)]
+    assert [[(s.label, s.start, s.end) for s in spans] for spans in together] == [
+        [(s.label, s.start, s.end) for s in spans] for spans in alone
+    ]
+    assert any(together), "no entity found: the comparison would prove nothing"
+    scores = [s.score for spans in together for s in spans]
+    assert np.allclose(scores, [s.score for spans in alone for s in spans], atol=1e-5)

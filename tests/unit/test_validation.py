@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.errors import InvalidArgument, NotFound, Unavailable
+from gateway.plans import ANALYZE_TEXTS_PER_JOB, analyze_jobs
 from gateway.settings import GatewaySettings
 from gateway.validation import (
     check_candidates,
@@ -14,6 +15,7 @@ from gateway.validation import (
     check_texts,
     check_top_k,
 )
+from model.anonymize import Style
 from model.manifest import EncoderSpec, HeadSpec, Manifest
 
 SETTINGS = GatewaySettings(max_texts_per_request=3, max_text_chars=5)
@@ -99,3 +101,12 @@ def test_query_and_template_obey_the_character_limit() -> None:
         check_candidates("123456", ["a"], SETTINGS)
     with pytest.raises(InvalidArgument, match="hypothesis_template is too long"):
         check_labels(["a", "b"], "{} 123", SETTINGS)
+
+
+def test_analyze_groups_texts_into_jobs_but_keeps_pseudonyms_in_one() -> None:
+    texts = [f"text {i}" for i in range(2 * ANALYZE_TEXTS_PER_JOB + 1)]
+    jobs = analyze_jobs(texts, {})
+    assert [len(j) for j in jobs] == [ANALYZE_TEXTS_PER_JOB, ANALYZE_TEXTS_PER_JOB, 1]
+    assert [t for job in jobs for t in job] == texts
+    numbered = {"anonymize": {"style": Style.PSEUDONYM}}
+    assert analyze_jobs(texts, numbered) == [tuple(texts)]

@@ -142,8 +142,9 @@ class TaskMuxServicer:
 
     def Analyze(self, request, context):
         """Runs several heads on the same texts: one encoder pass per distinct text.
-        Streams one AnalyzeResult per (text, head) as soon as each text is done
-        (all at once with pseudonyms: see AnalyzeRequest.anonymize); the stream
+        Streams one AnalyzeResult per (text, head) as soon as the group of texts it
+        was computed with is done (the server computes a request's texts in groups of
+        a few; all at once with pseudonyms: see AnalyzeRequest.anonymize); the stream
         ends after exactly len(texts) x len(heads) results.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

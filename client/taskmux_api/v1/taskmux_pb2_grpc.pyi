@@ -94,8 +94,9 @@ class TaskMuxStub:
     """
     Analyze: _grpc.UnaryStreamMultiCallable[_taskmux_pb2.AnalyzeRequest, _taskmux_pb2.AnalyzeResult]
     """Runs several heads on the same texts: one encoder pass per distinct text.
-    Streams one AnalyzeResult per (text, head) as soon as each text is done
-    (all at once with pseudonyms: see AnalyzeRequest.anonymize); the stream
+    Streams one AnalyzeResult per (text, head) as soon as the group of texts it
+    was computed with is done (the server computes a request's texts in groups of
+    a few; all at once with pseudonyms: see AnalyzeRequest.anonymize); the stream
     ends after exactly len(texts) x len(heads) results.
     """
     Pipeline: _grpc.StreamStreamMultiCallable[_taskmux_pb2.PipelineRequest, _taskmux_pb2.PipelineResponse]
@@ -133,8 +134,9 @@ class TaskMuxAsyncStub(TaskMuxStub):
     """
     Analyze: _aio.UnaryStreamMultiCallable[_taskmux_pb2.AnalyzeRequest, _taskmux_pb2.AnalyzeResult]  # type: ignore[assignment]
     """Runs several heads on the same texts: one encoder pass per distinct text.
-    Streams one AnalyzeResult per (text, head) as soon as each text is done
-    (all at once with pseudonyms: see AnalyzeRequest.anonymize); the stream
+    Streams one AnalyzeResult per (text, head) as soon as the group of texts it
+    was computed with is done (the server computes a request's texts in groups of
+    a few; all at once with pseudonyms: see AnalyzeRequest.anonymize); the stream
     ends after exactly len(texts) x len(heads) results.
     """
     Pipeline: _aio.StreamStreamMultiCallable[_taskmux_pb2.PipelineRequest, _taskmux_pb2.PipelineResponse]  # type: ignore[assignment]
@@ -217,8 +219,9 @@ class TaskMuxServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_taskmux_pb2.AnalyzeResult], _abc.AsyncIterator[_taskmux_pb2.AnalyzeResult]]:
         """Runs several heads on the same texts: one encoder pass per distinct text.
-        Streams one AnalyzeResult per (text, head) as soon as each text is done
-        (all at once with pseudonyms: see AnalyzeRequest.anonymize); the stream
+        Streams one AnalyzeResult per (text, head) as soon as the group of texts it
+        was computed with is done (the server computes a request's texts in groups of
+        a few; all at once with pseudonyms: see AnalyzeRequest.anonymize); the stream
         ends after exactly len(texts) x len(heads) results.
         """
 
