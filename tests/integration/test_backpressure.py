@@ -15,6 +15,7 @@ from taskmux_api.v1 import taskmux_pb2_grpc
 from taskmux_client import Attempt, ResourceExhaustedError, RetryPolicy, TaskMuxClient
 
 from gateway.errors import ResourceExhausted
+from gateway.plans import ANALYZE_TEXTS_PER_JOB
 from router import keys
 from tests.clusters import ClusterFactory
 from tests.harness import Cluster
@@ -102,15 +103,18 @@ def test_an_analyze_call_is_queued_whole_or_refused(
 ) -> None:
     r = redis.Redis.from_url(cluster.redis_url)
     stream = keys.task_stream("_analyze")
-    many = pb.AnalyzeRequest(texts=["a", "b", "c", "d"], heads=["embed"])
+    # Texts for one job more than the backlog holds.
+    texts = [f"text {i}" for i in range(MAX_BACKLOG * ANALYZE_TEXTS_PER_JOB + 1)]
+    many = pb.AnalyzeRequest(texts=texts, heads=["embed"])
     with pytest.raises(grpc.RpcError) as info:
         list(stub.Analyze(many, timeout=0.3))
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert r.xlen(stream) == 4  # one request may overshoot the bound, never split
+    jobs = MAX_BACKLOG + 1
+    assert r.xlen(stream) == jobs  # one request may overshoot the bound, never split
     with pytest.raises(grpc.RpcError) as info:
         list(stub.Analyze(pb.AnalyzeRequest(texts=["e"], heads=["embed"]), timeout=10))
     assert info.value.code() == EXHAUSTED
-    assert r.xlen(stream) == 4
+    assert r.xlen(stream) == jobs
 
 
 def test_a_pipeline_task_gets_the_hint_in_its_task_error(
