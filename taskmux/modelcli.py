@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from taskmux.progress import Steps
 
 if TYPE_CHECKING:
-    from model.manifest import EncoderSpec
+    from model.manifest import EncoderSpec, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,6 @@ def _model_build(args: argparse.Namespace) -> int:
     from model.manifest import MANIFEST_FILE
     from taskmux.modelrepo.build import build_repository
     from taskmux.modelrepo.calibration import CalibrationError
-    from taskmux.modelrepo.summary import build_summary
 
     if args.encoder is not None:
         return _model_build_own(args)
@@ -249,10 +248,17 @@ def _model_build(args: argparse.Namespace) -> int:
     except CalibrationError as err:
         print(f"taskmux model build: {err}", file=sys.stderr)
         return 2
+    return _print_built(args, manifest, None if existed else time.monotonic() - started)
+
+
+def _print_built(args: argparse.Namespace, manifest: Manifest, seconds: float | None) -> int:
+    """What `model build` prints: the manifest with --json, else the summary."""
+    from taskmux.modelrepo.summary import build_summary
+
     if args.json:
         print(manifest.to_json(with_checksums=False))
     else:
-        print(build_summary(manifest, args.out, None if existed else time.monotonic() - started))
+        print(build_summary(manifest, args.out, seconds))
     return 0
 
 
@@ -302,11 +308,7 @@ def _model_build_own(args: argparse.Namespace) -> int:
     except ParityError as err:
         print(f"taskmux model build: {err}", file=sys.stderr)
         return 1
-    if args.json:
-        print(manifest.to_json(with_checksums=False))
-    else:
-        print(build_summary(manifest, args.out, time.monotonic() - started))
-    return 0
+    return _print_built(args, manifest, time.monotonic() - started)
 
 
 def _model_bench(args: argparse.Namespace) -> int:
