@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
+# OpenBLAS reads its thread count once, when numpy first loads it, so this precedes every
+# import of numpy. The heads' matrix products are small, and OpenBLAS's own threads
+# busy-wait after each one on the cores ONNX Runtime's threads need for the next batch:
+# `bench/analyze_cost.py`'s load took 11.6 to 11.9 s of worker CPU per 1,000 Analyze texts
+# with its default (one thread per core) against 8.1 s with one (Embed, which multiplies
+# nothing, unchanged at 4.2 to 4.5 s). An operator's own OPENBLAS_NUM_THREADS wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import asyncio
 import logging
-import os
 import sys
 
 from opentelemetry.sdk.trace.export import SpanExporter
