@@ -38,3 +38,21 @@ def test_tiny_training_writes_a_branch_and_its_heads(tmp_path: Path) -> None:
     assert {h.features for h in heads.values()} == {MULTITASK}
     assert heads["intent"].fallback_label == "oos"
     assert report["branch_bytes"] > 0
+
+
+@pytest.mark.timeout(240)
+def test_written_epoch_choice_keeps_the_epoch_whose_written_heads_validate_best(
+    tmp_path: Path,
+) -> None:
+    if not DATA.is_dir():
+        pytest.fail(f"no shared data at {DATA}")
+    lines: list[str] = []
+    recipe = Recipe(epochs=2, log_every=2, epoch_choice="written")
+    train_multitask(DATA, out_dir=tmp_path, recipe=recipe, sizes=TINY, emit=lines.append,
+                    score_heldout=False)  # fmt: skip
+    marker = "mean validation score of the written heads "
+    scores = [float(line.split(marker)[1]) for line in lines if marker in line]
+    assert len(scores) == 2  # every epoch's written heads were scored
+    meta = json.loads((tmp_path / BRANCH_META).read_text())
+    assert meta["epoch_kept"] == 1 + scores.index(max(scores))
+    assert meta["recipe"]["epoch_choice"] == "written"
