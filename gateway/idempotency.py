@@ -17,6 +17,8 @@ again. A pending claim is a short lease (`IDEMPOTENCY_LEASE_MS`) that its gatewa
 the call computes (every call that holds a `Claim` in `async with`: unary calls through
 `run`, Analyze directly), so a crashed gateway's claim lapses within seconds, not at the
 end of the call's deadline or the TTL.
+The done record is written just after the call has answered (its claim still pending
+meanwhile, so a duplicate then waits for it), which keeps a round trip off the reply.
 
 With a payload key (`router.payload`) the stored result is sealed, bound to the record's
 Redis key, and the request hash is an HMAC, so a record reveals neither the response nor
@@ -30,8 +32,9 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
+from typing import Any
 
 import redis.asyncio as aioredis
 from google.protobuf.message import Message
@@ -71,7 +74,11 @@ class Claim:
     """A call's hold on its key: `cached` is a stored result, or None and this call computes.
 
     Held in `async with`, a pending claim is renewed in short leases until the block
-    ends, and released there unless a result was stored.
+    ends. A result handed to `keep` is stored after the block, off the call's path: the
+    caller has its answer one round trip sooner, and the claim stays pending (its lease
+    runs) until the record is done, so a duplicate meanwhile waits for the stored result.
+    Without a result (the call failed or was cancelled) the claim is released at the end
+    of the block.
     """
 
     def __init__(
@@ -80,22 +87,26 @@ class Claim:
         release: Callable[[], Awaitable[None]] | None = None,
         cached: bytes | None = None,
         renew: Callable[[], Awaitable[None]] | None = None,
+        settle: Callable[[Coroutine[Any, Any, None]], None] | None = None,
     ) -> None:
         self.cached = cached
         self._renew = renew
         self._store = store
         self._release = release
-        self._renewer: asyncio.Task[None] | None = None
-        self._done = asyncio.Event()
+        self._settle = settle  # runs the store after the call, under its owner
+        self._body: bytes | None = None
+        # A timer, not a task per call: most calls end long before their first renewal.
+        self._timer: asyncio.TimerHandle | None = None
+        self._renewing: asyncio.Task[None] | None = None
+        self._ended = False
 
-    async def store(self, body: bytes) -> None:
-        """Keep the result for later calls with the same key and request, if Redis allows."""
-        if self._store is not None and await self._store(body):
-            self._release = None
+    def keep(self, body: bytes) -> None:
+        """Store `body` for later calls with the same key and request, once the block ends."""
+        self._body = body
 
     async def __aenter__(self) -> Claim:
         if self._renew is not None:
-            self._renewer = asyncio.create_task(self._keep_renewing(self._renew, self._done))
+            self._arm()
         return self
 
     async def __aexit__(
@@ -104,27 +115,52 @@ class Claim:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        # Stopped, not cancelled: a renewal command in flight is let finish (within the
-        # socket timeout). Cancelling one inside redis-py could leave the renewer running:
-        # seen as calls answered only at their client deadline under a soak.
-        self._done.set()
-        if self._renewer is not None:
-            await asyncio.shield(self._renewer)
-        if self._release is not None:  # not stored: the call failed or was cancelled
-            release, self._release = self._release, None
-            with contextlib.suppress(RedisError):  # if not, it lapses with the call
-                await asyncio.shield(release())
+        self._ended = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._release is None:  # no key, or a stored result served
+            return
+        if self._body is not None and self._store is not None and self._settle is not None:
+            self._settle(self._stored(self._store, self._release, self._body))
+            return
+        release, self._release = self._release, None
+        # A renewal in flight is let finish (within the socket timeout), not cancelled:
+        # cancelling one inside redis-py could leave it running: seen as calls answered
+        # only at their client deadline under a soak.
+        if self._renewing is not None:
+            await asyncio.shield(self._renewing)
+        with contextlib.suppress(RedisError):  # if not, it lapses with the call
+            await asyncio.shield(release())
 
-    @staticmethod
-    async def _keep_renewing(renew: Callable[[], Awaitable[None]], done: asyncio.Event) -> None:
-        """Hold the pending claim in short leases until `done`: if this gateway dies, the
-        claim lapses within one lease and a retry elsewhere can take the key."""
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), keys.IDEMPOTENCY_LEASE_MS / 3000)
-                return
-            with contextlib.suppress(RedisError):
-                await renew()
+    async def _stored(
+        self,
+        store: Callable[[bytes], Awaitable[bool]],
+        release: Callable[[], Awaitable[None]],
+        body: bytes,
+    ) -> None:
+        """Store the result; if Redis refuses, release the claim so a retry computes."""
+        if self._renewing is not None:
+            await self._renewing
+        if not await store(body):
+            with contextlib.suppress(RedisError):  # if not, it lapses with its lease
+                await release()
+
+    def _arm(self) -> None:
+        """Renew the lease a third of the way through it: if this gateway dies, the claim
+        lapses within one lease and a retry elsewhere can take the key."""
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(keys.IDEMPOTENCY_LEASE_MS / 3000, self._renew_now)
+
+    def _renew_now(self) -> None:
+        self._timer = None
+        self._renewing = asyncio.get_running_loop().create_task(self._renew_once())
+
+    async def _renew_once(self) -> None:
+        assert self._renew is not None
+        with contextlib.suppress(RedisError):
+            await self._renew()
+        if not self._ended:
+            self._arm()
 
 
 NO_KEY = Claim()
@@ -142,6 +178,21 @@ class Idempotency:
         self._release_script = redis.register_script(scripts.IDEMPOTENCY_RELEASE)
         self._store_script = redis.register_script(scripts.IDEMPOTENCY_STORE)
         self._renew_script = redis.register_script(scripts.IDEMPOTENCY_RENEW)
+        # Stores of results already answered: each ends within the socket timeout.
+        self._settling: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> Idempotency:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Let the stores of calls already answered finish, so their records are done."""
+        if self._settling:
+            await asyncio.gather(*self._settling)
 
     async def run(
         self,
@@ -160,7 +211,7 @@ class Idempotency:
             return claim.cached
         async with claim:
             body = await compute(max(deadline - loop.time(), 0.001))
-            await claim.store(body)
+            claim.keep(body)
         return body
 
     async def claim(
@@ -190,6 +241,7 @@ class Idempotency:
                         store=lambda body: self._store(name, wanted, body),
                         release=lambda: self._release(name, mine),
                         renew=lambda: self._renew(name, mine),
+                        settle=self._settle_later,
                     )
                 raw = await self._redis.get(name)
                 if raw is not None:
@@ -209,6 +261,12 @@ class Idempotency:
                         f"and did not finish within {timeout_s:.3f}s; retry with the same key"
                     )
                 await asyncio.sleep(wait_s)
+
+    def _settle_later(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._settling.add(task)
+        task.add_done_callback(_settled)
+        task.add_done_callback(self._settling.discard)
 
     def _cached(self, name: str, record: IdempotencyRecord) -> Claim:
         """The stored result; if it cannot be opened, a claim that computes without storing."""
@@ -233,6 +291,12 @@ class Idempotency:
 
     async def _release(self, name: str, mine: bytes) -> None:
         await self._release_script(keys=[name], args=[mine])
+
+
+def _settled(task: asyncio.Task[None]) -> None:
+    """Log a store that failed in an unexpected way: nobody awaits it."""
+    if not task.cancelled() and (err := task.exception()) is not None:
+        log.error("storing an idempotent result failed", exc_info=err)
 
 
 def _decode(raw: bytes | str) -> IdempotencyRecord | None:

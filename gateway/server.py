@@ -113,8 +113,8 @@ async def _service(
         tracing=tracing,
         cipher=settings.payload_cipher,
     )
-    idempotency = Idempotency(
-        redis, ttl_s=settings.idempotency_ttl_s, cipher=settings.payload_cipher
+    idempotency = await stack.enter_async_context(
+        Idempotency(redis, ttl_s=settings.idempotency_ttl_s, cipher=settings.payload_cipher)
     )
     log_at_rest(log, settings.payload_cipher)
     memory = await stack.enter_async_context(

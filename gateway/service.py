@@ -148,7 +148,7 @@ class TaskMuxService:
                             if claim is not NO_KEY:
                                 sent.append(result.SerializeToString())
                             yield result
-            await claim.store(pack_messages(sent))
+            claim.keep(pack_messages(sent))
 
     async def Pipeline(
         self, request_iterator: AsyncIterator[pb.PipelineRequest | Undecodable], context: Ctx
