@@ -59,10 +59,11 @@ BACKOFF_MAX_S = 2.0
 # Replies wait for Redis to come back; retry often, so they land soon after it does.
 PUBLISH_BACKOFF_MAX_S = 0.5
 INLINE_TOKENIZE_CHARS = 2_000
-# A batch this small (padded tokens), when it is all the worker holds, is computed on the
-# event loop: it blocks the loop for a few ms at most, while the two thread wake-ups of
-# `to_thread` cost a few hundred µs of a lone caller's latency and nothing else is there
-# to overlap with it. Anything bigger, or with other work held, runs on a thread.
+# A batch this small (padded tokens), when it is all the worker holds apart from replies
+# already sent to Redis, is computed on the event loop: it blocks the loop for a few ms
+# at most, while the two thread wake-ups of `to_thread` cost a few hundred µs of a lone
+# caller's latency and nothing else is there to overlap with it. Anything bigger, or with
+# other work held or a reply not yet sent, runs on a thread.
 INLINE_COMPUTE_TOKENS = 128
 STATS_FLUSH_S = 0.5
 RECLAIM_MAX_JOBS = 1_024
@@ -129,6 +130,7 @@ class Worker:
         self._unflushed: Counter[str] = Counter()  # counters not yet in Redis
         self._draining = False
         self._active_streams = 1  # streams that had work in the last pull
+        self._writing = 0  # held entries whose replies are sent, awaiting Redis's answer
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then finish and acknowledge what was pulled."""
@@ -330,7 +332,7 @@ class Worker:
         )
         self.metrics.busy.set(1)
         try:
-            inline = computes_inline(items, len(self.held))
+            inline = self._outbox.empty() and computes_inline(items, len(self.held) - self._writing)
             result = run() if inline else await asyncio.to_thread(run)
         finally:
             self.metrics.busy.set(0)
@@ -380,6 +382,7 @@ class Worker:
         done = [(f.pulled, f.reply) for f in finished if f.reply is not None]
         backoff = Backoff(BACKOFF_START_S, PUBLISH_BACKOFF_MAX_S)
         start_ns = time.time_ns()
+        self._writing = len(finished)
         while True:
             start = time.perf_counter()
             try:
@@ -398,6 +401,7 @@ class Worker:
         self.metrics.stage.labels("reply").observe(time.perf_counter() - start)
         self._spans.published(done, start_ns)
         self.held.release(f.pulled for f in finished)
+        self._writing = 0
 
     async def _write(self, finished: list[Finished]) -> None:
         try:
@@ -531,7 +535,7 @@ def _add(scheduler: Scheduler, items: list[Item] | None) -> bool:
 
 def computes_inline(items: list[Item], held_jobs: int) -> bool:
     """True for a batch of at most INLINE_COMPUTE_TOKENS padded tokens that is all of the
-    `held_jobs` the worker holds: no pull or publish is waiting to overlap with it."""
+    `held_jobs` the worker holds (replies sent aside): no other job waits to overlap."""
     padded = sum(i.rows for i in items) * max((i.longest for i in items), default=0)
     return padded <= INLINE_COMPUTE_TOKENS and held_jobs == len(items)
 

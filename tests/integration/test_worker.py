@@ -23,7 +23,7 @@ from router.connection import RedisSettings
 from router.messages import Job, Reply
 from tests.harness import wait_until_async
 from workers.settings import WorkerSettings
-from workers.worker import Worker
+from workers.worker import INLINE_COMPUTE_TOKENS, Worker
 
 WAIT_S = 60  # only bounds a hang: every wait below ends on an event
 
@@ -125,6 +125,25 @@ async def test_jobs_added_by_hand_are_answered_acknowledged_and_deleted(
     for head in ("embed", "sentiment"):
         await _settled(aredis, head)
     assert running.worker.stats.jobs == 2
+
+
+async def test_a_text_computed_on_the_loop_matches_it_computed_on_a_thread(
+    running: Running, aredis: aioredis.Redis
+) -> None:
+    """A lone short job is computed on the event loop (INLINE_COMPUTE_TOKENS); next to a
+    text too long for that, the same text goes through a thread: the same embedding."""
+    text = "the same words either way"
+    long_text = " ".join(["word"] * (INLINE_COMPUTE_TOKENS + 8))
+    vectors = []
+    for texts in ((text,), (text, long_text)):
+        job = _job(running.replies, "embed", "embed", texts)
+        await aredis.xadd(keys.task_stream("embed"), job.encode())  # type: ignore[arg-type]
+        replies = await _replies(aredis, running.replies, len(vectors) + 1)
+        assert replies[job.id].code == 0, replies[job.id]
+        embedded = pb.EmbedResponse.FromString(replies[job.id].body)
+        vectors.append(np.array(embedded.embeddings[0].values))
+    assert np.allclose(vectors[0], vectors[1], atol=1e-4)
+    assert running.worker.stats.padded_tokens > INLINE_COMPUTE_TOKENS  # the second went long
 
 
 async def test_an_entry_it_cannot_read_is_dead_lettered_and_deleted(
