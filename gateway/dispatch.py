@@ -21,6 +21,7 @@ from gateway.errors import (
     redis_errors,
     worker_error,
 )
+from gateway.idempotency import ClaimOnEnqueue, KeyTaken
 from gateway.replies import ReplyRouter
 from router import keys, scripts
 from router.messages import ANALYZE_STREAM_HEAD, Job, Reply, UnreadablePayload
@@ -33,8 +34,10 @@ DEADLINE_MARGIN_S = 0.02
 NotQueued = Callable[[], Awaitable[None]]
 # What the await-reply span is when tracing is off: reusable, and free to enter.
 NO_SPAN = contextlib.nullcontext(INVALID_SPAN)
-# One ENQUEUE call waiting for its event-loop turn's pipeline: stream, ARGV, its answer.
-Queued = tuple[str, list[str | int | bytes], "asyncio.Future[list[int]]"]
+# One ENQUEUE call waiting for its event-loop turn's pipeline: KEYS, ARGV, its answer.
+Queued = tuple[list[str], list[str | int | bytes], "asyncio.Future[list[int]]"]
+# What ENQUEUE answers when the idempotency record it was to claim is another call's.
+KEY_TAKEN = -1
 
 
 class Dispatcher:
@@ -80,18 +83,21 @@ class Dispatcher:
         params: dict[str, Any] | None = None,
         request_id: str = "",
         not_queued: NotQueued | None = None,
+        claim: ClaimOnEnqueue | None = None,
     ) -> bytes:
         """The serialized response body from a worker, or a TaskmuxError.
 
         `not_queued` is awaited before the error if the job could not be queued: the
         caller undoes what it did for a job that will not run (a tenant's charge, say).
+        `claim`, if given, is written by the enqueue itself; if its key is another call's,
+        nothing is queued and `KeyTaken` is raised.
         """
         sending = self._enqueue_span(head, 1)
         traceparent = self._tracing.traceparent(sending)
         (job,) = self._jobs(kind, head, [texts], top_k, timeout_s, params, request_id, traceparent)
         future = self._replies.expect(job.id)
         try:
-            await self._enqueue(head, [job], sending, not_queued)
+            await self._enqueue(head, [job], sending, not_queued, claim)
             with self._await_span(1):
                 try:
                     # Not wait_for: on Python 3.11 it adds an event-loop turn to every reply.
@@ -223,16 +229,26 @@ class Dispatcher:
             span.end()
 
     async def _enqueue(
-        self, head: str, jobs: Sequence[Job], span: Span, not_queued: NotQueued | None
+        self,
+        head: str,
+        jobs: Sequence[Job],
+        span: Span,
+        not_queued: NotQueued | None,
+        claim: ClaimOnEnqueue | None = None,
     ) -> None:
-        """XADD every job to the head's stream, unless its backlog is full; ends `span`."""
+        """XADD every job to the head's stream, unless its backlog is full (or `claim`'s
+        key is taken); ends `span`."""
+        names = [keys.task_stream(head)]
         args: list[str | int | bytes] = [self._max_backlog, len(jobs)]
         for job in jobs:
             fields = [x for pair in job.encode(self._cipher).items() for x in pair]
             args += [len(fields), *fields]
+        if claim is not None:
+            names.append(claim.name)
+            args += [claim.value, claim.lease_ms]
         try:
             with redis_errors("the task queue"):
-                added, backlog = await self._coalesced(keys.task_stream(head), args)
+                added, backlog = await self._coalesced(names, args)
         except TaskmuxError as err:
             _end_enqueue(span, err.code)
             if not_queued is not None:
@@ -241,6 +257,11 @@ class Dispatcher:
         except BaseException:  # cancelled: the jobs may or may not be queued
             span.end()
             raise
+        if added == KEY_TAKEN:
+            _end_enqueue(span, grpc.StatusCode.ALREADY_EXISTS, backlog)
+            if not_queued is not None:
+                await not_queued()
+            raise KeyTaken
         _end_enqueue(span, grpc.StatusCode.OK if added else ResourceExhausted.code, backlog)
         if not added:
             if not_queued is not None:
@@ -252,8 +273,10 @@ class Dispatcher:
                 retry_after_ms=self._retry_after_ms,
             )
 
-    def _coalesced(self, stream: str, args: list[str | int | bytes]) -> asyncio.Future[list[int]]:
-        """ENQUEUE on `stream`, sent with every other enqueue of this event-loop turn in
+    def _coalesced(
+        self, names: list[str], args: list[str | int | bytes]
+    ) -> asyncio.Future[list[int]]:
+        """ENQUEUE on the keys `names`, sent with every other enqueue of this event-loop turn in
         one pipeline: calls that arrive together (a burst, or callers woken by one batch
         of replies) cost one round trip and one connection, not one each. Each call keeps
         its own script run, so its backlog check and all-or-none stay its own."""
@@ -261,7 +284,7 @@ class Dispatcher:
         future: asyncio.Future[list[int]] = loop.create_future()
         if not self._turn:
             loop.call_soon(self._send_turn)
-        self._turn.append((stream, args, future))
+        self._turn.append((names, args, future))
         return future
 
     def _send_turn(self) -> None:
@@ -297,8 +320,8 @@ class Dispatcher:
 
     async def _pipeline(self, turn: Sequence[Queued]) -> list[Any]:
         pipe = self._redis.pipeline(transaction=False)
-        for stream, args, _ in turn:
-            pipe.evalsha(self._enqueue_sha, 1, stream, *args)
+        for names, args, _ in turn:
+            pipe.evalsha(self._enqueue_sha, len(names), *names, *args)
         return await pipe.execute(raise_on_error=False)
 
 

@@ -8,17 +8,20 @@ replica sees it:
 
 Keys are scoped by tenant: the record's name hashes the tenant with the key.
 
-A call with a key first tries to claim it. If another call holds it, this one reads the
+A call with a key first tries to claim it. A unary call without a tenant (no API keys)
+claims it inside the enqueue script, which queues the job only if the claim succeeds:
+one round trip for both (a tenant's charge must come between the claim and the enqueue,
+so its claim is a round trip of its own). If another call holds it, this one reads the
 record: done with the same request hash → that result, not computed again; pending with
 the same hash → poll until it is done (or gone: then claim it) or this call's deadline
 passes; a record with a different hash → INVALID_ARGUMENT, because the client reused the
 key for another request. Only successes are kept, so a retry after a failure computes
-again. A pending claim is a short lease (`IDEMPOTENCY_LEASE_MS`) that its gateway renews while
-the call computes (every call that holds a `Claim` in `async with`: unary calls through
-`run`, Analyze directly), so a crashed gateway's claim lapses within seconds, not at the
-end of the call's deadline or the TTL.
-The done record is written just after the call has answered (its claim still pending
-meanwhile, so a duplicate then waits for it), which keeps a round trip off the reply.
+again. A pending claim is a short lease (`IDEMPOTENCY_LEASE_MS`) that its gateway renews
+while the call computes (every call that holds a `Claim` in `async with`: unary calls
+through `run`, Analyze directly), so a crashed gateway's claim lapses within seconds, not
+at the end of the call's deadline or the TTL. The done record is written just after the
+call has answered (its claim still pending meanwhile, so a duplicate then waits for it),
+which keeps a round trip off the reply.
 
 With a payload key (`router.payload`) the stored result is sealed, bound to the record's
 Redis key, and the request hash is an HMAC, so a record reveals neither the response nor
@@ -33,6 +36,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -70,6 +74,22 @@ def _content(request: Message) -> bytes:
     )
 
 
+class KeyTaken(Exception):
+    """The enqueue did not claim the key (nor queue the job): another call holds it."""
+
+
+@dataclass(frozen=True)
+class ClaimOnEnqueue:
+    """A pending claim the enqueue script writes before it queues the job (SET NX PX of
+    `value` under `name` for `lease_ms`), refusing with `KeyTaken` if the key is held."""
+
+    name: str
+    value: bytes
+    lease_ms: int
+    wanted: bytes  # this request's hash
+    same: frozenset[bytes]  # the hashes a record of this very request may carry
+
+
 class Claim:
     """A call's hold on its key: `cached` is a stored result, or None and this call computes.
 
@@ -99,6 +119,10 @@ class Claim:
         self._timer: asyncio.TimerHandle | None = None
         self._renewing: asyncio.Task[None] | None = None
         self._ended = False
+
+    def disown(self) -> None:
+        """The key turned out to be another call's: end the block without touching it."""
+        self._release = None
 
     def keep(self, body: bytes) -> None:
         """Store `body` for later calls with the same key and request, once the block ends."""
@@ -201,16 +225,34 @@ class Idempotency:
         key: str,
         request: Message,
         timeout_s: float,
-        compute: Callable[[float], Awaitable[bytes]],
+        compute: Callable[[float, ClaimOnEnqueue | None], Awaitable[bytes]],
+        *,
+        claim_on_enqueue: bool = False,
     ) -> bytes:
-        """`compute(time left)`'s result, computed once per key and request."""
+        """`compute(time left, claim)`'s result, computed once per key and request.
+
+        With `claim_on_enqueue` (nothing in `compute` must happen before the claim), the
+        first try at the key is made by the enqueue itself (`ClaimOnEnqueue`): one round
+        trip for both. Only if another call holds the key does this call wait for it.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        claim = await self.claim(scope, kind, key, request, timeout_s)
+        if key and claim_on_enqueue:
+            attempt = self._attempt(scope, kind, key, request)
+            claim = self._held(attempt)
+            async with claim:
+                try:
+                    body = await compute(timeout_s, attempt)
+                except KeyTaken:  # another call's: nothing was queued, nothing is ours
+                    claim.disown()
+                else:
+                    claim.keep(body)
+                    return body
+        claim = await self.claim(scope, kind, key, request, max(deadline - loop.time(), 0.001))
         if claim.cached is not None:
             return claim.cached
         async with claim:
-            body = await compute(max(deadline - loop.time(), 0.001))
+            body = await compute(max(deadline - loop.time(), 0.001), None)
             claim.keep(body)
         return body
 
@@ -224,29 +266,19 @@ class Idempotency:
         """
         if not key:
             return NO_KEY
-        name = keys.idempotency_key(kind, scope, key)
-        content = _content(request)
-        wanted = request_digest(self._cipher, content)
-        # A record hashed under another loaded key (before a rotation) is the same request.
-        same = self._cipher.digests(content) if self._cipher else frozenset((wanted,))
-        mine = IdempotencyRecord(wanted, owner=os.urandom(16)).encode()
-        pending_ms = keys.IDEMPOTENCY_LEASE_MS
+        attempt = self._attempt(scope, kind, key, request)
+        name = attempt.name
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         poll = Backoff(POLL_START_S, POLL_MAX_S)
         with redis_errors("the idempotency store"):
             while True:
-                if await self._redis.set(name, mine, nx=True, px=pending_ms):
-                    return Claim(
-                        store=lambda body: self._store(name, wanted, body),
-                        release=lambda: self._release(name, mine),
-                        renew=lambda: self._renew(name, mine),
-                        settle=self._settle_later,
-                    )
+                if await self._redis.set(name, attempt.value, nx=True, px=attempt.lease_ms):
+                    return self._held(attempt)
                 raw = await self._redis.get(name)
                 if raw is not None:
                     record = _decode(raw)
-                    if record is None or record.request_hash not in same:
+                    if record is None or record.request_hash not in attempt.same:
                         raise InvalidArgument(
                             "idempotency_key was already used with a different request "
                             "(within the idempotency TTL): send a new key for each distinct "
@@ -261,6 +293,28 @@ class Idempotency:
                         f"and did not finish within {timeout_s:.3f}s; retry with the same key"
                     )
                 await asyncio.sleep(wait_s)
+
+    def _attempt(self, scope: str, kind: str, key: str, request: Message) -> ClaimOnEnqueue:
+        """What claiming `key` for this call writes, and the hashes that count as its
+        request (one under another loaded key, before a rotation, is the same request)."""
+        content = _content(request)
+        wanted = request_digest(self._cipher, content)
+        return ClaimOnEnqueue(
+            name=keys.idempotency_key(kind, scope, key),
+            value=IdempotencyRecord(wanted, owner=os.urandom(16)).encode(),
+            lease_ms=keys.IDEMPOTENCY_LEASE_MS,
+            wanted=wanted,
+            same=self._cipher.digests(content) if self._cipher else frozenset((wanted,)),
+        )
+
+    def _held(self, attempt: ClaimOnEnqueue) -> Claim:
+        name, mine, wanted = attempt.name, attempt.value, attempt.wanted
+        return Claim(
+            store=lambda body: self._store(name, wanted, body),
+            release=lambda: self._release(name, mine),
+            renew=lambda: self._renew(name, mine),
+            settle=self._settle_later,
+        )
 
     def _settle_later(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)

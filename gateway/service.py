@@ -27,7 +27,7 @@ from gateway.errors import (
     Undecodable,
     as_status,
 )
-from gateway.idempotency import NO_KEY, Idempotency
+from gateway.idempotency import NO_KEY, ClaimOnEnqueue, Idempotency
 from gateway.limits import Limiter
 from gateway.memory import MemoryGuard
 from gateway.plans import PLANNERS, Planner, analyze_jobs, analyze_params
@@ -216,7 +216,7 @@ class TaskMuxService:
         self._require_redis()
         self._memory.check()
 
-        async def compute(timeout_s: float) -> bytes:
+        async def compute(timeout_s: float, claim: ClaimOnEnqueue | None) -> bytes:
             refund = await self._charge(len(plan.texts))
             return await self._dispatcher.run(
                 kind=plan.kind,
@@ -227,11 +227,20 @@ class TaskMuxService:
                 params=plan.params,
                 request_id=request.request_id,
                 not_queued=refund,
+                claim=claim,
             )
 
         timeout_s = self._dispatcher.timeout_s(context.time_remaining())
         body = await self._idempotency.run(
-            _scope(), plan.kind, request.idempotency_key, request, timeout_s, compute
+            _scope(),
+            plan.kind,
+            request.idempotency_key,
+            request,
+            timeout_s,
+            compute,
+            # A tenant is charged after its claim (a replayed result is free), so its
+            # claim cannot wait for the enqueue.
+            claim_on_enqueue=caller() is None,
         )
         return plan.decode(body)
 

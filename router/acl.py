@@ -102,6 +102,9 @@ GATEWAY = AclUser(
     grants=(
         # Enqueue script: XLEN for the backlog bound, then XADD (gateway/dispatch.py).
         Grant(("evalsha", "xlen", "xadd"), (TASKS,)),
+        # ... which may claim the call's idempotency record on the way (one selector
+        # must cover every key of a command).
+        Grant(("evalsha",), (TASKS, IDEMPOTENCY)),
         # Own reply stream: created, kept alive, read and trimmed (gateway/replies.py).
         Grant(("exists", "xadd", "xdel", "xread", "expire", "del"), (REPLIES,)),
         # Live workers' catalogs, or the last one left (gateway/catalog.py) ...

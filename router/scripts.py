@@ -6,7 +6,7 @@ an `EVALSHA`, which `router.acl` grants on exactly those keys. A script touches 
 keys passed in KEYS (k8s/README.md says which would need a hash tag on a Redis Cluster).
 
     script               acts on (router.keys)                  run by
-    ENQUEUE              task_stream                            gateway.dispatch
+    ENQUEUE              task_stream [, idempotency_key]        gateway.dispatch
     IDEMPOTENCY_RELEASE  idempotency_key (an IdempotencyRecord)  gateway.idempotency
     IDEMPOTENCY_RENEW    idempotency_key                        gateway.idempotency
     IDEMPOTENCY_STORE    idempotency_key                        gateway.idempotency
@@ -20,12 +20,19 @@ from typing import Final
 
 # Add jobs to a stream only while it holds fewer than ARGV[1] entries: the check and
 # the XADDs are one atomic step and one round trip (measured: about as fast as a plain
-# XADD, where a separate XLEN costs a second round trip). Returns {added, length}.
-# KEYS: the job stream. ARGV: max backlog, job count, then per job its field count and
-# its fields.
+# XADD, where a separate XLEN costs a second round trip). With a second key, first claim
+# that idempotency record (SET NX PX, as `gateway.idempotency` does on its own), and
+# queue nothing if another call holds it: the claim costs no round trip of its own.
+# Returns {added, length}: added 1, 0 for a full backlog (nothing claimed), -1 for a
+# record held by another call.
+# KEYS: the job stream [, an idempotency record]. ARGV: max backlog, job count, then per
+# job its field count and its fields [, then the claim's value and its lease in ms].
 ENQUEUE: Final = """
 local backlog = redis.call('XLEN', KEYS[1])
 if backlog >= tonumber(ARGV[1]) then return {0, backlog} end
+if KEYS[2] and not redis.call('SET', KEYS[2], ARGV[#ARGV - 1], 'NX', 'PX', ARGV[#ARGV]) then
+  return {-1, backlog}
+end
 local pos, jobs = 3, tonumber(ARGV[2])
 for _ = 1, jobs do
   local n = tonumber(ARGV[pos])
