@@ -283,15 +283,16 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[int]] = loop.create_future()
         if not self._turn:
-            loop.call_soon(self._send_turn)
+            # A task's first step runs once this turn's callbacks have: it takes them all.
+            task = loop.create_task(self._send_turn())
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
         self._turn.append((names, args, future))
         return future
 
-    def _send_turn(self) -> None:
+    async def _send_turn(self) -> None:
         turn, self._turn = self._turn, []
-        task = asyncio.get_running_loop().create_task(self._send(turn))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+        await self._send(turn)
 
     async def _send(self, turn: list[Queued]) -> None:
         """Answer every call of `turn`: its script's reply, or the error of its command
