@@ -99,7 +99,8 @@ def test_at_maxmemory_redis_refusing_writes_is_resource_exhausted(
     gateways: dict[str, str], r: redis.Redis
 ) -> None:
     """Without the guard, Redis's own OOM error on the gateway's writes (the enqueue
-    script, the idempotency claim) still reaches the caller as a retryable refusal."""
+    script, which also claims a keyed call's record) still reaches the caller as a
+    retryable refusal, with nothing queued or claimed."""
     address = gateways["unguarded"]
     used = int(r.info("memory")["used_memory"])
     r.config_set("maxmemory", used // 2)  # below use: noeviction refuses every write
@@ -108,8 +109,9 @@ def test_at_maxmemory_redis_refusing_writes_is_resource_exhausted(
     err = _exhausted(address, pb.EmbedRequest(texts=["unkeyed"]), at_limit)
     assert "task queue" in err.details()
     err = _exhausted(address, pb.EmbedRequest(texts=["keyed"], idempotency_key="oom"), at_limit)
-    assert "idempotency store" in err.details()
+    assert "task queue" in err.details()
     assert _added(r) == before
+    assert not r.exists(keys.idempotency_key("embed", "", "oom"))
 
     r.config_set("maxmemory", 0)
     assert _call(address, pb.EmbedRequest(texts=["room again"], idempotency_key="oom")) is None
