@@ -124,6 +124,7 @@ class WorkerSettings:
         return (
             f"worker {self.worker_id} redis={self.redis.describe()} repo={self.model_repo} "
             f"providers={','.join(self.providers)} threads={self.intra_op_threads or 'auto'} "
+            f"replicas={self.encoder_replicas or 'auto'} "
             f"batch={self.max_batch_rows} rows/{self.max_batch_tokens} tokens"
         )
 
