@@ -11,13 +11,17 @@ the session really runs are checked against the request (`check_providers`): whe
 settings ask for a GPU (TASKMUX_PROVIDERS naming it, or the fp16 variant) and it is not
 what runs, the worker refuses to start (ProviderError); with "auto" it runs on CPU and
 says so.
+
+On a CPU the encoder may also hold single-thread replicas of its sessions
+(`model/replicas.py`): a big batch is cut into contiguous slices run at once, one per
+replica, and small batches keep the multi-thread session.
 """
 
 from __future__ import annotations
 
 import copy as _copy
 import logging
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -34,8 +38,10 @@ from model.parts import (
     Collector,
     Features,
     Feeds,
+    Graphs,
     Want,
 )
+from model.replicas import MIN_REPLICA_ROWS, Replicas, replica_count, slices
 from model.variants import (
     AUTO,
     CPU,
@@ -155,8 +161,13 @@ class Encoder:
         intra_op_threads: int = 0,
         variant: str = FP32,
         spin: bool = False,
+        replicas: int = 1,
     ) -> None:
         """Load `variant` ("auto", "fp32", "int8" or "fp16") of the encoder.
+
+        `replicas` single-thread copies of the sessions run big batches in slices at once
+        on a CPU (0: one per thread of the main session, 1: none; never on a GPU); they
+        own threads, which `close` stops.
 
         Raises VariantError (a ModelRepoError) when that variant cannot run here, and
         ProviderError when the providers the settings require are not what runs it.
@@ -166,17 +177,10 @@ class Encoder:
         # The packaged tokenizer pads every text to a fixed length; we pad per batch.
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=spec.max_sequence_length)
-        options = ort.SessionOptions()
-        # 0: ONNX Runtime's default, one thread per physical core.
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = 1
-        # ONNX Runtime's idle threads busy-wait for the next call by default. A worker
-        # shares its cores with the gateway and Redis, and between batches that spinning
-        # takes the CPU they need to hand it the next batch (bench/ab.py, c=64: 1.45x).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options = _session_options(intra_op_threads, spin)
         selection = select_variant(variant, spec, choose_providers(providers))
         self._repo, self._options = repo, options
+        self._single = _session_options(1, spin)
         self.session = self._open(selection.parts.get(TRUNK, selection.file), selection)
         active = self.session.get_providers()
         if not check_providers(providers, variant, selection, active):
@@ -202,12 +206,14 @@ class Encoder:
         # Output device of the I/O binding; None runs the plain (CPU) path.
         self._bind_device = "cuda" if self.provider in GPU_PROVIDERS else None
         self.branch_names = sorted(self.parts.branches) if self.parts else [EMBEDDING]
+        self.replicas = self._open_replicas(replicas, intra_op_threads)
         log.info(
-            "encoder %s variant %s (%s) on %s",
+            "encoder %s variant %s (%s) on %s, %s single-thread replicas",
             spec.name,
             self.variant,
             selection.reason,
             self.provider,
+            len(self.replicas.copies) if self.replicas else "no",
         )
 
     def with_branches(self, spec: EncoderSpec) -> Encoder:
@@ -218,25 +224,63 @@ class Encoder:
         if not spec.same_graphs(self.spec) or self.parts is None:
             raise ValueError("only heads' branches of a split encoder can change while serving")
         files = {n: p.file for n, p in variant_parts(spec, self.variant).items()}
+        copy = _copy.copy(self)
+        copy.spec = spec
+        copy._selection = replace(self._selection, parts=files)
+        copy.parts = self._branches(self.parts, files, self._options)
+        copy.branch_names = sorted(copy.parts.branches)
+        if self.replicas is not None:
+            copy.replicas = self.replicas.with_copies(
+                [
+                    Graphs(g.main, self._branches(g.parts, files, self._single))
+                    for g in self.replicas.copies
+                    if g.parts is not None
+                ]
+            )
+        return copy
+
+    def _branches(
+        self, parts: BranchSessions, files: Mapping[str, str], options: ort.SessionOptions
+    ) -> BranchSessions:
+        """`parts` serving `files`: the sessions of the files both have are kept."""
         mine = self._selection.parts
         branches = {
-            name: self.parts.branches[name] if mine.get(name) == file else (
-                self._open(file, self._selection)
+            name: parts.branches[name] if mine.get(name) == file else (
+                self._open(file, self._selection, options)
             )
             for name, file in files.items()
             if name != TRUNK
         }  # fmt: skip
-        copy = _copy.copy(self)
-        copy.spec = spec
-        copy._selection = replace(self._selection, parts=files)
-        copy.parts = BranchSessions(self.session, branches)
-        copy.branch_names = sorted(branches)
-        return copy
+        return BranchSessions(parts.trunk, branches)
 
-    def _open(self, file: str, selection: Selection) -> ort.InferenceSession:
+    def _open(
+        self, file: str, selection: Selection, options: ort.SessionOptions | None = None
+    ) -> ort.InferenceSession:
         return ort.InferenceSession(
-            str(self._repo / file), self._options, providers=selection.providers
+            str(self._repo / file), options or self._options, providers=selection.providers
         )
+
+    def _open_replicas(self, requested: int, intra_op_threads: int) -> Replicas | None:
+        count = replica_count(requested, intra_op_threads)
+        if self.provider != CPU or count < 2:
+            return None
+        parts, selection = self._selection.parts, self._selection
+
+        def copy() -> Graphs:
+            main = self._open(parts.get(TRUNK, selection.file), selection, self._single)
+            if not parts:
+                return Graphs(main, None)
+            names = [n for n in parts if n != TRUNK]
+            branches = {n: self._open(parts[n], selection, self._single) for n in names}
+            return Graphs(main, BranchSessions(main, branches))
+
+        return Replicas([copy() for _ in range(count)])
+
+    def close(self) -> None:
+        """Stop the replicas' threads, shared with the copies `with_branches` made: call it
+        once none of them encodes any more."""
+        if self.replicas is not None:
+            self.replicas.close()
 
     def encode(
         self,
@@ -288,24 +332,29 @@ class Encoder:
         outputs = {name: Collector(len(texts), self.spec.dimension) for name in branches}
         pooled_rows = {name: set(rows.pooled) | set(rows.tokens) for name, rows in branches.items()}
         token_sets = {name: set(rows.tokens) for name, rows in branches.items()}
+
+        def run(graphs: Graphs, rows: list[int]) -> dict[str, BranchOutput]:
+            wants = {
+                name: Want(
+                    [k for k, i in enumerate(rows) if i in pooled_rows[name]],
+                    any(i in token_sets[name] for i in rows),
+                )
+                for name in branches
+            }
+            return self._run(graphs, [tokens[i] for i in rows], wants)
+
         real = padded = batches = 0
         for chunk in _chunks(
             order, tokens, max_batch_tokens, max_batch_rows, min_padding_efficiency
         ):
             batch = [tokens[i] for i in chunk]
-            wants = {
-                name: Want(
-                    [k for k, i in enumerate(chunk) if i in pooled_rows[name]],
-                    any(i in token_sets[name] for i in chunk),
-                )
-                for name in branches
-            }
-            for name, out in self._run(batch, wants).items():
-                if out.pooled.shape[0] != len(out.rows):
-                    raise RuntimeError(
-                        f"encoder returned {out.pooled.shape[0]} rows for {len(out.rows)}"
-                    )
-                outputs[name].add(chunk, out, token_sets[name], tokens)
+            for rows, result in self._run_chunk(chunk, [len(e.ids) for e in batch], run):
+                for name, out in result.items():
+                    if out.pooled.shape[0] != len(out.rows):
+                        raise RuntimeError(
+                            f"encoder returned {out.pooled.shape[0]} rows for {len(out.rows)}"
+                        )
+                    outputs[name].add(rows, out, token_sets[name], tokens)
             real += sum(len(e.ids) for e in batch)
             padded += len(batch) * max(len(e.ids) for e in batch)
             batches += 1
@@ -328,7 +377,22 @@ class Encoder:
         states = encoded.features(branch).token_states
         return [(states[i], encoded.encodings[i]) for i in rows]
 
-    def _run(self, batch: list[Encoding], wants: Mapping[str, Want]) -> dict[str, BranchOutput]:
+    def _run_chunk(
+        self,
+        chunk: list[int],
+        lengths: list[int],
+        run: Callable[[Graphs, list[int]], dict[str, BranchOutput]],
+    ) -> list[tuple[list[int], dict[str, BranchOutput]]]:
+        """`run` over the chunk's rows: at once on the multi-thread session when it is
+        small, else in contiguous slices (lengths ascend) at once, one per replica."""
+        if self.replicas is None or len(chunk) < MIN_REPLICA_ROWS:
+            return [(chunk, run(Graphs(self.session, self.parts), chunk))]
+        pieces = [chunk[s] for s in slices(lengths, len(self.replicas.copies))]
+        return list(zip(pieces, self.replicas.map(run, pieces), strict=True))
+
+    def _run(
+        self, graphs: Graphs, batch: list[Encoding], wants: Mapping[str, Want]
+    ) -> dict[str, BranchOutput]:
         width = max(len(e.ids) for e in batch)
         ids = np.zeros((len(batch), width), dtype=np.int64)
         mask = np.zeros_like(ids)
@@ -339,8 +403,8 @@ class Encoder:
             mask[row, :n] = enc.attention_mask
             types[row, :n] = enc.type_ids
         feeds: Feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-        if self.parts is not None:
-            return self.parts.run(feeds, [len(e.ids) for e in batch], wants, self._outputs)
+        if graphs.parts is not None:
+            return graphs.parts.run(feeds, [len(e.ids) for e in batch], wants, self._outputs)
         unknown = wants.keys() - {EMBEDDING}
         if unknown:
             raise KeyError(f"the encoder has no {sorted(unknown)} branch (a single graph)")
@@ -349,7 +413,7 @@ class Encoder:
             return {}
         feeds = {k: v for k, v in feeds.items() if k in self._input_names}
         names = ["pooled", "token_embeddings"] if want.tokens else ["pooled"]
-        outputs = self._outputs(self.session, feeds, names)
+        outputs = self._outputs(graphs.main, feeds, names)
         rows = list(range(len(batch)))
         pooled = np.asarray(outputs[0], dtype=np.float32)
         states = np.asarray(outputs[1], dtype=np.float32) if want.tokens else None
@@ -384,6 +448,19 @@ def run_bound(
     session.run_with_iobinding(binding)
     outputs: list[npt.NDArray[np.float32]] = binding.copy_outputs_to_cpu()
     return outputs
+
+
+def _session_options(intra_op_threads: int, spin: bool) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    # 0: ONNX Runtime's default, one thread per physical core.
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    # ONNX Runtime's idle threads busy-wait for the next call by default. A worker
+    # shares its cores with the gateway and Redis, and between batches that spinning
+    # takes the CPU they need to hand it the next batch (bench/ab.py, c=64: 1.45x).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
 
 
 def l2_normalize(vectors: Floats) -> Floats:

@@ -26,6 +26,8 @@ class LoadSettings(Protocol):
     def encoder_variant(self) -> str: ...
     @property
     def ort_spin(self) -> bool: ...
+    @property
+    def encoder_replicas(self) -> int: ...
 
 
 class LabelCache:
@@ -76,5 +78,6 @@ class LoadedModel:
             intra_op_threads=settings.intra_op_threads,
             variant=settings.encoder_variant,
             spin=settings.ort_spin,
+            replicas=settings.encoder_replicas,
         )
         return cls(manifest=manifest, encoder=encoder, heads=load_heads(repo, manifest))

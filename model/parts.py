@@ -113,3 +113,12 @@ class BranchSessions:
             states = np.asarray(result[1], dtype=np.float32) if want.tokens else None
             out[name] = BranchOutput(want.rows, np.asarray(result[0], dtype=np.float32), states)
         return out
+
+
+@dataclass(frozen=True)
+class Graphs:
+    """One copy of an encoder variant's sessions: the whole graph, or (`parts`) the trunk
+    (`main`) and its branches."""
+
+    main: ort.InferenceSession
+    parts: BranchSessions | None

@@ -67,6 +67,8 @@ async def serve(
                         await run_with_drain_limit(worker, stop, settings)
             finally:
                 await redis.aclose()
+                # Reloads share the replicas' threads with this encoder (with_branches).
+                model.encoder.close()
         finally:
             await health.stop()
 

@@ -38,6 +38,10 @@ class WorkerSettings:
     # the cores the gateway and Redis need between batches. On only for a worker that has
     # its cores to itself and wants the last fraction of a millisecond per call.
     ort_spin: bool = False
+    # Single-thread copies of the encoder that run a big batch in slices at once, on a CPU
+    # (GPU: none): 0 one per intra-op thread, 1 none. Each holds another copy of the
+    # weights; set 1 where memory is tight or the worker has one core.
+    encoder_replicas: int = 0
     # Stream entries pulled per stream per XREADGROUP; raise for bigger batches.
     read_count: int = 64
     # How long one XREADGROUP waits for work before looping.
@@ -91,6 +95,9 @@ class WorkerSettings:
             encoder_variant=env_str(env, "ENCODER_VARIANT", default.encoder_variant),
             intra_op_threads=env_int(env, "INTRA_OP_THREADS", default.intra_op_threads),
             ort_spin=env_bool(env, "ORT_SPIN", default.ort_spin),
+            encoder_replicas=env_int(
+                env, "ENCODER_REPLICAS", default.encoder_replicas, maximum=MAX_REPLICAS
+            ),
             read_count=env_int(env, "READ_COUNT", default.read_count, minimum=1),
             block_ms=env_int(env, "BLOCK_MS", default.block_ms, minimum=1, maximum=60_000),
             max_batch_tokens=env_int(
@@ -117,8 +124,13 @@ class WorkerSettings:
         return (
             f"worker {self.worker_id} redis={self.redis.describe()} repo={self.model_repo} "
             f"providers={','.join(self.providers)} threads={self.intra_op_threads or 'auto'} "
+            f"replicas={self.encoder_replicas or 'auto'} "
             f"batch={self.max_batch_rows} rows/{self.max_batch_tokens} tokens"
         )
+
+
+# More copies than cores only add memory; the bound catches a mistyped value.
+MAX_REPLICAS = 256
 
 
 def parse_weights(items: tuple[str, ...]) -> tuple[tuple[str, int], ...]:

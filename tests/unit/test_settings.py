@@ -166,3 +166,12 @@ def test_bad_sentinel_settings_name_the_variable(env: dict[str, str], message: s
     with pytest.raises(SettingsError, match=re.escape(message)) as info:
         GatewaySettings.from_env(env)
     assert "hunter2" not in str(info.value)
+
+
+def test_encoder_replicas_default_to_auto_and_refuse_bad_values() -> None:
+    assert WorkerSettings.from_env({}).encoder_replicas == 0
+    assert WorkerSettings.from_env({"TASKMUX_ENCODER_REPLICAS": "3"}).encoder_replicas == 3
+    with pytest.raises(SettingsError, match="TASKMUX_ENCODER_REPLICAS=-1 must be between 0"):
+        WorkerSettings.from_env({"TASKMUX_ENCODER_REPLICAS": "-1"})
+    with pytest.raises(SettingsError, match="TASKMUX_ENCODER_REPLICAS='two' is not an integer"):
+        WorkerSettings.from_env({"TASKMUX_ENCODER_REPLICAS": "two"})
