@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             cmd = [sys.executable, "-m", "bench.replicas", "--repo", str(args.repo)]
             cmd += ["--duration", str(args.duration), "--child", str(SETTINGS[name])]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            # Fixed argv: this interpreter and this module, no shell.
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)  # nosec B603
+            out = done.stdout
             results[name].append(json.loads(out.splitlines()[-1]))
             figures = ", ".join(f"{k} {v:.1f}" for k, v in results[name][-1].items())
             print(f"round {round_} replicas={name}: {figures}", flush=True)
