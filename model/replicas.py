@@ -28,8 +28,12 @@ R = TypeVar("R")
 # Fewer rows than this run on the multi-thread session: a slice of a small batch on one
 # thread takes longer than the whole batch on all of them, which a lone caller would feel.
 MIN_REPLICA_ROWS = 8
+# Most replicas `auto` opens: each is another copy of the weights (about 138 MiB for the
+# split fp32 encoder), so a worker on a large host must not open one per host core.
+MAX_AUTO_REPLICAS = 4
 
 _CPUS = Path("/sys/devices/system/cpu")
+_CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
 
 class Replicas:
@@ -84,11 +88,12 @@ def slices(lengths: Sequence[int], parts: int) -> list[slice]:
 
 def replica_count(requested: int, intra_op_threads: int) -> int:
     """Replicas for a CPU session: `requested`, or with 0 (auto) as many as the session's
-    threads: `intra_op_threads`, or ONNX Runtime's default when that is 0, one per physical
-    core (here: of the cores this process may run on)."""
+    threads (`intra_op_threads`, or ONNX Runtime's default when that is 0, one per physical
+    core this process may run on, within its cgroup's CPU quota), at most
+    MAX_AUTO_REPLICAS."""
     if requested:
         return requested
-    return intra_op_threads or physical_cores()
+    return min(intra_op_threads or physical_cores(), MAX_AUTO_REPLICAS)
 
 
 def physical_cores() -> int:
@@ -105,4 +110,16 @@ def physical_cores() -> int:
         except OSError:
             return len(cpus)
         cores.add((package, core))
-    return len(cores)
+    return min(len(cores), _cgroup_cpus() or len(cores))
+
+
+def _cgroup_cpus() -> int:
+    """Whole CPUs the cgroup v2 quota allows (a pod's CPU limit), 0 when unlimited or
+    unknown: affinity alone shows every host core to a limited container."""
+    try:
+        quota, period = _CGROUP_CPU_MAX.read_text().split()[:2]
+    except (OSError, ValueError):
+        return 0
+    if quota == "max":
+        return 0
+    return max(1, -(-int(quota) // int(period)))

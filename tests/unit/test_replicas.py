@@ -13,7 +13,13 @@ import pytest
 
 from model.encoder import BranchRows, Encoder, l2_normalize
 from model.manifest import EMBEDDING, MULTITASK, EncoderSpec, load_manifest
-from model.replicas import MIN_REPLICA_ROWS, physical_cores, replica_count, slices
+from model.replicas import (
+    MAX_AUTO_REPLICAS,
+    MIN_REPLICA_ROWS,
+    physical_cores,
+    replica_count,
+    slices,
+)
 
 CPU = ["CPUExecutionProvider"]
 WORDS = [
@@ -85,7 +91,8 @@ def test_slices_are_contiguous_non_empty_and_about_equal_in_tokens() -> None:
 
 
 def test_auto_is_one_replica_per_thread_of_the_session() -> None:
-    assert replica_count(0, 0) == physical_cores() >= 1
+    assert replica_count(0, 0) == min(physical_cores(), MAX_AUTO_REPLICAS) >= 1
+    assert replica_count(0, 64) == MAX_AUTO_REPLICAS  # memory: not one per host core
     assert replica_count(0, 3) == 3
     assert replica_count(1, 0) == 1
     assert replica_count(4, 2) == 4
