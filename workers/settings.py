@@ -39,7 +39,7 @@ class WorkerSettings:
     # its cores to itself and wants the last fraction of a millisecond per call.
     ort_spin: bool = False
     # Single-thread copies of the encoder that run a big batch in slices at once, on a CPU
-    # (GPU: none): 0 one per intra-op thread, 1 none. Each holds another copy of the
+    # (GPU: none): 0 one per intra-op thread (at most 4), 1 none. Each holds another copy of the
     # weights; set 1 where memory is tight or the worker has one core.
     encoder_replicas: int = 0
     # Stream entries pulled per stream per XREADGROUP; raise for bigger batches.
