@@ -225,7 +225,9 @@ def test_failed_calls_are_logged_with_request_id_and_tenant(
         stubs[0].Classify(request, metadata=_as("alpha"), timeout=30)
 
     def logged() -> list[dict[str, str]]:
-        lines = [json.loads(x) for x in gateways[0].output().splitlines() if x.startswith("{")]
+        # Whole lines only: the gateway may be mid-way through writing the last one.
+        written = gateways[0].output().splitlines(keepends=True)
+        lines = [json.loads(x) for x in written if x.startswith("{") and x.endswith("\n")]
         return [x for x in lines if x.get("request_id") == "req-log-1"]
 
     wait_until(lambda: bool(logged()), 10, "the access-log line")
