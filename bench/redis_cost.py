@@ -56,6 +56,10 @@ WORDS_PER_TEXT = 8
 OWN_COMMANDS = {"config|resetstat": 1, "info": 1}
 
 
+# Seconds after a window's last answer before its closing snapshot.
+SETTLE_S = 0.2
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Valkey's counters at one moment."""
@@ -239,6 +243,8 @@ def measure(
                 r.config_resetstat()
                 before = snapshot(r)
                 seen = asyncio.run(drive(target, calls=calls, concurrency=c, keyed=keyed))
+                # A keyed call's result is stored just after it answers: let those land.
+                time.sleep(SETTLE_S)
                 costs.append(Cost.of(keyed, c, seen, Window.between(before, snapshot(r)), idle))
         version = str(r.info("server").get("valkey_version") or r.info("server")["redis_version"])
     nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
