@@ -46,9 +46,16 @@ def measure_raw(
         latencies.append((time.perf_counter() - started) * 1000)
         if time.perf_counter() > deadline:
             break
-    throughput = {b: _throughput(encoder, texts, b, duration_s) for b in batch_sizes}
+    throughput = measure_throughput(encoder, texts, batch_sizes, duration_s)
     cuts = statistics.quantiles(latencies, n=100)
     return RawResult(statistics.median(latencies), cuts[98], throughput)
+
+
+def measure_throughput(
+    encoder: Encoder, texts: Sequence[str], batch_sizes: Sequence[int], duration_s: float
+) -> dict[int, float]:
+    """Texts/s at each batch size, each for `duration_s`."""
+    return {b: _throughput(encoder, texts, b, duration_s) for b in batch_sizes}
 
 
 def best_of(results: Sequence[RawResult]) -> RawResult:
