@@ -175,7 +175,9 @@ REPLICA = AclUser(name="taskmux-replica", keyless=("psync", "replconf", "ping"),
 # Sentinel logs in to every Valkey as this user (`sentinel auth-user`, k8s/overlays/ha):
 # the commands Sentinel's documentation lists, to watch (INFO, ROLE, PING), to talk to the
 # other Sentinels (hello messages on one channel) and to fail over (REPLICAOF in
-# MULTI/EXEC, CONFIG REWRITE, CLIENT KILL of the old primary's clients). No keys.
+# MULTI/EXEC, CONFIG REWRITE, CLIENT KILL of the old primary's clients; and for
+# `SENTINEL FAILOVER taskmux COORDINATED`, CLIENT PAUSE WRITE and FAILOVER TO on the
+# primary, CLIENT UNPAUSE after). No keys.
 SENTINEL = AclUser(
     name="taskmux-sentinel",
     keyless=(
@@ -189,6 +191,9 @@ SENTINEL = AclUser(
         "config|rewrite",
         "client|setname",
         "client|kill",
+        "client|pause",
+        "client|unpause",
+        "failover",
         "script|kill",
         "subscribe",
         "publish",

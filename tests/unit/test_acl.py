@@ -10,6 +10,7 @@ import pytest
 from router.acl import (
     ADMIN,
     GATEWAY,
+    HA_USERS,
     KEDA,
     USERS,
     WORKER,
@@ -99,6 +100,14 @@ def test_readme_shows_the_users_as_the_cli_prints_them() -> None:
     for user in USERS:
         assert aclfile_line(user, "#<sha256-of-password>") in readme
     assert default_user_aclfile_line() in readme
+
+
+def test_the_k8s_readme_lists_the_ha_users_commands_as_granted() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "k8s" / "README.md").read_text("utf-8")
+    for user in HA_USERS:
+        row = next(line for line in readme.splitlines() if line.startswith(f"| `{user.name}` |"))
+        listed = row.split("`")[3].replace("\\|", "|").split()
+        assert listed == [f"+{command}" for command in user.keyless], user.name
 
 
 def test_cli_adds_the_replication_and_sentinel_users_only_with_ha(
