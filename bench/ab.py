@@ -33,6 +33,8 @@ CELLS = {
     "c64": (64, 1, str(SHORT_WORDS)),
     "c1": (1, 1, str(SHORT_WORDS)),
     "c4x32": (4, 32, str(SHORT_WORDS)),
+    "c64mixed": (64, 1, "6,24,96"),
+    "c1mixed": (1, 1, "6,24,96"),
 }
 
 

@@ -27,6 +27,8 @@ class LoadSettings(Protocol):
     @property
     def ort_spin(self) -> bool: ...
     @property
+    def ort_spin_in_run(self) -> bool: ...
+    @property
     def encoder_replicas(self) -> int: ...
 
 
@@ -78,6 +80,7 @@ class LoadedModel:
             intra_op_threads=settings.intra_op_threads,
             variant=settings.encoder_variant,
             spin=settings.ort_spin,
+            spin_in_run=settings.ort_spin_in_run,
             replicas=settings.encoder_replicas,
         )
         return cls(manifest=manifest, encoder=encoder, heads=load_heads(repo, manifest))

@@ -38,6 +38,12 @@ class WorkerSettings:
     # the cores the gateway and Redis need between batches. On only for a worker that has
     # its cores to itself and wants the last fraction of a millisecond per call.
     ort_spin: bool = False
+    # Whether they busy-wait within a run only (between one operator's parallel part and
+    # the next), stopping as soon as it returns: a small batch pays no thread wake-ups and
+    # nothing spins between batches. Off: when another job shares the cores, a spinning
+    # thread waits on a peer the kernel has descheduled (bench/ab.py, a one-text caller
+    # with mixed lengths on a busy machine: p50 +8 ms). For workers with cores of their own.
+    ort_spin_in_run: bool = False
     # Single-thread copies of the encoder that run a big batch in slices at once, on a CPU
     # (GPU: none): 0 one per intra-op thread (at most 4), 1 none. Each holds another copy of the
     # weights; set 1 where memory is tight or the worker has one core.
@@ -95,6 +101,7 @@ class WorkerSettings:
             encoder_variant=env_str(env, "ENCODER_VARIANT", default.encoder_variant),
             intra_op_threads=env_int(env, "INTRA_OP_THREADS", default.intra_op_threads),
             ort_spin=env_bool(env, "ORT_SPIN", default.ort_spin),
+            ort_spin_in_run=env_bool(env, "ORT_SPIN_IN_RUN", default.ort_spin_in_run),
             encoder_replicas=env_int(
                 env, "ENCODER_REPLICAS", default.encoder_replicas, maximum=MAX_REPLICAS
             ),

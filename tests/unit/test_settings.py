@@ -29,6 +29,8 @@ def test_values_are_read_and_typed() -> None:
     assert not worker.ort_spin
     assert WorkerSettings.from_env({"TASKMUX_ORT_SPIN": "True"}).ort_spin
     assert not WorkerSettings.from_env({"TASKMUX_ORT_SPIN": "off"}).ort_spin
+    assert not worker.ort_spin_in_run
+    assert WorkerSettings.from_env({"TASKMUX_ORT_SPIN_IN_RUN": "1"}).ort_spin_in_run
 
 
 def test_a_yes_no_setting_refuses_other_words() -> None:
