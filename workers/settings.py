@@ -40,9 +40,9 @@ class WorkerSettings:
     ort_spin: bool = False
     # Whether they busy-wait within a run only (between one operator's parallel part and
     # the next), stopping as soon as it returns: a small batch pays no thread wake-ups and
-    # nothing spins between batches. Off: when another job shares the cores, a spinning
-    # thread waits on a peer the kernel has descheduled (bench/ab.py, a one-text caller
-    # with mixed lengths on a busy machine: p50 +8 ms). For workers with cores of their own.
+    # nothing spins between batches. Off: when another job shared the cores it was much
+    # slower (bench/ab.py, one mixed-length text per call: p50 +8 ms), likely as a
+    # spinning thread waited on a descheduled peer. For workers with cores of their own.
     ort_spin_in_run: bool = False
     # Single-thread copies of the encoder that run a big batch in slices at once, on a CPU
     # (GPU: none): 0 one per intra-op thread (at most 4), 1 none. Each holds another copy of the
