@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 
 from bench import peers
-from bench.peers import BASELINES, CELLS, PeerRuns, measure_baselines, peers_lines
+from bench.peers import (
+    BASELINES,
+    CELLS,
+    PeerRuns,
+    keep_better_baselines,
+    measure_baselines,
+    peers_lines,
+)
 from bench.raw import RawResult
 from model.encoder import Encoder
 from taskmux.loadtest.config import LoadConfig
@@ -145,3 +152,15 @@ def test_the_replicas_baseline_shares_small_batches_and_measures_big_ones(
         assert measured == [("measure_raw", 1, (1, 8))] * 2
     else:  # one session at every batch, then the replicas at 8 and more; both spin settings
         assert measured == [("measure_raw", 1, (1, 8))] * 2 + [("measure_throughput", 2, (8,))] * 2
+
+
+def test_raw_measured_twice_keeps_the_better_figure_of_each_cell() -> None:
+    runs = _runs()
+    slower = RawResult(2.9, 3.5, {b: v * 0.9 for b, v in ONE_SESSION.throughput_by_batch.items()})
+    faster = RawResult(2.2, 2.8, {**REPLICAS.throughput_by_batch, 32: 900.0})
+    keep_better_baselines(runs, PeerRuns(one_session={"short": slower}, raw={"short": faster}))
+    assert runs.one_session["short"].throughput_by_batch == ONE_SESSION.throughput_by_batch
+    assert runs.one_session["short"].batch1_p50_ms == 2.4
+    assert runs.raw["short"].throughput_by_batch[32] == 900.0
+    assert runs.raw["short"].throughput_by_batch[8] == 720.0
+    assert runs.raw["short"].batch1_p50_ms == 2.2
