@@ -461,8 +461,9 @@ def _session_options(intra_op_threads: int, spin: bool, spin_in_run: bool) -> or
     # shares its cores with the gateway and Redis, and between batches that spinning
     # takes the CPU they need to hand it the next batch (bench/ab.py, c=64: 1.45x).
     # Within one run, though, a thread that sleeps between two operators' parallel parts
-    # costs a wake-up each time (a 16-token text: 2.7 ms against 1.8 ms spinning on a quiet
-    # core), so `spin_in_run` lets them spin while a run lasts and stop when it returns.
+    # costs a wake-up each time (bench/ab.py on a quiet machine: c=1 p50 -0.98 ms with
+    # spinning in a run), so `spin_in_run` lets them spin while a run lasts and stop when
+    # it returns.
     options.add_session_config_entry(
         "session.intra_op.allow_spinning", "1" if spin or spin_in_run else "0"
     )

@@ -4,9 +4,10 @@ On a CPU, one session with N intra-op threads splits every operator N ways and m
 barrier after each one; a batch of short texts spends much of its time at those barriers,
 worse when the gateway and Redis take a core for a moment. N sessions of one thread each,
 every one running a contiguous slice of the batch, never wait on each other
-(`model/encoder.py` on a 2-core machine: batch 32, 919 texts/s on one 2-thread session,
-1033 on two 1-thread copies). Each copy holds its own weights, so memory grows by one copy
-of the encoder per replica (README, `TASKMUX_ENCODER_REPLICAS`).
+(a one-off in-process measurement on a 2-core machine, 2026-12-05: batch 32, 919 texts/s
+on one 2-thread session, 1033 on two 1-thread copies; `bench/ab.py` measures the worker).
+Each copy holds its own weights, so memory grows by one copy of the encoder per replica
+(README, `TASKMUX_ENCODER_REPLICAS`).
 """
 
 from __future__ import annotations

@@ -240,6 +240,13 @@ def test_sigkill_primary_under_load_fails_over_without_loss(
     assert not problems, f"{report.line()}\n" + "\n".join(problems)
 
 
+# Most acknowledged writes a plain failover may lose with `min-replicas-to-write 1`: the
+# instant before the old primary sees its replica leave (one write in 2 of 30 runs on a
+# busy machine), against about a second of writes (150 or so) without the setting. About
+# 100 ms of this test's writes, one per 5 ms.
+MAX_LOST_WITH_MIN_REPLICAS = 20
+
+
 class Demotion(NamedTuple):
     """How a live primary is demoted, and how many replicas it needs to take writes."""
 
@@ -327,3 +334,5 @@ async def test_a_demoted_primary_sends_writes_to_the_new_one(
         assert first_refusal is None or lost[-1] < first_refusal, (
             f"lost {run}, acknowledged after the old primary's first refusal"
         )
+        if demotion.min_replicas_to_write:
+            assert len(lost) <= MAX_LOST_WITH_MIN_REPLICAS, f"lost {len(lost)}: {run}"
