@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.peers import SHORT_WORDS
-from bench.system import child_pid, load, running_system
+from bench.system import children, cpu_seconds, load, running_system
 
 # name: (concurrency, texts per call, words per text)
 CELLS = {
@@ -123,27 +123,6 @@ def _median(values: list[float], *, sign: bool = False) -> str:
     fmt = "{:+.2f}" if sign else "{:.3f}"
     each = ", ".join(fmt.format(v) for v in values)
     return f"median {fmt.format(statistics.median(values))} ({each})"
-
-
-def children(up: int) -> dict[str, int]:
-    """The gateway, worker and Valkey that `taskmux up` (pid `up`) started."""
-    names = {"gateway": "gateway", "worker": "workers"}
-    pids = {p: pid for p, m in names.items() if (pid := child_pid(up, m)) is not None}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) not in pids.values():
-            try:
-                stat = (entry / "stat").read_text()
-                if int(stat.rsplit(")", 1)[1].split()[1]) == up and "valkey" in stat:
-                    pids["valkey"] = int(entry.name)
-            except (OSError, ValueError, IndexError):
-                continue
-    return pids
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time that `pid` has used so far, all threads together."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 if __name__ == "__main__":

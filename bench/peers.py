@@ -20,6 +20,7 @@ stricter baseline.
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -35,7 +36,16 @@ from taskmux_api.v1 import taskmux_pb2_grpc
 from taskmux_client.channel import open_channel
 
 from bench.raw import RawResult, best_of, measure_raw, measure_throughput
-from bench.system import child_pid, interrupt, load, profile, running_system, top_frames
+from bench.system import (
+    child_pid,
+    children,
+    cpu_seconds,
+    interrupt,
+    load,
+    profile,
+    running_system,
+    top_frames,
+)
 from model.encoder import Encoder
 from model.loaded import LoadedModel
 from model.replicas import MIN_REPLICA_ROWS
@@ -74,6 +84,35 @@ class Cell:
 CELLS = (Cell("c=1", 1, 1), Cell("c=64", 64, 1), Cell(f"c=4 x{BATCH_TEXTS}", 4, BATCH_TEXTS))
 
 
+# Where the CPU is counted: taskmux's processes from /proc; the load generator runs in
+# the bench's own process.
+LOAD_GENERATOR = "load generator"
+
+
+@dataclass(frozen=True)
+class CpuLedger:
+    """CPU time per call that each process spent under one load, and the cores they share:
+    the goals are ratios to raw ONNX Runtime on all of this machine's cores, and every
+    process here (load generator included) runs on those same cores."""
+
+    ms_per_call: dict[str, float]  # process -> CPU ms per call
+    calls_per_s: float
+    cores: int
+
+    @property
+    def total_ms(self) -> float:
+        return sum(self.ms_per_call.values())
+
+    @property
+    def busy_cores(self) -> float:
+        return self.total_ms * self.calls_per_s / 1000
+
+    def budget_ms(self, calls_per_s: float) -> float:
+        """The most CPU per call, all processes together, at which the cores could serve
+        `calls_per_s`: what every process must fit into for a goal of that rate."""
+        return 1000 * self.cores / calls_per_s
+
+
 class Goal(NamedTuple):
     """One issue-15 goal read against one baseline."""
 
@@ -93,6 +132,7 @@ class PeerRuns:
     frames: dict[str, list[tuple[str, float]]] = field(default_factory=dict)  # process ->
     one_session: dict[str, RawResult] = field(default_factory=dict)  # replicas off
     replicas: int = 1  # single-thread replicas the worker's encoder held for `raw`
+    cpu: CpuLedger | None = None  # taskmux under c=64 short texts, the measured cell
 
     def baseline(self, baseline: Baseline) -> dict[str, RawResult]:
         """Raw ONNX Runtime by text set, measured the `baseline` way."""
@@ -133,6 +173,7 @@ class PeerRuns:
                 for b in BASELINES
             },
             "profile_top_frames": self.frames,
+            "cpu_per_call_c64_short": None if self.cpu is None else self.cpu.__dict__,
         }
 
 
@@ -154,12 +195,19 @@ def run_peers(repo: Path, out: Path, duration_s: float, warmup_s: float) -> Peer
         running_system(repo, out / "system.log") as (target, up),
         plain_server(repo, out / "plain.log") as plain,
     ):
+        pids = children(up.pid)
         for name, lengths in TEXT_SETS.items():
             runs.plain[name], runs.system[name] = {}, {}
             for cell in CELLS:
                 print(f"bench: side by side, {name} texts, {cell.name}", file=sys.stderr)
-                for server, reports in ((target, runs.system), (plain, runs.plain)):
-                    reports[name][cell.name] = _load(server, lengths, cell, duration_s, warmup_s)
+                if name == "short" and cell == CELLS[1]:
+                    report, runs.cpu = _ledgered_load(target, pids, lengths, duration_s, warmup_s)
+                    runs.system[name][cell.name] = report
+                else:
+                    runs.system[name][cell.name] = _load(
+                        target, lengths, cell, duration_s, warmup_s
+                    )
+                runs.plain[name][cell.name] = _load(plain, lengths, cell, duration_s, warmup_s)
         runs.frames = profile_system(up.pid, target, out, duration_s, warmup_s)
     # Raw again once both servers have stopped, and the better figure of each cell kept: a
     # shared machine drifts over the minutes the side-by-side cells take (raw's best batch
@@ -272,6 +320,30 @@ def _load(target: str, lengths: str, cell: Cell, duration_s: float, warmup_s: fl
     )  # fmt: skip
 
 
+def _ledgered_load(
+    target: str, pids: dict[str, int], lengths: str, duration_s: float, warmup_s: float
+) -> tuple[LoadReport, CpuLedger]:
+    """The c=64 cell on taskmux, with the CPU each process spent on it (warm-up included,
+    as its calls are)."""
+    before = {p: cpu_seconds(pid) for p, pid in pids.items()}
+    mine = _own_cpu_s()
+    report = _load(target, lengths, CELLS[1], duration_s, warmup_s)
+    spent = {p: cpu_seconds(pid) - before[p] for p, pid in pids.items()}
+    spent[LOAD_GENERATOR] = _own_cpu_s() - mine
+    calls = max(report.ok + report.errors + report.warmup_calls, 1)
+    ledger = CpuLedger(
+        {p: 1000 * s / calls for p, s in spent.items()},
+        report.ok_per_s,
+        len(os.sched_getaffinity(0)),
+    )
+    return report, ledger
+
+
+def _own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _texts(lengths: str, n: int = 512) -> list[str]:
     words = [w for w, _ in parse_lengths(lengths)]
     generator = TextGenerator(seed=7)
@@ -315,6 +387,7 @@ def peers_lines(runs: PeerRuns, duration_s: float, provenance: str) -> list[str]
         + ".",
         "",
         *_goals_lines(runs),
+        *_ledger_lines(runs),
     ]
     for process, frames in runs.frames.items():
         lines += [
@@ -394,6 +467,31 @@ def _goals_lines(runs: PeerRuns) -> list[str]:
         "",
     ]
     return lines
+
+
+def _ledger_lines(runs: PeerRuns) -> list[str]:
+    """Goal 1 as a CPU budget: what all processes may spend per call, against what they
+    spent in the measured c=64 short cell."""
+    ledger = runs.cpu
+    if ledger is None or "short" not in runs.system:
+        return []
+    spent = ", ".join(f"{p} {ms:.2f} ms" for p, ms in ledger.ms_per_call.items())
+    budgets = []
+    for b in BASELINES:
+        goal_rate = THROUGHPUT_GOAL * runs.reference("short", CELLS[1], b)
+        budgets.append(
+            f"{ledger.budget_ms(goal_rate):.2f} ms against {b.replace('_', ' ')} "
+            f"({THROUGHPUT_GOAL:g} x {goal_rate / THROUGHPUT_GOAL:.0f} = {goal_rate:.0f} calls/s)"
+        )
+    return [
+        "CPU per call under c=64 short texts, in the measured cell (/proc for taskmux's "
+        f"processes; the {LOAD_GENERATOR} runs in the bench's own process): {spent}; "
+        f"{ledger.total_ms:.2f} ms in all, {ledger.busy_cores:.2f} of {ledger.cores} cores "
+        f"busy at {ledger.calls_per_s:.0f} calls/s. Goal 1 leaves every process together "
+        f"at most {' and '.join(budgets)} on these {ledger.cores} cores, even with all of "
+        "them busy all the time.",
+        "",
+    ]
 
 
 def _ms(value: float | None) -> str:

@@ -167,6 +167,27 @@ def child_pid(parent: int, module: str) -> int | None:
     return None
 
 
+def children(up: int) -> dict[str, int]:
+    """The gateway, worker and Valkey that `taskmux up` (pid `up`) started."""
+    names = {"gateway": "gateway", "worker": "workers"}
+    pids = {p: pid for p, m in names.items() if (pid := child_pid(up, m)) is not None}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) not in pids.values():
+            try:
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == up and "valkey" in stat:
+                    pids["valkey"] = int(entry.name)
+            except (OSError, ValueError, IndexError):
+                continue
+    return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time that `pid` has used so far, all threads together."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def profile(pid: int, duration_s: float, out: Path) -> subprocess.Popen[bytes]:
     """Start py-spy sampling `pid` for `duration_s` into `out` (raw collapsed stacks)."""
     spy = Path(sys.executable).with_name("py-spy")

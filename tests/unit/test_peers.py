@@ -15,6 +15,7 @@ from bench import peers
 from bench.peers import (
     BASELINES,
     CELLS,
+    CpuLedger,
     PeerRuns,
     keep_better_baselines,
     measure_baselines,
@@ -164,3 +165,25 @@ def test_raw_measured_twice_keeps_the_better_figure_of_each_cell() -> None:
     assert runs.raw["short"].throughput_by_batch[32] == 900.0
     assert runs.raw["short"].throughput_by_batch[8] == 720.0
     assert runs.raw["short"].batch1_p50_ms == 2.2
+
+
+def test_goal_one_reads_as_a_cpu_budget_that_every_process_shares() -> None:
+    runs = replace(_runs(), cpu=CpuLedger(LEDGER, 518.0, 2))
+    assert runs.cpu is not None
+    assert runs.cpu.total_ms == pytest.approx(3.76)
+    assert runs.cpu.busy_cores == pytest.approx(3.76 * 518 / 1000)
+    # 2 cores at 0.85 of 685 texts/s (one session's best batch): 2000 / 582.25 ms per call.
+    assert runs.cpu.budget_ms(0.85 * 685) == pytest.approx(3.435, abs=1e-3)
+    text = "\n".join(peers_lines(runs, 8.0, "Measured in a test."))
+    assert "worker 2.80 ms, gateway 0.66 ms, Valkey 0.15 ms, load generator 0.15 ms" in text
+    assert "3.76 ms in all, 1.95 of 2 cores busy at 518 calls/s" in text
+    assert "at most 3.43 ms against one session (0.85 x 685 = 582 calls/s)" in text
+    assert "and 2.85 ms against replicas (0.85 x 825 = 701 calls/s)" in text
+    assert runs.to_dict()["cpu_per_call_c64_short"]["ms_per_call"] == LEDGER  # type: ignore[index]
+
+
+def test_no_ledger_no_budget_line() -> None:
+    assert not any("CPU per call" in line for line in peers_lines(_runs(), 8.0, "In a test."))
+
+
+LEDGER = {"worker": 2.80, "gateway": 0.66, "Valkey": 0.15, "load generator": 0.15}
