@@ -180,19 +180,26 @@ class JobStreams:
                     approximate=True,
                     nomkstream=True,
                 )
-        for f in done:
-            pipe.xack(f.pulled.stream, keys.WORKER_GROUP, f.pulled.entry_id)
-            pipe.xdel(f.pulled.stream, f.pulled.entry_id)
+        _acknowledge(pipe, [f.pulled for f in done])
         await pipe.execute()
 
     async def acknowledge(self, pulled: Sequence[Pulled]) -> None:
         """Acknowledge and delete entries without a reply (their callers have gone).
         XACK and XDEL free memory, so Redis accepts them even when it is full."""
         pipe = self._redis.pipeline(transaction=True)
-        for p in pulled:
-            pipe.xack(p.stream, keys.WORKER_GROUP, p.entry_id)
-            pipe.xdel(p.stream, p.entry_id)
+        _acknowledge(pipe, pulled)
         await pipe.execute()
+
+
+def _acknowledge(pipe: aioredis.client.Pipeline, pulled: Sequence[Pulled]) -> None:
+    """One XACK and one XDEL per stream for all of `pulled`, not one of each per entry:
+    the same effect inside the transaction, for a fraction of the commands."""
+    by_stream: dict[str, list[bytes]] = {}
+    for p in pulled:
+        by_stream.setdefault(p.stream, []).append(p.entry_id)
+    for stream, ids in by_stream.items():
+        pipe.xack(stream, keys.WORKER_GROUP, *ids)
+        pipe.xdel(stream, *ids)
 
 
 @dataclass(frozen=True)
