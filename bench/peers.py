@@ -87,6 +87,7 @@ CELLS = (Cell("c=1", 1, 1), Cell("c=64", 64, 1), Cell(f"c=4 x{BATCH_TEXTS}", 4, 
 # Where the CPU is counted: taskmux's processes from /proc; the load generator runs in
 # the bench's own process.
 LOAD_GENERATOR = "load generator"
+ECHO = "gRPC server answering from memory"
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,7 @@ class PeerRuns:
     one_session: dict[str, RawResult] = field(default_factory=dict)  # replicas off
     replicas: int = 1  # single-thread replicas the worker's encoder held for `raw`
     cpu: CpuLedger | None = None  # taskmux under c=64 short texts, the measured cell
+    echo_cpu: CpuLedger | None = None  # the same load on a server answering from memory
 
     def baseline(self, baseline: Baseline) -> dict[str, RawResult]:
         """Raw ONNX Runtime by text set, measured the `baseline` way."""
@@ -173,8 +175,13 @@ class PeerRuns:
                 for b in BASELINES
             },
             "profile_top_frames": self.frames,
-            "cpu_per_call_c64_short": None if self.cpu is None else self.cpu.__dict__,
+            "cpu_per_call_c64_short": _ledger(self.cpu),
+            "echo_cpu_per_call_c64_short": _ledger(self.echo_cpu),
         }
+
+
+def _ledger(ledger: CpuLedger | None) -> dict[str, object] | None:
+    return None if ledger is None else ledger.__dict__
 
 
 def reference_batch(raw: RawResult, cell: Cell) -> int:
@@ -193,7 +200,7 @@ def run_peers(repo: Path, out: Path, duration_s: float, warmup_s: float) -> Peer
     measure_baselines(runs, settings, duration_s)
     with (
         running_system(repo, out / "system.log") as (target, up),
-        plain_server(repo, out / "plain.log") as plain,
+        plain_server(repo, out / "plain.log") as (plain, _),
     ):
         pids = children(up.pid)
         for name, lengths in TEXT_SETS.items():
@@ -209,6 +216,10 @@ def run_peers(repo: Path, out: Path, duration_s: float, warmup_s: float) -> Peer
                     )
                 runs.plain[name][cell.name] = _load(plain, lengths, cell, duration_s, warmup_s)
         runs.frames = profile_system(up.pid, target, out, duration_s, warmup_s)
+    with plain_server(repo, out / "echo.log", echo=True) as (echo, pid):
+        print("bench: a gRPC server answering from memory, short texts, c=64", file=sys.stderr)
+        short = TEXT_SETS["short"]
+        _, runs.echo_cpu = _ledgered_load(echo, {ECHO: pid}, short, duration_s, warmup_s)
     # Raw again once both servers have stopped, and the better figure of each cell kept: a
     # shared machine drifts over the minutes the side-by-side cells take (raw's best batch
     # read 716 and 784 texts/s in two runs of the same code), and a baseline measured in a
@@ -281,20 +292,18 @@ def profile_system(
 
 
 @contextmanager
-def plain_server(repo: Path, log: Path) -> Iterator[str]:
-    """bench/plain_server.py in a child process; its target once it answers an Embed."""
+def plain_server(repo: Path, log: Path, *, echo: bool = False) -> Iterator[tuple[str, int]]:
+    """bench/plain_server.py in a child process (`--echo`: no encoder); its target and pid
+    once it answers an Embed."""
     port = free_port()
+    argv = [sys.executable, "-m", "bench.plain_server", "--repo", str(repo), "--port", str(port)]
     with log.open("wb") as err:
         # Fixed argv (this venv's Python), no shell.
-        server = subprocess.Popen(  # nosec B603
-            [sys.executable, "-m", "bench.plain_server", "--repo", str(repo), "--port", str(port)],
-            stdout=err,
-            stderr=err,
-        )
+        server = subprocess.Popen(argv + ["--echo"] * echo, stdout=err, stderr=err)  # nosec B603
     target = f"127.0.0.1:{port}"
     try:
         _wait_embed(target, server)
-        yield target
+        yield target, server.pid
     finally:
         interrupt(server, 30)
 
@@ -323,8 +332,8 @@ def _load(target: str, lengths: str, cell: Cell, duration_s: float, warmup_s: fl
 def _ledgered_load(
     target: str, pids: dict[str, int], lengths: str, duration_s: float, warmup_s: float
 ) -> tuple[LoadReport, CpuLedger]:
-    """The c=64 cell on taskmux, with the CPU each process spent on it (warm-up included,
-    as its calls are)."""
+    """The c=64 cell on `target`, with the CPU each of the server's processes `pids` and
+    the load generator spent on it (warm-up included, as its calls are)."""
     before = {p: cpu_seconds(pid) for p, pid in pids.items()}
     mine = _own_cpu_s()
     report = _load(target, lengths, CELLS[1], duration_s, warmup_s)
@@ -490,6 +499,22 @@ def _ledger_lines(runs: PeerRuns) -> list[str]:
         f"busy at {ledger.calls_per_s:.0f} calls/s. Goal 1 leaves every process together "
         f"at most {' and '.join(budgets)} on these {ledger.cores} cores, even with all of "
         "them busy all the time.",
+        "",
+        *_echo_lines(runs.echo_cpu, ledger),
+    ]
+
+
+def _echo_lines(echo: CpuLedger | None, ledger: CpuLedger) -> list[str]:
+    if echo is None:
+        return []
+    server, generator = echo.ms_per_call[ECHO], echo.ms_per_call[LOAD_GENERATOR]
+    gateway = ledger.ms_per_call.get("gateway")
+    share = "" if gateway is None else f" (taskmux's gateway: {gateway:.2f} ms)"
+    return [
+        "The same load on a grpc.aio server that answers Embed from memory, no encoder "
+        "(`bench/plain_server.py --echo`, on uvloop as the gateway): the server "
+        f"{server:.2f} ms per call{share}, the {LOAD_GENERATOR} {generator:.2f} ms, at "
+        f"{echo.calls_per_s:.0f} calls/s: what gRPC alone costs any Python gateway.",
         "",
     ]
 

@@ -5,6 +5,10 @@ Embed call encoded on its own as it arrives (on a worker thread, so the event lo
 taking calls), nothing between the call and the encoder. It serves only Embed, with the
 same proto, so the bench's load generator drives it as it drives taskmux. Run as
 `python -m bench.plain_server --repo model-repo --port N`.
+
+With `--echo` it loads no encoder and answers every text with one fixed unit vector, on
+the gateway's event loop (uvloop): what the gRPC server alone costs per call, the floor
+under any Python gateway's.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ os.environ.setdefault("GRPC_EXPERIMENTS", "-event_engine_client,-event_engine_li
 
 import argparse
 import asyncio
+import math
 import signal
 import sys
 from dataclasses import replace
@@ -28,6 +33,8 @@ from taskmux_api.v1 import taskmux_pb2 as pb
 
 from model.encoder import Encoder, l2_normalize
 from model.loaded import LoadedModel
+from model.manifest import load_manifest
+from taskmux.lifecycle import run_process
 from workers.settings import WorkerSettings
 
 SERVICE = "taskmux.v1.TaskMux"
@@ -48,10 +55,22 @@ class PlainEmbed:
         )
 
 
-async def serve(encoder: Encoder, port: int) -> None:
+class EchoEmbed:
+    """Embed answered from memory: the same unit vector for every text, no encoder."""
+
+    def __init__(self, dimension: int) -> None:
+        self._vector = [1.0 / math.sqrt(dimension)] * dimension
+
+    async def Embed(self, request: pb.EmbedRequest, context: Any) -> pb.EmbedResponse:
+        return pb.EmbedResponse(
+            embeddings=[pb.Embedding(values=self._vector) for _ in request.texts], model="echo"
+        )
+
+
+async def serve(service: PlainEmbed | EchoEmbed, port: int) -> None:
     """Serve on 127.0.0.1:`port` until SIGTERM or SIGINT."""
     embed = grpc.unary_unary_rpc_method_handler(
-        PlainEmbed(encoder).Embed,
+        service.Embed,
         request_deserializer=pb.EmbedRequest.FromString,
         response_serializer=pb.EmbedResponse.SerializeToString,
     )
@@ -74,10 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repo", type=Path, required=True)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--echo", action="store_true", help="no encoder: a fixed vector")
     args = parser.parse_args(argv)
+    if args.echo:
+        dimension = load_manifest(args.repo, verify=False).encoder.dimension
+        run_process(serve(EchoEmbed(dimension), args.port))
+        return 0
     settings = replace(WorkerSettings.from_env(os.environ), model_repo=args.repo)
     encoder = LoadedModel.load(settings).encoder
-    asyncio.run(serve(encoder, args.port))
+    asyncio.run(serve(PlainEmbed(encoder), args.port))
     return 0
 
 

@@ -182,6 +182,16 @@ def test_goal_one_reads_as_a_cpu_budget_that_every_process_shares() -> None:
     assert runs.to_dict()["cpu_per_call_c64_short"]["ms_per_call"] == LEDGER  # type: ignore[index]
 
 
+def test_the_echo_server_shows_what_grpc_alone_costs_beside_the_gateway() -> None:
+    echo = CpuLedger({peers.ECHO: 0.18, peers.LOAD_GENERATOR: 0.15}, 4900.0, 2)
+    runs = replace(_runs(), cpu=CpuLedger(LEDGER, 518.0, 2), echo_cpu=echo)
+    text = "\n".join(peers_lines(runs, 8.0, "Measured in a test."))
+    assert "the server 0.18 ms per call (taskmux's gateway: 0.66 ms)" in text
+    assert "the load generator 0.15 ms, at 4900 calls/s" in text
+    figures = runs.to_dict()["echo_cpu_per_call_c64_short"]
+    assert figures["ms_per_call"][peers.ECHO] == 0.18  # type: ignore[index]
+
+
 def test_no_ledger_no_budget_line() -> None:
     assert not any("CPU per call" in line for line in peers_lines(_runs(), 8.0, "In a test."))
 
