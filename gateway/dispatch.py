@@ -12,7 +12,6 @@ from typing import Any
 import grpc
 import redis.asyncio as aioredis
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind
-from redis.exceptions import NoScriptError
 
 from gateway.errors import (
     DeadlineExceeded,
@@ -26,6 +25,7 @@ from gateway.replies import ReplyRouter
 from router import keys, scripts
 from router.messages import ANALYZE_STREAM_HEAD, Job, Reply, UnreadablePayload
 from router.payload import PayloadCipher
+from router.turns import ScriptTurns
 from taskmux.tracing import Tracing, status_of
 
 # Answer a little before the client's own deadline fires, so it sees our status.
@@ -35,7 +35,6 @@ NotQueued = Callable[[], Awaitable[None]]
 # What the await-reply span is when tracing is off: reusable, and free to enter.
 NO_SPAN = contextlib.nullcontext(INVALID_SPAN)
 # One ENQUEUE call waiting for its event-loop turn's pipeline: KEYS, ARGV, its answer.
-Queued = tuple[list[str], list[str | int | bytes], "asyncio.Future[list[int]]"]
 # What ENQUEUE answers when the idempotency record it was to claim is another call's.
 KEY_TAKEN = -1
 
@@ -61,10 +60,8 @@ class Dispatcher:
         self._default_timeout_s = default_timeout_ms / 1000
         self._max_backlog = max_backlog
         self._retry_after_ms = retry_after_ms
-        self._enqueue_sha = redis.register_script(scripts.ENQUEUE).sha
-        self._turn: list[Queued] = []  # this event-loop turn's enqueues, not yet sent
-        # Pipelines on their way; each ends within the Redis client's socket timeout.
-        self._sending: set[asyncio.Task[None]] = set()
+        # Each event-loop turn's enqueues go in one pipeline (router/turns.py).
+        self._enqueues = ScriptTurns(redis, scripts.ENQUEUE)
 
     def timeout_s(self, time_remaining_s: float | None) -> float:
         """The time a call may take: its deadline, capped by the default timeout."""
@@ -248,7 +245,7 @@ class Dispatcher:
             args += [claim.value, claim.lease_ms]
         try:
             with redis_errors("the task queue"):
-                added, backlog = await self._coalesced(names, args)
+                added, backlog = await self._enqueues.call(names, args)
         except TaskmuxError as err:
             _end_enqueue(span, err.code)
             if not_queued is not None:
@@ -272,58 +269,6 @@ class Dispatcher:
                 f"retry after {self._retry_after_ms} ms",
                 retry_after_ms=self._retry_after_ms,
             )
-
-    def _coalesced(
-        self, names: list[str], args: list[str | int | bytes]
-    ) -> asyncio.Future[list[int]]:
-        """ENQUEUE on the keys `names`, sent with every other enqueue of this event-loop turn in
-        one pipeline: calls that arrive together (a burst, or callers woken by one batch
-        of replies) cost one round trip and one connection, not one each. Each call keeps
-        its own script run, so its backlog check and all-or-none stay its own."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[int]] = loop.create_future()
-        if not self._turn:
-            # A task's first step runs once this turn's callbacks have: it takes them all.
-            task = loop.create_task(self._send_turn())
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
-        self._turn.append((names, args, future))
-        return future
-
-    async def _send_turn(self) -> None:
-        turn, self._turn = self._turn, []
-        await self._send(turn)
-
-    async def _send(self, turn: list[Queued]) -> None:
-        """Answer every call of `turn`: its script's reply, or the error of its command
-        or of the whole pipeline. A caller that has gone (cancelled) is skipped."""
-        try:
-            results = await self._pipeline(turn)
-            lost = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-            if lost:  # Redis restarted or flushed its scripts: load it, resend those once
-                await self._redis.script_load(scripts.ENQUEUE)
-                again = await self._pipeline([turn[i] for i in lost])
-                for i, result in zip(lost, again, strict=True):
-                    results[i] = result
-        except Exception as err:
-            results = [err] * len(turn)
-        except BaseException:  # shutting down: nobody will read an answer
-            for _, _, future in turn:
-                future.cancel()
-            raise
-        for (_, _, future), result in zip(turn, results, strict=True):
-            if future.done():
-                continue
-            if isinstance(result, BaseException):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
-
-    async def _pipeline(self, turn: Sequence[Queued]) -> list[Any]:
-        pipe = self._redis.pipeline(transaction=False)
-        for names, args, _ in turn:
-            pipe.evalsha(self._enqueue_sha, len(names), *names, *args)
-        return await pipe.execute(raise_on_error=False)
 
 
 def _end_enqueue(span: Span, code: grpc.StatusCode, backlog: int | None = None) -> None:

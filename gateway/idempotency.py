@@ -48,6 +48,7 @@ from gateway.errors import DeadlineExceeded, InvalidArgument, redis_errors
 from router import keys, scripts
 from router.messages import IdempotencyRecord, MalformedMessage, UnreadablePayload
 from router.payload import PayloadCipher, request_digest
+from router.turns import ScriptTurns
 from taskmux.backoff import Backoff
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,9 @@ class Idempotency:
         self._cipher = cipher
         self._ttl_ms = ttl_s * 1000
         self._release_script = redis.register_script(scripts.IDEMPOTENCY_RELEASE)
-        self._store_script = redis.register_script(scripts.IDEMPOTENCY_STORE)
+        # Stores are many (one per keyed call, just after its answer) and come in bursts
+        # (the callers one batch of replies woke): one pipeline per event-loop turn.
+        self._stores = ScriptTurns(redis, scripts.IDEMPOTENCY_STORE)
         self._renew_script = redis.register_script(scripts.IDEMPOTENCY_RENEW)
         # Stores of results already answered: each ends within the socket timeout.
         self._settling: set[asyncio.Task[None]] = set()
@@ -334,7 +337,7 @@ class Idempotency:
         """True once stored; a failure only means a later duplicate computes again."""
         record = IdempotencyRecord(wanted, body=body).encode(self._cipher, name)
         try:
-            await self._store_script(keys=[name], args=[wanted, record, self._ttl_ms])
+            await self._stores.call([name], [wanted, record, self._ttl_ms])
         except RedisError as err:
             log.warning("could not store the result of %s: %s", name, err)
             return False
