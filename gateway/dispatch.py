@@ -34,7 +34,6 @@ DEADLINE_MARGIN_S = 0.02
 NotQueued = Callable[[], Awaitable[None]]
 # What the await-reply span is when tracing is off: reusable, and free to enter.
 NO_SPAN = contextlib.nullcontext(INVALID_SPAN)
-# One ENQUEUE call waiting for its event-loop turn's pipeline: KEYS, ARGV, its answer.
 # What ENQUEUE answers when the idempotency record it was to claim is another call's.
 KEY_TAKEN = -1
 

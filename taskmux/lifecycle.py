@@ -65,9 +65,10 @@ GC_YOUNG_THRESHOLD = 50_000
 
 
 def settle_garbage_collector() -> None:
-    """Freeze what start-up allocated (modules, the model's tables) out of the collector's
-    reach, and collect the young generation less often: each collection of an older
-    generation would otherwise walk every object imported at start."""
+    """Freeze what exists before the main coroutine runs (the imported modules; the model
+    is loaded later and stays collectable) out of the collector's reach, and collect the
+    young generation less often: each collection of an older generation would otherwise
+    walk every object those imports made."""
     gc.collect()
     gc.freeze()
     _, older, oldest = gc.get_threshold()
