@@ -1,4 +1,5 @@
-"""What the encoder's single-thread replicas (TASKMUX_ENCODER_REPLICAS) cost and gain.
+"""What the encoder's single-thread replicas (TASKMUX_ENCODER_REPLICAS) and its second,
+spinning multi-thread session (TASKMUX_ORT_SPIN_IN_RUN=auto) cost and gain.
 
 Each setting runs in a fresh process, the settings alternating round by round: the worker's
 own model load (`LoadedModel.load`), raw texts/s at batch 1 and 32 on short texts
@@ -19,14 +20,23 @@ from pathlib import Path
 from bench.peers import SHORT_WORDS, _texts
 from bench.raw import measure_raw
 from model.loaded import LoadedModel
+from model.spin import SpinInRun
 from workers.settings import WorkerSettings
 
-SETTINGS = {"off": 1, "auto": 0}
+# Name: (TASKMUX_ENCODER_REPLICAS, TASKMUX_ORT_SPIN_IN_RUN); the last is the default.
+SETTINGS: dict[str, tuple[int, SpinInRun]] = {
+    "replicas off, spin off": (1, "off"),
+    "replicas auto, spin off": (0, "off"),
+    "replicas auto, spin auto": (0, "auto"),
+}
 
 
-def measure(repo: Path, replicas: int, duration_s: float) -> dict[str, float]:
+def measure(repo: Path, setting: str, duration_s: float) -> dict[str, float]:
     """One setting's figures, in this process."""
-    settings = WorkerSettings(model_repo=repo, encoder_replicas=replicas)
+    replicas, spin_in_run = SETTINGS[setting]
+    settings = WorkerSettings(
+        model_repo=repo, encoder_replicas=replicas, ort_spin_in_run=spin_in_run
+    )
     encoder = LoadedModel.load(settings).encoder
     raw = measure_raw(encoder, _texts(str(SHORT_WORDS)), [32], duration_s)
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
@@ -45,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repo", type=Path, default=Path("model-repo"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=3.0)
-    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=SETTINGS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
         print(json.dumps(measure(args.repo, args.child, args.duration)))
@@ -55,16 +65,16 @@ def main(argv: list[str] | None = None) -> int:
         names = list(SETTINGS) if round_ % 2 == 0 else list(SETTINGS)[::-1]
         for name in names:
             cmd = [sys.executable, "-m", "bench.replicas", "--repo", str(args.repo)]
-            cmd += ["--duration", str(args.duration), "--child", str(SETTINGS[name])]
+            cmd += ["--duration", str(args.duration), "--child", name]
             # Fixed argv: this interpreter and this module, no shell.
             done = subprocess.run(cmd, capture_output=True, text=True, check=True)  # nosec B603
             out = done.stdout
             results[name].append(json.loads(out.splitlines()[-1]))
             figures = ", ".join(f"{k} {v:.1f}" for k, v in results[name][-1].items())
-            print(f"round {round_} replicas={name}: {figures}", flush=True)
+            print(f"round {round_} {name}: {figures}", flush=True)
     for name, runs in results.items():
         medians = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        print(f"median replicas={name}: " + ", ".join(f"{k} {v:.1f}" for k, v in medians.items()))
+        print(f"median {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in medians.items()))
     return 0
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy as _copy
 import logging
+import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,7 +42,8 @@ from model.parts import (
     Graphs,
     Want,
 )
-from model.replicas import MIN_REPLICA_ROWS, Replicas, replica_count, slices
+from model.replicas import MIN_REPLICA_ROWS, Replicas, physical_cores, replica_count, slices
+from model.spin import SpinChooser, SpinInRun
 from model.variants import (
     AUTO,
     CPU,
@@ -161,7 +163,7 @@ class Encoder:
         intra_op_threads: int = 0,
         variant: str = FP32,
         spin: bool = False,
-        spin_in_run: bool = False,
+        spin_in_run: SpinInRun = "off",
         replicas: int = 1,
     ) -> None:
         """Load `variant` ("auto", "fp32", "int8" or "fp16") of the encoder.
@@ -169,7 +171,8 @@ class Encoder:
         `replicas` single-thread copies of the sessions run big batches in slices at once
         on a CPU (0: one per thread of the main session, 1: none; never on a GPU); they
         own threads, which `close` stops. `spin`: idle threads busy-wait between runs;
-        `spin_in_run`: only within a run (see `_session_options`).
+        `spin_in_run`: "on" only within a run (see `_session_options`), "auto" whenever
+        that has been faster lately (`model/spin.py`; a CPU with more than one thread).
 
         Raises VariantError (a ModelRepoError) when that variant cannot run here, and
         ProviderError when the providers the settings require are not what runs it.
@@ -179,10 +182,10 @@ class Encoder:
         # The packaged tokenizer pads every text to a fixed length; we pad per batch.
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=spec.max_sequence_length)
-        options = _session_options(intra_op_threads, spin, spin_in_run)
+        options = _session_options(intra_op_threads, spin, spin_in_run == "on")
         selection = select_variant(variant, spec, choose_providers(providers))
         self._repo, self._options = repo, options
-        self._single = _session_options(1, spin, spin_in_run)
+        self._single = _session_options(1, spin, spin_in_run == "on")
         self.session = self._open(selection.parts.get(TRUNK, selection.file), selection)
         active = self.session.get_providers()
         if not check_providers(providers, variant, selection, active):
@@ -209,13 +212,21 @@ class Encoder:
         self._bind_device = "cuda" if self.provider in GPU_PROVIDERS else None
         self.branch_names = sorted(self.parts.branches) if self.parts else [EMBEDDING]
         self.replicas = self._open_replicas(replicas, intra_op_threads)
+        self._spinning: Graphs | None = None  # the same sessions, spinning within a run
+        self._chooser: SpinChooser | None = None
+        if spin_in_run == "auto" and not spin and self._chooses_spin(intra_op_threads):
+            self._spin_options = _session_options(intra_op_threads, False, True)
+            self._spinning = self._open_graphs(self._spin_options)
+            self._chooser = SpinChooser()
         log.info(
-            "encoder %s variant %s (%s) on %s, %s single-thread replicas",
+            "encoder %s variant %s (%s) on %s, %s single-thread replicas, threads spin "
+            "within a run: %s",
             spec.name,
             self.variant,
             selection.reason,
             self.provider,
             len(self.replicas.copies) if self.replicas else "no",
+            "when faster" if self._chooser else spin_in_run if spin_in_run != "auto" else "off",
         )
 
     def with_branches(self, spec: EncoderSpec) -> Encoder:
@@ -239,6 +250,9 @@ class Encoder:
                     if g.parts is not None
                 ]
             )
+        if self._spinning is not None and self._spinning.parts is not None:
+            parts = self._branches(self._spinning.parts, files, self._spin_options)
+            copy._spinning = Graphs(self._spinning.main, parts)
         return copy
 
     def _branches(
@@ -266,17 +280,21 @@ class Encoder:
         count = replica_count(requested, intra_op_threads)
         if self.provider != CPU or count < 2:
             return None
+        return Replicas([self._open_graphs(self._single) for _ in range(count)])
+
+    def _chooses_spin(self, intra_op_threads: int) -> bool:
+        """Whether there is a choice: a CPU session with more than one thread."""
+        return self.provider == CPU and (intra_op_threads or physical_cores()) > 1
+
+    def _open_graphs(self, options: ort.SessionOptions) -> Graphs:
+        """Another copy of the selected variant's sessions, opened with `options`."""
         parts, selection = self._selection.parts, self._selection
-
-        def copy() -> Graphs:
-            main = self._open(parts.get(TRUNK, selection.file), selection, self._single)
-            if not parts:
-                return Graphs(main, None)
-            names = [n for n in parts if n != TRUNK]
-            branches = {n: self._open(parts[n], selection, self._single) for n in names}
-            return Graphs(main, BranchSessions(main, branches))
-
-        return Replicas([copy() for _ in range(count)])
+        main = self._open(parts.get(TRUNK, selection.file), selection, options)
+        if not parts:
+            return Graphs(main, None)
+        names = [n for n in parts if n != TRUNK]
+        branches = {n: self._open(parts[n], selection, options) for n in names}
+        return Graphs(main, BranchSessions(main, branches))
 
     def close(self) -> None:
         """Stop the replicas' threads, shared with the copies `with_branches` made: call it
@@ -388,9 +406,24 @@ class Encoder:
         """`run` over the chunk's rows: at once on the multi-thread session when it is
         small, else in contiguous slices (lengths ascend) at once, one per replica."""
         if self.replicas is None or len(chunk) < MIN_REPLICA_ROWS:
-            return [(chunk, run(Graphs(self.session, self.parts), chunk))]
+            return [(chunk, self._run_multi_thread(chunk, len(chunk) * max(lengths), run))]
         pieces = [chunk[s] for s in slices(lengths, len(self.replicas.copies))]
         return list(zip(pieces, self.replicas.map(run, pieces), strict=True))
+
+    def _run_multi_thread(
+        self,
+        chunk: list[int],
+        padded: int,
+        run: Callable[[Graphs, list[int]], dict[str, BranchOutput]],
+    ) -> dict[str, BranchOutput]:
+        """`run` on the multi-thread session, spinning or not as `SpinChooser` says."""
+        if self._chooser is None or self._spinning is None:
+            return run(Graphs(self.session, self.parts), chunk)
+        spin = self._chooser.spin(padded)
+        start = time.perf_counter()
+        result = run(self._spinning if spin else Graphs(self.session, self.parts), chunk)
+        self._chooser.record(padded, spin, time.perf_counter() - start)
+        return result
 
     def _run(
         self, graphs: Graphs, batch: list[Encoding], wants: Mapping[str, Want]

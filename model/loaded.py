@@ -11,6 +11,7 @@ from typing import Protocol
 from model.encoder import Encoder, Floats
 from model.heads import Head, load_heads
 from model.manifest import Manifest, load_manifest
+from model.spin import SpinInRun
 
 
 class LoadSettings(Protocol):
@@ -27,7 +28,7 @@ class LoadSettings(Protocol):
     @property
     def ort_spin(self) -> bool: ...
     @property
-    def ort_spin_in_run(self) -> bool: ...
+    def ort_spin_in_run(self) -> SpinInRun: ...
     @property
     def encoder_replicas(self) -> int: ...
 

@@ -74,6 +74,19 @@ def env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{PREFIX}{name}={raw!r} is not one of {words}")
 
 
+def env_on_off_auto(env: Mapping[str, str], name: str, default: str) -> str:
+    """The variable as "on", "off" (any word `env_bool` takes) or "auto"."""
+    raw = env.get(PREFIX + name, "").strip().lower()
+    if not raw:
+        return default
+    if raw == "auto":
+        return "auto"
+    if raw in TRUE_WORDS + FALSE_WORDS:
+        return "on" if raw in TRUE_WORDS else "off"
+    words = "/".join((*TRUE_WORDS, *FALSE_WORDS, "auto"))
+    raise SettingsError(f"{PREFIX}{name}={raw!r} is not one of {words}")
+
+
 def env_list(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
     """The variable as a comma-separated list of non-empty items."""
     raw = env.get(PREFIX + name, "").strip()

@@ -8,10 +8,19 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
+from model.spin import SpinInRun
 from router.connection import RedisSettings
 from router.payload import PayloadCipher, load_cipher
-from taskmux.config import SettingsError, env_bool, env_int, env_list, env_str
+from taskmux.config import (
+    SettingsError,
+    env_bool,
+    env_int,
+    env_list,
+    env_on_off_auto,
+    env_str,
+)
 from taskmux.tracing import TraceSettings
 
 
@@ -39,11 +48,12 @@ class WorkerSettings:
     # its cores to itself and wants the last fraction of a millisecond per call.
     ort_spin: bool = False
     # Whether they busy-wait within a run only (between one operator's parallel part and
-    # the next), stopping as soon as it returns: a small batch pays no thread wake-ups and
-    # nothing spins between batches. Off: when another job shared the cores it was much
-    # slower (bench/ab.py, one mixed-length text per call: p50 +8 ms), likely as a
-    # spinning thread waited on a descheduled peer. For workers with cores of their own.
-    ort_spin_in_run: bool = False
+    # the next), stopping as soon as it returns, so a small batch pays no thread wake-ups
+    # and nothing spins between batches. That is faster while the encoder has the cores
+    # to itself and slower when another process takes one (a spinning thread waits on a
+    # descheduled peer), so "auto" opens the multi-thread session both ways and runs each
+    # batch the way that has been faster lately (`model/spin.py`); "on" always, "off" never.
+    ort_spin_in_run: SpinInRun = "auto"
     # Single-thread copies of the encoder that run a big batch in slices at once, on a CPU
     # (GPU: none): 0 one per intra-op thread (at most 4), 1 none. Each holds another copy of the
     # weights; set 1 where memory is tight or the worker has one core.
@@ -101,7 +111,9 @@ class WorkerSettings:
             encoder_variant=env_str(env, "ENCODER_VARIANT", default.encoder_variant),
             intra_op_threads=env_int(env, "INTRA_OP_THREADS", default.intra_op_threads),
             ort_spin=env_bool(env, "ORT_SPIN", default.ort_spin),
-            ort_spin_in_run=env_bool(env, "ORT_SPIN_IN_RUN", default.ort_spin_in_run),
+            ort_spin_in_run=cast(
+                SpinInRun, env_on_off_auto(env, "ORT_SPIN_IN_RUN", default.ort_spin_in_run)
+            ),
             encoder_replicas=env_int(
                 env, "ENCODER_REPLICAS", default.encoder_replicas, maximum=MAX_REPLICAS
             ),

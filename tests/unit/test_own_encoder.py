@@ -141,7 +141,7 @@ class CpuSettings:
     intra_op_threads: int = 1
     encoder_variant: str = "fp32"
     ort_spin: bool = False
-    ort_spin_in_run: bool = False
+    ort_spin_in_run: str = "off"
     encoder_replicas: int = 0  # the worker's default (auto)
 
 

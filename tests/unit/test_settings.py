@@ -29,8 +29,13 @@ def test_values_are_read_and_typed() -> None:
     assert not worker.ort_spin
     assert WorkerSettings.from_env({"TASKMUX_ORT_SPIN": "True"}).ort_spin
     assert not WorkerSettings.from_env({"TASKMUX_ORT_SPIN": "off"}).ort_spin
-    assert not worker.ort_spin_in_run
-    assert WorkerSettings.from_env({"TASKMUX_ORT_SPIN_IN_RUN": "1"}).ort_spin_in_run
+    assert worker.ort_spin_in_run == "auto"
+    for raw, value in (("1", "on"), ("Off", "off"), ("AUTO", "auto")):
+        assert WorkerSettings.from_env({"TASKMUX_ORT_SPIN_IN_RUN": raw}).ort_spin_in_run == value
+    with pytest.raises(
+        SettingsError, match=r"TASKMUX_ORT_SPIN_IN_RUN='sometimes' is not one of .*/off/auto"
+    ):
+        WorkerSettings.from_env({"TASKMUX_ORT_SPIN_IN_RUN": "sometimes"})
 
 
 def test_a_yes_no_setting_refuses_other_words() -> None:
