@@ -331,6 +331,7 @@ class Encoder:
         min_padding_efficiency: float = MIN_PADDING_EFFICIENCY,
         encodings: Mapping[str, Encoding] | None = None,
         branches: Mapping[str, BranchRows] | None = None,
+        alone: bool = False,
     ) -> Encoded:
         """One pass: pooled vectors for all texts, per-token states for `token_rows`.
 
@@ -341,6 +342,9 @@ class Encoder:
         to size its batches); the rest are tokenized here. `branches` names the rows each
         branch computes (default: the embedding branch for every row, tokens for
         `token_rows`); the trunk of a split encoder runs once for all of them.
+        `alone`: a caller waits on this pass with nothing else for the cores to do (a
+        worker's lone small batch), so the multi-thread session may spin within its runs
+        (`model/spin.py`); under load the cores spinning would take belong to others.
         """
         known = encodings or {}
         missing = [t for t in texts if t not in known]
@@ -368,7 +372,8 @@ class Encoder:
             order, tokens, max_batch_tokens, max_batch_rows, min_padding_efficiency
         ):
             batch = [tokens[i] for i in chunk]
-            for rows, result in self._run_chunk(chunk, [len(e.ids) for e in batch], run):
+            lengths = [len(e.ids) for e in batch]
+            for rows, result in self._run_chunk(chunk, lengths, run, alone=alone):
                 for name, out in result.items():
                     if out.pooled.shape[0] != len(out.rows):
                         raise RuntimeError(
@@ -402,11 +407,14 @@ class Encoder:
         chunk: list[int],
         lengths: list[int],
         run: Callable[[Graphs, list[int]], dict[str, BranchOutput]],
+        *,
+        alone: bool,
     ) -> list[tuple[list[int], dict[str, BranchOutput]]]:
         """`run` over the chunk's rows: at once on the multi-thread session when it is
         small, else in contiguous slices (lengths ascend) at once, one per replica."""
         if self.replicas is None or len(chunk) < MIN_REPLICA_ROWS:
-            return [(chunk, self._run_multi_thread(chunk, len(chunk) * max(lengths), run))]
+            padded = len(chunk) * max(lengths)
+            return [(chunk, self._run_multi_thread(chunk, padded, run, alone=alone))]
         pieces = [chunk[s] for s in slices(lengths, len(self.replicas.copies))]
         return list(zip(pieces, self.replicas.map(run, pieces), strict=True))
 
@@ -415,9 +423,12 @@ class Encoder:
         chunk: list[int],
         padded: int,
         run: Callable[[Graphs, list[int]], dict[str, BranchOutput]],
+        *,
+        alone: bool,
     ) -> dict[str, BranchOutput]:
-        """`run` on the multi-thread session, spinning or not as `SpinChooser` says."""
-        if self._chooser is None or self._spinning is None:
+        """`run` on the multi-thread session; a batch run `alone` spins within the run or
+        not as `SpinChooser` says."""
+        if not alone or self._chooser is None or self._spinning is None:
             return run(Graphs(self.session, self.parts), chunk)
         spin = self._chooser.spin(padded)
         start = time.perf_counter()

@@ -51,8 +51,10 @@ def compute(
     max_batch_rows: int,
     now_ms: int | None = None,
     encodings: Mapping[str, Encoding] | None = None,
+    alone: bool = False,
 ) -> BatchResult:
-    """One reply per job. Expired and invalid jobs are answered without the encoder."""
+    """One reply per job. Expired and invalid jobs are answered without the encoder.
+    `alone`: nothing else waits for the cores (`Encoder.encode_full`)."""
     now = int(time.time() * 1000) if now_ms is None else now_ms
     replies: list[Reply | None] = [_refusal(model, job, now) for job in jobs]
     problems = [""] * len(jobs)
@@ -82,6 +84,7 @@ def compute(
                 max_batch_rows=max_batch_rows,
                 encodings=encodings,
                 branches=branch_rows(needs.values(), row_of),
+                alone=alone,
             )
             others = {b: l2_normalize(f.pooled) for b, f in encoded.branches.items()}
             view = BatchView(l2_normalize(encoded.pooled), encoded, row_of, others)

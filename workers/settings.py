@@ -51,8 +51,9 @@ class WorkerSettings:
     # the next), stopping as soon as it returns, so a small batch pays no thread wake-ups
     # and nothing spins between batches. That is faster while the encoder has the cores
     # to itself and slower when another process takes one (a spinning thread waits on a
-    # descheduled peer), so "auto" opens the multi-thread session both ways and runs each
-    # batch the way that has been faster lately (`model/spin.py`); "on" always, "off" never.
+    # descheduled peer), so "auto" opens the multi-thread session both ways and runs a lone
+    # small batch the way that has been faster lately (`model/spin.py`; batches under load
+    # never spin); "on" always, "off" never.
     ort_spin_in_run: SpinInRun = "auto"
     # Single-thread copies of the encoder that run a big batch in slices at once, on a CPU
     # (GPU: none): 0 one per intra-op thread (at most 4), 1 none. Each holds another copy of the

@@ -322,6 +322,7 @@ class Worker:
             if i.pulled.job is not None
             for text, encoding in zip(i.pulled.job.texts, i.encodings, strict=False)
         }
+        inline = self._outbox.empty() and computes_inline(items, len(self.held) - self._writing)
         run = functools.partial(
             compute,
             self.model,
@@ -329,10 +330,10 @@ class Worker:
             max_batch_tokens=self.settings.max_batch_tokens,
             max_batch_rows=self.settings.max_batch_rows,
             encodings=encodings,
+            alone=inline,
         )
         self.metrics.busy.set(1)
         try:
-            inline = self._outbox.empty() and computes_inline(items, len(self.held) - self._writing)
             result = run() if inline else await asyncio.to_thread(run)
         finally:
             self.metrics.busy.set(0)

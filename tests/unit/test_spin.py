@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.encoder import Encoder, l2_normalize
+from model.encoder import BranchRows, Encoder, l2_normalize
 from model.manifest import EMBEDDING, MULTITASK, EncoderSpec, load_manifest
 from model.spin import EXPLORE_EVERY, MIN_SAMPLES, WINDOW, SpinChooser
 
@@ -95,9 +95,18 @@ def test_the_encoder_runs_small_batches_both_ways_with_the_same_vectors(
     assert chosen._chooser is not None and chosen._spinning is not None
     spun_before = _runs(chosen._chooser, spin=True)
     for _ in range(2 * MIN_SAMPLES + 2):
-        _same(chosen.encode(texts)[0], expected)
+        _same(chosen.encode_full(texts, alone=True).pooled, expected)
     assert _runs(chosen._chooser, spin=True) > spun_before
     assert _runs(chosen._chooser, spin=False) >= MIN_SAMPLES
+
+
+def test_batches_not_run_alone_never_spin(chosen: Encoder) -> None:
+    """Under load the cores a spinning thread would take belong to the gateway and Redis."""
+    assert chosen._chooser is not None
+    before = {key: list(times) for key, times in chosen._chooser._times.items()}
+    chosen.encode(["not alone", "nor this"])
+    after = {key: list(times) for key, times in chosen._chooser._times.items()}
+    assert after == before
 
 
 def test_new_branches_are_opened_spinning_too(chosen: Encoder, spec: EncoderSpec) -> None:
@@ -110,8 +119,11 @@ def test_new_branches_are_opened_spinning_too(chosen: Encoder, spec: EncoderSpec
     kept = served._spinning.parts.branches[EMBEDDING]
     assert kept is chosen._spinning.parts.branches[EMBEDDING]
     texts = ["one text", "and another"]
+    rows = BranchRows(range(len(texts)))
     for _ in range(2 * MIN_SAMPLES + 2):
-        _same(served.encode(texts, branch="mine")[0], chosen.encode(texts, branch=MULTITASK)[0])
+        have = served.encode_full(texts, branches={"mine": rows}, alone=True)
+        want = chosen.encode_full(texts, branches={MULTITASK: rows}, alone=True)
+        _same(have.features("mine").pooled, want.features(MULTITASK).pooled)
 
 
 @pytest.mark.parametrize("setting", ["off", "on"])
