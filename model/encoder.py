@@ -14,7 +14,9 @@ says so.
 
 On a CPU the encoder may also hold single-thread replicas of its sessions
 (`model/replicas.py`): a big batch is cut into contiguous slices run at once, one per
-replica, and small batches keep the multi-thread session.
+replica, and small batches keep the multi-thread session. A lone small batch may run on
+a second copy of that session whose threads spin within a run, when timing says that is
+faster (`model/spin.py`).
 """
 
 from __future__ import annotations
@@ -218,6 +220,7 @@ class Encoder:
             self._spin_options = _session_options(intra_op_threads, False, True)
             self._spinning = self._open_graphs(self._spin_options)
             self._chooser = SpinChooser()
+        spinning = "when faster" if self._chooser else "on" if spin_in_run == "on" else "off"
         log.info(
             "encoder %s variant %s (%s) on %s, %s single-thread replicas, threads spin "
             "within a run: %s",
@@ -226,7 +229,7 @@ class Encoder:
             selection.reason,
             self.provider,
             len(self.replicas.copies) if self.replicas else "no",
-            "when faster" if self._chooser else spin_in_run if spin_in_run != "auto" else "off",
+            spinning,
         )
 
     def with_branches(self, spec: EncoderSpec) -> Encoder:

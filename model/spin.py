@@ -26,7 +26,6 @@ from collections import deque
 from typing import Literal
 
 SpinInRun = Literal["off", "on", "auto"]
-SPIN_IN_RUN_CHOICES: tuple[SpinInRun, ...] = ("off", "on", "auto")
 
 # Recent runs kept per size and way; the median of these decides.
 WINDOW = 9
