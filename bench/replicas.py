@@ -1,5 +1,7 @@
 """What the encoder's single-thread replicas (TASKMUX_ENCODER_REPLICAS) and its second,
-spinning multi-thread session (TASKMUX_ORT_SPIN_IN_RUN=auto) cost and gain.
+spinning multi-thread session (TASKMUX_ORT_SPIN_IN_RUN=auto) cost and gain. The spinning
+session serves only a worker's lone batches, never these in-process runs, so here it shows
+its memory only; its gain at c=1 is measured through the worker by `bench/ab.py`.
 
 Each setting runs in a fresh process, the settings alternating round by round: the worker's
 own model load (`LoadedModel.load`), raw texts/s at batch 1 and 32 on short texts

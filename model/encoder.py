@@ -214,10 +214,11 @@ class Encoder:
         self._bind_device = "cuda" if self.provider in GPU_PROVIDERS else None
         self.branch_names = sorted(self.parts.branches) if self.parts else [EMBEDDING]
         self.replicas = self._open_replicas(replicas, intra_op_threads)
-        self._spinning: Graphs | None = None  # the same sessions, spinning within a run
+        # The multi-thread sessions again, spinning within a run, for `SpinChooser`.
+        self._spin_options = _session_options(intra_op_threads, False, True)
+        self._spinning: Graphs | None = None
         self._chooser: SpinChooser | None = None
         if spin_in_run == "auto" and not spin and self._chooses_spin(intra_op_threads):
-            self._spin_options = _session_options(intra_op_threads, False, True)
             self._spinning = self._open_graphs(self._spin_options)
             self._chooser = SpinChooser()
         spinning = "when faster" if self._chooser else "on" if spin_in_run == "on" else "off"

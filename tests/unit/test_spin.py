@@ -11,7 +11,7 @@ import pytest
 
 from model.encoder import BranchRows, Encoder, l2_normalize
 from model.manifest import EMBEDDING, MULTITASK, EncoderSpec, load_manifest
-from model.spin import EXPLORE_EVERY, MIN_SAMPLES, WINDOW, SpinChooser
+from model.spin import EXPLORE_EVERY, MIN_SAMPLES, WINDOW, SpinChooser, SpinInRun
 
 CPU = ["CPUExecutionProvider"]
 SMALL = 16 * 4  # padded tokens of a small batch
@@ -126,11 +126,14 @@ def test_new_branches_are_opened_spinning_too(chosen: Encoder, spec: EncoderSpec
         _same(have.features("mine").pooled, want.features(MULTITASK).pooled)
 
 
-@pytest.mark.parametrize("setting", ["off", "on"])
+FIXED: tuple[SpinInRun, ...] = ("off", "on")
+
+
+@pytest.mark.parametrize("setting", FIXED)
 def test_off_and_on_open_one_multi_thread_session(
-    model_repo: Path, spec: EncoderSpec, setting: str
+    model_repo: Path, spec: EncoderSpec, setting: SpinInRun
 ) -> None:
-    encoder = Encoder(model_repo, spec, providers=CPU, intra_op_threads=2, spin_in_run=setting)  # type: ignore[arg-type]
+    encoder = Encoder(model_repo, spec, providers=CPU, intra_op_threads=2, spin_in_run=setting)
     assert encoder._chooser is None and encoder._spinning is None
 
 
