@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,10 +38,22 @@ class LocalError(RuntimeError):
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    return free_ports(1)[0]
+
+
+def free_ports(count: int, avoid: Collection[int] = ()) -> tuple[int, ...]:
+    """`count` different TCP ports on 127.0.0.1, free right now and none of them in
+    `avoid`. Each is held bound until all are picked: picked one at a time, the kernel
+    may hand the same port out twice, and two processes told to listen on it fail."""
+    ports: list[int] = []
+    with contextlib.ExitStack() as held:
+        while len(ports) < count:
+            s = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+            if port not in avoid:
+                ports.append(port)
+    return tuple(ports)
 
 
 def redis_binary() -> str:
@@ -123,24 +135,24 @@ class Layout:
     """Where each part of a local cluster listens."""
 
     gateway_ports: tuple[int, ...]
-    worker_health_ports: tuple[int, ...]
-    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
-    # Each process serves /metrics on a port of its own.
-    gateway_metrics_ports: tuple[int, ...] = ()
-    worker_metrics_ports: tuple[int, ...] = ()
     # The OpenAI-compatible HTTP API of each gateway.
-    gateway_http_ports: tuple[int, ...] = ()
+    gateway_http_ports: tuple[int, ...]
+    # Each process serves /metrics on a port of its own.
+    gateway_metrics_ports: tuple[int, ...]
+    worker_health_ports: tuple[int, ...]
+    worker_metrics_ports: tuple[int, ...]
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
 
-    def __post_init__(self) -> None:
-        if not self.gateway_http_ports:
-            ports = tuple(free_port() for _ in self.gateway_ports)
-            object.__setattr__(self, "gateway_http_ports", ports)
-        if not self.gateway_metrics_ports:
-            ports = tuple(free_port() for _ in self.gateway_ports)
-            object.__setattr__(self, "gateway_metrics_ports", ports)
-        if not self.worker_metrics_ports:
-            ports = tuple(free_port() for _ in self.worker_health_ports)
-            object.__setattr__(self, "worker_metrics_ports", ports)
+    def ports(self) -> set[int]:
+        """Every port the layout listens on."""
+        groups = (
+            self.gateway_ports,
+            self.gateway_http_ports,
+            self.gateway_metrics_ports,
+            self.worker_health_ports,
+            self.worker_metrics_ports,
+        )
+        return {port for group in groups for port in group}
 
     @property
     def shared_port(self) -> bool:
@@ -184,18 +196,20 @@ def plan_layout(
     gateway_port: int, gateways: int, workers: int, http_port: int = DEFAULT_HTTP_PORT
 ) -> Layout:
     """One shared gateway port (and HTTP port) where the kernel balances it, else one
-    port per gateway."""
+    port per gateway. Every other port is free and different from all the rest."""
+    own = 0 if reuse_port_balances() else gateways - 1  # ports beyond the shared ones
+    fresh = iter(free_ports(2 * own + gateways + 2 * workers, avoid=(gateway_port, http_port)))
+
+    def take(count: int) -> tuple[int, ...]:
+        return tuple(next(fresh) for _ in range(count))
+
     return Layout(
-        _shared_ports(gateway_port, gateways),
-        tuple(free_port() for _ in range(workers)),
-        gateway_http_ports=_shared_ports(http_port, gateways),
+        gateway_ports=(gateway_port, *take(own)) if own else (gateway_port,) * gateways,
+        gateway_http_ports=(http_port, *take(own)) if own else (http_port,) * gateways,
+        gateway_metrics_ports=take(gateways),
+        worker_health_ports=take(workers),
+        worker_metrics_ports=take(workers),
     )
-
-
-def _shared_ports(port: int, count: int) -> tuple[int, ...]:
-    if reuse_port_balances():
-        return (port,) * count
-    return (port, *(free_port() for _ in range(count - 1)))
 
 
 def cluster_commands(
@@ -262,7 +276,7 @@ def run_local(
         valkey = None
         if not redis_url:
             data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="taskmux-")))
-            port = free_port()
+            (port,) = free_ports(1, avoid=layout.ports())
             redis_url = f"redis://127.0.0.1:{port}/0"
             # Restarted with the same port and folder, it replays its append-only file.
             argv = redis_command(port, data_dir, appendonly=True)
