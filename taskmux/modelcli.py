@@ -53,6 +53,10 @@ def add_multitask_command(msub: Any) -> None:
         "--epoch-choice", choices=("joint", "written"), default="joint",
         help="keep the epoch whose joint heads (default) or written heads validate best",
     )  # fmt: skip
+    train.add_argument(
+        "--ema", type=float, default=0.0, metavar="DECAY",
+        help="validate and write a moving average of the weights with this decay (0: off)",
+    )  # fmt: skip
     train.add_argument("--tiny", action="store_true", help="a few steps on a few rows (smoke)")
     train.add_argument(
         "--refit-only", action="store_true",
@@ -80,7 +84,7 @@ def _model_train_multitask(args: argparse.Namespace) -> int:
     recipe = Recipe(
         seed=args.seed, epochs=args.epochs, branch_layer=args.branch_layer,
         log_every=2 if args.tiny else 25, topic_passes=args.topic_passes,
-        epoch_choice=args.epoch_choice,
+        epoch_choice=args.epoch_choice, ema=args.ema,
     )  # fmt: skip
     run: Callable[..., dict[str, Any]] = train_multitask
     if args.tiny:

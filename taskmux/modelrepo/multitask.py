@@ -23,11 +23,12 @@ L2-normalised state; so `model.heads` serves them unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,47 @@ class Recipe:
     # with. The joint figure undercounts a refitted head most at early epochs (entities:
     # 0.763 joint against 0.830 refitted at epoch 1 of a 2-pass topic run).
     epoch_choice: str = "joint"
+    # Decay of an exponential moving average of the trained weights (Polyak averaging;
+    # 0: off). When set, what each epoch validates, keeps and writes is the average. The
+    # decay at step t is at most (1 + t) / (10 + t) (`Average`), so in a run of a few
+    # thousand steps the average spans roughly its last tenth. Tried at 0.999 (2026-12-06,
+    # 2 epochs): the mean validation rule kept epoch 1's average, where sentiment (0.857
+    # against 0.841), out-of-scope recall (0.88 against 0.82) and topic (0.8975 against
+    # 0.895) beat the committed run's validation but entities' refitted head fell to 0.832
+    # (0.838): not the default.
+    ema: float = 0.0
+
+
+class Average:
+    """An exponential moving average of a net's trainable weights. Early steps use a
+    smaller decay ((1 + t) / (10 + t)), so the random initial heads fade out at once."""
+
+    def __init__(self, net: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.steps = 0
+        self.params = [p for p in net.parameters() if p.requires_grad]
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    def update(self) -> None:
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        with torch.no_grad():
+            for average, param in zip(self.shadow, self.params, strict=True):
+                average.mul_(decay).add_(param, alpha=1 - decay)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """The net holds the averaged weights inside the block, its own after it."""
+        with torch.no_grad():
+            own = [p.detach().clone() for p in self.params]
+            for param, average in zip(self.params, self.shadow, strict=True):
+                param.copy_(average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, mine in zip(self.params, own, strict=True):
+                    param.copy_(mine)
 
 
 class Net(torch.nn.Module):
@@ -240,6 +282,7 @@ def train(tasks: Sequence[Task], recipe: Recipe, emit: Callable[[str], None]) ->
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(total, recipe.warmup))
     progress = Progress(total, recipe.log_every, time.monotonic(), {})
+    average = Average(net, recipe.ema) if recipe.ema else None
     best: tuple[float, int, dict[str, Any], dict[str, Validation]] | None = None
     epochs: list[tuple[dict[str, Any], dict[str, Validation]]] = []
     done = 0
@@ -257,13 +300,16 @@ def train(tasks: Sequence[Task], recipe: Recipe, emit: Callable[[str], None]) ->
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             scheduler.step()
+            if average is not None:
+                average.update()
             done += 1
             progress.step(done, task.name, loss.item(), emit)
-        net.eval()
-        validation = validate(net, tasks, emit)
+        with average.applied() if average is not None else contextlib.nullcontext():
+            net.eval()
+            validation = validate(net, tasks, emit)
+            epochs.append((copy.deepcopy(net.state_dict()), validation))
         score = overall(validation)
         emit(f"epoch {epoch}: mean validation score {score:.4f}")
-        epochs.append((copy.deepcopy(net.state_dict()), validation))
         if best is None or score > best[0]:
             best = (score, epoch, epochs[-1][0], validation)
     assert best is not None

@@ -65,6 +65,8 @@ def _how(manifest: Manifest, meta: dict[str, Any]) -> list[str]:
     flags += f" --topic-passes {passes}" if passes != 1 else ""
     choice = str(recipe.get("epoch_choice", "joint"))
     flags += f" --epoch-choice {choice}" if choice != "joint" else ""
+    ema = float(recipe.get("ema", 0.0))
+    flags += f" --ema {ema}" if ema else ""
     minutes = float(meta.get("train_seconds", 0.0)) / 60
     return [
         f"The encoder is cut after layer {enc.branch_layer}: a shared trunk (the original "
