@@ -54,7 +54,7 @@ def add_multitask_command(msub: Any) -> None:
         help="keep the epoch whose joint heads (default) or written heads validate best",
     )  # fmt: skip
     train.add_argument(
-        "--ema", type=float, default=0.0, metavar="DECAY",
+        "--ema", type=_decay, default=0.0, metavar="DECAY",
         help="validate and write a moving average of the weights with this decay (0: off)",
     )  # fmt: skip
     train.add_argument("--tiny", action="store_true", help="a few steps on a few rows (smoke)")
@@ -67,6 +67,17 @@ def add_multitask_command(msub: Any) -> None:
         help="only record the held-out figures of the run in --out into its head.json files",
     )  # fmt: skip
     train.set_defaults(func=_model_train_multitask)
+
+
+def _decay(value: str) -> float:
+    """A moving average's decay: at least 0 (off) and below 1."""
+    try:
+        decay = float(value)
+    except ValueError:
+        decay = -1.0
+    if not 0 <= decay < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a decay: give 0 (off) up to below 1")
+    return decay
 
 
 def _model_train_multitask(args: argparse.Namespace) -> int:

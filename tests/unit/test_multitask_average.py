@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from taskmux.cli import main
 from taskmux.modelrepo.multitask import Average
 
 
@@ -46,3 +48,10 @@ def test_the_net_gets_its_own_weights_back_even_when_the_block_fails() -> None:
     except RuntimeError:
         pass
     assert torch.allclose(net[1].bias, own)
+
+
+def test_the_flag_refuses_a_decay_outside_zero_to_one(capsys: pytest.CaptureFixture[str]) -> None:
+    for bad in ("1", "-0.1", "many"):
+        with pytest.raises(SystemExit):
+            main(["model", "train-multitask", "--ema", bad, "--tiny"])
+        assert "is not a decay: give 0 (off) up to below 1" in capsys.readouterr().err
