@@ -71,12 +71,13 @@ def add_multitask_command(msub: Any) -> None:
 
 def _decay(value: str) -> float:
     """A moving average's decay: at least 0 (off) and below 1."""
+    refusal = argparse.ArgumentTypeError(f"{value} is not a decay: give 0 (off) up to below 1")
     try:
         decay = float(value)
     except ValueError:
-        decay = -1.0
+        raise refusal from None
     if not 0 <= decay < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a decay: give 0 (off) up to below 1")
+        raise refusal
     return decay
 
 
