@@ -41,12 +41,9 @@ def test_the_net_gets_its_own_weights_back_even_when_the_block_fails() -> None:
     with torch.no_grad():
         net[1].bias.fill_(3.0)
     own = net[1].bias.detach().clone()
-    try:
-        with average.applied():
-            assert not torch.allclose(net[1].bias, own)
-            raise RuntimeError("validation failed")
-    except RuntimeError:
-        pass
+    with pytest.raises(RuntimeError, match="validation failed"), average.applied():
+        assert not torch.allclose(net[1].bias, own)
+        raise RuntimeError("validation failed")
     assert torch.allclose(net[1].bias, own)
 
 
