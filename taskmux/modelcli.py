@@ -46,8 +46,12 @@ def add_multitask_command(msub: Any) -> None:
         help="N training texts of each other task taught to the intent head as oos",
     )  # fmt: skip
     train.add_argument(
-        "--topic-passes", type=int, default=1, metavar="N",
+        "--topic-passes", type=_passes, default=1, metavar="N",
         help="passes over the topic training rows per epoch",
+    )  # fmt: skip
+    train.add_argument(
+        "--entities-passes", type=_passes, default=1, metavar="N",
+        help="passes over the entities training rows per epoch",
     )  # fmt: skip
     train.add_argument(
         "--epoch-choice", choices=("joint", "written"), default="joint",
@@ -67,6 +71,13 @@ def add_multitask_command(msub: Any) -> None:
         help="only record the held-out figures of the run in --out into its head.json files",
     )  # fmt: skip
     train.set_defaults(func=_model_train_multitask)
+
+
+def _passes(value: str) -> int:
+    """Passes over a task's rows per epoch: a whole number, at least 1."""
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a number of passes: give 1 or more")
+    return int(value)
 
 
 def _decay(value: str) -> float:
@@ -96,6 +107,7 @@ def _model_train_multitask(args: argparse.Namespace) -> int:
     recipe = Recipe(
         seed=args.seed, epochs=args.epochs, branch_layer=args.branch_layer,
         log_every=2 if args.tiny else 25, topic_passes=args.topic_passes,
+        entities_passes=args.entities_passes,
         epoch_choice=args.epoch_choice, ema=args.ema,
     )  # fmt: skip
     run: Callable[..., dict[str, Any]] = train_multitask

@@ -63,6 +63,8 @@ def _how(manifest: Manifest, meta: dict[str, Any]) -> list[str]:
     flags = f" --oos-borrowed {lent}" if lent else ""
     passes = int(recipe.get("topic_passes", 1))
     flags += f" --topic-passes {passes}" if passes != 1 else ""
+    passes = int(recipe.get("entities_passes", 1))
+    flags += f" --entities-passes {passes}" if passes != 1 else ""
     choice = str(recipe.get("epoch_choice", "joint"))
     flags += f" --epoch-choice {choice}" if choice != "joint" else ""
     ema = float(recipe.get("ema", 0.0))

@@ -1,13 +1,15 @@
 """The training schedule: every task's rows once per epoch, the topic rows `topic_passes`
-times."""
+times and the entities rows `entities_passes` times."""
 
 from __future__ import annotations
 
 from collections import Counter
 
 import numpy as np
+import pytest
 from taskmux_api.kinds import HeadKind
 
+from taskmux.cli import main
 from taskmux.modelrepo.build import source_model_dir
 from taskmux.modelrepo.multitask import Recipe, schedule
 from taskmux.modelrepo.multitask_data import Task, TaskRows, load_tokenizer
@@ -20,10 +22,12 @@ def _task(name: str, rows: int) -> Task:
     return Task(name, HeadKind.CLASSIFICATION, ("a", "b"), data, data)
 
 
-def _rows_seen(topic_passes: int) -> dict[int, Counter[int]]:
-    tasks = [_task("sentiment", 40), _task("topic", 24)]
-    recipe = Recipe(batch_size=8, window=2, topic_passes=topic_passes)
-    seen: dict[int, Counter[int]] = {0: Counter(), 1: Counter()}
+def _rows_seen(topic_passes: int, entities_passes: int = 1) -> dict[int, Counter[int]]:
+    tasks = [_task("sentiment", 40), _task("topic", 24), _task("entities", 16)]
+    recipe = Recipe(
+        batch_size=8, window=2, topic_passes=topic_passes, entities_passes=entities_passes
+    )
+    seen: dict[int, Counter[int]] = {0: Counter(), 1: Counter(), 2: Counter()}
     for t, rows in schedule(tasks, recipe, np.random.default_rng(0)):
         seen[t].update(rows)
     return seen
@@ -32,9 +36,24 @@ def _rows_seen(topic_passes: int) -> dict[int, Counter[int]]:
 def test_each_row_once_per_epoch_by_default() -> None:
     seen = _rows_seen(1)
     assert seen[0] == Counter(range(40)) and seen[1] == Counter(range(24))
+    assert seen[2] == Counter(range(16))
 
 
 def test_topic_rows_are_seen_topic_passes_times_and_the_others_once() -> None:
     seen = _rows_seen(2)
     assert seen[0] == Counter(range(40))
     assert seen[1] == Counter({k: 2 for k in range(24)})
+
+
+def test_entities_rows_are_seen_entities_passes_times() -> None:
+    seen = _rows_seen(1, entities_passes=3)
+    assert seen[0] == Counter(range(40)) and seen[1] == Counter(range(24))
+    assert seen[2] == Counter({k: 3 for k in range(16)})
+
+
+def test_the_passes_flags_refuse_less_than_one_pass(capsys: pytest.CaptureFixture[str]) -> None:
+    for flag in ("--topic-passes", "--entities-passes"):
+        for bad in ("0", "-1", "two"):
+            with pytest.raises(SystemExit):
+                main(["model", "train-multitask", flag, bad, "--tiny"])
+            assert "is not a number of passes: give 1 or more" in capsys.readouterr().err
