@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import shutil
 import socket
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,24 +37,52 @@ class LocalError(RuntimeError):
     """A local component could not be started."""
 
 
+# Listening ports are picked below the kernel's ephemeral range, from this port up. A port
+# in that range can be taken between the pick and the listener's bind by any outgoing
+# connection's local end, even by a client polling that very port (TCP self-connect); the
+# gateway then fails to bind (rehearsal failure, 2026-12-06: 127.0.0.1:34433).
+LISTEN_PORTS_FROM = 10000
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now."""
     return free_ports(1)[0]
 
 
 def free_ports(count: int, avoid: Collection[int] = ()) -> tuple[int, ...]:
-    """`count` different TCP ports on 127.0.0.1, free right now and none of them in
-    `avoid`. Each is held bound until all are picked: picked one at a time, the kernel
-    may hand the same port out twice, and two processes told to listen on it fail."""
+    """`count` different TCP ports on 127.0.0.1, free right now, none of them in `avoid`,
+    and outside the ephemeral range where the system has one. Each is held bound until
+    all are picked: picked one at a time, the same port could be handed out twice, and
+    two processes told to listen on it fail."""
+    candidates = listen_port_candidates()
     ports: list[int] = []
     with contextlib.ExitStack() as held:
         while len(ports) < count:
             s = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            s.bind(("127.0.0.1", 0))
-            port: int = s.getsockname()[1]
+            port: int = next(candidates, 0)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                if not port:
+                    raise
+                continue  # taken: the next candidate
+            port = s.getsockname()[1]
             if port not in avoid:
                 ports.append(port)
     return tuple(ports)
+
+
+def listen_port_candidates() -> Iterator[int]:
+    """Ports below the ephemeral range in random order; none (the kernel picks, port 0)
+    where that range is unknown or starts too low to leave room."""
+    try:
+        low = int(EPHEMERAL_RANGE.read_text(encoding="ascii").split()[0])
+    except (OSError, ValueError, IndexError):
+        return iter(())
+    ports = list(range(LISTEN_PORTS_FROM, low))
+    random.SystemRandom().shuffle(ports)
+    return iter(ports)
 
 
 def redis_binary() -> str:

@@ -5,6 +5,7 @@ at every restart)."""
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,34 @@ def test_ports_picked_together_are_different_free_and_avoid_what_is_taken() -> N
     for port in ports[:8]:  # free: each can be bound now
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("127.0.0.1", port))
+
+
+def test_ports_are_picked_below_the_ephemeral_range() -> None:
+    # Outgoing connections take their local ports from that range, so a port picked there
+    # can be taken before its listener binds it.
+    low, _ = map(int, local.EPHEMERAL_RANGE.read_text().split())
+    assert low > local.LISTEN_PORTS_FROM
+    ports = local.free_ports(64)
+    assert all(local.LISTEN_PORTS_FROM <= p < low for p in ports)
+
+
+def test_without_a_known_ephemeral_range_the_kernel_picks(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(local, "EPHEMERAL_RANGE", tmp_path / "absent")
+    assert list(local.listen_port_candidates()) == []
+    ports = local.free_ports(4)
+    assert len(set(ports)) == 4 and all(p > 0 for p in ports)
+
+
+def test_a_taken_candidate_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        busy = taken.getsockname()[1]
+        taken.listen()
+        monkeypatch.setattr(local, "listen_port_candidates", lambda: iter([busy]))
+        (port,) = local.free_ports(1)
+    assert port != busy
 
 
 @pytest.mark.parametrize("balances", [True, False])
