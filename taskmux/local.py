@@ -73,16 +73,16 @@ def free_ports(count: int, avoid: Collection[int] = ()) -> tuple[int, ...]:
     return tuple(ports)
 
 
-def listen_port_candidates() -> Iterator[int]:
-    """Ports below the ephemeral range in random order; none (the kernel picks, port 0)
-    where that range is unknown or starts too low to leave room."""
+def listen_port_candidates(tries: int = 256) -> Iterator[int]:
+    """`tries` random ports below the ephemeral range (a taken one is skipped); none (the
+    kernel picks, port 0) where that range is unknown or leaves no room below it."""
     try:
         low = int(EPHEMERAL_RANGE.read_text(encoding="ascii").split()[0])
     except (OSError, ValueError, IndexError):
-        return iter(())
-    ports = list(range(LISTEN_PORTS_FROM, low))
-    random.SystemRandom().shuffle(ports)
-    return iter(ports)
+        return
+    rng = random.Random()  # seeded by the OS: processes picking at once draw differently
+    for _ in range(tries if low > LISTEN_PORTS_FROM else 0):
+        yield rng.randrange(LISTEN_PORTS_FROM, low)
 
 
 def redis_binary() -> str:
