@@ -59,15 +59,16 @@ def free_ports(count: int, avoid: Collection[int] = ()) -> tuple[int, ...]:
     ports: list[int] = []
     with contextlib.ExitStack() as held:
         while len(ports) < count:
-            s = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             port: int = next(candidates, 0)
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
+                s.close()
                 if not port:
                     raise
                 continue  # taken: the next candidate
-            port = s.getsockname()[1]
+            port = held.enter_context(s).getsockname()[1]
             if port not in avoid:
                 ports.append(port)
     return tuple(ports)
