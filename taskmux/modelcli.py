@@ -17,6 +17,7 @@ from taskmux.progress import Steps
 
 if TYPE_CHECKING:
     from model.manifest import EncoderSpec, Manifest
+    from taskmux.modelrepo.multitask import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -46,20 +47,21 @@ def add_multitask_command(msub: Any) -> None:
         help="N training texts of each other task taught to the intent head as oos",
     )  # fmt: skip
     train.add_argument(
-        "--topic-passes", type=_passes, default=1, metavar="N",
-        help="passes over the topic training rows per epoch",
+        "--topic-passes", type=_passes, metavar="N",
+        help="passes over the topic training rows per epoch (default: the recipe's)",
     )  # fmt: skip
     train.add_argument(
-        "--entities-passes", type=_passes, default=1, metavar="N",
-        help="passes over the entities training rows per epoch",
+        "--entities-passes", type=_passes, metavar="N",
+        help="passes over the entities training rows per epoch (default: the recipe's)",
     )  # fmt: skip
     train.add_argument(
         "--epoch-choice", choices=("joint", "written"), default="joint",
         help="keep the epoch whose joint heads (default) or written heads validate best",
     )  # fmt: skip
     train.add_argument(
-        "--ema", type=_decay, default=0.0, metavar="DECAY",
-        help="validate and write a moving average of the weights with this decay (0: off)",
+        "--ema", type=_decay, metavar="DECAY",
+        help="validate and write a moving average of the weights with this decay "
+        "(0: off; default: the recipe's)",
     )  # fmt: skip
     train.add_argument("--tiny", action="store_true", help="a few steps on a few rows (smoke)")
     train.add_argument(
@@ -92,24 +94,27 @@ def _decay(value: str) -> float:
     return decay
 
 
+def multitask_recipe(args: argparse.Namespace) -> Recipe:
+    """The run's recipe: flags left out keep the Recipe's defaults (the committed branch's)."""
+    from taskmux.modelrepo.multitask import Recipe
+
+    given = {"topic_passes": args.topic_passes, "entities_passes": args.entities_passes,
+             "ema": args.ema}  # fmt: skip
+    return Recipe(
+        seed=args.seed, epochs=args.epochs, branch_layer=args.branch_layer,
+        log_every=2 if args.tiny else 25, epoch_choice=args.epoch_choice,
+        **{name: value for name, value in given.items() if value is not None},
+    )  # fmt: skip
+
+
 def _model_train_multitask(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from taskmux.modelrepo.multitask import (
-        Recipe,
-        heldout_written,
-        refit_written,
-        train_multitask,
-    )
+    from taskmux.modelrepo.multitask import heldout_written, refit_written, train_multitask
     from taskmux.modelrepo.multitask_data import TINY, Sizes
     from taskmux.modelrepo.multitask_store import MULTITASK_DIR
 
-    recipe = Recipe(
-        seed=args.seed, epochs=args.epochs, branch_layer=args.branch_layer,
-        log_every=2 if args.tiny else 25, topic_passes=args.topic_passes,
-        entities_passes=args.entities_passes,
-        epoch_choice=args.epoch_choice, ema=args.ema,
-    )  # fmt: skip
+    recipe = multitask_recipe(args)
     run: Callable[..., dict[str, Any]] = train_multitask
     if args.tiny:
         run = partial(train_multitask, score_heldout=False)

@@ -87,8 +87,9 @@ def _how(manifest: Manifest, meta: dict[str, Any]) -> list[str]:
         f"task each, shuffled together; {minutes:.0f} min on a shared 2-core CPU; epoch "
         f"{meta.get('epoch_kept', '?')} kept by validation). Second stage: "
         + "; ".join(f"{name}: {form}" for name, form in meta.get("heads", {}).items())
-        + " (`joint`: the linear head trained with the branch; otherwise an MLP refitted on "
-        "the trained branch's outputs, kept because it validated better).",
+        + " (`joint`: the linear head trained with the branch; otherwise a head refitted on "
+        "the trained branch's outputs, kept because it validated better)."
+        + (f" {meta['note']}" if meta.get("note") else ""),
         "- Training and validation rows come only from each frozen head's training side of "
         f"its split (`SPLIT_SEED` = {SPLIT_SEED}); the held-out rows below took part in no "
         "training and no choice (the intent threshold was chosen on validation rows).",

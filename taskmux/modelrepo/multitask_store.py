@@ -74,7 +74,8 @@ def write_heads(
         head = heads[task.name]
         metrics = {k: round(float(v), 4) for k, v in head.validation.metrics.items()}
         metrics["train_examples"] = float(len(task.train))
-        form = "a linear head" if head.form == "joint" else "an MLP (refitted on the branch)"
+        form = "an MLP" if "hidden_weight" in head.params else "a linear head"
+        form += "" if head.form == "joint" else " (refitted on the branch)"
         description = (
             f"{DESCRIPTIONS.get(task.name, task.name)}: {form} on the multi-task branch "
             f"(all-MiniLM-L6-v2 layers {recipe.branch_layer}+ fine-tuned jointly on "

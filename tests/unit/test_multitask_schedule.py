@@ -57,3 +57,17 @@ def test_the_passes_flags_refuse_less_than_one_pass(capsys: pytest.CaptureFixtur
             with pytest.raises(SystemExit):
                 main(["model", "train-multitask", flag, bad, "--tiny"])
             assert "is not a number of passes: give 1 or more" in capsys.readouterr().err
+
+
+def test_the_training_command_trains_the_committed_recipe_unless_told_otherwise() -> None:
+    from taskmux.cli import _parser
+    from taskmux.modelcli import multitask_recipe
+
+    default = multitask_recipe(_parser().parse_args(["model", "train-multitask"]))
+    assert (default.topic_passes, default.entities_passes, default.ema) == (
+        Recipe.topic_passes, Recipe.entities_passes, Recipe.ema,
+    )  # fmt: skip
+    assert Recipe.ema > 0 and Recipe.topic_passes > 1  # the committed branch's recipe
+    argv = ["model", "train-multitask", "--topic-passes", "1", "--entities-passes", "1"]
+    given = multitask_recipe(_parser().parse_args([*argv, "--ema", "0"]))
+    assert (given.topic_passes, given.entities_passes, given.ema) == (1, 1, 0.0)
