@@ -44,7 +44,7 @@ $(MODEL_REPO)/manifest.json: $(BIN)/.installed
 
 model: $(MODEL_REPO)/manifest.json ## Build the model repository (ONNX encoder + heads; ENCODER=PATH: your own)
 
-train-multitask: ## Fine-tune the multi-task branch and its heads (CPU, about 30 min); then make model
+train-multitask: ## Fine-tune the multi-task branch and its heads (CPU, about an hour); then make model
 	$(BIN)/taskmux model train-multitask --data $(SHARED_DATA)
 
 train-heads: $(MODEL_REPO)/manifest.json ## Retrain the committed heads from ../shared/data
