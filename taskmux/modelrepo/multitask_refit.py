@@ -1,11 +1,12 @@
-"""The recipe's second stage: a larger head on the trained branch, kept when validation
-says it beats the head trained jointly with the branch.
+"""The recipe's second stage: another head fitted on the trained branch, kept when
+validation says it beats the head trained jointly with the branch.
 
 The joint heads are linear (cheap to train with the branch). Once the branch is trained,
-its outputs for the training rows are fixed features, and the frozen heads' larger forms
-(`fit.fit_head`: an MLP with one ReLU layer) can be fitted on them as the frozen heads
-are. Each candidate is scored on the task's validation rows through the serving
-arithmetic; the best head (joint or refitted) is the one written.
+its outputs for the training rows are fixed features, and the frozen heads' own forms
+(`fit.fit_head`: an MLP with one ReLU layer, or a linear head with its own l2 penalty)
+can be fitted on them as the frozen heads are. Each candidate is scored on the task's
+validation rows through the serving arithmetic; the best head (joint or refitted) is the
+one written.
 """
 
 from __future__ import annotations
