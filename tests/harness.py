@@ -29,6 +29,8 @@ from taskmux.local import (
 )
 
 STOP_TIMEOUT_S = 15
+# The labelled data, beside the checkout as CI places it (not the working directory).
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # Each process serves /metrics on a free port, so processes of a test do not collide on 9100.
 METRICS_ANY_PORT = {"TASKMUX_METRICS_ADDR": "127.0.0.1:0"}
 

@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
 # The forms tried per head: the frozen heads' own MLP settings (topic, entities), that MLP
 # trained 40 epochs instead of 25 (entities: 0.8465 against 0.8444 on validation in the
-# committed run), and the frozen intent head's linear settings, whose l2 the joint head
-# does not choose (intent in scope 0.961 against the joint head's 0.951 there).
+# committed run, 2026-12-06), and the frozen intent head's linear settings, whose l2 the
+# joint head does not choose (intent in scope 0.961 against the joint head's 0.951 there).
 CANDIDATES: dict[str, tuple[FitOptions, ...]] = {
     "intent": tuple(c.options for c in intent.CANDIDATES),
     "entities": (entities_head.OPTIONS, replace(entities_head.OPTIONS, epochs=40)),

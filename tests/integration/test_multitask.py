@@ -17,14 +17,13 @@ from model.manifest import load_manifest
 from router import keys
 from taskmux.modelrepo.topic import topic_heldout
 from tests.clusters import ClusterFactory
-from tests.harness import Cluster, wait_until
+from tests.harness import SHARED_DATA, Cluster, wait_until
 
 pytestmark = pytest.mark.integration
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 MAX_CANDIDATES = 8
 IN_FLIGHT = 4
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +312,7 @@ def test_intent_and_topic_heads(stub: taskmux_pb2_grpc.TaskMuxStub) -> None:
     assert intent.results[1].label == "oos"  # below the head's threshold: out of scope
     # Topic on texts of its own kind (AG News news descriptions it was not trained on): a
     # head read from the wrong branch, or with its labels out of order, scores near chance.
-    held = topic_heldout(DATA)
+    held = topic_heldout(SHARED_DATA)
     topic = stub.Classify(pb.ClassifyRequest(head="topic", texts=held.texts[:32]), timeout=30)
     served = [r.label for r in topic.results]
     assert np.mean([a == b for a, b in zip(served, held.labels[:32], strict=True)]) >= 0.8

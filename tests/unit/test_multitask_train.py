@@ -13,8 +13,7 @@ from model.manifest import MULTITASK
 from taskmux.modelrepo.multitask import Recipe, train_multitask
 from taskmux.modelrepo.multitask_data import TINY
 from taskmux.modelrepo.multitask_store import BRANCH_FILE, BRANCH_META, multitask_heads
-
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+from tests.harness import SHARED_DATA as DATA
 
 
 @pytest.mark.timeout(240)
