@@ -354,7 +354,6 @@ def connect(
         protocol=2,  # router.messages parses RESP2 stream replies
         socket_timeout=block_ms / 1000 + command_timeout_s,
         socket_connect_timeout=CONNECT_TIMEOUT_S,
-        socket_keepalive=True,
         # One quick retry covers a connection dropped while idle (and, with sentinels, a
         # primary that has just been replaced: the retry reconnects to the new one); more
         # would only delay the UNAVAILABLE a caller should see while Redis is down.
@@ -365,6 +364,8 @@ def connect(
         driver_info=None,
         **settings.client_options(),
     )
+    if not settings.url.startswith("unix:"):  # a Unix socket has no TCP keepalive
+        options["socket_keepalive"] = True
     if settings.sentinels:
         return _primary_via_sentinels(settings, options)
     pool = FairConnectionPool.from_url(settings.url, **options)

@@ -3,20 +3,56 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import tempfile
 from pathlib import Path
 
 import grpc
 import pytest
+from redis.asyncio.connection import UnixDomainSocketConnection
 from taskmux_api.v1 import taskmux_pb2 as pb
 from taskmux_api.v1 import taskmux_pb2_grpc
 
-from router.connection import RedisSettings
+from router.connection import RedisSettings, connect
+from taskmux.local import free_port, redis_command, wait_for_redis
 from tests.harness import Cluster, wait_for_catalog
 
 pytestmark = pytest.mark.integration
 
 CALLS = 500
 TEXTS = [f"t{i}" for i in range(8)]
+
+
+def test_a_unix_socket_url_reaches_redis() -> None:
+    """unix:// is a TASKMUX_REDIS_URL scheme, for a Redis on the same host. The client
+    options once carried TCP keepalive, which a Unix connection refuses: every command
+    failed with a TypeError, and the gateway and worker exited at start."""
+    # A short path: a Unix socket's must fit in 104 bytes.
+    with tempfile.TemporaryDirectory(prefix="tmx-") as folder:
+        socket_path = Path(folder) / "valkey.sock"
+        argv = redis_command(free_port(), Path(folder))
+        argv += ["--unixsocket", str(socket_path), "--unixsocketperm", "700"]
+        valkey = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            url = f"unix://{socket_path}"
+            wait_for_redis(url)
+            asyncio.run(_stream_round_trip(url))
+        finally:
+            valkey.terminate()
+            valkey.wait(30)
+
+
+async def _stream_round_trip(url: str) -> None:
+    """A consumer group reads back what was added, through `connect`'s client."""
+    client = connect(RedisSettings.from_env({"TASKMUX_REDIS_URL": url}), block_ms=100)
+    try:
+        assert client.connection_pool.connection_class is UnixDomainSocketConnection
+        await client.xgroup_create("s", "g", id="0", mkstream=True)
+        await client.xadd("s", {"f": "v"})
+        read = await client.xreadgroup("g", "c", {"s": ">"}, count=1, block=100)
+        assert read[0][1][0][1] == {b"f": b"v"}
+    finally:
+        await client.aclose()
 
 
 def test_max_connections_is_a_setting() -> None:
