@@ -165,13 +165,7 @@ def _security(args: argparse.Namespace, *, merged: bool) -> None:
     # every configuration alike, and the pooled latencies keep as many calls.
     duration, warmup = args.duration / 2, args.warmup / 2
     runs = run_security(args.repo, args.out, args.security_rounds, duration, warmup)
-    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    provenance = (
-        f"Measured by `python -m bench.run --only security` ({when}) and merged into the "
-        "report of an earlier full run: the sections above are not from this run."
-        if merged
-        else f"Measured in the same run as the sections above ({when}), after them."
-    )
+    provenance = _provenance("security", merged)
     merge_section(args.out / "report.md", security_lines(runs, warmup, provenance))
     results = args.out / "results.json"
     data = json.loads(results.read_text()) if results.exists() else {}
@@ -224,11 +218,14 @@ def _analyze_cost(args: argparse.Namespace, *, merged: bool) -> None:
 
 
 def _provenance(part: str, merged: bool) -> str:
+    """Where a section's figures come from, and when: on a shared machine the same code
+    measures differently from one day to the next, so a section is read with its date."""
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return (
-        f"Measured by `python -m bench.run --only {part}` and merged into the report of an "
-        "earlier full run: the other sections are not from this run."
+        f"Measured by `python -m bench.run --only {part}` ({when}) and merged into the "
+        "report of an earlier full run: the other sections are not from this run."
         if merged
-        else "Measured in the same run as the sections above, after them."
+        else f"Measured in the same run as the sections above ({when}), after them."
     )
 
 
