@@ -261,6 +261,8 @@ def _split_credentials(url: str) -> tuple[str, str, Secret]:
         raise SettingsError(
             f"TASKMUX_REDIS_URL={redact_url(url)} must start with redis://, rediss:// or unix://"
         )
+    # A scheme has no case (RFC 3986), but redis-py only knows it in lower case.
+    url = parts.scheme + url[len(parts.scheme) :]
     if parts.username is None and parts.password is None:
         return url, "", Secret()
     host = parts.netloc.rpartition("@")[2]
@@ -364,7 +366,7 @@ def connect(
         driver_info=None,
         **settings.client_options(),
     )
-    if not settings.url.startswith("unix:"):  # a Unix socket has no TCP keepalive
+    if urlsplit(settings.url).scheme != "unix":  # a Unix socket has no TCP keepalive
         options["socket_keepalive"] = True
     if settings.sentinels:
         return _primary_via_sentinels(settings, options)

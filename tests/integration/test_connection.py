@@ -23,7 +23,8 @@ CALLS = 500
 TEXTS = [f"t{i}" for i in range(8)]
 
 
-def test_a_unix_socket_url_reaches_redis() -> None:
+@pytest.mark.parametrize("scheme", ["unix", "UNIX"])  # a URL's scheme has no case
+def test_a_unix_socket_url_reaches_redis(scheme: str) -> None:
     """unix:// is a TASKMUX_REDIS_URL scheme, for a Redis on the same host. The client
     options once carried TCP keepalive, which a Unix connection refuses: every command
     failed with a TypeError, and the gateway and worker exited at start."""
@@ -34,9 +35,8 @@ def test_a_unix_socket_url_reaches_redis() -> None:
         argv += ["--unixsocket", str(socket_path), "--unixsocketperm", "700"]
         valkey = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            url = f"unix://{socket_path}"
-            wait_for_redis(url)
-            asyncio.run(_stream_round_trip(url))
+            wait_for_redis(f"unix://{socket_path}")
+            asyncio.run(_stream_round_trip(f"{scheme}://{socket_path}"))
         finally:
             valkey.terminate()
             valkey.wait(30)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from gateway.settings import GatewaySettings
+from router.connection import RedisSettings
 from taskmux.config import SettingsError, redact_url
 from workers.settings import WorkerSettings
 
@@ -182,3 +183,17 @@ def test_encoder_replicas_default_to_auto_and_refuse_bad_values() -> None:
         WorkerSettings.from_env({"TASKMUX_ENCODER_REPLICAS": "-1"})
     with pytest.raises(SettingsError, match="TASKMUX_ENCODER_REPLICAS='two' is not an integer"):
         WorkerSettings.from_env({"TASKMUX_ENCODER_REPLICAS": "two"})
+
+
+@pytest.mark.parametrize(
+    ("given", "url", "tls"),
+    [
+        ("REDISS://h:6380/0", "rediss://h:6380/0", True),
+        ("Redis://user:pw@h:1/2", "redis://h:1/2", False),
+        ("UNIX:///run/redis.sock", "unix:///run/redis.sock", False),
+    ],
+)
+def test_a_redis_url_scheme_is_read_in_any_case(given: str, url: str, tls: bool) -> None:
+    # redis-py knows schemes in lower case only, and TLS is read from the scheme.
+    settings = RedisSettings.from_env({"TASKMUX_REDIS_URL": given})
+    assert (settings.url, settings.tls) == (url, tls)
