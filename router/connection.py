@@ -261,8 +261,11 @@ def _split_credentials(url: str) -> tuple[str, str, Secret]:
         raise SettingsError(
             f"TASKMUX_REDIS_URL={redact_url(url)} must start with redis://, rediss:// or unix://"
         )
-    # A scheme has no case (RFC 3986), but redis-py only knows it in lower case.
-    url = parts.scheme + url[len(parts.scheme) :]
+    # A scheme has no case (RFC 3986), but redis-py only knows it in lower case. Only the
+    # text before the first ":" is touched: urlsplit drops stray control characters, so
+    # its scheme's length need not match the URL's.
+    scheme, colon, rest = url.partition(":")
+    url = scheme.lower() + colon + rest
     if parts.username is None and parts.password is None:
         return url, "", Secret()
     host = parts.netloc.rpartition("@")[2]

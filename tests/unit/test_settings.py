@@ -191,6 +191,8 @@ def test_encoder_replicas_default_to_auto_and_refuse_bad_values() -> None:
         ("REDISS://h:6380/0", "rediss://h:6380/0", True),
         ("Redis://user:pw@h:1/2", "redis://h:1/2", False),
         ("UNIX:///run/redis.sock", "unix:///run/redis.sock", False),
+        # urlsplit reads "redis" past the control character; nothing may shift.
+        ("\x01redis://h:1/0", "\x01redis://h:1/0", False),
     ],
 )
 def test_a_redis_url_scheme_is_read_in_any_case(given: str, url: str, tls: bool) -> None:
